@@ -1,0 +1,226 @@
+"""Model directories in the Hugging Face layout (SPEC section 5), framework-free.
+
+Tensors travel as numpy arrays: every backend converts from there. The safetensors header
+is read directly, so shapes are checked before any data is read and bf16 (which numpy lacks)
+is widened to fp32. Nothing here can execute code from a file: no pickle, ever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from .config import PLTConfig
+from .errors import PLTError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+           "BOOL": np.bool_}
+
+
+class CheckpointError(PLTError, ValueError):
+    """A model directory that does not match its config."""
+
+
+def expected_shapes(config: PLTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of `config` must hold, with its shape."""
+    d, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    H, G, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, d)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (H * D, d),
+            p + "self_attn.k_proj.weight": (G * D, d),
+            p + "self_attn.v_proj.weight": (G * D, d),
+            p + "self_attn.o_proj.weight": (d, H * D),
+            p + "mlp.gate_proj.weight": (inter, d),
+            p + "mlp.up_proj.weight": (inter, d),
+            p + "mlp.down_proj.weight": (d, inter),
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+        })
+        if config.is_v1:
+            shapes[f"model.gate_projections.{i}.weight"] = (H, D)
+            shapes[f"model.gate_projections.{i}.bias"] = (H,)
+        elif config.gate_uses_hidden:
+            shapes[p + "self_attn.plt_gate.weight"] = (H, d)
+            shapes[p + "self_attn.plt_gate.bias"] = (H,)
+            shapes[p + "self_attn.plt_gate.gate_norm.weight"] = (d,)
+        else:
+            shapes[p + "self_attn.plt_gate.weight"] = (H, D)
+            shapes[p + "self_attn.plt_gate.bias"] = (H,)
+    return shapes
+
+
+def canonical_name(name: str) -> str:
+    """Accepted aliases -> the names of `expected_shapes` (SPEC: loop_gate_proj == plt_gate)."""
+    return name.replace(".self_attn.loop_gate_proj.", ".self_attn.plt_gate.")
+
+
+# ---- reading ---------------------------------------------------------------------------
+def read_header(path: str) -> tuple[dict, int]:
+    """(header, data offset) of a safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_tensor(path: str, info: dict, data_offset: int, name: str) -> np.ndarray:
+    if info["dtype"] not in _DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    raw = np.fromfile(path, dtype=np.uint8, count=end - start, offset=data_offset + start)
+    array = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    if info["dtype"] == "BF16":  # bf16 is the top half of an fp32
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+def weight_files(model_dir: str) -> list[str]:
+    """The safetensors files of a model directory, from its index when sharded."""
+    index = os.path.join(model_dir, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(model_dir, f))]
+        if missing:
+            raise CheckpointError(f"{model_dir}: index names shard files that are absent: {missing}")
+        return [os.path.join(model_dir, f) for f in files]
+    single = os.path.join(model_dir, SINGLE_FILE)
+    if not os.path.exists(single):
+        raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} and no {INDEX_FILE}")
+    return [single]
+
+
+def load_tensors(model_dir: str | os.PathLike, config: PLTConfig | None = None,
+                 dtype: np.dtype | None = None) -> dict[str, np.ndarray]:
+    """All tensors of a model directory, checked strictly against `config`'s expected set.
+
+    Missing, unexpected and mis-shaped tensors are collected and reported in one error.
+    `dtype` casts floating tensors (bf16 always arrives as fp32).
+    """
+    model_dir = os.fspath(model_dir)
+    config = config or PLTConfig.from_file(model_dir)
+    expected = expected_shapes(config)
+    entries = {}
+    for path in weight_files(model_dir):
+        header, offset = read_header(path)
+        for name, info in header.items():
+            entries[canonical_name(name)] = (path, info, offset, name)
+    problems = []
+    missing = sorted(set(expected) - set(entries))
+    unexpected = sorted(set(entries) - set(expected))
+    if missing:
+        problems.append("missing: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected: " + ", ".join(unexpected))
+    for name in sorted(set(expected) & set(entries)):
+        shape = tuple(entries[name][1]["shape"])
+        if shape != expected[name]:
+            problems.append(f"mis-shaped: {name} is {list(shape)}, expected {list(expected[name])}")
+    if problems:
+        raise CheckpointError(f"{model_dir}: checkpoint does not match config.json\n  "
+                              + "\n  ".join(problems))
+    tensors = {}
+    for name, (path, info, offset, stored_name) in entries.items():
+        array = _read_tensor(path, info, offset, stored_name)
+        if dtype is not None and np.issubdtype(array.dtype, np.floating):
+            array = array.astype(dtype, copy=False)
+        tensors[name] = array
+    return tensors
+
+
+# ---- writing ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[str]:
+    """Yield a temp dir beside `out_dir`; on success it replaces `out_dir` in one rename.
+
+    On any error (or interrupt) the temp dir is removed and `out_dir` is left untouched.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "d"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_tensors(out_dir: str, tensors: Mapping[str, np.ndarray],
+                  max_shard_bytes: int | None = None) -> None:
+    """Write `tensors` into `out_dir` as one file, or as shards plus an index."""
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    total = sum(t.nbytes for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_file(tensors, os.path.join(out_dir, SINGLE_FILE), metadata={"format": "pt"})
+        return
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        if current and size + tensors[name].nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensors[name]
+        size += tensors[name].nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def copy_tokenizer(src_dir: str | None, out_dir: str) -> None:
+    if src_dir is None:
+        return
+    for name in TOKENIZER_FILES:
+        src = os.path.join(src_dir, name)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(out_dir, name))
+
+
+def save_model_dir(out_dir: str | os.PathLike, config: PLTConfig,
+                   tensors: Mapping[str, np.ndarray], tokenizer_dir: str | None = None,
+                   max_shard_bytes: int | None = None) -> None:
+    """Atomically write config.json, the weights and (copied) tokenizer files."""
+    missing = sorted(set(expected_shapes(config)) - set(tensors))
+    if missing:
+        raise CheckpointError("refusing to save an incomplete model; missing: " + ", ".join(missing))
+    with atomic_dir(out_dir) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json())
+        write_tensors(tmp, tensors, max_shard_bytes)
+        copy_tokenizer(tokenizer_dir, tmp)

@@ -1,0 +1,64 @@
+"""`plt-port` command line: one subcommand per module in `plt_port.commands`.
+
+Only the chosen subcommand's module is imported, so `plt-port --help` stays fast and a
+backend that is not installed never breaks an unrelated command. Each module defines
+`add_arguments(parser)` and `run(args) -> int | None`, and imports heavy packages inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import PLTError
+
+COMMANDS = {
+    "generate": "generate text from a prompt on any backend (streams to the terminal)",
+    "bench": "decode/prefill speed and cache memory across loop counts, decode modes, backends",
+    "train": "train a PLT model (tokenizer, corpus, training loop; single process or torchrun)",
+    "eval": "held-out loss, perplexity and next-token accuracy across loop counts",
+    "export": "export a model directory to ONNX or MLX",
+    "diagnose": "per-loop diagnostics (step size, logit-lens KL, effective rank, ...)",
+    "study": "eval + diagnostics over the model family, written as a markdown report",
+    "demo": "Gradio demo comparing loop counts and backends side by side",
+}
+
+
+def _command_module(name: str):
+    return importlib.import_module(f"plt_port.commands.{name}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plt-port", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            _command_module(name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _command_module(args.command).run(args) or 0
+    except PLTError as exc:
+        print(f"plt-port {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"plt-port {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"plt-port {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

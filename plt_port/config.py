@@ -1,0 +1,209 @@
+"""`config.json` of PLT checkpoints: `iquestpltcoder` (native) and `iquestloopcoder` (v1).
+
+Field names and defaults follow SPEC section 5. Keys this class does not know are kept in
+`extra` and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PLTError
+
+PLT_TYPE = "iquestpltcoder"
+V1_TYPE = "iquestloopcoder"
+ARCHITECTURES = {PLT_TYPE: "IQuestPLTCoderForCausalLM", V1_TYPE: "IQuestLoopCoderForCausalLM"}
+MAX_LOOPS = 8
+
+
+class ConfigError(PLTError, ValueError):
+    """A config.json that cannot describe a model this project runs."""
+
+
+@dataclass
+class PLTConfig:
+    model_type: str = PLT_TYPE
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None
+    intermediate_size: int = 688
+    vocab_size: int = 4096
+    max_position_embeddings: int = 2048
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    torch_dtype: str = "float32"
+    architectures: list[str] | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rope_scaling: dict | None = None
+    # PLT (iquestpltcoder)
+    plt_num_loops: int = 2
+    plt_window_size: list[int] = field(default_factory=lambda: [64, 0])
+    plt_normalize_per_loop: bool = True
+    plt_emb_scale: float | None = None
+    plt_hidden_scale: float | None = None
+    plt_gate_use_hidden_states: bool = False
+    # LoopCoder v1 (iquestloopcoder)
+    loop_num: int = 2
+    loop_window_size: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.architectures is None:
+            self.architectures = [ARCHITECTURES.get(self.model_type, "")]
+        self.plt_window_size = list(self.plt_window_size)
+        self.validate()
+
+    # ---- derived views used by every backend -------------------------------------------
+    @property
+    def is_v1(self) -> bool:
+        return self.model_type == V1_TYPE
+
+    @property
+    def num_loops(self) -> int:
+        """Loop count the checkpoint was trained with (the inference default)."""
+        return self.loop_num if self.is_v1 else self.plt_num_loops
+
+    @property
+    def window(self) -> int:
+        """Keys a loop >= 2 query sees in its local branch, the query itself included."""
+        return self.loop_window_size if self.is_v1 else self.plt_window_size[0] + 1
+
+    @property
+    def emb_scale(self) -> float:
+        return 1.0 if self.plt_emb_scale is None else float(self.plt_emb_scale)
+
+    @property
+    def hidden_scale(self) -> float:
+        return 1.0 if self.plt_hidden_scale is None else float(self.plt_hidden_scale)
+
+    @property
+    def gate_uses_hidden(self) -> bool:
+        """True: gate from RMSNorm_g(block input) ([H, d] weight); False: from the query ([H, D])."""
+        return not self.is_v1 and self.plt_gate_use_hidden_states
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    def resolve_loops(self, loops: int | None) -> int:
+        """The inference loop count: `loops` if given, else the checkpoint's."""
+        if loops is None:
+            return self.num_loops
+        if isinstance(loops, bool) or not isinstance(loops, int) or not 1 <= loops <= MAX_LOOPS:
+            raise ConfigError(f"loops: must be an integer in 1..{MAX_LOOPS}, got {loops!r}")
+        return loops
+
+    # ---- validation --------------------------------------------------------------------
+    def validate(self) -> None:
+        def fail(name, why):
+            raise ConfigError(f"config.json field '{name}': {why}")
+
+        if self.model_type not in ARCHITECTURES:
+            fail("model_type", f"expected one of {sorted(ARCHITECTURES)}, got {self.model_type!r}")
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "vocab_size",
+                     "max_position_embeddings", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(name, f"must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            fail("num_attention_heads",
+                 f"{self.num_attention_heads} heads do not divide hidden_size {self.hidden_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_key_value_heads",
+                 f"{self.num_key_value_heads} KV heads do not divide "
+                 f"num_attention_heads {self.num_attention_heads}")
+        if self.head_dim % 2:
+            fail("head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
+        if not self.rope_theta > 0:
+            fail("rope_theta", f"must be > 0, got {self.rope_theta!r}")
+        if not self.rms_norm_eps > 0:
+            fail("rms_norm_eps", f"must be > 0, got {self.rms_norm_eps!r}")
+        for name in ("attention_bias", "mlp_bias"):
+            if getattr(self, name):
+                fail(name, "biases in attention/MLP projections are not implemented (every "
+                           "released checkpoint has false)")
+        if self.rope_scaling is not None:
+            fail("rope_scaling", f"RoPE scaling is not implemented, got {self.rope_scaling!r}")
+        for tok in [self.bos_token_id, *self.eos_token_ids]:
+            if tok is not None and not (isinstance(tok, int) and 0 <= tok):
+                fail("bos_token_id/eos_token_id", f"token ids must be non-negative ints, got {tok!r}")
+        if self.is_v1:
+            if not 1 <= self.loop_num <= MAX_LOOPS:
+                fail("loop_num", f"must be in 1..{MAX_LOOPS}, got {self.loop_num!r}")
+            if self.loop_window_size < 1:
+                fail("loop_window_size", f"must be >= 1 (keys incl. the query), got "
+                                         f"{self.loop_window_size!r}")
+            return
+        if isinstance(self.plt_num_loops, bool) or not isinstance(self.plt_num_loops, int) \
+                or not 1 <= self.plt_num_loops <= MAX_LOOPS:
+            fail("plt_num_loops", f"must be an integer in 1..{MAX_LOOPS}, got {self.plt_num_loops!r}")
+        window = self.plt_window_size
+        if len(window) != 2 or not all(isinstance(w, int) for w in window):
+            fail("plt_window_size", f"must be [left, right] integers, got {window!r}")
+        if window[1] != 0:
+            fail("plt_window_size", f"right must be 0 for a causal model, got {window!r}")
+        if window[0] < 0:
+            fail("plt_window_size", f"left must be >= 0, got {window!r}")
+        for name in ("plt_emb_scale", "plt_hidden_scale"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (int, float)):
+                fail(name, f"must be a number or null, got {value!r}")
+
+    # ---- (de)serialisation ------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PLTConfig":
+        if "model_type" not in data:
+            raise ConfigError("config.json field 'model_type': missing")
+        other_format = "plt_" if data["model_type"] == V1_TYPE else "loop_"
+        known = {f.name for f in dataclasses.fields(cls)
+                 if f.name != "extra" and not f.name.startswith(other_format)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        try:
+            return cls(**kwargs, extra=extra)
+        except TypeError as exc:  # e.g. an arithmetic check on a string field
+            raise ConfigError(f"config.json: {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "PLTConfig":
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: no config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        other_format = "plt_" if self.is_v1 else "loop_"
+        data = {k: v for k, v in data.items() if not k.startswith(other_format)}
+        data.update(self.extra)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def replace(self, **changes) -> "PLTConfig":
+        return dataclasses.replace(self, **changes)

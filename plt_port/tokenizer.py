@@ -1,0 +1,165 @@
+"""Sentencepiece tokenizer with the special tokens of `tokenizer_config.json`.
+
+Code must round-trip exactly: the model is trained with identity normalisation, no
+whitespace folding, whitespace-only pieces, and byte fallback, and decoding goes through
+raw bytes, so indentation, blank lines, tabs and any unicode come back as they went in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import sentencepiece as spm
+
+from .errors import PLTError
+
+CONFIG_FILE = "tokenizer_config.json"
+MODEL_FILE = "tokenizer.model"
+
+
+class TokenizerError(PLTError, ValueError):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, model_path: str, config: dict | None = None):
+        if not os.path.exists(model_path):
+            raise TokenizerError(f"{model_path}: no sentencepiece model")
+        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        config = config or {}
+        self.config = config
+        self.added_tokens = {int(i): (t["content"] if isinstance(t, dict) else t)
+                             for i, t in config.get("added_tokens_decoder", {}).items()}
+        self._added_ids = {content: i for i, content in self.added_tokens.items()}
+        self._added_re = (re.compile("|".join(re.escape(t) for t in
+                                              sorted(self._added_ids, key=len, reverse=True)))
+                          if self._added_ids else None)
+        self.bos_id = self._token_id(config.get("bos_token"), self.sp.bos_id())
+        self.pad_id = self._token_id(config.get("pad_token"), self.sp.pad_id())
+        eos = config.get("eos_token")
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = sorted({i for i in (self._token_id(e, self.sp.eos_id()) for e in eos)
+                               if i is not None})
+        self.chat_template = config.get("chat_template")
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike) -> "Tokenizer":
+        model_dir = os.fspath(model_dir)
+        config = {}
+        config_path = os.path.join(model_dir, CONFIG_FILE)
+        if os.path.exists(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        return cls(os.path.join(model_dir, MODEL_FILE), config)
+
+    def _token_id(self, token, default: int) -> int | None:
+        """An id from a config entry: an int, a token string, or {"content": ...}."""
+        if isinstance(token, dict):
+            token = token.get("content")
+        if token is None:
+            return default if default >= 0 else None
+        if isinstance(token, int):
+            return token
+        if token in self._added_ids:
+            return self._added_ids[token]
+        piece_id = self.sp.piece_to_id(token)
+        if piece_id == self.sp.unk_id() and token != self.sp.id_to_piece(self.sp.unk_id()):
+            raise TokenizerError(f"{CONFIG_FILE}: special token {token!r} is not in the vocabulary")
+        return piece_id
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.sp.get_piece_size(), max(self.added_tokens, default=-1) + 1)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = [self.bos_id] if add_bos and self.bos_id is not None else []
+        pos = 0
+        for match in self._added_re.finditer(text) if self._added_re else ():
+            ids += self._encode_plain(text[pos:match.start()])
+            ids.append(self._added_ids[match.group()])
+            pos = match.end()
+        return ids + self._encode_plain(text[pos:])
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self.sp.encode(text) if text else []
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (control tokens: none)."""
+        if token_id in self.added_tokens:
+            return self.added_tokens[token_id].encode()
+        if self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
+            return b""
+        piece = self.sp.id_to_piece(token_id)
+        if self.sp.is_byte(token_id):  # "<0xAB>"
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    def decode(self, ids) -> str:
+        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+
+    def detokenizer(self) -> "StreamingDetokenizer":
+        return StreamingDetokenizer(self)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """Render messages with the config's template (a Jinja2 string, as in HF)."""
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat_template")
+        import jinja2
+
+        template = jinja2.Environment(autoescape=False).from_string(self.chat_template)
+        return template.render(messages=messages, add_generation_prompt=True)
+
+
+class StreamingDetokenizer:
+    """Turns a stream of token ids into text deltas that are always whole UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._pending = b""
+
+    def add(self, token_id: int) -> str:
+        self._pending += self.tokenizer.token_bytes(int(token_id))
+        text, self._pending = _split_complete_utf8(self._pending)
+        return text
+
+    def flush(self) -> str:
+        text = self._pending.decode("utf-8", errors="replace")
+        self._pending = b""
+        return text
+
+
+def _split_complete_utf8(data: bytes) -> tuple[str, bytes]:
+    """Decode the longest prefix of `data` that does not end inside a UTF-8 sequence."""
+    cut = len(data)
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII): does its sequence fit?
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 6 else 3 if byte >> 4 == 14 else 4
+            if need > back:
+                cut = len(data) - back
+            break
+    return data[:cut].decode("utf-8", errors="replace"), data[cut:]
+
+
+def train_tokenizer(text_files: list[str], out_dir: str, vocab_size: int,
+                    special_tokens: dict | None = None) -> None:
+    """Train a code-faithful BPE model into `out_dir` (tokenizer.model + tokenizer_config.json)."""
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, "tokenizer")
+    spm.SentencePieceTrainer.train(
+        input=text_files, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, user_defined_symbols=["\n", "\t"],
+        add_dummy_prefix=False, max_sentence_length=1 << 16, split_by_whitespace=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2, num_threads=2,
+        train_extremely_large_corpus=False,
+    )
+    os.remove(prefix + ".vocab")
+    config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+              "unk_token": "<unk>", "model_max_length": None}
+    config.update(special_tokens or {})
+    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)

@@ -1,0 +1,46 @@
+"""Backends behind one contract (`runtimes.base.Backend`) and the shared generate loop.
+
+Backends are imported only when asked for, so a missing framework only disables its backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import Backend, BackendError, DecodeState
+
+# name -> (module, class, what must be importable, install hint)
+BACKENDS = {
+    "torch": ("runtimes.torch_backend", "TorchBackend", "torch", "pip install 'plt-port[torch]'"),
+    "mlx": ("runtimes.mlx_backend", "MLXBackend", "mlx.core", "pip install 'plt-port[mlx]'"),
+    "onnx": ("runtimes.onnx_backend", "ONNXBackend", "onnxruntime", "pip install 'plt-port[onnx]'"),
+}
+
+
+def backend_unavailable_reason(name: str) -> str | None:
+    """None when backend `name` can run here, else a sentence saying why not."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}"
+    module, _, requirement, hint = BACKENDS[name]
+    try:
+        importlib.import_module(requirement)
+        importlib.import_module(module)
+    except ImportError as exc:
+        return f"backend {name!r} is not available ({exc}); install it with: {hint}"
+    return None
+
+
+def available_backends() -> list[str]:
+    return [name for name in BACKENDS if backend_unavailable_reason(name) is None]
+
+
+def load_backend(name: str, model_dir: str, loops: int | None = None, **options) -> Backend:
+    reason = backend_unavailable_reason(name)
+    if reason:
+        raise BackendError(reason)
+    module, cls, _, _ = BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)(model_dir, loops=loops, **options)
+
+
+__all__ = ["BACKENDS", "Backend", "BackendError", "DecodeState", "available_backends",
+           "backend_unavailable_reason", "load_backend"]
