@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random checkpoints in both formats, built by the tests themselves."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import sysconfig
+
+import pytest
+
+from plt_port.config import PLTConfig
+from plt_port.random_model import save_random_model
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, max_position_embeddings=512)
+
+
+def tiny_config(fmt: str = "plt", **overrides) -> PLTConfig:
+    """A tiny config: `fmt` "plt" (iquestpltcoder, hidden-state gate) or "v1" (iquestloopcoder)."""
+    if fmt == "v1":
+        base = dict(model_type="iquestloopcoder", loop_num=2, loop_window_size=8)
+    else:
+        base = dict(model_type="iquestpltcoder", plt_num_loops=2, plt_window_size=[7, 0],
+                    plt_gate_use_hidden_states=True)
+    return PLTConfig(**{**TINY, "vocab_size": 512, **base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A small code tokenizer trained on a few standard-library files (well under a second)."""
+    from plt_port.tokenizer import train_tokenizer
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = [os.path.join(stdlib, name) for name in ("textwrap.py", "bisect.py", "heapq.py")]
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(files, str(out), vocab_size=512)
+    return str(out)
+
+
+@pytest.fixture
+def make_model(tmp_path, tokenizer_dir):
+    """make_model(fmt="plt", seed=0, **config_overrides) -> path of a fresh random model dir."""
+    counter = iter(range(10_000))
+
+    def make(fmt: str = "plt", seed: int = 0, **overrides) -> str:
+        config = tiny_config(fmt, **overrides)
+        return save_random_model(tmp_path / f"model-{fmt}-{next(counter)}", config, seed,
+                                 tokenizer_dir=tokenizer_dir)
+
+    return make
+
+
+def requires(module: str):
+    """Skip marker for tests that need an optional package."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"needs the optional package {module!r}")
+
+
+sys.path.insert(0, os.path.dirname(__file__))
