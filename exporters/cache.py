@@ -1,0 +1,45 @@
+"""Exports made on first use (demo, bench, `--backend onnx|mlx` on a PyTorch model dir).
+
+An export is cached under `$PLT_PORT_CACHE` (default `~/.cache/plt-port`) in a folder keyed
+by the source files (name, size, mtime) and the export options, so a changed model or a
+different option makes a new export and an unchanged one is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable
+
+
+def cache_root() -> str:
+    return os.environ.get("PLT_PORT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                            "plt-port")
+
+
+def export_key(model_dir: str, target: str, options: dict) -> str:
+    entries = []
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            stat = os.stat(path)
+            entries.append((name, stat.st_size, stat.st_mtime_ns))
+    blob = json.dumps([os.path.abspath(model_dir), target, sorted(options.items()), entries],
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def ensure_exported(model_dir: str, target: str, export: Callable[..., None],
+                    **options) -> str:
+    """Path of the cached `target` export of `model_dir`, running `export(model_dir, out_dir,
+    **options)` (which must write atomically) when there is none yet."""
+    out_dir = os.path.join(cache_root(), "exports", target,
+                           f"{os.path.basename(os.path.abspath(model_dir))}-"
+                           f"{export_key(model_dir, target, options)}")
+    if not os.path.isdir(out_dir):
+        print(f"plt-port: exporting {model_dir} to {target} (first use) -> {out_dir}",
+              file=sys.stderr, flush=True)
+        export(model_dir, out_dir, **options)
+    return out_dir
