@@ -1,0 +1,83 @@
+import json
+import shutil
+
+import pytest
+
+from plt_port.tokenizer import Tokenizer, TokenizerError
+
+CODE_SAMPLES = [
+    "def f(x):\n    if x:\n        return x  # comment\n\n\n    return None\n",
+    "\tindented\twith\ttabs\n\t\t\n  \n",
+    "s = 'héllo wörld — ünïcode 中文 🐍'\nprint(s)\n",
+    "    leading spaces and trailing   \n",
+    "x=1;y=2\r\nwindows\r\n",
+    "",
+    "\n\n\n",
+    "class A:\n    '''doc'''\n    pass\n" * 3,
+]
+
+
+@pytest.mark.parametrize("text", CODE_SAMPLES)
+def test_code_round_trips_exactly(tokenizer_dir, text):
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+
+
+def test_stdlib_file_round_trips(tokenizer_dir):
+    import inspect
+    import json as module
+
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    text = inspect.getsource(module)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_ids_from_config(tokenizer_dir, tmp_path):
+    shutil.copytree(tokenizer_dir, tmp_path / "t")
+    config = json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {"512": {"content": "<|im_end|>"},
+                                      "513": {"content": "<|im_start|>"}}
+    config["eos_token"] = ["</s>", "<|im_end|>"]
+    (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_dir(tmp_path / "t")
+    assert tok.bos_id == 1 and tok.pad_id == 3 and tok.eos_ids == [2, 512]
+    assert tok.vocab_size == 514
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>", add_bos=True)
+    assert ids[0] == 1 and ids[1] == 513 and ids[-1] == 512
+    assert tok.decode(ids[1:]) == "<|im_start|>user\nhi<|im_end|>"
+
+
+def test_unknown_special_token_is_an_error(tokenizer_dir, tmp_path):
+    shutil.copytree(tokenizer_dir, tmp_path / "t")
+    (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
+    with pytest.raises(TokenizerError, match="<nope>"):
+        Tokenizer.from_dir(tmp_path / "t")
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(TokenizerError, match="no sentencepiece model"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_streaming_never_emits_broken_utf8(tokenizer_dir):
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    text = "x = '🐍中文é'  # ✓\n\tdone\n"
+    ids = tok.encode(text)
+    assert any(tok.sp.is_byte(i) for i in ids)  # multi-byte chars go through byte fallback
+    detok = tok.detokenizer()
+    deltas = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    # a character split across tokens is held back until complete
+    snake = [i for i in ids if tok.sp.is_byte(i)][:4]
+    detok = tok.detokenizer()
+    assert [detok.add(i) for i in snake] == ["", "", "", "🐍"]
+
+
+def test_incomplete_tail_is_flushed_as_replacement(tokenizer_dir):
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    first_byte_of_snake = tok.sp.piece_to_id("<0xF0>")
+    detok = tok.detokenizer()
+    assert detok.add(first_byte_of_snake) == ""
+    assert detok.flush() == "\ufffd"
