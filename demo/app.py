@@ -1,0 +1,214 @@
+"""Gradio demo: one prompt, up to four (model, backend, loop count, decode mode) columns
+streamed side by side, and a Loop analysis tab. `plt-port demo` launches it.
+
+    app = build_app(["path/to/model"])
+    launch(app, host="127.0.0.1", port=7860)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from plt_port.config import MAX_LOOPS, PLTConfig  # noqa: E402
+from runtimes.base import DECODE_MODES  # noqa: E402
+
+from .engine import (BACKEND_LABELS, MAX_COLUMNS, BackendPool, ColumnSpec,  # noqa: E402
+                     ColumnView, Comparison, DemoInputError, Limits, as_int, error_view,
+                     make_request, make_spec, model_names, run_column)
+from .loop_analysis import loop_analysis, model_card_fallback  # noqa: E402
+
+EXAMPLE_PROMPTS = [
+    "def fibonacci(n):",
+    "def binary_search(items, target):\n    lo, hi = 0, len(items) - 1\n",
+    "class Stack:\n    def __init__(self):\n",
+    "import os\n\n\ndef list_python_files(root):\n",
+    "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n",
+]
+
+CSS = """
+.gradio-container { max-width: 1600px !important; margin: auto; }
+.column-stats { font-size: 0.85rem; min-height: 2.6em; }
+.column-stats p { margin: 0; }
+.backend-note { font-size: 0.8rem; opacity: 0.8; }
+"""
+
+INTRO = """# Parallel Loop Transformer: loop counts side by side
+The same prompt runs in every column at once: pick a model, a backend, how many times the
+shared layer stack loops, and the decode mode (**clp**: all loops of a token in one pass;
+**naive**: one pass per loop). Tokens/s and time to first token count only each column's own
+backend time, so the columns do not slow each other's figures."""
+
+
+def backend_reasons(backends: dict[str, str | None] | None = None) -> dict[str, str | None]:
+    """{backend: None if it runs here, else why not (with the install hint)}."""
+    if backends is not None:
+        return dict(backends)
+    from runtimes import BACKENDS, backend_unavailable_reason
+
+    return {name: backend_unavailable_reason(name) for name in BACKENDS}
+
+
+def default_columns(models: dict[str, str], offered: list[str]) -> list[ColumnSpec]:
+    """Column i: the first model at i + 1 loops (the first column runs it as a plain
+    one-loop transformer), on PyTorch when it is offered."""
+    model = next(iter(models))
+    backend = "torch" if "torch" in offered else (offered[0] if offered else "torch")
+    return [ColumnSpec(model, backend, min(i + 1, MAX_LOOPS), "clp") for i in range(MAX_COLUMNS)]
+
+
+def compare_handler(pool: BackendPool, limits: Limits, reasons: dict[str, str | None]):
+    """The Run button: validate, then stream every column (round-robin) until all finish.
+    Yields MAX_COLUMNS (text, stats) pairs; columns past the chosen count stay empty."""
+
+    def outputs(views: list[ColumnView]) -> list[str]:
+        views = views + [ColumnView()] * (MAX_COLUMNS - len(views))
+        return [value for view in views for value in (view.text, view.stats)]
+
+    def compare(prompt, n_columns, max_new_tokens, temperature, top_p, top_k, seed,
+                use_chat_template, *column_inputs):
+        try:
+            n = as_int(n_columns, "columns", 1, MAX_COLUMNS)
+            if len(column_inputs) < 4 * n:
+                raise DemoInputError(f"{n} columns need {4 * n} column settings, "
+                                     f"got {len(column_inputs)}")
+            request = make_request(prompt, limits, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, top_k=top_k,
+                                   seed=seed, use_chat_template=use_chat_template)
+            specs = [make_spec(pool, *column_inputs[4 * i:4 * i + 4]) for i in range(n)]
+        except DemoInputError as exc:
+            gr.Warning(str(exc))
+            yield outputs([error_view("", str(exc))] * MAX_COLUMNS)
+            return
+        comparison = Comparison([run_column(pool, spec, request, reasons) for spec in specs])
+        try:
+            for views in comparison:
+                yield outputs(views)
+        finally:
+            comparison.close()
+
+    return compare
+
+
+def analysis_handler(pool: BackendPool):
+    def analyse(model, loops):
+        try:
+            model_dir = pool.model_dir(model)
+            loops = as_int(loops, "loops", 1, MAX_LOOPS)
+        except DemoInputError as exc:
+            return [], f"⚠️ {exc}"
+        return loop_analysis(model_dir, loops)
+
+    def model_card(model):
+        try:
+            return model_card_fallback(pool.model_dir(model), "Press **Analyse** for per-loop "
+                                       "diagnostics; until then, the model card:")
+        except DemoInputError as exc:
+            return [], f"⚠️ {exc}"
+
+    return analyse, model_card
+
+
+def build_app(model_dirs, limits: Limits = Limits(), *, backends: dict | None = None,
+              loader=None) -> gr.Blocks:
+    """The demo page. `backends` ({name: unavailable reason or None}) and `loader` (like
+    runtimes.load_backend) default to the real ones; tests pass their own."""
+    models = model_names(model_dirs)
+    if not models:
+        raise DemoInputError("no model directories given")
+    for model_dir in models.values():
+        PLTConfig.from_file(model_dir)  # a clear error now rather than in a column later
+    pool = BackendPool(models, loader)
+    reasons = backend_reasons(backends)
+    offered = [name for name, reason in reasons.items() if reason is None]
+    columns = default_columns(models, offered)
+    backend_choices = [(BACKEND_LABELS.get(name, name), name) for name in offered]
+    model_choices = list(models)
+
+    with gr.Blocks(title="PLT loop comparison", analytics_enabled=False) as app:
+        gr.Markdown(INTRO)
+        with gr.Tab("Compare"):
+            with gr.Row(equal_height=False):
+                prompt = gr.Textbox(label="Prompt (code to complete)", lines=5, scale=4,
+                                    max_length=limits.max_prompt_chars, elem_id="prompt",
+                                    value=EXAMPLE_PROMPTS[0])
+                with gr.Column(scale=1, min_width=220):
+                    n_columns = gr.Radio(list(range(1, MAX_COLUMNS + 1)), value=2,
+                                         label="Columns", elem_id="n-columns")
+                    with gr.Row():
+                        run = gr.Button("Run", variant="primary", elem_id="run",
+                                        interactive=bool(offered))
+                        stop = gr.Button("Stop", elem_id="stop")
+            gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts")
+            with gr.Accordion("Sampling and limits", open=False):
+                with gr.Row():
+                    max_new_tokens = gr.Slider(1, limits.max_new_tokens,
+                                               value=min(96, limits.max_new_tokens), step=1,
+                                               label="Max new tokens")
+                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05,
+                                            label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p")
+                    top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
+                    seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                    use_chat = gr.Checkbox(True, label="Chat template (models that have one)")
+            boxes, column_inputs, column_outputs = [], [], []
+            with gr.Row(equal_height=True):
+                for i, spec in enumerate(columns):
+                    with gr.Column(visible=i < 2, variant="panel", min_width=280) as box:
+                        with gr.Row():
+                            model = gr.Dropdown(model_choices, value=spec.model, label="Model",
+                                                elem_id=f"model-{i}", min_width=120)
+                            backend = gr.Dropdown(backend_choices, value=spec.backend,
+                                                  label="Backend", elem_id=f"backend-{i}",
+                                                  min_width=120)
+                        with gr.Row():
+                            loops = gr.Dropdown(list(range(1, MAX_LOOPS + 1)), value=spec.loops,
+                                                label="Loops", elem_id=f"loops-{i}", min_width=80)
+                            mode = gr.Radio(list(DECODE_MODES), value=spec.decode_mode,
+                                            label="Decode", elem_id=f"mode-{i}", min_width=120)
+                        output = gr.Code(language="python", label=f"Column {i + 1}", lines=14,
+                                         max_lines=14, interactive=False, elem_id=f"output-{i}")
+                        stats = gr.Markdown("", elem_id=f"stats-{i}",
+                                            elem_classes=["column-stats"])
+                    boxes.append(box)
+                    column_inputs += [model, backend, loops, mode]
+                    column_outputs += [output, stats]
+            missing = [f"**{BACKEND_LABELS.get(n, n)}**: {r}" for n, r in reasons.items() if r]
+            if missing:
+                gr.Markdown("Backends not offered here: " + "; ".join(missing),
+                            elem_classes=["backend-note"])
+
+        with gr.Tab("Loop analysis"):
+            with gr.Row():
+                analysis_model = gr.Dropdown(model_choices, value=model_choices[0], label="Model")
+                analysis_loops = gr.Slider(1, MAX_LOOPS, value=4, step=1, label="Loops")
+                analyse_button = gr.Button("Analyse", variant="primary")
+            gallery = gr.Gallery(label="Per-loop diagnostics", columns=2, height="auto")
+            analysis_note = gr.Markdown()
+
+        n_columns.change(lambda n: [gr.Column(visible=i < int(n)) for i in range(MAX_COLUMNS)],
+                         n_columns, boxes, queue=False, api_visibility="private")
+        run_event = run.click(compare_handler(pool, limits, reasons),
+                              [prompt, n_columns, max_new_tokens, temperature, top_p, top_k,
+                               seed, use_chat, *column_inputs],
+                              column_outputs, api_name="compare")
+        stop.click(None, cancels=[run_event])
+        analyse, model_card = analysis_handler(pool)
+        analyse_button.click(analyse, [analysis_model, analysis_loops], [gallery, analysis_note],
+                             api_name="loop_analysis", concurrency_limit=1)
+        analysis_model.change(model_card, analysis_model, [gallery, analysis_note],
+                              api_visibility="private")
+        app.load(model_card, analysis_model, [gallery, analysis_note], api_visibility="private")
+
+    app.queue(default_concurrency_limit=limits.concurrency, max_size=limits.queue_size)
+    app.pool = pool  # for tests and for closing the backend workers
+    return app
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, **kwargs):
+    """Serve the page on host:port (loopback unless told otherwise; never a share link)."""
+    return app.launch(server_name=host, server_port=port, share=False, show_error=False,
+                      css=CSS, theme=gr.themes.Soft(), footer_links=["gradio"], **kwargs)

@@ -1,0 +1,73 @@
+"""plt-port demo [--model DIR ...] [--host 127.0.0.1] [--port 7860]: the Gradio comparison page.
+
+Without --model it serves the embedded family (plt_port.models). The ONNX and MLX versions
+of a model are exported on first use into the export cache ($PLT_PORT_CACHE).
+"""
+
+from __future__ import annotations
+
+import os
+
+from plt_port.errors import PLTError
+
+NO_MODELS = ("no models to serve: the embedded model family is not in this installation "
+             "(plt_port/models is empty). Train it with `plt-port train` (see README.md), or "
+             "pass model directories with --model DIR (PyTorch PLT models in Hugging Face "
+             "layout: config.json, model.safetensors, tokenizer.model).")
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", action="append", metavar="DIR", default=None,
+                        help="model directory to offer (repeat for several); default: the "
+                             "embedded family")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--max-new-tokens", type=int, default=512,
+                        help="cap on new tokens per column (default 512)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=1024,
+                        help="cap on prompt tokens (default 1024)")
+    parser.add_argument("--concurrency", type=int, default=2,
+                        help="comparisons that run at once; more wait in the queue (default 2)")
+    parser.add_argument("--queue-size", type=int, default=32,
+                        help="comparisons that may wait; more are turned away (default 32)")
+
+
+def family_dirs() -> list[str]:
+    """The embedded family's model dirs, the default model first; [] when not installed."""
+    try:
+        from plt_port.models import default_model_dir, family_model_dirs
+    except ImportError:
+        return []
+    dirs = family_model_dirs()
+    dirs = [str(d) for d in (dirs.values() if isinstance(dirs, dict) else dirs)]
+    try:
+        default = str(default_model_dir())
+    except (PLTError, FileNotFoundError, LookupError):
+        return dirs
+    return sorted(dirs, key=lambda d: os.path.abspath(d) != os.path.abspath(default))
+
+
+def run(args):
+    from demo.engine import Limits
+
+    for name in ("max_new_tokens", "max_prompt_tokens", "concurrency", "queue_size", "port"):
+        if getattr(args, name) < 1:
+            raise PLTError(f"--{name.replace('_', '-')} must be at least 1, "
+                           f"got {getattr(args, name)}")
+    model_dirs = args.model or family_dirs()
+    if not model_dirs:
+        raise PLTError(NO_MODELS)
+    for model_dir in model_dirs:
+        if not os.path.isdir(model_dir):
+            raise PLTError(f"--model {model_dir}: not a directory")
+
+    from demo.app import build_app, launch
+
+    limits = Limits(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                    concurrency=args.concurrency, queue_size=args.queue_size)
+    app = build_app(model_dirs, limits)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"plt-port demo: serving on {args.host}: reachable from other machines", flush=True)
+    launch(app, host=args.host, port=args.port)
+    return 0
