@@ -1,0 +1,416 @@
+"""Parallel Loop Transformer in MLX, in the anatomy of an mlx-lm model file.
+
+ModelArgs (config.json), blocks with HF parameter names, `Model` with `sanitize` and
+`make_cache`. The math is SPEC sections 2-4 (the PyTorch reference is plt_port/model.py):
+one stack of Llama blocks run L times; loop 1 writes the global (shared) K/V, loops >= 2
+run gated sliding-window attention over loop 1's K/V and their own windowed K/V.
+
+Batches are right-padded: sequence b keeps token p at position p and cache slot p, and
+`ends`/`positions` (host numpy) say where its real tokens end.
+
+- `prefill` runs one chunk loop by loop (loop r needs loop r-1's shifted outputs of the
+  same chunk) with `mx.fast.scaled_dot_product_attention` and masks;
+- `step(mode="clp")` runs the L rows of one new token through the stack in one pass
+  (SPEC section 4): row 1 writes its K/V to the global cache before rows >= 2 read it;
+- `step(mode="naive")` runs the same rows as L sequential passes (v1 checkpoints: loop r's
+  input is loop r-1's output at the same position, so this is their only mode).
+The G-SWA of decode rows >= 2 goes through `metal_kernels.gswa.gswa_decode` (its layouts
+are the cache layouts here); a Metal kernel may back it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from metal_kernels import gswa
+from plt_port.checkpoint import canonical_name, weight_files
+from plt_port.config import PLTConfig
+
+CACHE_STEP = 256  # global K/V grow by this many slots (as mlx-lm's KVCache)
+GSWA_HAS_KERNEL_SWITCH = "use_kernel" in inspect.signature(gswa.gswa_decode).parameters
+
+
+class ModelArgs(PLTConfig):
+    """config.json: the PLTConfig fields and derived views, plus the MLX export entries."""
+
+    @property
+    def quantization(self) -> dict | None:
+        """{"group_size", "bits", "mode"} when the exported weights are quantized."""
+        return self.extra.get("quantization")
+
+
+class PLTGate(nn.Module):
+    """g = sigmoid(gate_logit) [B, H, T]: hidden form W_g RMSNorm_g(x_res) + b, or query form
+    <q_h, w_h> + b_h. Plain arrays, not nn.Linear: quantization leaves these tiny tensors alone."""
+
+    def __init__(self, args: ModelArgs, hidden_form: bool):
+        super().__init__()
+        H = args.num_attention_heads
+        self.hidden_form = hidden_form
+        self.weight = mx.zeros((H, args.hidden_size if hidden_form else args.head_dim))
+        self.bias = mx.zeros((H,))
+        if hidden_form:
+            self.gate_norm = nn.RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def __call__(self, x_res: mx.array, q: mx.array) -> mx.array:
+        if self.hidden_form:
+            logit = (self.gate_norm(x_res) @ self.weight.T + self.bias).transpose(0, 2, 1)
+        else:
+            logit = (q * self.weight[:, None, :]).sum(-1) + self.bias[:, None]
+        return mx.sigmoid(logit)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d, H, G, D = (args.hidden_size, args.num_attention_heads, args.num_key_value_heads,
+                      args.head_dim)
+        self.num_heads, self.num_kv_heads, self.head_dim = H, G, D
+        self.rope_theta = args.rope_theta
+        self.scale = D ** -0.5
+        self.q_proj = nn.Linear(d, H * D, bias=False)
+        self.k_proj = nn.Linear(d, G * D, bias=False)
+        self.v_proj = nn.Linear(d, G * D, bias=False)
+        self.o_proj = nn.Linear(H * D, d, bias=False)
+        if not args.is_v1:
+            self.plt_gate = PLTGate(args, args.gate_uses_hidden)
+
+    def rope(self, x: mx.array, offset) -> mx.array:
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0,
+                            offset=offset)
+
+    def project(self, x: mx.array, offset, rows_at_one_position: bool = False):
+        """x [B, T, d] -> post-RoPE q [B, H, T, D], k and v [B, G, T, D].
+
+        Positions are offset + 0..T-1; with `rows_at_one_position` (decode rows of one token)
+        every row sits at position offset[b].
+        """
+        B, T, _ = x.shape
+        H, G, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).reshape(B, T, H, D)
+        k = self.k_proj(x).reshape(B, T, G, D)
+        v = self.v_proj(x).reshape(B, T, G, D).transpose(0, 2, 1, 3)
+        if rows_at_one_position:  # rope's position axis is the second-to-last: make it length 1
+            q = self.rope(q.reshape(B, T * H, 1, D), offset).reshape(B, T, H, D)
+            k = self.rope(k.reshape(B, T * G, 1, D), offset).reshape(B, T, G, D)
+            return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v
+        return self.rope(q.transpose(0, 2, 1, 3), offset), self.rope(k.transpose(0, 2, 1, 3), offset), v
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def __call__(self, h, offset, attention, rows_at_one_position=False):
+        """One block; `attention(q, k, v, x_res) -> y [B, H, T, D]` decides where K/V go."""
+        q, k, v = self.self_attn.project(self.input_layernorm(h), offset, rows_at_one_position)
+        y = attention(q, k, v, h)
+        B, H, T, D = y.shape
+        h = h + self.self_attn.o_proj(y.transpose(0, 2, 1, 3).reshape(B, T, H * D))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class PLTModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if args.is_v1:
+            self.gate_projections = [PLTGate(args, hidden_form=False)
+                                     for _ in range(args.num_hidden_layers)]
+
+
+class PLTCache:
+    """The decode state of one batch (SPEC section 4, layouts of metal_kernels.gswa):
+
+    global_k/v[l]  [B, G, S_cap, D]  loop-1 K/V, position p in slot p (grown in CACHE_STEP)
+    ring_k/v[l]    [R, B, G, W, D]   loop r+2's own K/V, position p in slot p % W
+    carry          [R, B, d]         n(h^(r+1)) of the last processed position (PLT only)
+    with R = loops - 1 and W = window (keys incl. the query).
+    """
+
+    def __init__(self, args: ModelArgs, loops: int, batch: int, capacity: int, dtype):
+        G, D, W, R = args.num_key_value_heads, args.head_dim, args.window, loops - 1
+        self.loops, self.window, self.capacity = loops, W, capacity
+        n = args.num_hidden_layers
+        self.global_k = [mx.zeros((batch, G, capacity, D), dtype) for _ in range(n)]
+        self.global_v = [mx.zeros((batch, G, capacity, D), dtype) for _ in range(n)]
+        self.ring_k = [mx.zeros((R, batch, G, W, D), dtype) for _ in range(n)] if R else []
+        self.ring_v = [mx.zeros((R, batch, G, W, D), dtype) for _ in range(n)] if R else []
+        self.carry = mx.zeros((R, batch, args.hidden_size), dtype) if R and not args.is_v1 \
+            else None
+
+    def grow(self, needed: int) -> None:
+        """Make room for `needed` positions per sequence, in steps of CACHE_STEP slots."""
+        if needed <= self.capacity:
+            return
+        extra = -(-(needed - self.capacity) // CACHE_STEP) * CACHE_STEP
+        for cache in (self.global_k, self.global_v):
+            for i, kv in enumerate(cache):
+                B, G, _, D = kv.shape
+                cache[i] = mx.concatenate([kv, mx.zeros((B, G, extra, D), kv.dtype)], axis=2)
+        self.capacity += extra
+
+    def arrays(self) -> list[mx.array]:
+        carry = [] if self.carry is None else [self.carry]
+        return self.global_k + self.global_v + self.ring_k + self.ring_v + carry
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
+
+
+def ring_source_positions(ends: np.ndarray, window: int) -> np.ndarray:
+    """[B, W]: the position ring slot s holds once positions < ends[b] are in (-1: empty).
+
+    It is the latest p < ends[b] with p % W == s.
+    """
+    last = ends[:, None] - 1
+    return last - (last - np.arange(window)[None, :]) % window
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.use_gswa_kernel: bool | None = None  # None: the Metal kernel iff Metal is available
+        self.model = PLTModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    # ---- the pieces of SPEC section 2 ------------------------------------------------------
+    def gate(self, layer_idx: int) -> PLTGate:
+        if self.args.is_v1:
+            return self.model.gate_projections[layer_idx]
+        return self.model.layers[layer_idx].self_attn.plt_gate
+
+    def lm_logits(self, h: mx.array) -> mx.array:
+        h = self.model.norm(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def loop_carry(self, h: mx.array) -> mx.array:
+        """n(h): what a loop's output contributes to the next loop's (shifted) input."""
+        return self.model.norm(h) if self.args.plt_normalize_per_loop else h
+
+    def next_loop_input(self, embeddings: mx.array, shifted_carry: mx.array) -> mx.array:
+        return self.args.emb_scale * embeddings + self.args.hidden_scale * shifted_carry
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def sanitize(self, weights: dict) -> dict:
+        weights = {canonical_name(k): v for k, v in weights.items()
+                   if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights
+
+    def make_cache(self, batch: int, capacity: int, loops: int | None = None) -> PLTCache:
+        loops = self.args.resolve_loops(loops)
+        return PLTCache(self.args, loops, batch, capacity, self.model.norm.weight.dtype)
+
+    # ---- full forward (no cache kept), mlx-lm's Model.__call__ -------------------------
+    def __call__(self, inputs: mx.array, loops: int | None = None) -> mx.array:
+        """Logits [B, T, V] of loop L at every position of `inputs` [B, T]."""
+        B, T = inputs.shape
+        cache = self.make_cache(B, T, loops)
+        return self.lm_logits(self.prefill(inputs, cache, 0, np.full(B, T)))
+
+    # ---- prefill ---------------------------------------------------------------------------
+    def prefill(self, tokens: mx.array, cache: PLTCache, start: int, ends: np.ndarray) -> mx.array:
+        """Run a chunk `tokens` [B, C] at positions start..start+C-1 through every loop, writing
+        the caches; sequence b's real tokens end at ends[b] (rows past it are padding and
+        leave its ring and carry alone). Returns h^(L) [B, C, d]."""
+        C = tokens.shape[1]
+        ends = np.clip(np.asarray(ends), start, start + C)
+        embeddings = self.model.embed_tokens(tokens)
+        last_in_chunk = mx.array(np.maximum(ends - 1 - start, 0))
+        has_tokens = mx.array(ends > start)
+        ring_update = self._ring_update_plan(cache, start, C, ends) if cache.loops > 1 else None
+        local_mask = self._local_mask(cache, start, C) if cache.loops > 1 else None
+        h = embeddings
+        for r in range(1, cache.loops + 1):
+            if r > 1 and not self.args.is_v1:
+                carry = self.loop_carry(h)
+                shifted = mx.concatenate([cache.carry[r - 2][:, None], carry[:, :-1]], axis=1)
+                last = mx.take_along_axis(carry, last_in_chunk[:, None, None], axis=1)[:, 0]
+                cache.carry[r - 2] = mx.where(has_tokens[:, None], last, cache.carry[r - 2])
+                h = self.next_loop_input(embeddings, shifted)
+            for i, layer in enumerate(self.layers):
+                attention = partial(self._prefill_attention, i, r, cache, start, local_mask,
+                                    ring_update)
+                h = layer(h, start, attention)
+        return h
+
+    def _prefill_attention(self, i, r, cache, start, local_mask, ring_update, q, k, v, x_res):
+        end = start + q.shape[2]
+        sdpa = partial(mx.fast.scaled_dot_product_attention, scale=self.layers[i].self_attn.scale)
+        if r == 1:
+            cache.global_k[i][:, :, start:end] = k
+            cache.global_v[i][:, :, start:end] = v
+        y_glob = sdpa(q, cache.global_k[i][:, :, :end], cache.global_v[i][:, :, :end],
+                      mask="causal")
+        if r == 1:
+            return y_glob
+        ring_k, ring_v = cache.ring_k[i][r - 2], cache.ring_v[i][r - 2]
+        keys, values = (k, v) if start == 0 else (mx.concatenate([ring_k, k], axis=2),
+                                                  mx.concatenate([ring_v, v], axis=2))
+        y_loc = sdpa(q, keys, values, mask=local_mask)
+        take, index = ring_update
+        cache.ring_k[i][r - 2] = mx.where(take, mx.take_along_axis(k, index, axis=2), ring_k)
+        cache.ring_v[i][r - 2] = mx.where(take, mx.take_along_axis(v, index, axis=2), ring_v)
+        g = self.gate(i)(x_res, q)[..., None]
+        return g * y_glob + (1 - g) * y_loc
+
+    @staticmethod
+    def _local_mask(cache: PLTCache, start: int, C: int) -> mx.array:
+        """Window mask [C, keys]: keys are the ring (positions before `start`, only if start > 0)
+        then the chunk. Valid rows have every position < start, so one mask serves the batch."""
+        W = cache.window
+        query_pos = np.arange(start, start + C)
+        key_pos = query_pos
+        if start > 0:
+            key_pos = np.concatenate([ring_source_positions(np.array([start]), W)[0], query_pos])
+        diff = query_pos[:, None] - key_pos[None, :]
+        return mx.array((diff >= 0) & (diff < W) & (key_pos[None, :] >= 0))
+
+    @staticmethod
+    def _ring_update_plan(cache: PLTCache, start: int, C: int, ends: np.ndarray):
+        """Which ring slots take a K/V of this chunk, and its index: ([B,1,W,1] bool, int)."""
+        source = ring_source_positions(ends, cache.window)
+        take = source >= start
+        index = np.where(take, source - start, 0).clip(0, C - 1)
+        return mx.array(take[:, None, :, None]), mx.array(index[:, None, :, None].astype(np.int32))
+
+    # ---- decode ----------------------------------------------------------------------------
+    def step(self, tokens: mx.array, cache: PLTCache, positions: np.ndarray,
+             mode: str = "clp") -> mx.array:
+        """One token per sequence (`tokens` [B] at `positions` [B]); logits [B, V].
+
+        "clp": the L rows [E, a E + b carry[1], ...] in one pass (PLT only). "naive": the
+        same rows as L sequential passes (v1: row r's input is row r-1's output).
+        """
+        L = cache.loops
+        cache.grow(int(positions.max()) + 1)
+        pos = mx.array(positions.astype(np.int32))
+        global_valid = (mx.arange(cache.capacity)[None, :] <= pos[:, None])[:, None, None, :]
+        embeddings = self.model.embed_tokens(tokens[:, None])  # [B, 1, d]
+        run = partial(self._decode_pass, cache=cache, pos=pos, global_valid=global_valid)
+        if mode == "clp" and not self.args.is_v1:
+            rows = [embeddings] + [self.next_loop_input(embeddings, cache.carry[r][:, None])
+                                   for r in range(L - 1)]
+            outputs = run(mx.concatenate(rows, axis=1), first_loop=1)
+        else:
+            outputs, h = [], embeddings
+            for r in range(1, L + 1):
+                if r > 1 and not self.args.is_v1:
+                    h = self.next_loop_input(embeddings, cache.carry[r - 2][:, None])
+                h = run(h, first_loop=r)
+                outputs.append(h)
+            outputs = mx.concatenate(outputs, axis=1)
+        if cache.carry is not None:
+            cache.carry = self.loop_carry(outputs[:, :-1]).transpose(1, 0, 2)
+        return self.lm_logits(outputs[:, -1])
+
+    def _decode_pass(self, h, first_loop, cache, pos, global_valid):
+        """Rows of loops first_loop.. (h [B, rows, d], all at position pos[b]) through the stack."""
+        for i, layer in enumerate(self.layers):
+            attention = partial(self._decode_attention, i, first_loop, cache, pos, global_valid)
+            h = layer(h, pos, attention, rows_at_one_position=True)
+        return h
+
+    def _decode_attention(self, i, first_loop, cache, pos, global_valid, q, k, v, x_res):
+        attn = self.layers[i].self_attn
+        outputs = []
+        if first_loop == 1:  # row 1 writes slot pos before rows >= 2 read the global cache
+            slot = pos[:, None, None, None]
+            cache.global_k[i] = mx.put_along_axis(cache.global_k[i], slot, k[:, :, :1], axis=2)
+            cache.global_v[i] = mx.put_along_axis(cache.global_v[i], slot, v[:, :, :1], axis=2)
+            outputs.append(mx.fast.scaled_dot_product_attention(
+                q[:, :, :1], cache.global_k[i], cache.global_v[i], scale=attn.scale,
+                mask=global_valid))
+            q, k, v, x_res = q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], x_res[:, 1:]
+        rows = q.shape[2]
+        if rows:
+            first_ring = max(first_loop, 2) - 2
+            ring_k = self._ring_write(cache.ring_k, i, first_ring, k, pos, cache.window)
+            ring_v = self._ring_write(cache.ring_v, i, first_ring, v, pos, cache.window)
+            gate = self.gate(i)(x_res, q)
+            outputs.append(gswa_decode(q, cache.global_k[i], cache.global_v[i], ring_k, ring_v,
+                                       gate, pos + 1, attn.scale, self.use_gswa_kernel))
+        return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+
+    @staticmethod
+    def _ring_write(rings, i, first_ring, kv, pos, window):
+        """Write rows' K/V kv [B, G, R, D] at slot pos % W of ring rows first_ring.. of layer i;
+        returns those ring rows [R, B, G, W, D]."""
+        R, ring = kv.shape[2], rings[i]
+        slot = (pos % window)[None, :, None, None, None]
+        new = kv.transpose(2, 0, 1, 3)[:, :, :, None, :]  # [R, B, G, 1, D]
+        if R == ring.shape[0]:
+            rings[i] = mx.put_along_axis(ring, slot, new, axis=3)
+            return rings[i]
+        rows = mx.put_along_axis(ring[first_ring:first_ring + R], slot, new, axis=3)
+        ring[first_ring:first_ring + R] = rows
+        return rows
+
+
+def gswa_decode(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale, use_kernel=None):
+    """The G-SWA decode call; `use_kernel` None: the Metal kernel iff Metal is available."""
+    if GSWA_HAS_KERNEL_SWITCH:
+        return gswa.gswa_decode(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
+                                use_kernel=use_kernel)
+    return gswa.gswa_decode(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def load_weights(model_dir: str) -> dict[str, mx.array]:
+    weights = {}
+    for path in weight_files(model_dir):
+        weights.update(mx.load(path))
+    return weights
+
+
+def load_model(model_dir: str | os.PathLike, dtype=None) -> Model:
+    """An exported MLX model directory (see exporters/mlx_export.py) -> evaluated Model."""
+    model_dir = os.fspath(model_dir)
+    args = ModelArgs.from_file(model_dir)
+    model = Model(args)
+    weights = model.sanitize(load_weights(model_dir))
+    if args.quantization:
+        quant = args.quantization
+        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
+                    mode=quant.get("mode", "affine"),
+                    class_predicate=lambda path, m: f"{path}.scales" in weights)
+    model.load_weights(list(weights.items()), strict=True)
+    if dtype is not None:
+        model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
