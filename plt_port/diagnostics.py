@@ -111,10 +111,17 @@ def effective_rank(x: torch.Tensor) -> float:
 
 
 def update_alignment(h: torch.Tensor, h_prev: torch.Tensor, h_prev2: torch.Tensor) -> float:
-    """mean over tokens of cosine(h - h_prev, h_prev - h_prev2): +1 same direction, -1 reversed."""
+    """mean over tokens of cosine(h - h_prev, h_prev - h_prev2): +1 same direction, -1 reversed.
+
+    Tokens where either update is exactly zero have no direction and are left out (with the
+    CLP shift, position 0 of loops r >= 3 repeats loop r-1 exactly); 0.0 if no token is left.
+    """
     update = h.float() - h_prev.float()
     previous_update = h_prev.float() - h_prev2.float()
-    return F.cosine_similarity(update, previous_update, dim=-1).mean().item()
+    defined = (update.norm(dim=-1) > 0) & (previous_update.norm(dim=-1) > 0)
+    if not defined.any():
+        return 0.0
+    return F.cosine_similarity(update[defined], previous_update[defined], dim=-1).mean().item()
 
 
 def attention_entropy(probs: torch.Tensor) -> float:

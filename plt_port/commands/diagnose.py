@@ -30,8 +30,11 @@ def run(args):
         model_dir = default_model_dir()
     text = None
     if args.text is not None:
-        with open(args.text, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as exc:
+            raise diagnostics.DiagnosticsError(f"--text {args.text}: not UTF-8 ({exc})") from None
     result = diagnostics.diagnose(model_dir, args.loops, text, seq_len=args.seq_len,
                                   batch_size=args.batch_size, max_tokens=args.max_tokens)
     name = os.path.basename(os.path.normpath(model_dir))

@@ -1,0 +1,282 @@
+"""Loop diagnostics: each metric on constructed inputs with known answers, and the per-loop
+numbers of a tiny model against independent numpy computations and separate model runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sysconfig
+
+import numpy as np
+import pytest
+import torch
+
+from plt_port import checkpoint, diagnostics
+from plt_port.cli import main
+from plt_port.config import ConfigError, PLTConfig
+from plt_port.model import PLTForCausalLM
+from plt_port.tokenizer import Tokenizer
+
+TEXT = open(os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py"), encoding="utf-8").read()
+SMALL = dict(seq_len=32, batch_size=2, max_tokens=96, progress=False)
+
+
+# ---- metrics on constructed inputs -------------------------------------------------------
+
+def test_identical_loops_give_zero_step_and_zero_kl():
+    h = torch.randn(2, 5, 8)
+    assert diagnostics.step_size(h, h.clone()) == 0.0
+    logits = torch.randn(2, 5, 11) * 3
+    assert diagnostics.kl_divergence(logits, logits.clone()) == pytest.approx(0.0, abs=1e-7)
+    # a constant logit offset is the same distribution
+    assert diagnostics.kl_divergence(logits + 4.0, logits) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_step_size_and_kl_known_values():
+    h_prev = torch.randn(3, 4, 16)
+    assert diagnostics.step_size(1.5 * h_prev, h_prev) == pytest.approx(0.5, rel=1e-6)
+    p, q = [0.5, 0.5], [0.9, 0.1]
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    logits = torch.tensor([p]).log()
+    assert diagnostics.kl_divergence(logits, torch.tensor([q]).log()) == pytest.approx(expected,
+                                                                                        rel=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_effective_rank_of_rank_k_matrix_is_at_most_k(k):
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(200, k, generator=gen) @ torch.randn(k, 32, generator=gen)
+    rank = diagnostics.effective_rank(x)
+    assert 1.0 <= rank <= k + 1e-9
+    # k equal singular values: exactly k
+    u, _ = torch.linalg.qr(torch.randn(200, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(32, k, generator=gen, dtype=torch.float64))
+    flat = (3.0 * u @ v.T).float()
+    assert diagnostics.effective_rank(flat) == pytest.approx(k, rel=1e-5)
+    assert diagnostics.effective_rank(flat) <= k + 1e-9
+
+
+def test_effective_rank_matches_svd_and_accumulates_over_batches():
+    x = torch.randn(2, 50, 16) * torch.linspace(0.1, 3.0, 16)
+    s = np.linalg.svd(x.reshape(-1, 16).double().numpy(), compute_uv=False)
+    p = s / s.sum()
+    expected = math.exp(-(p * np.log(p)).sum())
+    assert diagnostics.effective_rank(x) == pytest.approx(expected, rel=1e-6)
+    split_gram = diagnostics.gram(x[0]) + diagnostics.gram(x[1])
+    assert diagnostics.effective_rank_from_gram(split_gram, 100) == pytest.approx(expected, rel=1e-6)
+    assert diagnostics.effective_rank(torch.zeros(4, 3)) == 0.0
+
+
+def test_update_alignment_orthogonal_reversed_same():
+    h0 = torch.zeros(1, 4, 2)
+    h1 = h0 + torch.tensor([1.0, 0.0])
+    assert diagnostics.update_alignment(h1 + torch.tensor([0.0, 2.0]), h1, h0) == pytest.approx(0.0)
+    assert diagnostics.update_alignment(h1 - torch.tensor([3.0, 0.0]), h1, h0) == pytest.approx(-1.0)
+    assert diagnostics.update_alignment(h1 + torch.tensor([0.5, 0.0]), h1, h0) == pytest.approx(1.0)
+    # a token whose update is zero has no direction: left out, not counted as 0
+    h2 = h1 - torch.tensor([3.0, 0.0])
+    h2[:, 0] = h1[:, 0]
+    assert diagnostics.update_alignment(h2, h1, h0) == pytest.approx(-1.0)
+
+
+def test_attention_entropy_and_change():
+    n = 6
+    uniform = torch.full((2, 3, n, n), 1.0 / n)
+    assert diagnostics.attention_entropy(uniform) == pytest.approx(math.log(n), rel=1e-6)
+    one_hot = torch.eye(n).expand(2, 3, n, n)
+    assert diagnostics.attention_entropy(one_hot) == 0.0
+    assert diagnostics.attention_change(uniform, uniform.clone()) == 0.0
+    shifted = one_hot.roll(1, dims=-1)
+    assert diagnostics.attention_change(one_hot, shifted) == pytest.approx(1.0)
+    assert diagnostics.attention_change(one_hot, uniform) == pytest.approx(1 - 1 / n, rel=1e-6)
+
+
+def test_gate_mean_and_offset_cost():
+    assert diagnostics.gate_mean(torch.full((2, 4, 9), 0.7)) == pytest.approx(0.7, rel=1e-6)
+    constant = torch.randn(1, 1, 8).expand(3, 10, 8)
+    assert diagnostics.offset_cost(constant) == 0.0
+    step = torch.randn(8)
+    ramp = torch.arange(10.0)[None, :, None] * step  # c_t - c_{t-1} = step
+    assert diagnostics.offset_cost(ramp) == pytest.approx(step.norm().item(), rel=1e-5)
+
+
+def test_loops_argument():
+    assert diagnostics.parse_loops("1..4") == 4
+    assert diagnostics.parse_loops("3") == 3
+    assert diagnostics.parse_loops(None) is None
+    for bad in ("2..4", "x", "1..y"):
+        with pytest.raises(diagnostics.DiagnosticsError, match="--loops"):
+            diagnostics.parse_loops(bad)
+    with pytest.raises(ConfigError, match="loops"):
+        PLTConfig().resolve_loops(diagnostics.parse_loops("1..9"))
+
+
+# ---- a tiny model against independent computations ---------------------------------------
+
+def _windows(model_dir):
+    return diagnostics.text_windows(Tokenizer.from_dir(model_dir), TEXT, SMALL["seq_len"],
+                                    SMALL["max_tokens"])
+
+
+def _np_step(h, h_prev):
+    return float(np.mean(np.linalg.norm(h - h_prev, axis=-1) / np.linalg.norm(h_prev, axis=-1)))
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _np_kl(logits, logits_prev):
+    logp, logq = _np_log_softmax(logits), _np_log_softmax(logits_prev)
+    return float(np.mean((np.exp(logp) * (logp - logq)).sum(-1)))
+
+
+def _np_cos(a, b):
+    """Mean cosine over tokens where both vectors are nonzero."""
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    defined = norms > 0
+    return float(np.mean((a * b).sum(-1)[defined] / norms[defined]))
+
+
+def _np_effective_rank(h):
+    s = np.linalg.svd(h.reshape(-1, h.shape[-1]).astype(np.float64), compute_uv=False)
+    p = s / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def test_per_loop_metrics_match_independent_numpy(make_model):
+    model_dir = make_model()
+    loops = 3
+    result = diagnostics.diagnose(model_dir, loops, TEXT, **SMALL)
+    ids = _windows(model_dir)
+    model = PLTForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        _, trace = model(ids, loops=loops, return_trace=True)
+        lens = [model.lm_logits(h).numpy() for h in [trace.embeddings, *trace.hidden]]
+        carries = [model.loop_carry(h).numpy() for h in trace.hidden]
+    h = [trace.embeddings.numpy()] + [x.numpy() for x in trace.hidden]
+    per_loop = result["per_loop"]
+    for r in range(1, loops + 1):
+        assert per_loop["step_size"][r - 1] == pytest.approx(_np_step(h[r], h[r - 1]), rel=1e-5)
+        assert per_loop["kl_shift"][r - 1] == pytest.approx(_np_kl(lens[r], lens[r - 1]), rel=1e-4)
+        assert per_loop["effective_rank"][r - 1] == pytest.approx(_np_effective_rank(h[r]), rel=1e-5)
+    for r in range(2, loops + 1):
+        assert per_loop["alignment"][r - 1] == pytest.approx(
+            _np_cos(h[r] - h[r - 1], h[r - 1] - h[r - 2]), rel=1e-5, abs=1e-6)
+        carry = carries[r - 2]
+        assert per_loop["offset_cost"][r - 1] == pytest.approx(
+            float(np.linalg.norm(carry[:, 1:] - carry[:, :-1], axis=-1).mean()), rel=1e-5)
+        gates = [g.numpy().mean() for g in trace.gates[r - 1]]
+        assert per_loop["gate_mean"][r - 1] == pytest.approx(float(np.mean(gates)), rel=1e-5)
+    p = trace.attn_global[0][1].numpy()
+    entropy = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0)).sum(-1).mean()
+    assert result["per_layer"]["attn_entropy_global"][0][1] == pytest.approx(float(entropy), rel=1e-5)
+    assert per_loop["alignment"][0] is None and per_loop["gate_mean"][0] is None
+    assert per_loop["attn_change_local"][:2] == [None, None]
+    assert result["tokens"] == ids.numel() and result["windows"] == 3
+
+
+def test_loss_at_loop_r_equals_a_separate_run_with_r_loops(make_model):
+    model_dir = make_model(seed=1)
+    result = diagnostics.diagnose(model_dir, "1..4", TEXT, **SMALL)
+    ids = _windows(model_dir)
+    model = PLTForCausalLM.from_pretrained(model_dir)
+    for r in range(1, 5):
+        with torch.no_grad():
+            logits = model(ids, loops=r)[:, :-1]
+        targets = ids[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 targets.reshape(-1)).item()
+        accuracy = (logits.argmax(-1) == targets).float().mean().item()
+        assert result["per_loop"]["loss"][r - 1] == pytest.approx(loss, rel=1e-5)
+        assert result["per_loop"]["accuracy"][r - 1] == pytest.approx(accuracy, abs=1e-7)
+
+
+def test_per_layer_values_belong_to_their_layer(make_model):
+    """Loop 1 at layer l is the loop-1 output of the model cut after layer l."""
+    model_dir = make_model(num_hidden_layers=3)
+    result = diagnostics.diagnose(model_dir, 2, TEXT, **SMALL)
+    ids = _windows(model_dir)
+    for layer in range(3):
+        model = PLTForCausalLM.from_pretrained(model_dir)
+        model.model.layers = torch.nn.ModuleList(list(model.model.layers)[:layer + 1])
+        with torch.no_grad():
+            _, trace = model(ids, loops=1, return_trace=True)
+        expected = _np_step(trace.hidden[0].numpy(), trace.embeddings.numpy())
+        assert result["per_layer"]["step_size"][0][layer] == pytest.approx(expected, rel=1e-5)
+        assert result["per_layer"]["effective_rank"][0][layer] == pytest.approx(
+            _np_effective_rank(trace.hidden[0].numpy()), rel=1e-5)
+    # the loop value of a hidden-state metric is the last layer's, of an attention metric the mean
+    for key in ("step_size", "kl_shift", "alignment"):
+        assert result["per_loop"][key][1] == result["per_layer"][key][1][-1]
+    assert result["per_loop"]["gate_mean"][1] == pytest.approx(
+        np.mean(result["per_layer"]["gate_mean"][1]))
+
+
+def test_constant_gates_give_their_value(make_model, tmp_path, tokenizer_dir):
+    source = make_model()
+    config = PLTConfig.from_file(source)
+    tensors = checkpoint.load_tensors(source, config)
+    for name in tensors:
+        if "plt_gate.weight" in name:
+            tensors[name][:] = 0.0
+        elif "plt_gate.bias" in name:
+            tensors[name][:] = math.log(0.7 / 0.3)
+    checkpoint.save_model_dir(tmp_path / "gate07", config, tensors, tokenizer_dir)
+    result = diagnostics.diagnose(tmp_path / "gate07", 3, TEXT, **SMALL)
+    for row in result["per_layer"]["gate_mean"][1:]:
+        assert row == pytest.approx([0.7, 0.7], rel=1e-6)
+
+
+def test_batching_does_not_change_the_numbers(make_model):
+    model_dir = make_model(seed=2)
+    one = diagnostics.diagnose(model_dir, 3, TEXT, **{**SMALL, "batch_size": 1})
+    three = diagnostics.diagnose(model_dir, 3, TEXT, **{**SMALL, "batch_size": 3})
+    for key, values in one["per_layer"].items():
+        for a, b in zip(np.ravel(values), np.ravel(three["per_layer"][key])):
+            assert (a is None and b is None) or a == pytest.approx(b, rel=1e-5, abs=1e-7), key
+
+
+def test_v1_model_has_no_offset_cost(make_model):
+    result = diagnostics.diagnose(make_model("v1"), 3, TEXT, **SMALL)
+    assert result["per_loop"]["offset_cost"] == [None, None, None]
+    assert all(v is not None for v in result["per_loop"]["gate_mean"][1:])
+
+
+def test_bad_inputs_raise_one_clear_error(make_model):
+    model_dir = make_model()
+    with pytest.raises(diagnostics.DiagnosticsError, match="at least 2"):
+        diagnostics.diagnose(model_dir, 2, "", **SMALL)
+    with pytest.raises(diagnostics.DiagnosticsError, match="batch_size"):
+        diagnostics.diagnose(model_dir, 2, TEXT, **{**SMALL, "batch_size": 0})
+
+
+def test_cli_writes_table_json_and_plots(make_model, tmp_path, capsys):
+    model_dir = make_model()
+    text_file = tmp_path / "held_out.py"
+    text_file.write_text(TEXT[:4000], encoding="utf-8")
+    out = tmp_path / "diag"
+    assert main(["diagnose", "--model", model_dir, "--loops", "1..3", "--text", str(text_file),
+                 "--out", str(out), "--seq-len", "32", "--max-tokens", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "| step_size |" in printed and "loop 3" in printed
+    result = json.loads((out / "diagnostics.json").read_text())
+    assert result["loops"] == 3 and len(result["per_loop"]["kl_shift"]) == 3
+    assert (out / "effective_rank.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "table.md").read_text().startswith("| metric |")
+    assert main(["diagnose", "--model", model_dir, "--loops", "2..3", "--text", str(text_file),
+                 "--out", str(out)]) == 1
+    assert "per-loop metrics start at loop 1" in capsys.readouterr().err
+
+
+def test_loop_analysis_figures_for_the_demo(make_model):
+    from matplotlib.figure import Figure
+
+    figs = diagnostics.loop_analysis_figures(make_model(), loops=3, text=TEXT, max_tokens=64,
+                                             seq_len=32)
+    titles = [title for title, _ in figs]
+    assert len(figs) == len(diagnostics.METRICS)
+    assert all(isinstance(fig, Figure) for _, fig in figs)
+    assert diagnostics.METRIC_BY_KEY["gate_mean"].label in titles
