@@ -17,6 +17,7 @@ from plt_port.cli import main
 from plt_port.config import ConfigError, PLTConfig
 from plt_port.model import PLTForCausalLM
 from plt_port.tokenizer import Tokenizer
+from conftest import requires
 
 TEXT = open(os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py"), encoding="utf-8").read()
 SMALL = dict(seq_len=32, batch_size=2, max_tokens=96, progress=False)
@@ -280,3 +281,70 @@ def test_loop_analysis_figures_for_the_demo(make_model):
     assert len(figs) == len(diagnostics.METRICS)
     assert all(isinstance(fig, Figure) for _, fig in figs)
     assert diagnostics.METRIC_BY_KEY["gate_mean"].label in titles
+
+
+# ---- plt-port study -----------------------------------------------------------------------
+
+def _run(loops, rank, kl, alignment, gate):
+    none = [None] * loops
+    per_loop = {m.key: list(none) for m in diagnostics.METRICS}
+    per_loop.update(effective_rank=rank, kl_shift=kl, alignment=alignment, gate_mean=gate)
+    return {"loops": loops, "per_loop": per_loop, "per_layer": {}}
+
+
+def _study(probe_losses, trained_losses, rank, alignment, gate):
+    """A constructed study: a 2-loop probe run at 1..4 plus models trained with 1, 3, 4 loops."""
+    models = {}
+    for trained, loss in trained_losses.items():
+        evals = {str(trained): {"loss": loss}}
+        diag = _run(4, rank, [5.0, 2.0, 0.5, 0.4], alignment, gate)
+        if trained == 2:
+            evals = {str(r): {"loss": v} for r, v in probe_losses.items()}
+        models[f"plt-l{trained}"] = {"trained_loops": trained, "eval": evals, "diagnostics": diag}
+    return {"probe": "plt-l2", "max_inference_loops": 4, "models": models}
+
+
+def test_loopcoder_comparison_is_computed_from_the_numbers():
+    from plt_port.commands.study import compare_with_loopcoder
+
+    agreeing = _study({1: 3.0, 2: 2.5, 3: 2.6, 4: 2.7}, {1: 3.0, 2: 2.5, 3: 2.6, 4: 2.8},
+                      rank=[40.0, 50.0, 45.0, 44.0], alignment=[None, 0.3, -0.4, -0.2],
+                      gate=[None, 0.6, 0.7, 0.55])
+    verdicts = {f["claim"]: f["verdict"] for f in compare_with_loopcoder(agreeing)}
+    assert set(verdicts.values()) == {"agrees"}, verdicts
+
+    differing = _study({1: 3.0, 2: 2.5, 3: 2.4, 4: 2.3}, {1: 3.0, 2: 2.5, 3: 2.4, 4: 2.6},
+                       rank=[50.0, 40.0, 45.0, 44.0], alignment=[None, 0.3, 0.4, -0.2],
+                       gate=[None, 0.4, 0.45, 0.3])
+    findings = {f["claim"]: f for f in compare_with_loopcoder(differing)}
+    verdict = {claim: f["verdict"] for claim, f in findings.items()}
+    assert verdict["Loop 2 has the largest effective rank"] == "differs"
+    assert verdict["Later loops oscillate (negative update alignment at loops >= 3)"] == \
+        "partly agrees"
+    assert verdict["Gate mean stays above 0.5 (global branch dominates)"] == "differs"
+    assert verdict["Loops 3 and 4 regress: the 2-loop model run with more loops"] == "differs"
+    assert verdict["Loops 3 and 4 regress: models trained with more loops"] == "partly agrees"
+    assert verdict["Two loops are best (lowest held-out loss of the family)"] == "differs"
+    assert "largest at loop 1" in findings["Loop 2 has the largest effective rank"]["evidence"][0]
+
+
+@requires("plt_port.evaluate")
+def test_study_command_writes_report_from_its_own_numbers(make_model, tmp_path, capsys):
+    family = {f"tiny-l{loops}": make_model(seed=loops, plt_num_loops=loops) for loops in (1, 2, 3)}
+    out = tmp_path / "study"
+    args = ["study", "--out", str(out), "--max-tokens", "64", "--seq-len", "32",
+            "--eval-tokens", "64"] + [f"--model={name}={d}" for name, d in family.items()]
+    assert main(args) == 0
+    study = json.loads((out / "study.json").read_text())
+    report = (out / "README.md").read_text()
+    assert study["probe"] == "tiny-l2"
+    assert sorted(study["models"]["tiny-l2"]["eval"]) == ["1", "2", "3", "4"]
+    loss3 = study["models"]["tiny-l3"]["eval"]["3"]["loss"]
+    assert f"{loss3:.4f}" in report
+    assert (out / "figures" / "loss_vs_loops.png").exists()
+    assert "figures/effective_rank.png" in report and (out / "figures" / "effective_rank.png").exists()
+    assert "the small models **" in report
+    # re-rendering from the JSON gives the same report
+    again = tmp_path / "again"
+    assert main(["study", "--from-json", str(out / "study.json"), "--out", str(again)]) == 0
+    assert (again / "README.md").read_text() == report

@@ -1,0 +1,368 @@
+"""plt-port study: eval + loop diagnostics over the model family, written as a markdown report.
+
+Runs, on the held-out split:
+- every family model at its trained loop count (held-out eval and diagnostics);
+- the model trained with 2 loops at inference loop counts 1..4 (eval at each count; one
+  diagnostics forward at 4 loops covers loops 1..4, since loop r never reads a later loop).
+Writes <out>/README.md (tables and plots, all generated from <out>/study.json),
+<out>/study.json and <out>/figures/*.png. The comparison with the published LoopCoder-v2
+pattern is computed from the numbers: each claim is checked and worded by `compare_with_loopcoder`.
+`--from-json` re-renders the report from a study.json without running the models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from plt_port.errors import PLTError
+
+PROBE_LOOPS = 2          # the family member run at inference loop counts 1..MAX_INFERENCE_LOOPS
+MAX_INFERENCE_LOOPS = 4
+FIGURE_DIR = "figures"
+
+
+class StudyError(PLTError, ValueError):
+    """A family or a study.json the study cannot use."""
+
+
+def add_arguments(parser):
+    parser.add_argument("--out", default=os.path.join("docs", "study"),
+                        help="report folder (default docs/study; written atomically)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                        help="study these models instead of the packaged family (repeatable)")
+    parser.add_argument("--max-tokens", type=int, default=8192,
+                        help="held-out tokens for the diagnostics (default 8192)")
+    parser.add_argument("--eval-tokens", type=int, default=None,
+                        help="held-out tokens for eval (default: plt-port eval's default)")
+    parser.add_argument("--seq-len", type=int, default=256, help="window length (default 256)")
+    parser.add_argument("--from-json", metavar="STUDY_JSON",
+                        help="only re-render the report from an existing study.json")
+
+
+# ---- running the models -------------------------------------------------------------------
+
+def family_from_args(specs: list[str]) -> dict[str, str]:
+    if not specs:
+        from plt_port.models import family_model_dirs
+        family = dict(family_model_dirs())
+        if not family:
+            raise StudyError("the packaged model family is empty (train it first, or pass "
+                             "--model NAME=DIR)")
+        return family
+    family = {}
+    for spec in specs:
+        name, sep, model_dir = spec.partition("=")
+        if not sep or not name or not model_dir:
+            raise StudyError(f"--model: expected NAME=DIR, got {spec!r}")
+        family[name] = model_dir
+    return family
+
+
+def run_study(family: dict[str, str], max_tokens: int = 8192, eval_tokens: int | None = None,
+              seq_len: int = 256, progress: bool = True) -> dict:
+    """All numbers of the report, as one JSON-able dict."""
+    from plt_port import checkpoint, diagnostics
+    from plt_port.config import PLTConfig
+    from plt_port.data import held_out_text
+    from plt_port.evaluate import evaluate
+
+    configs = {name: PLTConfig.from_file(model_dir) for name, model_dir in family.items()}
+    probes = [name for name, config in configs.items() if config.num_loops == PROBE_LOOPS]
+    if not probes:
+        raise StudyError(f"the family has no model trained with {PROBE_LOOPS} loops "
+                         f"(trained loop counts: {sorted(c.num_loops for c in configs.values())})")
+    probe = probes[0]
+    eval_options = {} if eval_tokens is None else {"max_tokens": eval_tokens}
+    text = held_out_text()
+
+    models = {}
+    for name, model_dir in family.items():
+        config = configs[name]
+        loops = MAX_INFERENCE_LOOPS if name == probe else config.num_loops
+        diag = diagnostics.diagnose(model_dir, loops, text, seq_len=seq_len,
+                                    max_tokens=max_tokens, progress=progress)
+        eval_loops = range(1, MAX_INFERENCE_LOOPS + 1) if name == probe else [config.num_loops]
+        models[name] = {
+            "dir": os.fspath(model_dir),
+            "trained_loops": config.num_loops,
+            "parameters": sum(_numel(s) for s in checkpoint.expected_shapes(config).values()),
+            "eval": {str(r): evaluate(model_dir, loops=r, **eval_options) for r in eval_loops},
+            "diagnostics": diag,
+        }
+    return {"probe": probe, "max_inference_loops": MAX_INFERENCE_LOOPS,
+            "diagnostic_tokens": max_tokens, "seq_len": seq_len,
+            "command": "plt-port " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"]
+            else "plt-port study",
+            "models": models}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def trained_view(model: dict) -> dict:
+    """The diagnostics of a model cut to its trained loop count (exact: loop r <= L does not
+    depend on how many loops follow)."""
+    diag, loops = model["diagnostics"], model["trained_loops"]
+    return {**diag, "loops": loops,
+            "per_loop": {k: v[:loops] for k, v in diag["per_loop"].items()},
+            "per_layer": {k: v[:loops] for k, v in diag["per_layer"].items()}}
+
+
+# ---- the comparison with LoopCoder-v2, computed from the numbers ---------------------------
+
+def _verdict(checks: list[bool]) -> str:
+    if not checks:
+        return "not tested"
+    if all(checks):
+        return "agrees"
+    return "partly agrees" if any(checks) else "differs"
+
+
+def _values(values, first=1) -> str:
+    return ", ".join(f"loop {r}: {v:.4g}" for r, v in enumerate(values, start=1)
+                     if r >= first and v is not None)
+
+
+def _runs(study: dict) -> list[tuple[str, dict]]:
+    """(label, per-loop diagnostics) of every run: the probe at 1..4, each other model trained."""
+    runs = []
+    for name, model in study["models"].items():
+        if name == study["probe"]:
+            runs.append((f"{name} run at 1..{model['diagnostics']['loops']} loops",
+                         model["diagnostics"]["per_loop"]))
+        else:
+            runs.append((f"{name} (trained with {model['trained_loops']})",
+                         trained_view(model)["per_loop"]))
+    return runs
+
+
+def compare_with_loopcoder(study: dict) -> list[dict]:
+    """One entry per published LoopCoder-v2 claim: claim, verdict, evidence (all from numbers)."""
+    runs = _runs(study)
+    findings = []
+
+    def finding(claim, checks, evidence, note=""):
+        findings.append({"claim": claim, "verdict": _verdict(checks), "evidence": evidence,
+                         "note": note})
+
+    # 1. effective rank peaks at loop 2
+    checks, evidence = [], []
+    for label, per_loop in runs:
+        ranks = per_loop["effective_rank"]
+        if len(ranks) >= 2:
+            peak = max(range(len(ranks)), key=lambda i: ranks[i]) + 1
+            checks.append(peak == 2)
+            evidence.append(f"{label}: largest at loop {peak} ({_values(ranks)})")
+    finding("Loop 2 has the largest effective rank", checks, evidence)
+
+    # 2. output shift peaks at loop 2 (among loops >= 2; loop 1's shift is against the
+    #    embeddings' logit lens, a different kind of step)
+    checks, evidence = [], []
+    for label, per_loop in runs:
+        shifts = per_loop["kl_shift"]
+        if len(shifts) >= 3:
+            peak = max(range(1, len(shifts)), key=lambda i: shifts[i]) + 1
+            checks.append(peak == 2)
+            evidence.append(f"{label}: largest at loop {peak} ({_values(shifts, first=2)})")
+    finding("Loop 2 has the largest output distribution shift (KL)", checks, evidence,
+            "compared over loops >= 2; needs runs with 3 or more loops")
+
+    # 3. later loops oscillate: negative update alignment at loops >= 3
+    checks, evidence = [], []
+    for label, per_loop in runs:
+        later = [(r, v) for r, v in enumerate(per_loop["alignment"], start=1) if r >= 3]
+        checks += [v < 0 for _, v in later]
+        if later:
+            evidence.append(f"{label}: " + ", ".join(f"loop {r}: {v:+.3f}" for r, v in later))
+    finding("Later loops oscillate (negative update alignment at loops >= 3)", checks, evidence)
+
+    # 4. the gate keeps the global branch above half
+    checks, evidence = [], []
+    for label, per_loop in runs:
+        gates = per_loop["gate_mean"][1:]
+        checks += [g > 0.5 for g in gates]
+        if gates:
+            evidence.append(f"{label}: {_values(per_loop['gate_mean'], first=2)}")
+    finding("Gate mean stays above 0.5 (global branch dominates)", checks, evidence,
+            "per loop, mean over layers")
+
+    # 5. loops 3 and 4 regress: at inference (the 2-loop model run with more loops) ...
+    probe = study["models"][study["probe"]]
+    losses = {int(r): e["loss"] for r, e in probe["eval"].items()}
+    later = [r for r in sorted(losses) if r > PROBE_LOOPS]
+    finding(f"Loops 3 and 4 regress: the {PROBE_LOOPS}-loop model run with more loops",
+            [losses[r] > losses[PROBE_LOOPS] for r in later],
+            [f"{study['probe']}: held-out loss " + ", ".join(f"{r} loops: {losses[r]:.4f}"
+                                                           for r in sorted(losses))])
+    # ... and in training (models trained with 3 or 4 loops vs the one trained with 2)
+    trained = {m["trained_loops"]: m["eval"][str(m["trained_loops"])]["loss"]
+               for m in study["models"].values()}
+    later = [r for r in sorted(trained) if r > PROBE_LOOPS]
+    finding("Loops 3 and 4 regress: models trained with more loops",
+            [trained[r] > trained[PROBE_LOOPS] for r in later],
+            ["held-out loss by trained loop count: " + ", ".join(f"{r}: {trained[r]:.4f}"
+                                                                 for r in sorted(trained))])
+    # 6. the headline: two loops are best
+    best = min(trained, key=trained.get)
+    finding("Two loops are best (lowest held-out loss of the family)", [best == PROBE_LOOPS],
+            [f"lowest held-out loss: trained with {best} loops ({trained[best]:.4f})"])
+    return findings
+
+
+# ---- the report ---------------------------------------------------------------------------
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _eval_row(label: str, result: dict) -> list[str]:
+    return [label, f"{result['loss']:.4f}", f"{result['perplexity']:.2f}",
+            f"{result['accuracy']:.4f}", str(result["tokens"])]
+
+
+def study_figures(study: dict) -> list[tuple[str, object]]:
+    """(file stem, Figure): held-out loss vs loops, and each metric vs loop for every run."""
+    from matplotlib.figure import Figure
+
+    from plt_port import diagnostics
+
+    figures = []
+    fig = Figure(figsize=(5.2, 3.4), layout="constrained")
+    ax = fig.subplots()
+    trained = sorted((m["trained_loops"], m["eval"][str(m["trained_loops"])]["loss"])
+                     for m in study["models"].values())
+    ax.plot(*zip(*trained), marker="o", linewidth=2, label="trained with L loops, run at L")
+    probe_eval = study["models"][study["probe"]]["eval"]
+    inference = sorted((int(r), e["loss"]) for r, e in probe_eval.items())
+    ax.plot(*zip(*inference), marker="s", linestyle="--",
+            label=f"{study['probe']} (trained with {PROBE_LOOPS}), run at L")
+    ax.set_xticks(range(1, study["max_inference_loops"] + 1))
+    ax.set_xlabel("loops L")
+    ax.set_ylabel("held-out loss [nats/token]")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    figures.append(("loss_vs_loops", fig))
+
+    runs = _runs(study)
+    for metric in diagnostics.METRICS:
+        if not any(v is not None for _, per_loop in runs for v in per_loop[metric.key]):
+            continue
+        fig = Figure(figsize=(5.2, 3.4), layout="constrained")
+        ax = fig.subplots()
+        for label, per_loop in runs:
+            xs, ys = diagnostics._defined(range(1, len(per_loop[metric.key]) + 1),
+                                          per_loop[metric.key])
+            ax.plot(xs, ys, marker="o", label=label,
+                    linestyle="--" if label.startswith(study["probe"] + " run") else "-")
+        ax.set_xticks(range(1, study["max_inference_loops"] + 1))
+        ax.set_xlabel("loop r")
+        ax.set_title(metric.label, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        figures.append((metric.key, fig))
+    return figures
+
+
+def render_report(study: dict, figure_names: list[str]) -> str:
+    from plt_port import diagnostics
+
+    probe_name = study["probe"]
+    models = study["models"]
+    lines = [
+        "# Loop-count study of the plt-port model family",
+        "",
+        f"Generated by `{study['command']}`: every number, table, plot and verdict below comes "
+        "from the models in `study.json`; nothing is typed in. Diagnostics use "
+        f"{study['diagnostic_tokens']} held-out tokens in windows of {study['seq_len']} "
+        "(definitions: `plt_port/diagnostics.py`, SPEC section 8).",
+        "",
+        "## Held-out evaluation",
+        "",
+        "Each family model at the loop count it was trained with:",
+        "",
+    ]
+    rows = [_eval_row(f"{name} ({m['parameters']:,} parameters)",
+                      m["eval"][str(m["trained_loops"])])
+            for name, m in sorted(models.items(), key=lambda kv: kv[1]["trained_loops"])]
+    lines += _table(["model (trained loops in the name)", "loss", "perplexity", "accuracy",
+                     "tokens"], rows)
+    lines += ["", f"The {PROBE_LOOPS}-loop model `{probe_name}` run at other inference loop "
+                  "counts (the logit-lens loss of the diagnostics at loop r is the same quantity "
+                  "on the diagnostics' tokens):", ""]
+    probe = models[probe_name]
+    lens_loss = probe["diagnostics"]["per_loop"]["loss"]
+    rows = [_eval_row(f"{r} loops", e) + [f"{lens_loss[int(r) - 1]:.4f}"]
+            for r, e in sorted(probe["eval"].items(), key=lambda kv: int(kv[0]))]
+    lines += _table(["inference loops", "loss", "perplexity", "accuracy", "tokens",
+                     "diagnostics loss"], rows)
+    lines += ["", "![held-out loss vs loops](figures/loss_vs_loops.png)", ""]
+
+    lines += ["## Comparison with the published LoopCoder-v2 pattern", ""]
+    for item in compare_with_loopcoder(study):
+        note = f" ({item['note']})" if item["note"] else ""
+        lines.append(f"- **{item['claim']}**: the small models **{item['verdict']}**{note}.")
+        lines += [f"  - {e}" for e in item["evidence"]]
+    lines += [""]
+
+    lines += ["## Per-loop diagnostics", "",
+              "Solid lines: each model at its trained loop count; dashed: "
+              f"`{probe_name}` run at 1..{probe['diagnostics']['loops']} loops.", ""]
+    for key in figure_names:
+        if key in diagnostics.METRIC_BY_KEY:
+            lines.append(f"![{diagnostics.METRIC_BY_KEY[key].label}](figures/{key}.png)")
+    lines += [""]
+    for name, model in sorted(models.items(), key=lambda kv: kv[1]["trained_loops"]):
+        view = model["diagnostics"] if name == probe_name else trained_view(model)
+        lines += [f"### {name}: loops 1..{view['loops']} (trained with "
+                  f"{model['trained_loops']})", "", diagnostics.format_table(view), ""]
+    lines += ["Per-layer values are in `study.json` (`models.<name>.diagnostics.per_layer`).",
+              ""]
+    return "\n".join(lines)
+
+
+def write_study(study: dict, out_dir: str) -> str:
+    from plt_port.checkpoint import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        os.makedirs(os.path.join(tmp, FIGURE_DIR))
+        with open(os.path.join(tmp, "study.json"), "w", encoding="utf-8") as f:
+            json.dump(study, f, indent=1)
+            f.write("\n")
+        names = []
+        for name, fig in study_figures(study):
+            fig.savefig(os.path.join(tmp, FIGURE_DIR, f"{name}.png"), dpi=110)
+            names.append(name)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(render_report(study, names))
+    return out_dir
+
+
+def load_study(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            study = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise StudyError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(study, dict) or not {"probe", "models"} <= study.keys():
+        raise StudyError(f"{path}: not a study.json written by plt-port study")
+    return study
+
+
+def run(args):
+    if args.from_json:
+        study = load_study(args.from_json)
+    else:
+        study = run_study(family_from_args(args.model), max_tokens=args.max_tokens,
+                          eval_tokens=args.eval_tokens, seq_len=args.seq_len)
+    write_study(study, args.out)
+    for item in compare_with_loopcoder(study):
+        print(f"{item['verdict']:>14}: {item['claim']}")
+    print(f"wrote {os.path.join(args.out, 'README.md')}, study.json and {FIGURE_DIR}/")
+    return 0
