@@ -13,7 +13,26 @@ Output [B, H, R, D]: g * softmax(q K_glob^T * scale) V_glob + (1 - g) * softmax(
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import mlx.core as mx
+
+from plt_port.errors import PLTError
+
+KERNEL_SOURCE = Path(__file__).with_name("gswa_decode.metal")
+INPUT_NAMES = ["q", "global_k", "global_v", "ring_k", "ring_v", "gate", "lengths", "scale"]
+SIMD_WIDTH = 32
+MAX_SIMDGROUPS = 8
+THREADGROUP_MEMORY_BYTES = 32 * 1024  # Apple GPUs: 32 KiB of threadgroup memory
+
+
+class MetalUnavailableError(PLTError):
+    """The Metal kernel was asked for where there is no Metal GPU."""
+
+
+class GSWAKernelError(PLTError):
+    """Inputs the fused G-SWA kernel cannot take (bad shapes, dtypes or sizes)."""
 
 
 def _masked_attention(q, k, v, valid, scale):
@@ -43,6 +62,88 @@ def gswa_decode_ops(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale)
     return out.astype(q.dtype)
 
 
-def gswa_decode(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale):
-    """The one entry point the MLX model calls (a Metal kernel may back it on Apple GPUs)."""
+def gswa_decode(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
+                use_kernel: bool | None = None):
+    """The one entry point the MLX model calls. `use_kernel`: None = the fused Metal kernel iff
+    `mx.metal.is_available()` (and the shapes fit it), True = the kernel or an error, False =
+    the composed ops."""
+    if use_kernel is None:
+        use_kernel = mx.metal.is_available() and kernel_supports(q, global_k)
+    elif use_kernel and not mx.metal.is_available():
+        raise MetalUnavailableError(
+            "the fused G-SWA Metal kernel needs an Apple GPU (mx.metal.is_available() is False "
+            "here); use the composed ops (kernel off/auto)")
+    if use_kernel:
+        return launch_gswa_decode(metal_kernel(), q, global_k, global_v, ring_k, ring_v, gate,
+                                  lengths, scale)
     return gswa_decode_ops(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale)
+
+
+# ---- the fused kernel -------------------------------------------------------------------
+
+def kernel_spec(source: str | None = None) -> dict:
+    """Constructor arguments of `mx.fast.metal_kernel` (or of the CPU emulator) for the kernel."""
+    return dict(name="gswa_decode", input_names=INPUT_NAMES, output_names=["out"],
+                source=KERNEL_SOURCE.read_text() if source is None else source)
+
+
+@functools.cache
+def metal_kernel():
+    """The kernel object, built once per process (MLX caches its compiled variants by name)."""
+    return mx.fast.metal_kernel(**kernel_spec())
+
+
+def simdgroups_for(n_q: int, head_dim: int) -> int:
+    """Simdgroups per threadgroup: as many as fit (<= 8), the merge buffers in threadgroup memory."""
+    per_lane = -(-head_dim // SIMD_WIDTH)
+    per_simdgroup = 4 * (4 * n_q + n_q * per_lane * SIMD_WIDTH)  # tg_max, tg_sum, tg_out
+    return min(MAX_SIMDGROUPS, THREADGROUP_MEMORY_BYTES // per_simdgroup)
+
+
+def kernel_supports(q, global_k) -> bool:
+    n_q = q.shape[1] // max(global_k.shape[1], 1)
+    return q.shape[3] >= 8 and simdgroups_for(n_q, q.shape[3]) >= 1
+
+
+def _check_inputs(q, global_k, global_v, ring_k, ring_v, gate, lengths):
+    if q.ndim != 4 or global_k.ndim != 4 or ring_k.ndim != 5:
+        raise GSWAKernelError(f"G-SWA kernel: q must be [B, H, R, D], global K/V [B, G, S, D], "
+                              f"ring K/V [R, B, G, W, D]; got q {q.shape}, global_k "
+                              f"{global_k.shape}, ring_k {ring_k.shape}")
+    B, H, R, D = q.shape
+    G, S, W = global_k.shape[1], global_k.shape[2], ring_k.shape[3]
+    expected = {"global_k": (B, G, S, D), "global_v": (B, G, S, D), "ring_k": (R, B, G, W, D),
+                "ring_v": (R, B, G, W, D), "gate": (B, H, R), "lengths": (B,)}
+    given = {"global_k": global_k, "global_v": global_v, "ring_k": ring_k, "ring_v": ring_v,
+             "gate": gate, "lengths": lengths}
+    for name, shape in expected.items():
+        if tuple(given[name].shape) != shape:
+            raise GSWAKernelError(f"G-SWA kernel: {name} has shape {tuple(given[name].shape)}, "
+                                  f"expected {shape}")
+    if G == 0 or H % G:
+        raise GSWAKernelError(f"G-SWA kernel: {H} query heads are not a multiple of {G} KV heads")
+    kv_dtypes = {global_k.dtype, global_v.dtype, ring_k.dtype, ring_v.dtype}
+    if len(kv_dtypes) != 1:
+        raise GSWAKernelError(f"G-SWA kernel: global and ring K/V must share one dtype, got {kv_dtypes}")
+    if not kernel_supports(q, global_k):
+        raise GSWAKernelError(f"G-SWA kernel: head dim {D} with {H // G} query heads per KV head "
+                              f"does not fit the kernel (head dim >= 8, merge buffers <= 32 KiB)")
+
+
+def launch_gswa_decode(kernel, q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
+                       out_dtype=None, **call_options):
+    """Run the fused kernel through `kernel`: `mx.fast.metal_kernel(**kernel_spec())` on a GPU,
+    or `metal_kernels.emulator.EmulatedKernel(**kernel_spec())` on the CPU (same call)."""
+    _check_inputs(q, global_k, global_v, ring_k, ring_v, gate, lengths)
+    B, H, R, D = q.shape
+    G = global_k.shape[1]
+    n_q = H // G
+    nsg = simdgroups_for(n_q, D)
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    inputs = [q, global_k, global_v, ring_k, ring_v, gate.astype(mx.float32),
+              lengths.astype(mx.int32), mx.array(scale, dtype=mx.float32)]
+    return kernel(inputs=inputs,
+                  template=[("T", global_k.dtype), ("O", out_dtype), ("D", D), ("N_Q", n_q),
+                            ("NSG", nsg)],
+                  grid=(SIMD_WIDTH * nsg, G * R, B), threadgroup=(SIMD_WIDTH * nsg, 1, 1),
+                  output_shapes=[(B, H, R, D)], output_dtypes=[out_dtype], **call_options)[0]
