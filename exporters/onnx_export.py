@@ -1,0 +1,130 @@
+"""`plt-port export onnx MODEL_DIR OUT_DIR [--dtype fp32|fp16] [--loops N]`.
+
+Writes, atomically:
+  prefill.onnx   T tokens per sequence (also the naive decode step with T = 1)
+  decode.onnx    the CLP decode step (PLT checkpoints with loops > 1 only)
+  weights.bin    the external data of both graphs, every tensor stored once
+  plt_onnx.json  inputs, outputs, dims, loop settings and in-place aliases, for any runtime
+  config.json and the tokenizer files of the source model
+Needs only `onnx` and numpy (no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from plt_port import checkpoint
+from plt_port.config import PLTConfig
+from plt_port.errors import PLTError
+
+MANIFEST = "plt_onnx.json"
+WEIGHTS = "weights.bin"
+GRAPHS = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
+FORMAT_VERSION = 1
+
+
+class ExportError(PLTError):
+    pass
+
+
+def add_arguments(parser):
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                        help="weights, activations and caches dtype (logits are always fp32)")
+    parser.add_argument("--loops", type=int, default=None,
+                        help="loop count baked into the graphs (default: the checkpoint's)")
+
+
+def run(args):
+    out_dir = export(args.model_dir, args.out_dir, dtype=args.dtype, loops=args.loops)
+    print(f"exported ONNX graphs to {out_dir}")
+
+
+def _value_info(values) -> list[dict]:
+    def dim(d):
+        return d.dim_param if d.HasField("dim_param") else d.dim_value
+
+    from onnx import helper
+    return [{"name": v.name,
+             "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+             "shape": [dim(d) for d in v.type.tensor_type.shape.dim]} for v in values]
+
+
+def manifest(config: PLTConfig, loops: int, dtype: str, models: dict) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_type": config.model_type,
+        "dtype": dtype,
+        "loops": loops,
+        "clp": "decode" in models,
+        "window": config.window,
+        "num_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "weights_file": WEIGHTS,
+        "custom_op": {"domain": "plt", "name": "GatedSlidingWindowAttention", "version": 1,
+                      "body": "model-local function (standard opset-23 ops)"},
+        "dims": {
+            "batch": "sequences in the batch",
+            "chunk": "tokens per sequence in this prefill call (right-padded)",
+            "capacity": "global KV slots per sequence (slot = position); keep start + chunk <= capacity",
+        },
+        "inputs_meaning": {
+            "input_ids": "token ids",
+            "start": "tokens already in each sequence's caches (= position of its first new token)",
+            "num_new": "valid tokens of each sequence in this chunk (prefill only)",
+            "past_key_values.{i}.key/value": "loop-1 K/V of layer i, slot = position",
+            "past_ring.{i}.key/value": "K/V of loop r >= 2 (index r-2), position p in slot p % window",
+            "past_carry": "n(h) of loop r < loops (index r-1) at each sequence's last position",
+        },
+        "in_place": {"present.{i}.key": "past_key_values.{i}.key",
+                     "present.{i}.value": "past_key_values.{i}.value",
+                     "present_ring.{i}.key": "past_ring.{i}.key (decode graph only)",
+                     "present_ring.{i}.value": "past_ring.{i}.value (decode graph only)"},
+        "graphs": {kind: {"file": GRAPHS[kind], "inputs": _value_info(m.graph.input),
+                          "outputs": _value_info(m.graph.output)} for kind, m in models.items()},
+    }
+
+
+def export(model_dir: str, out_dir: str, dtype: str = "fp32", loops: int | None = None) -> str:
+    """Export a PyTorch (HF layout) PLT model directory to ONNX graphs in `out_dir`."""
+    import onnx
+    from tqdm import tqdm
+
+    from .onnx_graph import DTYPES, GraphBuilder, WeightsFile, build_decode, build_prefill, onnx_weights
+
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model_dir = os.fspath(model_dir)
+    if os.path.exists(os.path.join(model_dir, MANIFEST)):
+        raise ExportError(f"{model_dir} is already an ONNX export; give the PyTorch model directory")
+    config = PLTConfig.from_file(model_dir)
+    loops = config.resolve_loops(loops)
+    np_dtype = DTYPES[dtype][0]
+    builders = {"prefill": build_prefill}
+    if not config.is_v1 and loops > 1:
+        builders["decode"] = build_decode
+
+    with checkpoint.atomic_dir(out_dir) as tmp, tqdm(total=2 + 2 * len(builders),
+                                                      desc="export onnx", unit="step") as bar:
+        weights = WeightsFile(os.path.join(tmp, WEIGHTS), WEIGHTS)
+        weights.write(onnx_weights(config, checkpoint.load_tensors(model_dir, config), np_dtype))
+        bar.update(1)
+        models = {}
+        for kind, build in builders.items():
+            models[kind] = build(GraphBuilder(config, loops, dtype, weights))
+            path = os.path.join(tmp, GRAPHS[kind])
+            onnx.save_model(models[kind], path)
+            bar.update(1)
+            onnx.checker.check_model(path, full_check=True)
+            bar.update(1)
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest(config, loops, dtype, models), f, indent=2)
+        shutil.copyfile(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
+        checkpoint.copy_tokenizer(model_dir, tmp)
+        bar.update(1)
+    return os.fspath(out_dir)
