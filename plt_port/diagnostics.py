@@ -352,7 +352,7 @@ def metric_figure(result: dict, key: str):
         ax.plot(*_defined(loop_axis, values), marker=".", linewidth=0.8, alpha=0.6,
                 label=f"layer {layer}")
     metric = METRIC_BY_KEY[key]
-    label = {"hidden": "loop output", "attention": "mean over layers", "loop": key}[metric.kind]
+    label = {"hidden": "loop output (= last layer)", "attention": "mean over layers", "loop": key}[metric.kind]
     ax.plot(*_defined(loop_axis, result["per_loop"][key]), marker="o", linewidth=2.2,
             color="black", label=label)
     ax.set_xticks(loop_axis)

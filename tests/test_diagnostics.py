@@ -311,20 +311,20 @@ def test_loopcoder_comparison_is_computed_from_the_numbers():
                       rank=[40.0, 50.0, 45.0, 44.0], alignment=[None, 0.3, -0.4, -0.2],
                       gate=[None, 0.6, 0.7, 0.55])
     verdicts = {f["claim"]: f["verdict"] for f in compare_with_loopcoder(agreeing)}
-    assert set(verdicts.values()) == {"agrees"}, verdicts
+    assert set(verdicts.values()) == {"agree"}, verdicts
 
     differing = _study({1: 3.0, 2: 2.5, 3: 2.4, 4: 2.3}, {1: 3.0, 2: 2.5, 3: 2.4, 4: 2.6},
                        rank=[50.0, 40.0, 45.0, 44.0], alignment=[None, 0.3, 0.4, -0.2],
                        gate=[None, 0.4, 0.45, 0.3])
     findings = {f["claim"]: f for f in compare_with_loopcoder(differing)}
     verdict = {claim: f["verdict"] for claim, f in findings.items()}
-    assert verdict["Loop 2 has the largest effective rank"] == "differs"
+    assert verdict["Loop 2 has the largest effective rank"] == "differ"
     assert verdict["Later loops oscillate (negative update alignment at loops >= 3)"] == \
-        "partly agrees"
-    assert verdict["Gate mean stays above 0.5 (global branch dominates)"] == "differs"
-    assert verdict["Loops 3 and 4 regress: the 2-loop model run with more loops"] == "differs"
-    assert verdict["Loops 3 and 4 regress: models trained with more loops"] == "partly agrees"
-    assert verdict["Two loops are best (lowest held-out loss of the family)"] == "differs"
+        "partly agree"
+    assert verdict["Gate mean stays above 0.5 (global branch dominates)"] == "differ"
+    assert verdict["Loops 3 and 4 regress: the 2-loop model run with more loops"] == "differ"
+    assert verdict["Loops 3 and 4 regress: models trained with more loops"] == "partly agree"
+    assert verdict["Two loops are best (lowest held-out loss of the family)"] == "differ"
     assert "largest at loop 1" in findings["Loop 2 has the largest effective rank"]["evidence"][0]
 
 

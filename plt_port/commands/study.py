@@ -118,10 +118,10 @@ def trained_view(model: dict) -> dict:
 
 def _verdict(checks: list[bool]) -> str:
     if not checks:
-        return "not tested"
+        return "cannot tell (no run tests it)"
     if all(checks):
-        return "agrees"
-    return "partly agrees" if any(checks) else "differs"
+        return "agree"
+    return "partly agree" if any(checks) else "differ"
 
 
 def _values(values, first=1) -> str:
@@ -198,7 +198,7 @@ def compare_with_loopcoder(study: dict) -> list[dict]:
     later = [r for r in sorted(losses) if r > PROBE_LOOPS]
     finding(f"Loops 3 and 4 regress: the {PROBE_LOOPS}-loop model run with more loops",
             [losses[r] > losses[PROBE_LOOPS] for r in later],
-            [f"{study['probe']}: held-out loss " + ", ".join(f"{r} loops: {losses[r]:.4f}"
+            [f"{study['probe']}: held-out loss " + ", ".join(f"L={r}: {losses[r]:.4f}"
                                                            for r in sorted(losses))])
     # ... and in training (models trained with 3 or 4 loops vs the one trained with 2)
     trained = {m["trained_loops"]: m["eval"][str(m["trained_loops"])]["loss"]
@@ -211,7 +211,7 @@ def compare_with_loopcoder(study: dict) -> list[dict]:
     # 6. the headline: two loops are best
     best = min(trained, key=trained.get)
     finding("Two loops are best (lowest held-out loss of the family)", [best == PROBE_LOOPS],
-            [f"lowest held-out loss: trained with {best} loops ({trained[best]:.4f})"])
+            [f"lowest held-out loss: the model trained with L={best} ({trained[best]:.4f})"])
     return findings
 
 
@@ -288,17 +288,17 @@ def render_report(study: dict, figure_names: list[str]) -> str:
         "Each family model at the loop count it was trained with:",
         "",
     ]
-    rows = [_eval_row(f"{name} ({m['parameters']:,} parameters)",
-                      m["eval"][str(m["trained_loops"])])
+    rows = [_eval_row(name, m["eval"][str(m["trained_loops"])])
+            + [str(m["trained_loops"]), f"{m['parameters']:,}"]
             for name, m in sorted(models.items(), key=lambda kv: kv[1]["trained_loops"])]
-    lines += _table(["model (trained loops in the name)", "loss", "perplexity", "accuracy",
-                     "tokens"], rows)
+    lines += _table(["model", "loss", "perplexity", "accuracy", "tokens", "trained loops",
+                     "parameters"], rows)
     lines += ["", f"The {PROBE_LOOPS}-loop model `{probe_name}` run at other inference loop "
                   "counts (the logit-lens loss of the diagnostics at loop r is the same quantity "
                   "on the diagnostics' tokens):", ""]
     probe = models[probe_name]
     lens_loss = probe["diagnostics"]["per_loop"]["loss"]
-    rows = [_eval_row(f"{r} loops", e) + [f"{lens_loss[int(r) - 1]:.4f}"]
+    rows = [_eval_row(f"L={r}", e) + [f"{lens_loss[int(r) - 1]:.4f}"]
             for r, e in sorted(probe["eval"].items(), key=lambda kv: int(kv[0]))]
     lines += _table(["inference loops", "loss", "perplexity", "accuracy", "tokens",
                      "diagnostics loss"], rows)
