@@ -34,6 +34,8 @@ CSS = """
 .column-stats { font-size: 0.85rem; min-height: 2.6em; }
 .column-stats p { margin: 0; }
 .backend-note { font-size: 0.8rem; opacity: 0.8; }
+.column-output .cm-editor { height: 330px !important; }
+#prompt textarea { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 """
 
 INTRO = """# Parallel Loop Transformer: loop counts side by side
@@ -135,7 +137,7 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backends: dict | None = 
                 prompt = gr.Textbox(label="Prompt (code to complete)", lines=5, scale=4,
                                     max_length=limits.max_prompt_chars, elem_id="prompt",
                                     value=EXAMPLE_PROMPTS[0])
-                with gr.Column(scale=1, min_width=220):
+                with gr.Column(scale=1, min_width=300):
                     n_columns = gr.Radio(list(range(1, MAX_COLUMNS + 1)), value=2,
                                          label="Columns", elem_id="n-columns")
                     with gr.Row():
@@ -155,22 +157,24 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backends: dict | None = 
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                     use_chat = gr.Checkbox(True, label="Chat template (models that have one)")
             boxes, column_inputs, column_outputs = [], [], []
-            with gr.Row(equal_height=True):
+            with gr.Row():
                 for i, spec in enumerate(columns):
                     with gr.Column(visible=i < 2, variant="panel", min_width=280) as box:
                         with gr.Row():
                             model = gr.Dropdown(model_choices, value=spec.model, label="Model",
-                                                elem_id=f"model-{i}", min_width=120)
+                                                elem_id=f"model-{i}", min_width=100)
                             backend = gr.Dropdown(backend_choices, value=spec.backend,
                                                   label="Backend", elem_id=f"backend-{i}",
-                                                  min_width=120)
+                                                  min_width=100)
                         with gr.Row():
                             loops = gr.Dropdown(list(range(1, MAX_LOOPS + 1)), value=spec.loops,
                                                 label="Loops", elem_id=f"loops-{i}", min_width=80)
-                            mode = gr.Radio(list(DECODE_MODES), value=spec.decode_mode,
-                                            label="Decode", elem_id=f"mode-{i}", min_width=120)
+                            mode = gr.Dropdown(list(DECODE_MODES), value=spec.decode_mode,
+                                               label="Decode", elem_id=f"mode-{i}", min_width=80)
                         output = gr.Code(language="python", label=f"Column {i + 1}", lines=14,
-                                         max_lines=14, interactive=False, elem_id=f"output-{i}")
+                                         max_lines=14, interactive=False, wrap_lines=True,
+                                         buttons=["copy"], elem_id=f"output-{i}",
+                                         elem_classes=["column-output"])
                         stats = gr.Markdown("", elem_id=f"stats-{i}",
                                             elem_classes=["column-stats"])
                     boxes.append(box)

@@ -1,0 +1,441 @@
+"""The Gradio demo: handlers (fake and real backends), the loop analysis fallback, the CLI,
+a real-browser run of a two-column comparison, and a concurrent-client load test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import requires
+from plt_port.errors import PLTError
+from runtimes.base import Backend, DecodeState
+
+pytest.importorskip("gradio")
+generate_api = pytest.importorskip("runtimes.generate", reason="needs the shared generate API "
+                                   "(runtimes/generate.py)")
+
+from demo import engine  # noqa: E402
+from demo.app import build_app, compare_handler, launch  # noqa: E402
+from demo.engine import BackendPool, DemoInputError, Limits  # noqa: E402
+from demo.loop_analysis import held_out_loss_table, loop_analysis, loss_series  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+ALL_AVAILABLE = {"torch": None, "mlx": None, "onnx": None}
+
+
+# ---- a fake backend whose greedy continuation is known in advance ---------------------------
+class ChainBackend(Backend):
+    """Logits that put all mass on chain[(index of last token) + loops]: the continuation of
+    any prompt is known without running a model. Logs each step's loop count."""
+
+    name = "chain"
+
+    def __init__(self, model_dir, loops=None, chain=(), step_log=None, **options):
+        super().__init__(model_dir, loops)
+        self.chain = list(chain)
+        self.step_log = step_log if step_log is not None else []
+
+    def next_token(self, token: int) -> int:
+        index = self.chain.index(token) if token in self.chain else 0
+        return self.chain[(index + self.loops) % len(self.chain)]
+
+    def _logits(self, last_tokens) -> np.ndarray:
+        logits = np.zeros((len(last_tokens), self.config.vocab_size), np.float32)
+        for b, token in enumerate(last_tokens):
+            logits[b, self.next_token(int(token))] = 30.0
+        return logits
+
+    def prefill(self, prompts, max_tokens, chunk_size=None):
+        self.check_prompts(prompts, max_tokens)
+        state = DecodeState(np.array([len(p) for p in prompts]), max_tokens, None)
+        return state, self._logits([p[-1] for p in prompts])
+
+    def step(self, state, tokens, mode="clp"):
+        self.step_log.append(self.loops)
+        state.lengths += 1
+        return self._logits(tokens)
+
+    def cache_bytes(self, state):
+        return self.expected_cache_bytes(state.batch_size, state.capacity, 4)
+
+
+def plain_tokens(tokenizer) -> list[int]:
+    """Ids that decode to whole characters on their own (no control or byte-fallback pieces)."""
+    sp = tokenizer.sp
+    return [i for i in range(sp.get_piece_size())
+            if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))
+            and i not in tokenizer.eos_ids and tokenizer.token_bytes(i).strip()]
+
+
+def expected_chain_text(tokenizer, chain, prompt_ids, loops, n):
+    ids, token = [], prompt_ids[-1]
+    for _ in range(n):
+        index = chain.index(token) if token in chain else 0
+        token = chain[(index + loops) % len(chain)]
+        ids.append(token)
+    return tokenizer.decode(ids)
+
+
+def settings(*columns):
+    """Flatten (model, backend, loops, mode) tuples as the page passes them."""
+    return [value for column in columns for value in column]
+
+
+def run_compare(handler, prompt, n_columns, columns, max_new_tokens=12, **sampling):
+    args = dict(temperature=0.0, top_p=1.0, top_k=0, seed=0, use_chat_template=True) | sampling
+    outputs = None
+    for outputs in handler(prompt, n_columns, max_new_tokens, args["temperature"], args["top_p"],
+                           args["top_k"], args["seed"], args["use_chat_template"],
+                           *settings(*columns)):
+        pass
+    return [(outputs[2 * i], outputs[2 * i + 1]) for i in range(len(outputs) // 2)]
+
+
+@pytest.fixture
+def chain_setup(make_model):
+    from plt_port.tokenizer import Tokenizer
+
+    model_dir = make_model("plt", seed=1)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    chain = plain_tokens(tokenizer)[:40]
+    step_log: list[int] = []
+
+    def loader(name, model_dir, loops=None):
+        return ChainBackend(model_dir, loops, chain=chain, step_log=step_log)
+
+    pool = BackendPool({"tiny": model_dir}, loader)
+    yield pool, tokenizer, chain, step_log
+    pool.close()
+
+
+# ---- handler unit tests ------------------------------------------------------------------------
+def test_columns_stream_known_continuations_interleaved(chain_setup):
+    pool, tokenizer, chain, step_log = chain_setup
+    handler = compare_handler(pool, Limits(), ALL_AVAILABLE)
+    prompt = "def fibonacci(n):"
+    columns = run_compare(handler, prompt, 2, [("tiny", "torch", 1, "clp"),
+                                               ("tiny", "onnx", 3, "naive")], max_new_tokens=12)
+    ids = tokenizer.encode(prompt, add_bos=True)
+    for (text, stats), loops in zip(columns[:2], (1, 3)):
+        assert text == prompt + expected_chain_text(tokenizer, chain, ids, loops, 12)
+        assert "tok/s" in stats and "TTFT" in stats and "finish: **length**" in stats
+        assert "cache " in stats and f"{len(ids)} + 12 tokens" in stats
+    assert columns[2:] == [("", ""), ("", "")]
+    # round-robin: the two columns' decode steps alternate rather than run one after the other
+    assert all(a != b for a, b in zip(step_log, step_log[1:])), step_log
+    assert sorted(step_log) == [1] * 11 + [3] * 11
+
+
+def test_columns_on_one_backend_share_it(chain_setup):
+    pool, tokenizer, chain, _ = chain_setup
+    handler = compare_handler(pool, Limits(), ALL_AVAILABLE)
+    columns = run_compare(handler, "x = 1", 3, [("tiny", "torch", 2, "clp")] * 3)
+    texts = [text for text, _ in columns[:3]]
+    assert texts[0] == texts[1] == texts[2] == "x = 1" + expected_chain_text(
+        tokenizer, chain, tokenizer.encode("x = 1", add_bos=True), 2, 12)
+    assert all("finish: **length**" in stats for _, stats in columns[:3])
+    assert len(pool._workers) == 1
+
+
+@pytest.mark.parametrize("prompt, limits, field, message", [
+    ("", Limits(), None, "prompt is empty"),
+    ("   \n", Limits(), None, "prompt is empty"),
+    ("x" * 200, Limits(max_prompt_tokens=10), None, "200 characters"),
+    ("def f():", Limits(max_new_tokens=8), ("max_new_tokens", 9), "max new tokens"),
+    ("def f():", Limits(), ("temperature", -1), "temperature"),
+    ("def f():", Limits(), ("top_k", 2.5), "top-k"),
+])
+def test_bad_input_gives_a_message_not_an_exception(chain_setup, prompt, limits, field, message):
+    pool = chain_setup[0]
+    handler = compare_handler(pool, limits, ALL_AVAILABLE)
+    kwargs = {field[0]: field[1]} if field else {}
+    columns = run_compare(handler, prompt, 2, [("tiny", "torch", 1, "clp")] * 2, **kwargs)
+    assert all(message in stats and stats.startswith("⚠️") for _, stats in columns)
+    with pytest.raises(DemoInputError, match=message):
+        engine.make_request(prompt, limits, **({"max_new_tokens": 4, "temperature": 0, "top_p": 1,
+                                                 "top_k": 0, "seed": 0} | kwargs))
+
+
+def test_unknown_model_loops_and_mode_are_refused(chain_setup):
+    handler = compare_handler(chain_setup[0], Limits(), ALL_AVAILABLE)
+    for column, message in [(("other", "torch", 1, "clp"), "unknown model 'other'"),
+                            (("tiny", "torch", 9, "clp"), "loops must be"),
+                            (("tiny", "torch", 2, "fast"), "decode mode must be")]:
+        columns = run_compare(handler, "def f():", 1, [column])
+        assert message in columns[0][1]
+
+
+def test_prompt_over_the_token_cap_and_unavailable_backend(chain_setup):
+    pool, tokenizer, chain, _ = chain_setup
+    reasons = dict(ALL_AVAILABLE, mlx="backend 'mlx' is not available (no libmlx); install it "
+                                      "with: pip install 'plt-port[mlx]'")
+    prompt = "def f(a, b, c):\n    return a + b + c\n"
+    n_tokens = len(tokenizer.encode(prompt, add_bos=True))
+    handler = compare_handler(pool, Limits(max_prompt_tokens=n_tokens - 1), reasons)
+    columns = run_compare(handler, prompt, 2, [("tiny", "torch", 1, "clp"),
+                                               ("tiny", "mlx", 1, "clp")])
+    assert f"{n_tokens} tokens long" in columns[0][1] and "at most" in columns[0][1]
+    assert "pip install 'plt-port[mlx]'" in columns[1][1]
+    handler = compare_handler(pool, Limits(max_prompt_tokens=n_tokens), reasons)
+    columns = run_compare(handler, prompt, 2, [("tiny", "torch", 1, "clp"),
+                                               ("tiny", "mlx", 1, "clp")])
+    assert "finish: **length**" in columns[0][1]
+
+
+def test_failed_load_is_shown_then_retried(chain_setup):
+    _, _, chain, _ = chain_setup
+    model_dir = chain_setup[0].models["tiny"]
+    attempts = []
+
+    def flaky_loader(name, model_dir, loops=None):
+        attempts.append(name)
+        if len(attempts) == 1:
+            raise PLTError("export failed: disk full")
+        if len(attempts) == 2:
+            raise RuntimeError("boom")
+        return ChainBackend(model_dir, loops, chain=chain)
+
+    pool = BackendPool({"tiny": model_dir}, flaky_loader)
+    handler = compare_handler(pool, Limits(), ALL_AVAILABLE)
+    columns = [run_compare(handler, "def f():", 1, [("tiny", "onnx", 1, "clp")])[0][1]
+               for _ in range(3)]
+    pool.close()
+    assert "could not load the backend: export failed: disk full" in columns[0]
+    assert "internal error (RuntimeError: boom)" in columns[1] and "Traceback" not in columns[1]
+    assert "finish: **length**" in columns[2]
+
+
+def test_chat_template_wraps_the_prompt(make_model, tokenizer_dir, tmp_path):
+    import json
+
+    model_dir = make_model("plt")
+    config_path = os.path.join(model_dir, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["chat_template"] = "USER: {{ messages[0]['content'] }}\nASSISTANT:"
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    from plt_port.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    request = engine.make_request("def f():", Limits(), max_new_tokens=4, temperature=0, top_p=1,
+                                  top_k=0, seed=0)
+    ids, shown = engine.encode_prompt(tokenizer, request)
+    assert ids == [tokenizer.bos_id] + tokenizer.encode("USER: def f():\nASSISTANT:")
+    assert shown == ""
+    plain = engine.make_request("def f():", Limits(), max_new_tokens=4, temperature=0, top_p=1,
+                                top_k=0, seed=0, use_chat_template=False)
+    assert engine.encode_prompt(tokenizer, plain) == (tokenizer.encode("def f():", add_bos=True),
+                                                      "def f():")
+
+
+def test_human_bytes():
+    assert engine.human_bytes(512) == "512 B"
+    assert engine.human_bytes(3 * 1024 * 1024 // 2) == "1.5 MiB"
+    assert engine.human_bytes(5 * 1024**4) == "5120.0 GiB"
+
+
+# ---- real torch backend against the reference model ---------------------------------------------
+@requires("torch")
+@pytest.mark.parametrize("loops, mode", [(1, "clp"), (2, "clp"), (3, "naive")])
+def test_torch_column_matches_reference_greedy(make_model, loops, mode):
+    import torch
+
+    from plt_port.model import PLTForCausalLM
+    from plt_port.tokenizer import Tokenizer
+
+    model_dir = make_model("plt", seed=3)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    prompt, n_new = "def add(a, b):\n", 10
+    model = PLTForCausalLM.from_pretrained(model_dir).eval()
+    ids = tokenizer.encode(prompt, add_bos=True)
+    eos = set(tokenizer.eos_ids) | set(model.config.eos_token_ids)
+    new = []
+    with torch.no_grad():
+        for _ in range(n_new):
+            logits = model(torch.tensor([ids + new]), loops=loops)[0, -1]
+            new.append(int(torch.argmax(logits)))
+            if new[-1] in eos:
+                break
+    pool = BackendPool({"tiny": model_dir})
+    try:
+        handler = compare_handler(pool, Limits(), ALL_AVAILABLE)
+        (text, stats), = run_compare(handler, prompt, 1, [("tiny", "torch", loops, mode)],
+                                     max_new_tokens=n_new)[:1]
+    finally:
+        pool.close()
+    assert text == prompt + tokenizer.decode(new)
+    finish = "stop" if new[-1] in eos else "length"
+    assert f"finish: **{finish}**" in stats and f"decode {'naive' if loops == 1 else mode}" in stats
+
+
+# ---- loop analysis tab -----------------------------------------------------------------------------
+CARD = """# Model card
+
+## Held-out loss per loop count
+
+| model | loops | held-out loss | ppl |
+|---|---|---|---|
+| plt-l2 | 1 | 3.10 | 22.2 |
+| plt-l2 | 2 | **2.50** | 12.2 |
+| plt-l1 | 1 | 2.90 | 18.2 |
+"""
+
+
+def test_model_card_table_and_series():
+    heading, table = held_out_loss_table("| a | b |\n|---|---|\n| 1 | 2 |\n\n" + CARD)
+    assert heading == "Held-out loss per loop count" and len(table) == 5
+    assert loss_series(table) == {"plt-l2": ([1.0, 2.0], [3.10, 2.50]), "plt-l1": ([1.0], [2.90])}
+
+
+def test_loop_analysis_falls_back_to_the_model_card(make_model, monkeypatch):
+    import plt_port.diagnostics as diagnostics
+
+    model_dir = make_model("plt")
+    with open(os.path.join(model_dir, "MODEL_CARD.md"), "w") as f:
+        f.write(CARD)
+
+    def broken(model_dir, loops=None):
+        raise ValueError("no held-out split")
+
+    monkeypatch.setattr(diagnostics, "loop_analysis_figures", broken)
+    images, note = loop_analysis(model_dir, 2)
+    assert "ValueError: no held-out split" in note and "| plt-l2 | 2 | **2.50** |" in note
+    assert len(images) == 1 and images[0][0].ndim == 3 and images[0][0].shape[2] == 3
+
+
+def test_loop_analysis_shows_the_diagnostics_figures(make_model, monkeypatch):
+    import plt_port.diagnostics as diagnostics
+    from matplotlib.figure import Figure
+
+    calls = []
+
+    def figures(model_dir, loops=None):
+        calls.append((model_dir, loops))
+        fig = Figure(figsize=(2, 1), dpi=50)
+        fig.add_subplot().plot([1, 2], [3, 4])
+        return [("step size", fig), ("gate mean", Figure(figsize=(2, 1), dpi=50))]
+
+    monkeypatch.setattr(diagnostics, "loop_analysis_figures", figures)
+    model_dir = make_model("plt")
+    images, note = loop_analysis(model_dir, 3)
+    assert calls == [(model_dir, 3)]
+    assert [caption for _, caption in images] == ["step size", "gate mean"]
+    assert images[0][0].shape == (50, 100, 3)
+
+
+# ---- the command ----------------------------------------------------------------------------------------
+def test_demo_command_defaults_and_missing_models(monkeypatch, capsys):
+    from plt_port import cli
+    from plt_port.commands import demo as demo_command
+
+    args = cli.build_parser("demo").parse_args(["demo"])
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 7860, None)
+    monkeypatch.setattr(demo_command, "family_dirs", lambda: [])
+    assert cli.main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert "no models to serve" in err and "--model DIR" in err and "Traceback" not in err
+    assert cli.main(["demo", "--model", "/nonexistent/model"]) == 1
+    assert "not a directory" in capsys.readouterr().err
+
+
+# ---- a served page -----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served_demo(make_model):
+    """The real page on a free loopback port, torch backend on a tiny model."""
+    model_dir = make_model("plt", seed=5)
+    app = build_app([model_dir], Limits(max_new_tokens=64, concurrency=2, queue_size=32),
+                    backends={"torch": None})
+    _, url, _ = launch(app, host="127.0.0.1", port=free_port(), prevent_thread_lock=True,
+                       quiet=True)
+    yield url
+    app.close()
+    app.pool.close()
+
+
+@requires("torch")
+@requires("playwright")
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's chromium at {CHROMIUM} "
+                    "(`make browser-deps` or `apt-get install chromium`)")
+def test_browser_two_column_comparison(served_demo, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(served_demo, wait_until="networkidle")
+            page.locator("#prompt textarea").fill("def fibonacci(n):\n")
+            page.locator("#run").click()
+            for i in range(2):
+                page.wait_for_function(
+                    f"document.querySelector('#stats-{i}')?.innerText.includes('finish:')",
+                    timeout=60_000)
+            texts = [page.locator(f"#output-{i} .cm-content").inner_text() for i in range(2)]
+            stats = [page.locator(f"#stats-{i}").inner_text() for i in range(2)]
+            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+        finally:
+            browser.close()
+    if os.environ.get("PLT_DEMO_SCREENSHOT"):
+        shutil.copy(tmp_path / "demo.png", os.environ["PLT_DEMO_SCREENSHOT"])
+    for text, stat in zip(texts, stats):
+        assert text.startswith("def fibonacci(n):") and len(text) > len("def fibonacci(n):\n")
+        assert "tok/s" in stat and "TTFT" in stat and "cache" in stat and "finish:" in stat
+    assert "decode naive" in stats[0] and "decode clp" in stats[1]  # 1 loop has no CLP
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+@requires("torch")
+@pytest.mark.load
+def test_load_eight_concurrent_clients(served_demo):
+    from gradio_client import Client
+
+    duration_s, n_clients = 30.0, 8
+    results, failures = [], []
+
+    def client_loop(k):
+        try:
+            client = Client(served_demo, verbose=False)
+        except Exception as exc:  # noqa: BLE001 - counted as a failure below
+            failures.append(f"client {k}: connect: {exc!r}")
+            return
+        end = time.monotonic() + duration_s
+        while time.monotonic() < end:
+            try:
+                out = client.predict("def add(a, b):\n", 2, 16, 0.7, 0.95, 40, k, True,
+                                     "model-plt-0", "torch", 1, "clp",
+                                     "model-plt-0", "torch", 2, "clp",
+                                     "model-plt-0", "torch", 3, "clp",
+                                     "model-plt-0", "torch", 4, "clp",
+                                     api_name="/compare")
+            except Exception as exc:  # noqa: BLE001
+                failures.append(f"client {k}: {exc!r}")
+                continue
+            results.append(out)
+
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=duration_s + 120)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert failures == []
+    assert len(results) >= n_clients
+    for out in results:
+        for i in range(2):
+            assert out[2 * i].startswith("def add(a, b):\n") and "finish:" in out[2 * i + 1]
