@@ -56,7 +56,7 @@ class Recipe:
     max_position_embeddings: int = 2048
     seq_len: int = 256
     batch_size: int = 8  # global, over all ranks
-    steps: int = 500
+    steps: int = 360
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 30
