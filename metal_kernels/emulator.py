@@ -34,7 +34,8 @@ import numpy as np
 from plt_port.errors import PLTError
 
 EMU_HEADER = Path(__file__).with_name("metal_emu.h")
-CXX_FLAGS = ["-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", "-w"]
+EMU_RUNTIME = Path(__file__).with_name("metal_emu_runtime.cpp")
+CXX_FLAGS = ["-std=c++20", "-O2", "-pthread", "-fPIC", "-w"]
 
 # Inputs with fewer elements are passed in the constant address space (MLX: max_constant_array_size).
 MAX_CONSTANT_ARRAY_SIZE = 8
@@ -169,15 +170,15 @@ def _cpp_source(kernel_name, metal, template_def, param_types, attributes):
     joined = ",\n      ".join(args)
     return f"""#include "metal_emu.h"
 {body}
+static void emu_entry(const emu::Attrs& a, void* context) {{
+  void** buffers = static_cast<void**>(context);
+  {kernel_name}{template_def}(
+      {joined});
+}}
+
 extern "C" int emu_run(void** buffers, const uint32_t* grid, const uint32_t* group,
                        uint32_t jitter_seed, double timeout_s, char* error, int error_len) {{
-  std::string why;
-  const int rc = emu::launch(grid, group, jitter_seed, timeout_s, why, [&](const emu::Attrs& a) {{
-    {kernel_name}{template_def}(
-      {joined});
-  }});
-  std::snprintf(error, error_len, "%s", why.c_str());
-  return rc;
+  return emu::launch(grid, group, jitter_seed, timeout_s, error, error_len, emu_entry, buffers);
 }}
 """
 
@@ -191,28 +192,47 @@ _libraries: dict[str, ctypes.CDLL] = {}
 _build_lock = threading.Lock()
 
 
+def _compile(args: list[str], output: Path) -> None:
+    """Run g++ into a temporary file next to `output`, then rename it into place (atomic)."""
+    with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
+        tmp_out = Path(tmp) / output.name
+        cmd = ["g++", *CXX_FLAGS, f"-I{EMU_HEADER.parent}", *args, "-o", str(tmp_out)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError as e:
+            raise EmulatorError("the Metal emulator needs a C++20 compiler: g++ not found") from e
+        if proc.returncode != 0:
+            raise EmulatorError(f"g++ failed on {args[-1]}:\n{proc.stderr[-4000:]}")
+        os.replace(tmp_out, output)
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join([*parts, " ".join(CXX_FLAGS)]).encode()).hexdigest()[:24]
+
+
+def _runtime_object(directory: Path) -> Path:
+    """metal_emu_runtime.cpp (threads, barriers: slow to parse) compiled once per content."""
+    obj = directory / f"runtime-{_digest(EMU_RUNTIME.read_text(), EMU_HEADER.read_text())}.o"
+    if not obj.exists():
+        _compile(["-c", str(EMU_RUNTIME)], obj)
+    return obj
+
+
 def build_library(cpp: str) -> ctypes.CDLL:
-    """Compile `cpp` once per content (and header) into a cached shared library; load it."""
-    key = hashlib.sha256((cpp + EMU_HEADER.read_text() + " ".join(CXX_FLAGS)).encode()).hexdigest()[:24]
+    """Compile `cpp` with the runtime into a shared library cached by content; load it."""
+    key = _digest(cpp, EMU_HEADER.read_text(), EMU_RUNTIME.read_text())
     with _build_lock:
         if key in _libraries:
             return _libraries[key]
         directory = cache_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        lib_path = directory / f"{key}.so"
+        lib_path = directory / f"kernel-{key}.so"
         if not lib_path.exists():
+            runtime = _runtime_object(directory)
             with tempfile.TemporaryDirectory(dir=directory) as tmp:
                 src = Path(tmp) / "kernel.cpp"
                 src.write_text(cpp)
-                tmp_lib = Path(tmp) / "kernel.so"
-                cmd = ["g++", *CXX_FLAGS, f"-I{EMU_HEADER.parent}", str(src), "-o", str(tmp_lib)]
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                except FileNotFoundError as e:
-                    raise EmulatorError("the Metal emulator needs a C++20 compiler: g++ not found") from e
-                if proc.returncode != 0:
-                    raise EmulatorError(f"g++ failed on the emulated kernel:\n{proc.stderr[-4000:]}")
-                os.replace(tmp_lib, lib_path)  # atomic: concurrent builders end with one file
+                _compile(["-shared", str(runtime), str(src)], lib_path)
         lib = ctypes.CDLL(str(lib_path))
         lib.emu_run.restype = ctypes.c_int
         lib.emu_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint32),

@@ -130,10 +130,9 @@ def _check_inputs(q, global_k, global_v, ring_k, ring_v, gate, lengths):
                               f"does not fit the kernel (head dim >= 8, merge buffers <= 32 KiB)")
 
 
-def launch_gswa_decode(kernel, q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
-                       out_dtype=None, **call_options):
-    """Run the fused kernel through `kernel`: `mx.fast.metal_kernel(**kernel_spec())` on a GPU,
-    or `metal_kernels.emulator.EmulatedKernel(**kernel_spec())` on the CPU (same call)."""
+def kernel_call_args(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
+                     out_dtype=None) -> dict:
+    """Keyword arguments of the kernel call: inputs, template, grid, threadgroup, outputs."""
     _check_inputs(q, global_k, global_v, ring_k, ring_v, gate, lengths)
     B, H, R, D = q.shape
     G = global_k.shape[1]
@@ -142,8 +141,16 @@ def launch_gswa_decode(kernel, q, global_k, global_v, ring_k, ring_v, gate, leng
     out_dtype = q.dtype if out_dtype is None else out_dtype
     inputs = [q, global_k, global_v, ring_k, ring_v, gate.astype(mx.float32),
               lengths.astype(mx.int32), mx.array(scale, dtype=mx.float32)]
-    return kernel(inputs=inputs,
-                  template=[("T", global_k.dtype), ("O", out_dtype), ("D", D), ("N_Q", n_q),
-                            ("NSG", nsg)],
-                  grid=(SIMD_WIDTH * nsg, G * R, B), threadgroup=(SIMD_WIDTH * nsg, 1, 1),
-                  output_shapes=[(B, H, R, D)], output_dtypes=[out_dtype], **call_options)[0]
+    return dict(inputs=inputs,
+                template=[("T", global_k.dtype), ("O", out_dtype), ("D", D), ("N_Q", n_q),
+                          ("NSG", nsg)],
+                grid=(SIMD_WIDTH * nsg, G * R, B), threadgroup=(SIMD_WIDTH * nsg, 1, 1),
+                output_shapes=[(B, H, R, D)], output_dtypes=[out_dtype])
+
+
+def launch_gswa_decode(kernel, q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
+                       out_dtype=None, **call_options):
+    """Run the fused kernel through `kernel`: `mx.fast.metal_kernel(**kernel_spec())` on a GPU,
+    or `metal_kernels.emulator.EmulatedKernel(**kernel_spec())` on the CPU (same call)."""
+    args = kernel_call_args(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale, out_dtype)
+    return kernel(**args, **call_options)[0]

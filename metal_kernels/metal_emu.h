@@ -19,20 +19,10 @@
 //     shake out missing barriers.
 #pragma once
 
-#include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
-#include <exception>
 #include <limits>
-#include <mutex>
-#include <string>
-#include <thread>
-#include <type_traits>
-#include <vector>
 
 // ---- scalar and vector types ------------------------------------------------------------
 typedef unsigned int uint;
@@ -118,82 +108,10 @@ EMU_VEC_TYPEDEFS(short, short)
 EMU_VEC_TYPEDEFS(ushort, ushort)
 #undef EMU_VEC_TYPEDEFS
 
-// ---- the runtime: barriers, simdgroups, launch ------------------------------------------
+// ---- the runtime interface (metal_emu_runtime.cpp, compiled once) ---------------------
 namespace emu {
 
 constexpr int kSimdWidth = 32;
-
-struct Abort {};  // thrown out of every wait once a launch has failed
-
-struct Launch {
-  std::mutex mutex;
-  bool failed = false;
-  std::string error;
-  std::chrono::milliseconds timeout{10000};
-  uint32_t jitter_seed = 0;
-
-  void fail(const std::string& why) {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (!failed) error = why;
-    failed = true;
-  }
-  bool has_failed() {
-    std::lock_guard<std::mutex> lock(mutex);
-    return failed;
-  }
-};
-
-// A reusable barrier whose participant count is reset between threadgroups (edge
-// threadgroups and edge simdgroups have fewer threads).
-class Barrier {
- public:
-  void reset(int count) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    count_ = count;
-    arrived_ = 0;
-  }
-  void wait(Launch& launch, const char* what) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const uint64_t generation = generation_;
-    if (++arrived_ == count_) {
-      arrived_ = 0;
-      generation_++;
-      cv_.notify_all();
-      return;
-    }
-    const auto deadline = std::chrono::steady_clock::now() + launch.timeout;
-    while (generation_ == generation) {
-      if (aborted_) throw Abort{};
-      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout &&
-          generation_ == generation) {
-        aborted_ = true;
-        cv_.notify_all();
-        lock.unlock();
-        launch.fail(std::string(what) +
-                    " not reached by every thread in time (divergent control flow?)");
-        throw Abort{};
-      }
-    }
-  }
-  void abort() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    aborted_ = true;
-    cv_.notify_all();
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  int count_ = 0, arrived_ = 0;
-  uint64_t generation_ = 0;
-  bool aborted_ = false;
-};
-
-struct Simdgroup {
-  Barrier barrier;
-  int width = kSimdWidth;  // active lanes
-  alignas(16) unsigned char scratch[2][kSimdWidth][16];
-};
 
 // Thread attributes of [[...]] kernel parameters; names as in the Metal specification.
 struct Attrs {
@@ -206,162 +124,32 @@ struct Attrs {
   uint dispatch_simdgroups_per_threadgroup, dispatch_quadgroups_per_threadgroup;
 };
 
-struct ThreadState {
-  Launch* launch;
-  Barrier* threadgroup_barrier;
-  Simdgroup* simdgroup;
-  int lane;
-  int scratch_phase;
-  uint64_t rng;
+// What a lane sees after a simdgroup exchange: the values every lane published.
+struct SimdLanes {
+  const unsigned char (*values)[16];
+  int width;  // active lanes of this simdgroup
+  int lane;   // the calling lane
 };
 
-inline thread_local ThreadState* current = nullptr;
+// Publish `size` bytes of the calling lane and wait for all lanes of its simdgroup.
+SimdLanes simd_exchange(const void* value, int size);
+void threadgroup_barrier();
 
-inline void jitter() {
-  ThreadState& t = *current;
-  if (t.launch->jitter_seed == 0) return;
-  t.rng ^= t.rng << 13;
-  t.rng ^= t.rng >> 7;
-  t.rng ^= t.rng << 17;
-  if (t.rng % 8 == 0) {
-    std::this_thread::sleep_for(std::chrono::microseconds(t.rng % 200));
-  } else {
-    std::this_thread::yield();
-  }
-}
+using KernelEntry = void (*)(const Attrs&, void* context);
+// Runs `entry` over the grid like dispatchThreads(grid, threadgroup); 0, or -1 and `error`.
+int launch(const uint32_t grid[3], const uint32_t group[3], uint32_t jitter_seed, double timeout_s,
+           char* error, int error_len, KernelEntry entry, void* context);
 
-// One collective step of a simdgroup: every lane publishes `value`, waits for the others, then
-// `combine(lanes, width, lane)` reads the published values. Two scratch buffers alternate, so
-// a lane cannot overwrite a value another lane still reads: it would first have to pass the
-// next step's barrier, which that lane has not reached yet.
 template <typename V, typename F>
 auto collective(const V& value, F combine) {
   static_assert(sizeof(V) <= 16, "simdgroup value too large");
-  ThreadState& t = *current;
-  jitter();
-  Simdgroup& sg = *t.simdgroup;
-  unsigned char(&buf)[kSimdWidth][16] = sg.scratch[t.scratch_phase];
-  t.scratch_phase ^= 1;
-  std::memcpy(buf[t.lane], &value, sizeof(V));
-  sg.barrier.wait(*t.launch, "simdgroup collective");
+  const SimdLanes lanes = simd_exchange(&value, int(sizeof(V)));
   auto lane_value = [&](int i) {
     V v;
-    std::memcpy(&v, buf[i], sizeof(V));
+    std::memcpy(&v, lanes.values[i], sizeof(V));
     return v;
   };
-  return combine(lane_value, sg.width, t.lane);
-}
-
-inline void threadgroup_barrier() {
-  jitter();
-  current->threadgroup_barrier->wait(*current->launch, "threadgroup_barrier");
-}
-
-inline uint ceil_div(uint a, uint b) { return (a + b - 1) / b; }
-
-// Runs `kernel(const Attrs&)` over the grid like dispatchThreads(grid, threadgroup).
-// Returns 0, or -1 with `error` set.
-template <typename F>
-int launch(const uint32_t grid[3], const uint32_t group[3], uint32_t jitter_seed,
-           double timeout_s, std::string& error, F kernel) {
-  const uint3 grid_dims{grid[0], grid[1], grid[2]};
-  const uint3 group_dims{std::min(group[0], grid[0]), std::min(group[1], grid[1]),
-                         std::min(group[2], grid[2])};
-  const uint3 groups{ceil_div(grid_dims.x, group_dims.x), ceil_div(grid_dims.y, group_dims.y),
-                     ceil_div(grid_dims.z, group_dims.z)};
-  const int workers = int(group_dims.x * group_dims.y * group_dims.z);
-  if (workers <= 0 || workers > 1024) {
-    error = "threadgroup size must be 1..1024 threads";
-    return -1;
-  }
-  const int max_simdgroups = (workers + kSimdWidth - 1) / kSimdWidth;
-
-  Launch state;
-  state.timeout = std::chrono::milliseconds(int64_t(timeout_s * 1000));
-  state.jitter_seed = jitter_seed;
-  Barrier launch_barrier, group_barrier;
-  launch_barrier.reset(workers);
-  std::vector<Simdgroup> simdgroups(max_simdgroups);
-  uint3 current_group{0, 0, 0};
-  uint3 current_size{0, 0, 0};
-
-  auto worker = [&](int w) {
-    ThreadState ts{&state, &group_barrier, nullptr, 0, 0,
-                   0x9E3779B97F4A7C15ull * uint64_t(w + 1) + jitter_seed};
-    current = &ts;
-    const uint3 local{uint(w) % group_dims.x, (uint(w) / group_dims.x) % group_dims.y,
-                      uint(w) / (group_dims.x * group_dims.y)};
-    try {
-      for (uint gz = 0; gz < groups.z; gz++)
-        for (uint gy = 0; gy < groups.y; gy++)
-          for (uint gx = 0; gx < groups.x; gx++) {
-            if (w == 0) {  // set up this threadgroup while the others wait
-              current_group = {gx, gy, gz};
-              current_size = {std::min(group_dims.x, grid_dims.x - gx * group_dims.x),
-                              std::min(group_dims.y, grid_dims.y - gy * group_dims.y),
-                              std::min(group_dims.z, grid_dims.z - gz * group_dims.z)};
-              const int active = int(current_size.x * current_size.y * current_size.z);
-              group_barrier.reset(active);
-              for (int s = 0; s < max_simdgroups; s++) {
-                simdgroups[s].width = std::clamp(active - s * kSimdWidth, 0, kSimdWidth);
-                simdgroups[s].barrier.reset(simdgroups[s].width);
-              }
-            }
-            launch_barrier.wait(state, "launch");
-            const uint3 size = current_size;
-            if (local.x < size.x && local.y < size.y && local.z < size.z) {
-              Attrs a{};
-              const uint index = local.x + local.y * size.x + local.z * size.x * size.y;
-              a.thread_position_in_threadgroup = local;
-              a.threadgroup_position_in_grid = current_group;
-              a.thread_position_in_grid = {gx * group_dims.x + local.x,
-                                           gy * group_dims.y + local.y,
-                                           gz * group_dims.z + local.z};
-              a.threads_per_threadgroup = size;
-              a.dispatch_threads_per_threadgroup = group_dims;
-              a.threadgroups_per_grid = groups;
-              a.threads_per_grid = grid_dims;
-              a.grid_size = grid_dims;
-              a.grid_origin = {0, 0, 0};
-              a.thread_index_in_threadgroup = index;
-              a.simdgroup_index_in_threadgroup = index / kSimdWidth;
-              a.thread_index_in_simdgroup = index % kSimdWidth;
-              a.simdgroups_per_threadgroup = ceil_div(size.x * size.y * size.z, kSimdWidth);
-              a.dispatch_simdgroups_per_threadgroup = uint(max_simdgroups);
-              a.threads_per_simdgroup = kSimdWidth;
-              a.thread_execution_width = kSimdWidth;
-              a.quadgroup_index_in_threadgroup = index / 4;
-              a.thread_index_in_quadgroup = index % 4;
-              a.quadgroups_per_threadgroup = ceil_div(size.x * size.y * size.z, 4);
-              a.dispatch_quadgroups_per_threadgroup = ceil_div(uint(workers), 4);
-              ts.simdgroup = &simdgroups[index / kSimdWidth];
-              ts.lane = int(index % kSimdWidth);
-              ts.scratch_phase = 0;
-              kernel(a);
-            }
-            launch_barrier.wait(state, "end of threadgroup");
-          }
-    } catch (const Abort&) {
-    } catch (const std::exception& e) {
-      state.fail(e.what());
-    }
-    if (state.has_failed()) {  // release everyone still waiting
-      launch_barrier.abort();
-      group_barrier.abort();
-      for (auto& s : simdgroups) s.barrier.abort();
-    }
-    current = nullptr;
-  };
-
-  std::vector<std::thread> threads;
-  threads.reserve(workers);
-  for (int w = 0; w < workers; w++) threads.emplace_back(worker, w);
-  for (auto& t : threads) t.join();
-  if (state.failed) {
-    error = state.error;
-    return -1;
-  }
-  return 0;
+  return combine(lane_value, lanes.width, lanes.lane);
 }
 
 }  // namespace emu
@@ -456,7 +244,7 @@ template <typename T, typename I>
 T simd_shuffle(T x, I source_lane) {
   const int source = int(source_lane);
   return emu::collective(x, [source](auto lane, int width, int) {
-    return lane(std::clamp(source, 0, width - 1));
+    return lane(source < 0 ? 0 : source < width ? source : width - 1);
   });
 }
 template <typename T, typename I>
@@ -509,7 +297,9 @@ inline size_t ceildiv(size_t n, size_t m) { return (n + m - 1) / m; }
 
 // ---- address spaces ---------------------------------------------------------------------
 // Everything below this line sees Metal's qualifiers; nothing below may name std::thread.
+#ifndef METAL_EMU_RUNTIME
 #define device
 #define constant
 #define thread
 #define threadgroup static
+#endif
