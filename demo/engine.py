@@ -345,7 +345,7 @@ def run_column(pool: BackendPool, spec: ColumnSpec, request: Request,
     except Exception as exc:
         yield error_view(text, error_text(exc))
     finally:
-        stream.close()
+        worker.call(stream.close)  # on the backend's thread, like every other call into it
 
 
 def loading_message(spec: ColumnSpec) -> str:

@@ -25,6 +25,9 @@ from demo.app import build_app, compare_handler, launch  # noqa: E402
 from demo.engine import BackendPool, DemoInputError, Limits  # noqa: E402
 from demo.loop_analysis import held_out_loss_table, loop_analysis, loss_series  # noqa: E402
 
+# gr.Warning outside a served page (the handlers called directly) is a UserWarning
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -235,6 +238,14 @@ def test_chat_template_wraps_the_prompt(make_model, tokenizer_dir, tmp_path):
                                 top_k=0, seed=0, use_chat_template=False)
     assert engine.encode_prompt(tokenizer, plain) == (tokenizer.encode("def f():", add_bos=True),
                                                       "def f():")
+
+
+def test_queue_caps_concurrency_and_waiting_requests(make_model):
+    app = build_app([make_model("plt")], Limits(concurrency=3, queue_size=5),
+                    backends={"torch": None})
+    assert (app._queue.default_concurrency_limit, app._queue.max_size) == (3, 5)
+    with pytest.raises(PLTError, match="no model directories"):
+        build_app([], Limits(), backends={"torch": None})
 
 
 def test_human_bytes():
