@@ -270,11 +270,22 @@ def text_windows(tokenizer, text: str, seq_len: int, max_tokens: int | None) -> 
 
     if seq_len < 1:
         raise DiagnosticsError(f"seq_len must be >= 1, got {seq_len}")
-    tokens = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    tokens = np.asarray(_encode_prefix(tokenizer, text, max_tokens), dtype=np.int64)
     if len(tokens) < 2:
         raise DiagnosticsError(f"the text has {len(tokens)} tokens; diagnostics need at least 2")
     seq_len = min(seq_len, len(tokens) - 1)
     return torch.from_numpy(sequential_windows(tokens, seq_len, max_tokens))
+
+
+def _encode_prefix(tokenizer, text: str, max_tokens: int | None) -> list[int]:
+    """Tokens of the start of `text`, at least max_tokens + 1 of them when the text has them
+    (encodes a growing prefix instead of a whole corpus)."""
+    chars = len(text) if max_tokens is None else 8 * (max_tokens + 1)
+    while True:
+        tokens = tokenizer.encode(text[:chars])
+        if max_tokens is None or len(tokens) > max_tokens or chars >= len(text):
+            return tokens
+        chars *= 2
 
 
 def diagnose(model_dir: str | os.PathLike, loops: int | str | None = None,
