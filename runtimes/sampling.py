@@ -1,0 +1,132 @@
+"""Token sampling on fp32 logits in numpy, shared by every backend.
+
+Order (that of mlx-lm): repetition penalty, temperature scaling, top-k, top-p, min-p, then a
+categorical draw from a seeded numpy Generator. Temperature 0 is greedy (argmax of the
+penalised logits). Every filter works on a batch of rows [B, V] and masks with -inf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from plt_port.errors import PLTError
+
+
+class SamplingError(PLTError, ValueError):
+    """Sampling parameters out of range."""
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0        # 0 -> greedy (argmax)
+    top_k: int = 0                  # 0 -> off
+    top_p: float = 1.0              # 1 -> off
+    min_p: float = 0.0              # 0 -> off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    repetition_context_size: int = 20  # recent tokens the penalty looks at (mlx-lm's default)
+
+    def __post_init__(self):
+        def fail(name, why):
+            raise SamplingError(f"sampling parameter {name}: {why}, got {getattr(self, name)!r}")
+
+        def is_int(value):
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        if not self.temperature >= 0:
+            fail("temperature", "must be >= 0 (0 = greedy)")
+        if not is_int(self.top_k) or self.top_k < 0:
+            fail("top_k", "must be an integer >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            fail("top_p", "must be in (0, 1] (1 = off)")
+        if not 0 <= self.min_p <= 1:
+            fail("min_p", "must be in [0, 1] (0 = off)")
+        if not self.repetition_penalty > 0:
+            fail("repetition_penalty", "must be > 0 (1 = off)")
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            fail("seed", "must be a non-negative integer or None")
+        if not is_int(self.repetition_context_size) or self.repetition_context_size < 1:
+            fail("repetition_context_size", "must be an integer >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: np.ndarray, history: Sequence[Sequence[int]],
+                             penalty: float, context_size: int) -> np.ndarray:
+    """Logits of tokens among each row's last `context_size` tokens: divided by `penalty`
+    when positive, multiplied when negative (both lower them for penalty > 1)."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.copy()
+    for row, tokens in zip(logits, history):
+        seen = np.unique(np.asarray(list(tokens)[-context_size:], dtype=np.int64))
+        if seen.size:
+            picked = row[seen]
+            row[seen] = np.where(picked < 0, picked * penalty, picked / penalty)
+    return logits
+
+
+def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth_largest = -np.partition(-logits, k - 1, axis=-1)[:, k - 1:k]
+    return np.where(logits >= kth_largest, logits, -np.inf)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def apply_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Keep the most probable tokens whose mass reaches `top_p` (the one crossing it included)."""
+    if top_p >= 1.0:
+        return logits
+    probs = softmax(logits)
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    sorted_probs = np.take_along_axis(probs, order, axis=-1)
+    mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep = np.empty_like(mass_before, dtype=bool)
+    np.put_along_axis(keep, order, mass_before < top_p, axis=-1)
+    return np.where(keep, logits, -np.inf)
+
+
+def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Keep tokens with probability >= min_p * (probability of the most likely token)."""
+    if min_p <= 0.0:
+        return logits
+    log_probs = logits - logits.max(axis=-1, keepdims=True)  # log(p / p_max)
+    return np.where(log_probs >= np.log(min_p), logits, -np.inf)
+
+
+class Sampler:
+    """`sampler(logits [B, V], history) -> tokens [B]`; `history[b]` = row b's tokens so far."""
+
+    def __init__(self, params: SamplingParams | None = None):
+        self.params = params or SamplingParams()
+        self.rng = np.random.default_rng(self.params.seed)
+
+    def __call__(self, logits: np.ndarray, history: Sequence[Sequence[int]] = ()) -> np.ndarray:
+        p = self.params
+        logits = np.asarray(logits, dtype=np.float32)
+        if logits.ndim == 1:
+            logits = logits[None]
+        if history:
+            logits = apply_repetition_penalty(logits, history, p.repetition_penalty,
+                                              p.repetition_context_size)
+        if p.greedy:
+            return logits.argmax(axis=-1)
+        logits = logits.astype(np.float64) / p.temperature
+        logits = apply_min_p(apply_top_p(apply_top_k(logits, p.top_k), p.top_p), p.min_p)
+        return self.categorical(softmax(logits))
+
+    def categorical(self, probs: np.ndarray) -> np.ndarray:
+        """One draw per row by inverting the cumulative distribution with a uniform number."""
+        cumulative = np.cumsum(probs, axis=-1)
+        u = self.rng.random((probs.shape[0], 1)) * cumulative[:, -1:]
+        return np.minimum((cumulative <= u).sum(axis=-1), probs.shape[-1] - 1)
