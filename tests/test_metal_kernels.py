@@ -91,11 +91,12 @@ def emulated():
 # ---- the kernel on the emulator vs the composed ops -----------------------------------------
 
 @needs_compiler
+@pytest.mark.parametrize("jitter_seed", [0, 3], ids=["plain", "jitter"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernel_matches_ops(emulated, name):
+def test_kernel_matches_ops(emulated, name, jitter_seed):
     case = CASES[name]
     inputs = case.inputs(seed=len(name))
-    out = launch_gswa_decode(emulated, **inputs, out_dtype=case.out_dtype)
+    out = launch_gswa_decode(emulated, **inputs, out_dtype=case.out_dtype, jitter_seed=jitter_seed)
     assert out.dtype == case.out_dtype and out.shape == (case.B, case.H, case.R, case.D)
     assert max_abs_diff(out, reference(inputs)) <= TOL
 
@@ -298,3 +299,47 @@ def test_metal_kernel_matches_ops_on_gpu(name):
     assert max_abs_diff(out, reference(inputs)) <= TOL
     if case.dtype == mx.float32:  # the model's path
         assert max_abs_diff(gswa_decode(**inputs), reference(inputs)) <= TOL
+
+
+# ---- the kernel inside the MLX model ---------------------------------------------------------
+
+@needs_compiler
+def test_mlx_backend_decodes_the_same_through_the_emulated_kernel(make_model, monkeypatch):
+    """The MLX backend's decode with G-SWA routed through the emulated kernel gives the
+    logits of its composed-ops path: real cache layouts, 3 loops, rings that wrap."""
+    from runtimes import backend_unavailable_reason, load_backend
+    from metal_kernels import gswa
+
+    if backend_unavailable_reason("mlx"):
+        pytest.skip(backend_unavailable_reason("mlx"))
+    model_dir = make_model(plt_num_loops=3)
+    prompts = [[5, 9, 23, 7, 41, 3], [8, 2]]
+    steps = np.array([[11, 12], [13, 14], [15, 16], [17, 18], [19, 20], [21, 22], [23, 24],
+                      [25, 26], [27, 28]])
+
+    def decode(mode):
+        backend = load_backend("mlx", model_dir, loops=3, kernel="auto")
+        state, _ = backend.prefill(prompts, max_tokens=32)
+        return np.stack([backend.step(state, tokens, mode=mode) for tokens in steps])
+
+    emulated = EmulatedKernel(**kernel_spec())
+    calls = []
+
+    def gswa_via_emulator(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
+                          use_kernel=None):
+        calls.append(q.shape)
+        return launch_gswa_decode(emulated, q, global_k, global_v, ring_k, ring_v, gate,
+                                  lengths, scale)
+
+    mx.disable_compile()  # the emulator evaluates its inputs: no tracing around it
+    try:
+        for mode in ("clp", "naive"):
+            with_ops = decode(mode)
+            with monkeypatch.context() as patch:
+                patch.setattr(gswa, "gswa_decode", gswa_via_emulator)
+                with_kernel = decode(mode)
+            assert calls, "the model never called gswa_decode"
+            assert np.abs(with_kernel - with_ops).max() <= TOL, mode
+            calls.clear()
+    finally:
+        mx.enable_compile()
