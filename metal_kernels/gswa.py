@@ -65,17 +65,18 @@ def gswa_decode_ops(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale)
 def gswa_decode(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
                 use_kernel: bool | None = None):
     """The one entry point the MLX model calls. `use_kernel`: None = the fused Metal kernel iff
-    `mx.metal.is_available()` (and the shapes fit it), True = the kernel or an error, False =
-    the composed ops."""
+    Metal is available, the default device is the GPU and the shapes fit the kernel; True = the
+    kernel (on the GPU stream) or an error; False = the composed ops."""
     if use_kernel is None:
-        use_kernel = mx.metal.is_available() and kernel_supports(q, global_k)
+        use_kernel = (mx.metal.is_available() and mx.default_device().type == mx.DeviceType.gpu
+                      and kernel_supports(q, global_k))
     elif use_kernel and not mx.metal.is_available():
         raise MetalUnavailableError(
             "the fused G-SWA Metal kernel needs an Apple GPU (mx.metal.is_available() is False "
             "here); use the composed ops (kernel off/auto)")
     if use_kernel:
         return launch_gswa_decode(metal_kernel(), q, global_k, global_v, ring_k, ring_v, gate,
-                                  lengths, scale)
+                                  lengths, scale, stream=mx.gpu)
     return gswa_decode_ops(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale)
 
 

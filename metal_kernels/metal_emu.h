@@ -200,30 +200,20 @@ inline float log(float x) { return std::log(x); }
 }  // namespace precise
 
 // SIMD-group functions (MSL 6.9.2). Lanes of an edge simdgroup beyond `width` do not exist.
-template <typename T>
-T simd_sum(T x) {
-  return emu::collective(x, [](auto lane, int width, int) {
+template <typename T, typename Op>
+T simd_reduce(T x, Op op) {  // lane 0 op lane 1 op ... op lane width-1, on every lane
+  return emu::collective(x, [op](auto lane, int width, int) {
     T acc = lane(0);
-    for (int i = 1; i < width; i++) acc = acc + lane(i);
+    for (int i = 1; i < width; i++) acc = op(acc, lane(i));
     return acc;
   });
 }
 template <typename T>
-T simd_max(T x) {
-  return emu::collective(x, [](auto lane, int width, int) {
-    T acc = lane(0);
-    for (int i = 1; i < width; i++) acc = max(acc, lane(i));
-    return acc;
-  });
-}
+T simd_sum(T x) { return simd_reduce(x, [](T a, T b) { return a + b; }); }
 template <typename T>
-T simd_min(T x) {
-  return emu::collective(x, [](auto lane, int width, int) {
-    T acc = lane(0);
-    for (int i = 1; i < width; i++) acc = min(acc, lane(i));
-    return acc;
-  });
-}
+T simd_max(T x) { return simd_reduce(x, [](T a, T b) { return max(a, b); }); }
+template <typename T>
+T simd_min(T x) { return simd_reduce(x, [](T a, T b) { return min(a, b); }); }
 template <typename T>
 T simd_prefix_exclusive_sum(T x) {
   return emu::collective(x, [](auto lane, int, int self) {
@@ -233,13 +223,7 @@ T simd_prefix_exclusive_sum(T x) {
   });
 }
 template <typename T>
-T simd_prefix_inclusive_sum(T x) {
-  return emu::collective(x, [](auto lane, int, int self) {
-    T acc = lane(0);
-    for (int i = 1; i <= self; i++) acc = acc + lane(i);
-    return acc;
-  });
-}
+T simd_prefix_inclusive_sum(T x) { return simd_prefix_exclusive_sum(x) + x; }
 template <typename T, typename I>
 T simd_shuffle(T x, I source_lane) {
   const int source = int(source_lane);
