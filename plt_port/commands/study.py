@@ -21,6 +21,7 @@ from plt_port.errors import PLTError
 PROBE_LOOPS = 2          # the family member run at inference loop counts 1..MAX_INFERENCE_LOOPS
 MAX_INFERENCE_LOOPS = 4
 FIGURE_DIR = "figures"
+PER_LAYER_DIR = "per_layer"  # the probe's per-layer plots, under FIGURE_DIR
 
 
 class StudyError(PLTError, ValueError):
@@ -322,12 +323,16 @@ def render_report(study: dict, figure_names: list[str]) -> str:
         view = model["diagnostics"] if name == probe_name else trained_view(model)
         lines += [f"### {name}: loops 1..{view['loops']} (trained with "
                   f"{model['trained_loops']})", "", diagnostics.format_table(view), ""]
-    lines += ["Per-layer values are in `study.json` (`models.<name>.diagnostics.per_layer`).",
-              ""]
+    per_layer_links = ", ".join(f"[{key}]({FIGURE_DIR}/{PER_LAYER_DIR}/{key}.png)"
+                                for key in figure_names if key in diagnostics.METRIC_BY_KEY)
+    lines += [f"Per-layer plots of `{probe_name}` at 1..{probe['diagnostics']['loops']} loops "
+              f"(one line per layer): {per_layer_links}. Per-layer values of every model are in "
+              "`study.json` (`models.<name>.diagnostics.per_layer`).", ""]
     return "\n".join(lines)
 
 
 def write_study(study: dict, out_dir: str) -> str:
+    from plt_port import diagnostics
     from plt_port.checkpoint import atomic_dir
 
     with atomic_dir(out_dir) as tmp:
@@ -339,6 +344,9 @@ def write_study(study: dict, out_dir: str) -> str:
         for name, fig in study_figures(study):
             fig.savefig(os.path.join(tmp, FIGURE_DIR, f"{name}.png"), dpi=110)
             names.append(name)
+        os.makedirs(os.path.join(tmp, FIGURE_DIR, PER_LAYER_DIR))
+        for name, fig in diagnostics.figures(study["models"][study["probe"]]["diagnostics"]):
+            fig.savefig(os.path.join(tmp, FIGURE_DIR, PER_LAYER_DIR, f"{name}.png"), dpi=110)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(render_report(study, names))
     return out_dir
