@@ -51,7 +51,7 @@ def _value_info(values) -> list[dict]:
              "shape": [dim(d) for d in v.type.tensor_type.shape.dim]} for v in values]
 
 
-def manifest(config: PLTConfig, loops: int, dtype: str, models: dict) -> dict:
+def manifest(config: PLTConfig, loops: int, dtype: str, models: dict, weights) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "model_type": config.model_type,
@@ -66,6 +66,7 @@ def manifest(config: PLTConfig, loops: int, dtype: str, models: dict) -> dict:
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
         "weights_file": WEIGHTS,
+        "weights": weights.table(),
         "custom_op": {"domain": "plt", "name": "GatedSlidingWindowAttention", "version": 1,
                       "body": "model-local function (standard opset-23 ops)"},
         "dims": {
@@ -123,7 +124,7 @@ def export(model_dir: str, out_dir: str, dtype: str = "fp32", loops: int | None 
             onnx.checker.check_model(path, full_check=True)
             bar.update(1)
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest(config, loops, dtype, models), f, indent=2)
+            json.dump(manifest(config, loops, dtype, models, weights), f, indent=1)
         shutil.copyfile(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
         checkpoint.copy_tokenizer(model_dir, tmp)
         bar.update(1)

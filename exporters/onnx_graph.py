@@ -116,6 +116,12 @@ class WeightsFile:
                 self.entries[name] = (offset, array.nbytes, array)
                 offset += array.nbytes
 
+    def table(self) -> dict[str, dict]:
+        """name -> offset, length, dtype, shape: enough for a runtime to map the file itself."""
+        return {name: {"offset": offset, "length": length, "dtype": array.dtype.name,
+                       "shape": list(array.shape)}
+                for name, (offset, length, array) in self.entries.items()}
+
     def tensor(self, name: str) -> TensorProto:
         offset, length, array = self.entries[name]
         proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
@@ -471,7 +477,8 @@ def build_decode(b: GraphBuilder) -> onnx.ModelProto:
     ring_slots = b.op("Squeeze", ring_slots, b.ints(3))                             # [R, B, G, 4]
     capacity_slots = b.arange(b.dim(past[0]["key"], 2))
     global_mask = b.op("LessOrEqual", b.op("Reshape", capacity_slots, b.ints(1, 1, 1, -1)),
-                       b.op("Reshape", start, b.ints(-1, 1, 1, 1)))                 # [B, 1, 1, S]
+                       b.op("Reshape", start, b.ints(-1, 1, 1, 1)))
+    global_mask = b.op("Expand", global_mask, b.ints(1, 1, L, 1))                   # [B, 1, L, S]
     # Local keys are the R rings side by side [B, G, R*W, D]: row r >= 1 sees its own ring's
     # written slots; row 0 (loop 1) has gate 1 and sees ring 1 only to keep its softmax finite.
     written = b.op("GreaterOrEqual", ring_positions(b, start), b.ints(0))           # [B, W]

@@ -1,0 +1,226 @@
+"""ONNX Runtime backend: runs the graphs of `exporters.onnx_export` behind `runtimes.base.Backend`.
+
+- Provider: CUDAExecutionProvider when onnxruntime-gpu and a GPU are present, else CPU.
+- Weights once in memory: `weights.bin` is read into one buffer, each tensor is one OrtValue
+  (a view, no copy) handed to both sessions with `SessionOptions.add_initializer`, so the
+  prefill and decode graphs share them. ORT's CPU pre-packing would give each session a
+  packed copy of every MatMul weight, so it is off unless `prepack=True`.
+- Caches live in OrtValues bound with IO binding; the global KV (both graphs) and the rings
+  (decode graph) are bound as outputs to their own input buffers, so the graphs' ScatterND
+  writes the new slot in place and nothing is copied between steps.
+Imports neither torch nor onnx unless it has to export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from .base import Backend, BackendError, DecodeState
+
+MANIFEST = "plt_onnx.json"
+GROW_STEP = 256
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def resolve_export(model_dir: str, loops: int | None, dtype: str) -> tuple[str, dict]:
+    """(export dir, manifest): `model_dir` itself when it is an export, else a cached export
+    of the PyTorch model directory at `loops` (made on first use)."""
+    model_dir = os.fspath(model_dir)
+    if not os.path.exists(os.path.join(model_dir, MANIFEST)):
+        from exporters.cache import ensure_exported
+        from exporters.onnx_export import export
+        from plt_port.config import PLTConfig
+
+        loops = PLTConfig.from_file(model_dir).resolve_loops(loops)
+        model_dir = ensure_exported(model_dir, "onnx", export, loops=loops, dtype=dtype)
+    with open(os.path.join(model_dir, MANIFEST), encoding="utf-8") as f:
+        manifest = json.load(f)
+    if loops is not None and loops != manifest["loops"]:
+        raise BackendError(f"{model_dir} was exported with loops={manifest['loops']}, "
+                           f"{loops} asked; export again with --loops {loops} or pass the "
+                           f"PyTorch model directory")
+    return model_dir, manifest
+
+
+def choose_provider(provider: str) -> str:
+    available = ort.get_available_providers()
+    if provider == "auto":
+        return "cuda" if PROVIDERS["cuda"] in available else "cpu"
+    if provider not in PROVIDERS:
+        raise BackendError(f"provider must be auto, cpu or cuda, got {provider!r}")
+    if PROVIDERS[provider] not in available:
+        raise BackendError(f"{PROVIDERS[provider]} is not available in this onnxruntime "
+                           f"({', '.join(available)}); install onnxruntime-gpu for cuda")
+    return provider
+
+
+class ONNXBackend(Backend):
+    name = "onnx"
+
+    def __init__(self, model_dir: str, loops: int | None = None, provider: str = "auto",
+                 dtype: str = "fp32", threads: int | None = None, prepack: bool = False,
+                 **options):
+        if options:
+            raise BackendError(f"onnx backend: unknown options {sorted(options)} (known: "
+                               "provider, dtype, threads, prepack)")
+        self.source_dir = os.fspath(model_dir)
+        export_dir, self.manifest = resolve_export(model_dir, loops, dtype)
+        super().__init__(export_dir, loops=self.manifest["loops"])
+        self.device = choose_provider(provider)
+        self.np_dtype = np.dtype(np.float16 if self.manifest["dtype"] == "fp16" else np.float32)
+        self.weights = self._load_weights()
+        self.sessions = {kind: self._session(graph["file"], threads, prepack)
+                         for kind, graph in self.manifest["graphs"].items()}
+        actual = self.sessions["prefill"].get_providers()[0]
+        if self.device == "cuda" and actual != PROVIDERS["cuda"]:
+            self.device = "cpu"  # onnxruntime-gpu without a usable GPU falls back to CPU
+        self.num_layers = self.config.num_hidden_layers
+
+    # ---- loading ----------------------------------------------------------------------
+    def _load_weights(self) -> dict[str, ort.OrtValue]:
+        """One buffer for the whole file; every tensor an OrtValue over its slice."""
+        self._weights_buffer = np.fromfile(os.path.join(self.model_dir,
+                                                        self.manifest["weights_file"]), np.uint8)
+        values = {}
+        for name, entry in self.manifest["weights"].items():
+            raw = self._weights_buffer[entry["offset"]:entry["offset"] + entry["length"]]
+            array = raw.view(entry["dtype"]).reshape(entry["shape"])
+            values[name] = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+        return values
+
+    def _session(self, graph_file: str, threads: int | None, prepack: bool):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        for name, value in self.weights.items():
+            options.add_initializer(name, value)
+        providers = [PROVIDERS["cuda"], PROVIDERS["cpu"]] if self.device == "cuda" \
+            else [PROVIDERS["cpu"]]
+        return ort.InferenceSession(os.path.join(self.model_dir, graph_file), options,
+                                    providers=providers)
+
+    # ---- caches -----------------------------------------------------------------------
+    def _zeros(self, shape) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.np_dtype), self.device, 0)
+
+    def _new_caches(self, batch: int, capacity: int) -> dict:
+        cfg, R = self.config, self.loops - 1
+        G, D, W = cfg.num_key_value_heads, cfg.head_dim, cfg.window
+        caches = {"global": [{kv: self._zeros((batch, G, capacity, D)) for kv in ("key", "value")}
+                             for _ in range(cfg.num_hidden_layers)]}
+        if R:
+            caches["ring"] = [{kv: self._zeros((R, batch, G, W, D)) for kv in ("key", "value")}
+                              for _ in range(cfg.num_hidden_layers)]
+        if R and not cfg.is_v1:
+            caches["carry"] = self._zeros((R, batch, cfg.hidden_size))
+        return caches
+
+    def _ensure_capacity(self, state: DecodeState) -> None:
+        """Grow the global KV (copying) when a sequence has filled its slots."""
+        if state.lengths.max() < state.capacity:
+            return
+        limit = self.config.max_position_embeddings
+        if state.capacity >= limit:
+            raise BackendError(f"sequence reached max_position_embeddings={limit}")
+        capacity = min(state.capacity + GROW_STEP, limit)
+        for layer in state.caches["global"]:
+            for kv, old in layer.items():
+                grown = np.zeros(old.shape()[:2] + [capacity] + old.shape()[3:], self.np_dtype)
+                grown[:, :, :state.capacity] = old.numpy()
+                layer[kv] = ort.OrtValue.ortvalue_from_numpy(grown, self.device, 0)
+        state.capacity = capacity
+
+    def cache_bytes(self, state: DecodeState) -> int:
+        caches = state.caches
+        values = [v for layer in caches["global"] + caches.get("ring", []) for v in layer.values()]
+        values += [caches["carry"]] if "carry" in caches else []
+        return sum(int(np.prod(v.shape())) * self.np_dtype.itemsize for v in values)
+
+    # ---- running ----------------------------------------------------------------------
+    def _run(self, kind: str, caches: dict, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One graph run with the caches bound; updates `caches` and returns fp32 logits."""
+        session = self.sessions[kind]
+        binding = session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        fresh = []  # outputs ORT allocates: prefill rings (a Concat), the carry
+        for i, layer in enumerate(caches["global"]):
+            for kv, value in layer.items():
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
+                binding.bind_ortvalue_output(f"present.{i}.{kv}", value)  # written in place
+            for kv, value in caches["ring"][i].items() if "ring" in caches else ():
+                binding.bind_ortvalue_input(f"past_ring.{i}.{kv}", value)
+                if kind == "decode":
+                    binding.bind_ortvalue_output(f"present_ring.{i}.{kv}", value)
+                else:
+                    fresh.append((f"present_ring.{i}.{kv}", ("ring", i, kv)))
+        if "carry" in caches:
+            binding.bind_ortvalue_input("past_carry", caches["carry"])
+            fresh.append(("present_carry", ("carry", None, None)))
+        logits = np.empty((len(feeds["start"]), self.config.vocab_size), np.float32)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        for name, _ in fresh:
+            binding.bind_output(name, self.device)
+        session.run_with_iobinding(binding)
+        # get_outputs() lists outputs in binding order: the in-place ones, logits, then `fresh`
+        for value, (_, (group, i, kv)) in zip(binding.get_outputs()[-len(fresh):] if fresh else [],
+                                              fresh):
+            if group == "carry":
+                caches["carry"] = value
+            else:
+                caches["ring"][i][kv] = value
+        return logits
+
+    def prefill(self, prompts, max_tokens, chunk_size=None):
+        self.check_prompts(prompts, max_tokens)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise BackendError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        batch = len(prompts)
+        prompt_lengths = np.array([len(p) for p in prompts], np.int64)
+        longest = int(prompt_lengths.max())
+        chunk = chunk_size or longest
+        # Every chunk is as wide as the longest remaining prompt, so padded writes stay below
+        # the longest prompt length <= max_tokens = capacity.
+        state = DecodeState(np.zeros(batch, np.int64), max_tokens,
+                            self._new_caches(batch, max_tokens))
+        logits = np.zeros((batch, self.config.vocab_size), np.float32)
+        for offset in range(0, longest, chunk):
+            width = min(chunk, longest - offset)
+            num_new = np.clip(prompt_lengths - offset, 0, width)
+            ids = np.zeros((batch, width), np.int64)
+            for b, prompt in enumerate(prompts):
+                ids[b, :num_new[b]] = prompt[offset:offset + num_new[b]]
+            chunk_logits = self._run("prefill", state.caches, {
+                "input_ids": ids, "start": state.lengths.copy(), "num_new": num_new})
+            state.lengths += num_new
+            done = (num_new > 0) & (state.lengths == prompt_lengths)
+            logits[done] = chunk_logits[done]
+        return state, logits
+
+    def step(self, state, tokens, mode="clp"):
+        mode = self.check_mode(mode)
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if tokens.shape != (state.batch_size,):
+            raise BackendError(f"step needs one token per sequence ({state.batch_size}), "
+                               f"got shape {tokens.shape}")
+        if ((tokens < 0) | (tokens >= self.config.vocab_size)).any():
+            raise BackendError(f"token ids outside the vocabulary (0..{self.config.vocab_size - 1})"
+                               f": {tokens.tolist()}")
+        self._ensure_capacity(state)
+        start = state.lengths.copy()
+        if mode == "clp":
+            logits = self._run("decode", state.caches, {"input_ids": tokens, "start": start})
+        else:  # the prefill graph with one token runs the loops one after another
+            logits = self._run("prefill", state.caches, {
+                "input_ids": tokens[:, None], "start": start,
+                "num_new": np.ones(state.batch_size, np.int64)})
+        state.lengths += 1
+        return logits
