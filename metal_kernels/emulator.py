@@ -103,15 +103,20 @@ def _as_array(x) -> mx.array:
     return x if isinstance(x, mx.array) else mx.array(x)
 
 
+def template_def(template) -> str:
+    """`<float, 64, 1>`: the template arguments as MLX instantiates them ("" without any)."""
+    return "<" + ", ".join(_template_arg_string(v) for _, v in template) + ">" if template else ""
+
+
 def metal_source(name, input_names, output_names, source, header, inputs, output_dtypes,
                  template=(), atomic_outputs=False):
-    """(kernel_name, Metal source) as `mx.fast.metal_kernel` generates them for this call."""
+    """(kernel_name, Metal source) as `mx.fast.metal_kernel` generates them for this call,
+    statement for statement after MLX's `write_signature` (including where it closes the
+    parameter list: `index` there also counts shape/stride buffers)."""
     template = list(template or ())
     kernel_name = "custom_kernel_" + name
-    template_def = ""
     if template:
-        template_def = "<" + ", ".join(_template_arg_string(v) for _, v in template) + ">"
-        kernel_name += "_" + re.sub(r"<|>|(, )", "_", template_def)[:-1]
+        kernel_name += "_" + re.sub(r"<|>|(, )", "_", template_def(template))[:-1]
     for arr in inputs:
         kernel_name += "_" + type_string(arr.dtype)
         if arr.ndim == 0:
@@ -120,43 +125,41 @@ def metal_source(name, input_names, output_names, source, header, inputs, output
             kernel_name += "c"
     for dtype in output_dtypes:
         kernel_name += "_" + type_string(dtype)
+    attributes = [f"  {t} {a} [[{a}]]" for a, t in METAL_ATTRIBUTES if a in source]
 
-    out = [header]
+    out = header
     if template:
         kinds = ["bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "typename"
                  for _, v in template]
-        out.append("template <" + ", ".join(f"{k} {n}" for k, (n, _) in zip(kinds, template))
-                   + ">\n")
-    out.append(f"[[kernel]] void {kernel_name}(\n")
-    params = []
+        out += "template <" + ", ".join(f"{k} {n}" for k, (n, _) in zip(kinds, template)) + ">\n"
+    out += f"[[kernel]] void {kernel_name}(\n"
     index = 0
     for name_i, arr in zip(input_names, inputs):
         location = "constant" if arr.size < MAX_CONSTANT_ARRAY_SIZE else "device"
         ref = "&" if arr.ndim == 0 else "*"
-        params.append(f"  const {location} {type_string(arr.dtype)}{ref} {name_i} [[buffer({index})]]")
+        out += f"  const {location} {type_string(arr.dtype)}{ref} {name_i} [[buffer({index})]],\n"
         index += 1
         if arr.ndim > 0:
             for suffix, ctype in (("_shape", "int*"), ("_strides", "int64_t*"), ("_ndim", "int&")):
                 if name_i + suffix in source:
-                    params.append(f"  const constant {ctype} {name_i}{suffix} [[buffer({index})]]")
+                    out += f"  const constant {ctype} {name_i}{suffix} [[buffer({index})]],\n"
                     index += 1
     for name_o, dtype in zip(output_names, output_dtypes):
-        type_o = type_string(dtype)
-        if atomic_outputs:
-            type_o = f"atomic<{type_o}>"
-        params.append(f"  device {type_o}* {name_o} [[buffer({index})]]")
+        type_o = f"atomic<{type_string(dtype)}>" if atomic_outputs else type_string(dtype)
+        out += f"  device {type_o}* {name_o} [[buffer({index})]]"
+        last = index >= len(inputs) + len(output_names) - 1 and not attributes
+        out += ") {\n" if last else ",\n"
         index += 1
-    params += [f"  {t} {a} [[{a}]]" for a, t in METAL_ATTRIBUTES if a in source]
-    out.append(",\n".join(params) + ") {\n")
-    out.append(source)
-    out.append("\n}\n")
+    if attributes:
+        out += ",\n".join(attributes) + ") {\n"
+    out += source + "\n}\n"
     if template:
-        spec = kernel_name + template_def
-        out.append(f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({spec}) {spec};\n')
-    return kernel_name, "".join(out)
+        spec = kernel_name + template_def(template)
+        out += f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({spec}) {spec};\n'
+    return kernel_name, out
 
 
-def _cpp_source(kernel_name, metal, template_def, param_types, attributes):
+def _cpp_source(kernel_name, metal, template_args, param_types, attributes):
     """The C++ translation unit: header, the Metal source minus [[...]], a launcher."""
     known = "|".join(["kernel", r"buffer\(\d+\)", r'host_name\("[^"]*"\)'] + attributes)
     body = re.sub(rf"\[\[({known})\]\]", "", metal)
@@ -172,7 +175,7 @@ def _cpp_source(kernel_name, metal, template_def, param_types, attributes):
 {body}
 static void emu_entry(const emu::Attrs& a, void* context) {{
   void** buffers = static_cast<void**>(context);
-  {kernel_name}{template_def}(
+  {kernel_name}{template_args}(
       {joined});
 }}
 
@@ -306,9 +309,7 @@ class EmulatedKernel:
             buffers.append(buf)
             param_types.append(f"{type_string(dtype)}*")
 
-        template_def = ("<" + ", ".join(_template_arg_string(v) for _, v in template) + ">"
-                        if template else "")
-        lib = build_library(_cpp_source(kernel_name, metal, template_def, param_types,
+        lib = build_library(_cpp_source(kernel_name, metal, template_def(template), param_types,
                                         self.attributes))
         pointers = (ctypes.c_void_p * len(buffers))(*[b.ctypes.data for b in buffers])
         grid_arr = (ctypes.c_uint32 * 3)(*grid)

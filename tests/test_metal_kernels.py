@@ -278,14 +278,24 @@ def test_generated_signature_equals_mlx(dtype):
     assert at >= 8 and int.from_bytes(data[at - 8:at], "little") == len(ours.encode())
 
 
-def test_generated_signature_equals_mlx_for_every_feature():
+FEATURE_KERNELS = {  # body, output names
+    "attributes": ("out[thread_position_in_grid.x] = x[x_strides[0] * x_ndim] + small[0] * s"
+                   " + x_shape[0];", ["out"]),
+    # MLX closes the parameter list after the first output here (its index counts x_shape)
+    "shape-two-outputs-no-attributes": ("out[0] = x[0] + x_shape[0]; out2[0] = s;",
+                                        ["out", "out2"]),
+}
+
+
+@pytest.mark.parametrize("name", list(FEATURE_KERNELS))
+def test_generated_signature_equals_mlx_for_every_feature(name):
     """Template int/bool/dtype, a 0-d input, a small (constant) input, shape/strides/ndim."""
-    source = "out[thread_position_in_grid.x] = x[x_strides[0] * x_ndim] + small[0] * s + x_shape[0];"
-    names = (["x", "small", "s"], ["out"])
+    source, outputs = FEATURE_KERNELS[name]
+    names = (["x", "small", "s"], outputs)
     x, small = mx.zeros((4, 16), dtype=mx.float16), mx.zeros((3,), dtype=mx.int32)
     call = dict(inputs=[x, small, 2.0], template=[("T", mx.float32), ("N", 3), ("F", True)],
-                grid=(64, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(4, 16)],
-                output_dtypes=[mx.float16])
+                grid=(64, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(4, 16)] * len(outputs),
+                output_dtypes=[mx.float16] * len(outputs))
     _, ours = metal_source("feat", *names, source, "// header\n",
                            [x, small, mx.array(2.0)], call["output_dtypes"], call["template"])
     data = mlx_generated_source(mx.fast.metal_kernel("feat", *names, source, header="// header\n"),
