@@ -1,0 +1,97 @@
+"""plt-port generate [--model DIR] [--backend torch|onnx|mlx] [--loops N] [--decode clp|naive] PROMPT
+
+Streams the answer to stdout as it is decoded, then prints the stats on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from plt_port.errors import PLTError
+
+
+def add_backend_arguments(parser) -> None:
+    """Options each backend takes (shared with `plt-port bench`)."""
+    parser.add_argument("--kernel", choices=["auto", "on", "off"], default="auto",
+                        help="mlx backend: Metal G-SWA kernel (default auto: when Metal is there)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="torch backend: device (default cpu)")
+    parser.add_argument("--threads", type=int, help="torch/onnx backends: CPU threads")
+
+
+def backend_options(name: str, args) -> dict:
+    """The subset of the backend flags that backend `name` understands."""
+    options = {}
+    if name == "mlx":
+        options["kernel"] = args.kernel
+    if name == "torch":
+        options["device"] = args.device
+    if name in ("torch", "onnx") and args.threads is not None:
+        options["threads"] = args.threads
+    return options
+
+
+def add_arguments(parser):
+    parser.add_argument("prompt", metavar="PROMPT", help="prompt text ('-' reads stdin)")
+    parser.add_argument("--model", metavar="DIR",
+                        help="PyTorch PLT model directory (default: the embedded two-loop model)")
+    parser.add_argument("--backend", default="torch", help="torch, onnx or mlx (default torch)")
+    parser.add_argument("--loops", type=int, help="inference loop count (default: the model's)")
+    parser.add_argument("--decode", choices=["clp", "naive"], default="clp",
+                        help="clp: all loops in one pass per token; naive: one pass per loop")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", "--temp", type=float, default=0.0,
+                        help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, help="sampling seed")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop string (repeatable; not printed)")
+    parser.add_argument("--prefill-chunk-size", type=int, metavar="N",
+                        help="prefill the prompt in chunks of N tokens")
+    parser.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    add_backend_arguments(parser)
+
+
+def format_stats(last, requested_mode: str) -> str:
+    mode = last.decode_mode
+    if mode != requested_mode:
+        mode += f" ({requested_mode} needs a PLT checkpoint and loops >= 2)"
+    return (f"[{last.backend}, loops={last.loops}, decode={mode}] "
+            f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
+            f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
+            f"ttft: {last.ttft_s * 1e3:.1f} ms | cache: {last.cache_bytes / 2**20:.2f} MiB | "
+            f"finish: {last.finish_reason}")
+
+
+def run(args):
+    from plt_port.tokenizer import Tokenizer
+    from runtimes import load_backend
+    from runtimes.generate import stream_generate
+    from runtimes.sampling import SamplingParams
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise PLTError("the prompt is empty")
+    if args.model is None:
+        from plt_port.models import default_model_dir
+
+        args.model = default_model_dir()
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              seed=args.seed)
+    backend = load_backend(args.backend, args.model, loops=args.loops,
+                           **backend_options(args.backend, args))
+    tokenizer = Tokenizer.from_dir(args.model)
+    last = None
+    for last in stream_generate(backend, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                                sampling=sampling, stop=args.stop, decode_mode=args.decode,
+                                prefill_chunk_size=args.prefill_chunk_size,
+                                add_bos=not args.no_bos):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(format_stats(last, args.decode), file=sys.stderr)
+    return 0
