@@ -84,8 +84,10 @@ def gswa_decode(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
 
 def kernel_spec(source: str | None = None) -> dict:
     """Constructor arguments of `mx.fast.metal_kernel` (or of the CPU emulator) for the kernel."""
+    # "safe" math (MLX's default): the online softmax needs exp(-inf) == 0
     return dict(name="gswa_decode", input_names=INPUT_NAMES, output_names=["out"],
-                source=KERNEL_SOURCE.read_text() if source is None else source)
+                source=KERNEL_SOURCE.read_text() if source is None else source,
+                compile_options={"math_mode": "safe"})
 
 
 @functools.cache
