@@ -1,0 +1,67 @@
+"""plt-port bench [--model DIR | --random small|100m|key=value,...] [--backend torch,onnx,mlx]
+
+Decode step latency (median) and tok/s for each loop count and decode mode, prefill tok/s
+and cache bytes; prints a table and optionally writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .generate import add_backend_arguments, backend_options
+
+
+def comma_list(kind):
+    def parse(text: str):
+        try:
+            values = [kind(item.strip()) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError("empty list")
+        return values
+
+    return parse
+
+
+def add_arguments(parser):
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR", help="PyTorch PLT model directory")
+    source.add_argument("--random", metavar="SIZE",
+                        help="random PLT model: a preset (tiny, small ~5M, 100m ~100M "
+                             "parameters) or config fields, e.g. "
+                             "hidden_size=512,num_hidden_layers=8 (over 'small'); default small")
+    parser.add_argument("--backend", type=comma_list(str), default=["torch"],
+                        help="backends, comma-separated (default torch)")
+    parser.add_argument("--loops", type=comma_list(int), default=[1, 2, 3, 4],
+                        help="inference loop counts (default 1,2,3,4)")
+    parser.add_argument("--modes", type=comma_list(str), default=["clp", "naive"],
+                        help="decode modes (default clp,naive)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_backend_arguments(parser)
+
+
+def run(args):
+    from runtimes.base import DECODE_MODES
+    from runtimes.bench import BenchError, BenchSettings, format_table, random_model_dir, \
+        run_bench, write_json
+
+    bad_modes = [m for m in args.modes if m not in DECODE_MODES]
+    if bad_modes:
+        raise BenchError(f"--modes: unknown {bad_modes}; choose from {', '.join(DECODE_MODES)}")
+    settings = BenchSettings(
+        backends=args.backend, loops=args.loops, modes=args.modes, batch=args.batch,
+        steps=args.steps, prompt_len=args.prompt_len, warmup=args.warmup, seed=args.seed,
+        backend_options={name: backend_options(name, args) for name in args.backend})
+    model_dir = args.model or random_model_dir(args.random or "small")
+    result = run_bench(model_dir, settings)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,212 @@
+"""Decode and prefill speed, and cache memory, across backends, loop counts and decode modes.
+
+Every backend is driven through the same contract (`runtimes.load_backend`): prefill a batch
+of random prompts, then time single decode steps (after a warm-up) and report the median.
+The ratios (clp vs naive, any loop count vs loops=1) come from one run on one machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from plt_port.checkpoint import expected_shapes
+from plt_port.config import PLTConfig
+from plt_port.errors import PLTError
+
+from . import load_backend
+
+# Random models: PLT (LoopCoder-v2 form: hidden-state gate, window [64, 0]) of a given size.
+PRESETS = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=96, vocab_size=512),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=688, vocab_size=4096),   # ~5M
+    "100m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=4, intermediate_size=2048, vocab_size=16384),  # ~100M
+}
+RANDOM_BASE = dict(model_type="iquestpltcoder", plt_num_loops=2, plt_window_size=[64, 0],
+                   plt_gate_use_hidden_states=True, max_position_embeddings=4096)
+
+
+class BenchError(PLTError, ValueError):
+    """A bench request that cannot run."""
+
+
+@dataclass
+class BenchSettings:
+    backends: list[str] = field(default_factory=lambda: ["torch"])
+    loops: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    modes: list[str] = field(default_factory=lambda: ["clp", "naive"])
+    batch: int = 1
+    steps: int = 32
+    prompt_len: int = 128
+    warmup: int = 4
+    seed: int = 0
+    backend_options: dict[str, dict] = field(default_factory=dict)  # backend name -> options
+
+    def __post_init__(self):
+        for name, low in (("batch", 1), ("steps", 1), ("prompt_len", 1), ("warmup", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise BenchError(f"{name.replace('_', '-')} must be an integer >= {low}, "
+                                 f"got {value!r}")
+        for name in ("backends", "loops", "modes"):
+            if not getattr(self, name):
+                raise BenchError(f"no {name} given")
+
+
+def random_config(spec: str) -> tuple[str, PLTConfig]:
+    """(name, config) from a preset name or `key=value,...` PLTConfig fields over "small"."""
+    if spec in PRESETS:
+        return spec, PLTConfig(**{**RANDOM_BASE, **PRESETS[spec]})
+    fields = dict(PRESETS["small"])
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in PLTConfig.__dataclass_fields__:
+            raise BenchError(f"--random: expected a preset ({', '.join(PRESETS)}) or "
+                             f"key=value config fields, got {item!r}")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise BenchError(f"--random: {key}={value!r} is not a number or JSON value") from None
+    config = PLTConfig(**{**RANDOM_BASE, **fields})
+    digest = hashlib.sha256(config.to_json().encode()).hexdigest()[:8]
+    return f"custom-{digest}", config
+
+
+def random_model_dir(spec: str, root: str | None = None) -> str:
+    """A random model of `spec`, written once under the export cache (so its ONNX and MLX
+    exports are cached too) and reused."""
+    from exporters.cache import cache_root
+    from plt_port.random_model import save_random_model
+
+    name, config = random_config(spec)
+    out_dir = os.path.join(root or os.path.join(cache_root(), "random"), name)
+    existing = os.path.join(out_dir, "config.json")
+    if not os.path.exists(existing) or PLTConfig.from_file(existing) != config:
+        save_random_model(out_dir, config, seed=0)
+    return out_dir
+
+
+def parameter_count(config: PLTConfig) -> int:
+    return sum(math.prod(shape) for shape in expected_shapes(config).values())
+
+
+def time_backend(backend, settings: BenchSettings) -> list[dict]:
+    """One row per decode mode actually run (a model without CLP runs naive only)."""
+    vocab = backend.config.vocab_size
+    rng = np.random.default_rng(settings.seed)
+    prompts = rng.integers(3, vocab, (settings.batch, settings.prompt_len)).tolist()
+    capacity = settings.prompt_len + settings.warmup + settings.steps + 1
+    backend.prefill(prompts, capacity)  # warm-up (first-call allocations, lazy compiles)
+    modes = list(dict.fromkeys(backend.check_mode(m) for m in settings.modes))
+    rows = []
+    for mode in modes:
+        start = time.perf_counter()
+        state, logits = backend.prefill(prompts, capacity)
+        prefill_s = time.perf_counter() - start
+        step_s = []
+        for i in range(settings.warmup + settings.steps):
+            tokens = logits.argmax(-1)
+            start = time.perf_counter()
+            logits = backend.step(state, tokens, mode)
+            if i >= settings.warmup:
+                step_s.append(time.perf_counter() - start)
+        step_ms = statistics.median(step_s) * 1e3
+        rows.append(dict(
+            backend=backend.name, loops=backend.loops, mode=mode, batch=settings.batch,
+            prompt_len=settings.prompt_len, steps=settings.steps,
+            prefill_tps=settings.batch * settings.prompt_len / prefill_s,
+            step_ms=step_ms, step_ms_min=min(step_s) * 1e3, step_ms_max=max(step_s) * 1e3,
+            decode_tps=settings.batch * 1e3 / step_ms,
+            cache_bytes=backend.cache_bytes(state), capacity=state.capacity,
+            peak_memory_bytes=backend.peak_memory_bytes()))
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """vs_naive: step latency / naive's (same backend and loops); vs_loops1: / loops=1's."""
+    step = {(r["backend"], r["loops"], r["mode"]): r["step_ms"] for r in rows}
+    for r in rows:
+        naive = step.get((r["backend"], r["loops"], "naive"))
+        single = step.get((r["backend"], 1, "naive"))
+        r["vs_naive"] = r["step_ms"] / naive if naive else None
+        r["vs_loops1"] = r["step_ms"] / single if single else None
+
+
+def run_bench(model_dir: str, settings: BenchSettings, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    jobs = [(name, loops) for name in settings.backends for loops in settings.loops]
+    rows = []
+    for name, loops in tqdm(jobs, desc="bench", disable=not progress):
+        backend = load_backend(name, model_dir, loops=loops,
+                               **settings.backend_options.get(name, {}))
+        rows += time_backend(backend, settings)
+        del backend
+    add_ratios(rows)
+    config = PLTConfig.from_file(model_dir)
+    return dict(
+        model_dir=os.path.abspath(model_dir),
+        model=dict(model_type=config.model_type, parameters=parameter_count(config),
+                   hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                   num_attention_heads=config.num_attention_heads,
+                   num_key_value_heads=config.num_key_value_heads,
+                   intermediate_size=config.intermediate_size, vocab_size=config.vocab_size,
+                   window=config.window, trained_loops=config.num_loops),
+        settings=asdict(settings),
+        machine=dict(platform=platform.platform(), processor=platform.processor(),
+                     cpu_count=os.cpu_count()),
+        rows=rows)
+
+
+def format_table(result: dict) -> str:
+    model = result["model"]
+    settings = result["settings"]
+    lines = [f"model: {result['model_dir']} ({model['parameters'] / 1e6:.1f}M parameters, "
+             f"{model['num_hidden_layers']} layers, d={model['hidden_size']}, "
+             f"window={model['window']})",
+             f"batch={settings['batch']} prompt_len={settings['prompt_len']} "
+             f"steps={settings['steps']} (median step latency after {settings['warmup']} "
+             f"warm-up steps)", ""]
+    header = ["backend", "loops", "mode", "prefill tok/s", "step ms", "decode tok/s",
+              "vs naive", "vs loops=1", "cache MiB"]
+    table = [header]
+
+    def ratio(value):
+        return "-" if value is None else f"{value:.2f}x"
+
+    for r in result["rows"]:
+        table.append([r["backend"], str(r["loops"]), r["mode"], f"{r['prefill_tps']:.0f}",
+                      f"{r['step_ms']:.2f}", f"{r['decode_tps']:.1f}", ratio(r["vs_naive"]),
+                      ratio(r["vs_loops1"]), f"{r['cache_bytes'] / 2**20:.3f}"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    table.insert(1, ["-" * w for w in widths])
+    lines += ["| " + " | ".join(cell.rjust(w) for cell, w in zip(row, widths)) + " |"
+              for row in table]
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str) -> None:
+    """Atomically: a temp file beside `path`, renamed over it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
