@@ -148,34 +148,64 @@ class PLTCache:
     global_k/v[l]  [B, G, S_cap, D]  loop-1 K/V, position p in slot p (grown in CACHE_STEP)
     ring_k/v[l]    [R, B, G, W, D]   loop r+2's own K/V, position p in slot p % W
     carry          [R, B, d]         n(h^(r+1)) of the last processed position (PLT only)
-    with R = loops - 1 and W = window (keys incl. the query).
+    with R = loops - 1 and W = window (keys incl. the query). `state` holds only arrays (a
+    tree `mx.compile` takes and returns); loops, window and capacity are read off the shapes.
     """
 
-    def __init__(self, args: ModelArgs, loops: int, batch: int, capacity: int, dtype):
+    def __init__(self, state: dict):
+        self.state = state
+
+    @classmethod
+    def zeros(cls, args: ModelArgs, loops: int, batch: int, capacity: int, dtype) -> "PLTCache":
         G, D, W, R = args.num_key_value_heads, args.head_dim, args.window, loops - 1
-        self.loops, self.window, self.capacity = loops, W, capacity
         n = args.num_hidden_layers
-        self.global_k = [mx.zeros((batch, G, capacity, D), dtype) for _ in range(n)]
-        self.global_v = [mx.zeros((batch, G, capacity, D), dtype) for _ in range(n)]
-        self.ring_k = [mx.zeros((R, batch, G, W, D), dtype) for _ in range(n)] if R else []
-        self.ring_v = [mx.zeros((R, batch, G, W, D), dtype) for _ in range(n)] if R else []
-        self.carry = mx.zeros((R, batch, args.hidden_size), dtype) if R and not args.is_v1 \
-            else None
+        state = {"global_k": [mx.zeros((batch, G, capacity, D), dtype) for _ in range(n)],
+                 "global_v": [mx.zeros((batch, G, capacity, D), dtype) for _ in range(n)]}
+        if R:
+            state["ring_k"] = [mx.zeros((R, batch, G, W, D), dtype) for _ in range(n)]
+            state["ring_v"] = [mx.zeros((R, batch, G, W, D), dtype) for _ in range(n)]
+            if not args.is_v1:
+                state["carry"] = mx.zeros((R, batch, args.hidden_size), dtype)
+        return cls(state)
+
+    global_k = property(lambda self: self.state["global_k"])
+    global_v = property(lambda self: self.state["global_v"])
+    ring_k = property(lambda self: self.state.get("ring_k", []))
+    ring_v = property(lambda self: self.state.get("ring_v", []))
+
+    @property
+    def carry(self) -> mx.array | None:
+        return self.state.get("carry")
+
+    @carry.setter
+    def carry(self, value: mx.array) -> None:
+        self.state["carry"] = value
+
+    @property
+    def loops(self) -> int:
+        return self.ring_k[0].shape[0] + 1 if self.ring_k else 1
+
+    @property
+    def window(self) -> int | None:
+        return self.ring_k[0].shape[3] if self.ring_k else None
+
+    @property
+    def capacity(self) -> int:
+        return self.global_k[0].shape[2]
 
     def grow(self, needed: int) -> None:
         """Make room for `needed` positions per sequence, in steps of CACHE_STEP slots."""
         if needed <= self.capacity:
             return
         extra = -(-(needed - self.capacity) // CACHE_STEP) * CACHE_STEP
-        for cache in (self.global_k, self.global_v):
-            for i, kv in enumerate(cache):
-                B, G, _, D = kv.shape
-                cache[i] = mx.concatenate([kv, mx.zeros((B, G, extra, D), kv.dtype)], axis=2)
-        self.capacity += extra
+        for name in ("global_k", "global_v"):
+            self.state[name] = [mx.concatenate([kv, mx.zeros((*kv.shape[:2], extra, kv.shape[3]),
+                                                             kv.dtype)], axis=2)
+                                for kv in self.state[name]]
 
     def arrays(self) -> list[mx.array]:
-        carry = [] if self.carry is None else [self.carry]
-        return self.global_k + self.global_v + self.ring_k + self.ring_v + carry
+        return [a for value in self.state.values()
+                for a in (value if isinstance(value, list) else [value])]
 
     @property
     def nbytes(self) -> int:
@@ -197,6 +227,9 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.use_gswa_kernel: bool | None = None  # None: the Metal kernel iff Metal is available
+        self.compile_step = True
+        # plain attribute, not a child of the parameter tree (nn.Module files dicts as children)
+        object.__setattr__(self, "_compiled_steps", {})
         self.model = PLTModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -233,7 +266,7 @@ class Model(nn.Module):
 
     def make_cache(self, batch: int, capacity: int, loops: int | None = None) -> PLTCache:
         loops = self.args.resolve_loops(loops)
-        return PLTCache(self.args, loops, batch, capacity, self.model.norm.weight.dtype)
+        return PLTCache.zeros(self.args, loops, batch, capacity, self.model.norm.weight.dtype)
 
     # ---- full forward (no cache kept), mlx-lm's Model.__call__ -------------------------
     def __call__(self, inputs: mx.array, loops: int | None = None) -> mx.array:
@@ -314,11 +347,26 @@ class Model(nn.Module):
         """One token per sequence (`tokens` [B] at `positions` [B]); logits [B, V].
 
         "clp": the L rows [E, a E + b carry[1], ...] in one pass (PLT only). "naive": the
-        same rows as L sequential passes (v1: row r's input is row r-1's output).
+        same rows as L sequential passes (v1: row r's input is row r-1's output). The step is
+        `mx.compile`d (traced again only when the cache shapes change) unless
+        `compile_step` is False.
         """
-        L = cache.loops
         cache.grow(int(positions.max()) + 1)
         pos = mx.array(positions.astype(np.int32))
+        if not self.compile_step:
+            return self._step(tokens, cache, pos, mode)
+        if mode not in self._compiled_steps:
+            self._compiled_steps[mode] = mx.compile(partial(self._step_state, mode))
+        logits, cache.state = self._compiled_steps[mode](tokens, pos, cache.state)
+        return logits
+
+    def _step_state(self, mode, tokens, pos, state):
+        cache = PLTCache(dict(state))
+        logits = self._step(tokens, cache, pos, mode)
+        return logits, cache.state
+
+    def _step(self, tokens, cache, pos, mode):
+        L = cache.loops
         global_valid = (mx.arange(cache.capacity)[None, :] <= pos[:, None])[:, None, None, :]
         embeddings = self.model.embed_tokens(tokens[:, None])  # [B, 1, d]
         run = partial(self._decode_pass, cache=cache, pos=pos, global_valid=global_valid)

@@ -114,13 +114,14 @@ def test_full_forward_matches_pytorch(model_dir):
     assert np.abs(got - expected).max() <= TOL
 
 
-def test_clp_and_naive_agree_and_cache_grows_past_capacity(model_dir):
+def test_clp_naive_compiled_and_eager_agree_and_cache_grows_past_capacity(model_dir):
     from runtimes.mlx_backend import MLXBackend
 
     backend = MLXBackend(model_dir("plt", plt_num_loops=3))
     prompts = random_prompts(4, [6, 3])
     runs = {}
-    for mode in ("clp", "naive"):
+    for mode, compiled in (("clp", True), ("naive", True), ("clp", False)):
+        backend.model.compile_step = compiled
         state, logits = backend.prefill(prompts, max_tokens=8)  # grows during decoding
         capacity = state.capacity
         history = []
@@ -129,8 +130,9 @@ def test_clp_and_naive_agree_and_cache_grows_past_capacity(model_dir):
             logits = backend.step(state, np.array([token, token + 1]), mode=mode)
         assert capacity == 8 and state.capacity == 8 + 256
         assert backend.cache_bytes(state) == backend.expected_cache_bytes(2, state.capacity, 4)
-        runs[mode] = np.stack(history)
-    assert np.abs(runs["clp"] - runs["naive"]).max() <= 1e-5
+        runs[mode, compiled] = np.stack(history)
+    assert np.abs(runs["clp", True] - runs["naive", True]).max() <= 1e-5
+    assert np.abs(runs["clp", True] - runs["clp", False]).max() <= 1e-5
 
 
 # ---- greedy tokens -----------------------------------------------------------------------
