@@ -161,3 +161,32 @@ def run(args):
     out_dir = export(args.model_dir, args.out_dir, dtype=args.dtype, quantize=args.quantize,
                      group_size=args.group_size)
     print(f"wrote {out_dir}")
+
+
+def main(argv=None):
+    """python -m exporters.mlx_export MODEL_DIR: agreement of bf16/fp16/8-bit/4-bit with fp32."""
+    import argparse
+
+    from plt_port.tokenizer import Tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m exporters.mlx_export", description=main.__doc__)
+    parser.add_argument("model_dir")
+    parser.add_argument("--prompt", default="def binary_search(items, target):\n    ")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--loops", type=int, default=None)
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    args = parser.parse_args(argv)
+    prompt = Tokenizer.from_dir(args.model_dir).encode(args.prompt, add_bos=True)
+    results = agreement(args.model_dir, prompt, args.steps, args.loops, args.variants,
+                        args.group_size)
+    print(f"| variant | identical greedy tokens (teacher-forced, {args.steps} steps) | "
+          f"mean KL(fp32 || variant) | identical prefix of free greedy run |")
+    print("|---|---|---|---|")
+    for name, row in results.items():
+        print(f"| {name} | {row['identical_greedy']:.3f} | {row['mean_kl']:.2e} | "
+              f"{row['free_run_identical_prefix']} |")
+
+
+if __name__ == "__main__":
+    main()
