@@ -10,6 +10,7 @@ On a Mac, the gated test runs the real kernel on the GPU.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -257,7 +258,6 @@ def mlx_generated_source(kernel, call: dict, arrays: list) -> bytes:
     def fn(*xs):
         return kernel(**{**call, "inputs": [*xs, *call["inputs"][len(xs):]]})
 
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/kernel.mlxfn"
         mx.export_function(path, fn, *arrays)
