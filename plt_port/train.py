@@ -143,7 +143,8 @@ def prepare_corpus(run_dir: str, recipe: Recipe, dist_info: Dist, tokenizer_dir:
                  for split in paths}
         if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.model")):
             with checkpoint.atomic_dir(tokenizer_dir) as tmp:
-                train_tokenizer(files["train"], tmp, recipe.vocab_size)
+                # documents are joined by eos only: no bos in training (HF's add_bos_token)
+                train_tokenizer(files["train"], tmp, recipe.vocab_size, {"add_bos_token": False})
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
         for split, path in paths.items():
             if not os.path.exists(path):
