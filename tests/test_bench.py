@@ -1,0 +1,83 @@
+"""plt-port bench: structure and consistency on a tiny model (never timings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from plt_port.checkpoint import load_tensors
+from plt_port.cli import main
+from plt_port.config import PLTConfig
+from runtimes import load_backend
+from runtimes.bench import (PRESETS, BenchError, BenchSettings, parameter_count, random_config,
+                            random_model_dir, run_bench)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_rows_cover_loops_and_modes_with_consistent_figures(make_model):
+    model_dir = make_model("plt")
+    settings = BenchSettings(loops=[1, 2, 3], batch=2, steps=3, prompt_len=9, warmup=1)
+    result = run_bench(model_dir, settings, progress=False)
+    rows = result["rows"]
+    # loops=1 has no CLP: one naive row; loops 2 and 3 run both modes
+    assert [(r["loops"], r["mode"]) for r in rows] == [
+        (1, "naive"), (2, "clp"), (2, "naive"), (3, "clp"), (3, "naive")]
+    for r in rows:
+        backend = load_backend("torch", model_dir, loops=r["loops"])
+        assert r["capacity"] == 9 + 1 + 3 + 1
+        assert r["cache_bytes"] == backend.expected_cache_bytes(2, r["capacity"], 4)
+        assert r["decode_tps"] == pytest.approx(2 * 1e3 / r["step_ms"])
+        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+        naive = next(n for n in rows if n["loops"] == r["loops"] and n["mode"] == "naive")
+        assert r["vs_naive"] == pytest.approx(r["step_ms"] / naive["step_ms"])
+        assert r["vs_loops1"] == pytest.approx(r["step_ms"] / rows[0]["step_ms"])
+    assert result["model"]["parameters"] == sum(v.size for v in load_tensors(model_dir).values())
+
+
+def test_v1_model_runs_naive_only(make_model):
+    result = run_bench(make_model("v1"), BenchSettings(loops=[2], steps=2, prompt_len=4,
+                                                       warmup=0), progress=False)
+    assert [(r["loops"], r["mode"], r["vs_loops1"]) for r in result["rows"]] == [(2, "naive", None)]
+
+
+def test_random_presets_and_custom_dims(tmp_path):
+    assert 3e6 < parameter_count(random_config("small")[1]) < 8e6
+    assert 90e6 < parameter_count(random_config("100m")[1]) < 130e6
+    name, config = random_config("hidden_size=32,num_hidden_layers=1,vocab_size=300")
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (32, 1, 300)
+    assert config.intermediate_size == PRESETS["small"]["intermediate_size"]
+    assert name.startswith("custom-")
+    path = random_model_dir("tiny", root=str(tmp_path))
+    assert PLTConfig.from_file(path).hidden_size == PRESETS["tiny"]["hidden_size"]
+    assert random_model_dir("tiny", root=str(tmp_path)) == path  # reused
+    with pytest.raises(BenchError, match="preset"):
+        random_config("huge")
+    with pytest.raises(BenchError, match="steps"):
+        BenchSettings(steps=0)
+
+
+def test_cli_table_and_json(make_model, tmp_path, capsys):
+    model_dir = make_model("plt")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", model_dir, "--loops", "1,2", "--modes", "clp,naive",
+                 "--steps", "2", "--prompt-len", "5", "--warmup", "0", "--threads", "1",
+                 "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert [(r["loops"], r["mode"]) for r in result["rows"]] == [(1, "naive"), (2, "clp"),
+                                                                 (2, "naive")]
+    assert result["settings"]["backend_options"] == {"torch": {"device": "cpu", "threads": 1}}
+    for r in result["rows"]:
+        assert f"{r['step_ms']:.2f}" in table
+    assert main(["bench", "--model", model_dir, "--modes", "fast"]) == 1
+    assert main(["bench", "--model", model_dir, "--backend", "nope", "--steps", "1"]) == 1
+    assert "unknown backend 'nope'" in capsys.readouterr().err
