@@ -90,6 +90,23 @@ def test_logits_match_pytorch_prefill_and_32_decode_steps(model_dir, fmt):
                 assert diff <= TOL, (fmt, loops, mode, b, diff)
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(plt_gate_use_hidden_states=False, tie_word_embeddings=True),
+    dict(plt_normalize_per_loop=False, plt_emb_scale=0.5, plt_hidden_scale=2.0),
+], ids=["query-gate-tied", "no-norm-scaled"])
+def test_logits_match_pytorch_config_variants(model_dir, overrides):
+    from runtimes.mlx_backend import MLXBackend
+
+    path = model_dir("plt", plt_num_loops=3, **overrides)
+    prompts = random_prompts(9, [14, 10])
+    for mode in ("clp", "naive"):
+        sequences, history, _ = greedy_decode(MLXBackend(path), prompts, 12, mode, chunk_size=4)
+        reference = reference_logits(path, sequences, 3)
+        for b, prompt in enumerate(prompts):
+            expected = reference[b][len(prompt) - 1:len(prompt) + 11]
+            assert np.abs(np.stack([h[b] for h in history]) - expected).max() <= TOL
+
+
 def test_loops_gates_and_window_matter_beyond_tolerance(model_dir):
     """Guards the parity test: the things it checks change the logits by >> TOL."""
     path = model_dir("plt")
