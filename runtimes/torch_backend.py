@@ -13,6 +13,9 @@ sequence's own position t: CLP passes the L rows at once (each weight read once 
 naive passes one row at a time. Inside a layer, loop 1's row writes global slot t before any
 row reads the global cache; rows of loops >= 2 write their ring slot and attend to their
 own ring block only (a block-diagonal mask over the concatenated rings).
+
+Options: dtype ("float32", "bfloat16", "float16"; logits are always returned in fp32),
+device ("cpu", "cuda"), threads (sets torch's intra-op threads for the whole process).
 """
 
 from __future__ import annotations
