@@ -41,8 +41,9 @@ def evaluate_windows(model, windows: np.ndarray, loops: int | None = None,
                      batch_size: int = 8) -> dict:
     """Metrics of `model` (a PLTForCausalLM) over [n, seq_len + 1] token windows."""
     nll_sum, correct, count = 0.0, 0, 0
+    device = next(model.parameters()).device
     for i in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(windows[i:i + batch_size])).long()
+        batch = torch.from_numpy(np.ascontiguousarray(windows[i:i + batch_size])).long().to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         logits = model(inputs, loops=loops).float()
         nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(),

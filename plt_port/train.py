@@ -33,6 +33,7 @@ from tqdm import tqdm
 from . import checkpoint, data
 from .config import PLTConfig
 from .errors import PLTError
+from .evaluate import evaluate_windows
 from .model import PLTForCausalLM
 from .tokenizer import Tokenizer, train_tokenizer
 
@@ -224,18 +225,12 @@ def language_model_loss(model, windows: torch.Tensor, loops: int) -> torch.Tenso
     return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
 
 
-@torch.no_grad()
-def validation_loss(model: PLTForCausalLM, tokens: np.ndarray, recipe: Recipe, device,
-                    batch_size: int = 8) -> float:
+def validation_loss(model: PLTForCausalLM, tokens: np.ndarray, recipe: Recipe) -> float:
     windows = data.sequential_windows(tokens, recipe.seq_len, recipe.eval_tokens)
     was_training = model.training
-    model.eval()
-    total = 0.0
-    for i in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(windows[i:i + batch_size]).long().to(device)
-        total += language_model_loss(model, batch, recipe.loops).item() * len(batch)
+    loss = evaluate_windows(model.eval(), windows, recipe.loops)["loss"]
     model.train(was_training)
-    return total / len(windows)
+    return loss
 
 
 def train_model(run_dir: str, name: str, recipe: Recipe, dist_info: Dist | None = None,
@@ -308,7 +303,7 @@ def train_model(run_dir: str, name: str, recipe: Recipe, dist_info: Dist | None 
         bar.set_postfix(loss=f"{float(loss_value):.3f}", tok_s=f"{tokens_per_step / elapsed:.0f}")
         done = state["step"] == recipe.steps
         if dist_info.is_main and (state["step"] % recipe.eval_every == 0 or done):
-            val = validation_loss(model, val_tokens, recipe, dist_info.device)
+            val = validation_loss(model, val_tokens, recipe)
             state["validation"].append([state["step"], val])
             bar.write(f"{name} step {state['step']}: train {float(loss_value):.4f} "
                       f"validation {val:.4f} lr {lr_at(step, recipe):.2e}")
