@@ -44,6 +44,9 @@ shared layer stack loops, and the decode mode (**clp**: all loops of a token in 
 **naive**: one pass per loop). Tokens/s and time to first token count only each column's own
 backend time, so the columns do not slow each other's figures."""
 
+ANALYSE_HINT = ("Press **Analyse** to measure this model loop by loop (step size, output shift, "
+                "effective rank, gate mean, ...) on held-out text; it takes a while on a CPU.")
+
 
 def backend_reasons(backends: dict[str, str | None] | None = None) -> dict[str, str | None]:
     """{backend: None if it runs here, else why not (with the install hint)}."""
@@ -96,20 +99,26 @@ def compare_handler(pool: BackendPool, limits: Limits, reasons: dict[str, str | 
 
 
 def analysis_handler(pool: BackendPool):
+    """Analyse button and model choice: (gallery, card plot, note), each shown when it has
+    something (a one-image Gallery would open as a zoomed preview, hence the separate plot)."""
+
+    def views(images, figure, note):
+        return (gr.Gallery(value=images, visible=bool(images)),
+                gr.Plot(value=figure, visible=figure is not None), note)
+
     def analyse(model, loops):
         try:
             model_dir = pool.model_dir(model)
             loops = as_int(loops, "loops", 1, MAX_LOOPS)
         except DemoInputError as exc:
-            return [], f"⚠️ {exc}"
-        return loop_analysis(model_dir, loops)
+            return views([], None, f"⚠️ {exc}")
+        return views(*loop_analysis(model_dir, loops))
 
     def model_card(model):
         try:
-            return model_card_fallback(pool.model_dir(model), "Press **Analyse** for per-loop "
-                                       "diagnostics; until then, the model card:")
+            return views([], *model_card_fallback(pool.model_dir(model), ANALYSE_HINT))
         except DemoInputError as exc:
-            return [], f"⚠️ {exc}"
+            return views([], None, f"⚠️ {exc}")
 
     return analyse, model_card
 
@@ -190,8 +199,12 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backends: dict | None = 
                 analysis_model = gr.Dropdown(model_choices, value=model_choices[0], label="Model")
                 analysis_loops = gr.Slider(1, MAX_LOOPS, value=4, step=1, label="Loops")
                 analyse_button = gr.Button("Analyse", variant="primary")
-            gallery = gr.Gallery(label="Per-loop diagnostics", columns=2, height="auto")
-            analysis_note = gr.Markdown()
+            gallery = gr.Gallery(label="Per-loop diagnostics", columns=3, height="auto",
+                                 object_fit="contain", preview=False, visible=False)
+            with gr.Row():
+                card_plot = gr.Plot(label="Held-out loss (model card)", show_label=False,
+                                    visible=False)
+                analysis_note = gr.Markdown()
 
         n_columns.change(lambda n: [gr.Column(visible=i < int(n)) for i in range(MAX_COLUMNS)],
                          n_columns, boxes, queue=False, api_visibility="private")
@@ -201,11 +214,11 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backends: dict | None = 
                               column_outputs, api_name="compare")
         stop.click(None, cancels=[run_event])
         analyse, model_card = analysis_handler(pool)
-        analyse_button.click(analyse, [analysis_model, analysis_loops], [gallery, analysis_note],
+        analysis_views = [gallery, card_plot, analysis_note]
+        analyse_button.click(analyse, [analysis_model, analysis_loops], analysis_views,
                              api_name="loop_analysis", concurrency_limit=1)
-        analysis_model.change(model_card, analysis_model, [gallery, analysis_note],
-                              api_visibility="private")
-        app.load(model_card, analysis_model, [gallery, analysis_note], api_visibility="private")
+        analysis_model.change(model_card, analysis_model, analysis_views, api_visibility="private")
+        app.load(model_card, analysis_model, analysis_views, api_visibility="private")
 
     app.queue(default_concurrency_limit=limits.concurrency, max_size=limits.queue_size)
     app.pool = pool  # for tests and for closing the backend workers

@@ -61,11 +61,6 @@ class ColumnSpec:
     loops: int
     decode_mode: str
 
-    @property
-    def title(self) -> str:
-        loops = f"{self.loops} loop" + ("s" if self.loops != 1 else "")
-        return f"{self.model} · {BACKEND_LABELS.get(self.backend, self.backend)} · {loops} · {self.decode_mode}"
-
 
 @dataclass(frozen=True)
 class Request:
@@ -207,7 +202,8 @@ def make_request(prompt, limits: Limits, *, max_new_tokens, temperature, top_p, 
         seed=None if seed is None or seed == "" else as_int(seed, "seed", 0, 2**31 - 1),
     )
     return Request(prompt=prompt,
-                   max_new_tokens=as_int(max_new_tokens, "max new tokens", 1, limits.max_new_tokens),
+                   max_new_tokens=as_int(max_new_tokens, "max new tokens", 1,
+                                         limits.max_new_tokens),
                    sampling=sampling, use_chat_template=bool(use_chat_template),
                    max_prompt_tokens=limits.max_prompt_tokens)
 
@@ -261,7 +257,9 @@ class ColumnTimer:
 
     @property
     def tokens_per_s(self) -> float | None:
-        return self.decode_tokens / self.decode_s if self.decode_tokens and self.decode_s > 0 else None
+        if self.decode_tokens and self.decode_s > 0:
+            return self.decode_tokens / self.decode_s
+        return None
 
 
 def format_stats(response, timer: ColumnTimer) -> str:
@@ -322,7 +320,8 @@ def run_column(pool: BackendPool, spec: ColumnSpec, request: Request,
     while not worker.loaded.done():
         yield ColumnView(text=shown, stats=loading_message(spec), worked=False)
     if worker.loaded.exception() is not None:
-        yield error_view(shown, f"could not load the backend: {error_text(worker.loaded.exception())}")
+        yield error_view(shown, "could not load the backend: "
+                                + error_text(worker.loaded.exception()))
         return
     backend = worker.loaded.result()
 

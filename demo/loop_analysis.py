@@ -89,12 +89,14 @@ def loss_series(table: list[str]) -> dict[str, tuple[list[float], list[float]]]:
 
 def loss_figure(series: dict[str, tuple[list[float], list[float]]], title: str):
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6, 3.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     for name, (xs, ys) in series.items():
         order = np.argsort(xs)
         ax.plot(np.array(xs)[order], np.array(ys)[order], marker="o", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("loops at inference")
     ax.set_ylabel("held-out loss")
     ax.set_title(title)
@@ -116,7 +118,8 @@ def figure_image(fig) -> np.ndarray:
     return image
 
 
-def model_card_fallback(model_dir: str, reason: str) -> tuple[list[tuple[np.ndarray, str]], str]:
+def model_card_fallback(model_dir: str, reason: str):
+    """(plot of the card's held-out loss per loop count or None, markdown note)."""
     for path in card_paths(model_dir):
         if not os.path.isfile(path):
             continue
@@ -126,26 +129,26 @@ def model_card_fallback(model_dir: str, reason: str) -> tuple[list[tuple[np.ndar
             continue
         heading, table = found
         series = loss_series(table)
-        images = [(figure_image(loss_figure(series, heading or "held-out loss")),
-                   "held-out loss per loop count (model card)")] if series else []
+        figure = loss_figure(series, heading or "held-out loss") if series else None
         note = (f"{reason}\n\n**{heading or 'Held-out loss'}** (from `{path}`):\n\n"
                 + "\n".join(table))
-        return images, note
-    return [], f"{reason}\n\nNo model card with a held-out loss table was found for this model."
+        return figure, note
+    return None, f"{reason}\n\nNo model card with a held-out loss table was found for this model."
 
 
-def loop_analysis(model_dir: str, loops: int) -> tuple[list[tuple[np.ndarray, str]], str]:
-    """(images with captions, markdown note) for the tab; never raises."""
+def loop_analysis(model_dir: str, loops: int):
+    """(diagnostics images with captions, card figure or None, markdown note); never raises."""
     try:
         from plt_port.diagnostics import loop_analysis_figures
     except ImportError as exc:
-        return model_card_fallback(model_dir, f"Per-loop diagnostics are not available here "
-                                              f"({exc}); showing the model card instead.")
+        return [], *model_card_fallback(model_dir, f"Per-loop diagnostics are not available "
+                                                   f"here ({exc}); showing the model card instead.")
     try:
         figures = loop_analysis_figures(model_dir, loops=loops)
         images = [(figure_image(fig), title) for title, fig in figures]
     except Exception as exc:  # noqa: BLE001 - the tab must survive any failure in there
         log.error("loop analysis failed", exc_info=exc)
-        return model_card_fallback(model_dir, f"Per-loop diagnostics failed ({type(exc).__name__}: "
-                                              f"{exc}); showing the model card instead.")
-    return images, f"Per-loop diagnostics of `{model_dir}` at {loops} loops."
+        return [], *model_card_fallback(model_dir, f"Per-loop diagnostics failed "
+                                                   f"({type(exc).__name__}: {exc}); showing the "
+                                                   "model card instead.")
+    return images, None, f"Per-loop diagnostics of `{model_dir}` at {loops} loops."

@@ -34,7 +34,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 ALL_AVAILABLE = {"torch": None, "mlx": None, "onnx": None}
 
 
-# ---- a fake backend whose greedy continuation is known in advance ---------------------------
+# ---- a fake backend whose greedy continuation is known in advance --------------------------------
 class ChainBackend(Backend):
     """Logits that put all mass on chain[(index of last token) + loops]: the continuation of
     any prompt is known without running a model. Logs each step's loop count."""
@@ -119,7 +119,7 @@ def chain_setup(make_model):
     pool.close()
 
 
-# ---- handler unit tests ------------------------------------------------------------------------
+# ---- handler unit tests --------------------------------------------------------------------------
 def test_columns_stream_known_continuations_interleaved(chain_setup):
     pool, tokenizer, chain, step_log = chain_setup
     handler = compare_handler(pool, Limits(), ALL_AVAILABLE)
@@ -254,7 +254,7 @@ def test_human_bytes():
     assert engine.human_bytes(5 * 1024**4) == "5120.0 GiB"
 
 
-# ---- real torch backend against the reference model ---------------------------------------------
+# ---- real torch backend against the reference model ----------------------------------------------
 @requires("torch")
 @pytest.mark.parametrize("loops, mode", [(1, "clp"), (2, "clp"), (3, "naive")])
 def test_torch_column_matches_reference_greedy(make_model, loops, mode):
@@ -288,7 +288,7 @@ def test_torch_column_matches_reference_greedy(make_model, loops, mode):
     assert f"finish: **{finish}**" in stats and f"decode {'naive' if loops == 1 else mode}" in stats
 
 
-# ---- loop analysis tab -----------------------------------------------------------------------------
+# ---- loop analysis tab ---------------------------------------------------------------------------
 CARD = """# Model card
 
 ## Held-out loss per loop count
@@ -318,9 +318,11 @@ def test_loop_analysis_falls_back_to_the_model_card(make_model, monkeypatch):
         raise ValueError("no held-out split")
 
     monkeypatch.setattr(diagnostics, "loop_analysis_figures", broken)
-    images, note = loop_analysis(model_dir, 2)
+    images, figure, note = loop_analysis(model_dir, 2)
     assert "ValueError: no held-out split" in note and "| plt-l2 | 2 | **2.50** |" in note
-    assert len(images) == 1 and images[0][0].ndim == 3 and images[0][0].shape[2] == 3
+    assert images == []
+    lines = {line.get_label(): line.get_ydata().tolist() for line in figure.axes[0].lines}
+    assert lines == {"plt-l2": [3.10, 2.50], "plt-l1": [2.90]}
 
 
 def test_loop_analysis_shows_the_diagnostics_figures(make_model, monkeypatch):
@@ -337,13 +339,13 @@ def test_loop_analysis_shows_the_diagnostics_figures(make_model, monkeypatch):
 
     monkeypatch.setattr(diagnostics, "loop_analysis_figures", figures)
     model_dir = make_model("plt")
-    images, note = loop_analysis(model_dir, 3)
-    assert calls == [(model_dir, 3)]
+    images, figure, note = loop_analysis(model_dir, 3)
+    assert calls == [(model_dir, 3)] and figure is None
     assert [caption for _, caption in images] == ["step size", "gate mean"]
     assert images[0][0].shape == (50, 100, 3)
 
 
-# ---- the command ----------------------------------------------------------------------------------------
+# ---- the command ---------------------------------------------------------------------------------
 def test_demo_command_defaults_and_missing_models(monkeypatch, capsys):
     from plt_port import cli
     from plt_port.commands import demo as demo_command
@@ -358,7 +360,7 @@ def test_demo_command_defaults_and_missing_models(monkeypatch, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
-# ---- a served page -----------------------------------------------------------------------------------
+# ---- a served page -------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
