@@ -344,6 +344,11 @@ def test_study_command_writes_report_from_its_own_numbers(make_model, tmp_path, 
     assert (out / "figures" / "loss_vs_loops.png").exists()
     assert "figures/effective_rank.png" in report and (out / "figures" / "effective_rank.png").exists()
     assert "the small models **" in report
+    # unchanged weights and settings: --reuse takes the numbers from study.json
+    capsys.readouterr()
+    assert main(args + ["--reuse"]) == 0
+    assert capsys.readouterr().out.count("reusing the earlier numbers") == 2
+    assert (out / "README.md").read_text() == report
     # re-rendering from the JSON gives the same report
     again = tmp_path / "again"
     assert main(["study", "--from-json", str(out / "study.json"), "--out", str(again)]) == 0

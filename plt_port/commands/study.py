@@ -38,6 +38,9 @@ def add_arguments(parser):
     parser.add_argument("--eval-tokens", type=int, default=16384,
                         help="held-out tokens per eval (default 16384)")
     parser.add_argument("--seq-len", type=int, default=256, help="window length (default 256)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the numbers in <out>/study.json of models whose weights and "
+                             "settings have not changed")
     parser.add_argument("--from-json", metavar="STUDY_JSON",
                         help="only re-render the report from an existing study.json")
 
@@ -62,12 +65,14 @@ def family_from_args(specs: list[str]) -> dict[str, str]:
 
 
 def run_study(family: dict[str, str], max_tokens: int = 4096, eval_tokens: int | None = 16384,
-              seq_len: int = 256, progress: bool = True) -> dict:
-    """All numbers of the report, as one JSON-able dict."""
-    from plt_port import checkpoint, diagnostics
+              seq_len: int = 256, progress: bool = True, previous: dict | None = None) -> dict:
+    """All numbers of the report, as one JSON-able dict.
+
+    `previous`: an earlier study.json; a model whose weights and settings match its entry
+    there is not run again (its numbers were made by this same code on the same weights).
+    """
+    from plt_port import checkpoint
     from plt_port.config import PLTConfig
-    from plt_port.data import held_out_text
-    from plt_port.evaluate import evaluate
 
     configs = {name: PLTConfig.from_file(model_dir) for name, model_dir in family.items()}
     probes = [name for name, config in configs.items() if config.num_loops == PROBE_LOOPS]
@@ -75,28 +80,65 @@ def run_study(family: dict[str, str], max_tokens: int = 4096, eval_tokens: int |
         raise StudyError(f"the family has no model trained with {PROBE_LOOPS} loops "
                          f"(trained loop counts: {sorted(c.num_loops for c in configs.values())})")
     probe = probes[0]
-    eval_options = {} if eval_tokens is None else {"max_tokens": eval_tokens}
-    text = held_out_text()
+    previous_models = (previous or {}).get("models", {})
 
     models = {}
     for name, model_dir in family.items():
         config = configs[name]
-        loops = MAX_INFERENCE_LOOPS if name == probe else config.num_loops
-        diag = diagnostics.diagnose(model_dir, loops, text, seq_len=seq_len,
-                                    max_tokens=max_tokens, progress=progress)
-        eval_loops = range(1, MAX_INFERENCE_LOOPS + 1) if name == probe else [config.num_loops]
+        settings = {"loops": MAX_INFERENCE_LOOPS if name == probe else config.num_loops,
+                    "diagnostic_tokens": max_tokens, "eval_tokens": eval_tokens,
+                    "seq_len": seq_len}
+        digest = weights_digest(model_dir)
+        earlier = previous_models.get(name, {})
+        if earlier.get("weights_sha256") == digest and earlier.get("settings") == settings:
+            print(f"{name}: weights and settings unchanged, reusing the earlier numbers")
+            models[name] = {**earlier, "dir": os.fspath(model_dir)}
+            continue
         models[name] = {
             "dir": os.fspath(model_dir),
             "trained_loops": config.num_loops,
             "parameters": sum(_numel(s) for s in checkpoint.expected_shapes(config).values()),
-            "eval": {str(r): evaluate(model_dir, loops=r, **eval_options) for r in eval_loops},
-            "diagnostics": diag,
+            "weights_sha256": digest,
+            "settings": settings,
+            **_measure(model_dir, settings, name == probe, config.num_loops, progress),
         }
     return {"probe": probe, "max_inference_loops": MAX_INFERENCE_LOOPS,
-            "diagnostic_tokens": max_tokens, "seq_len": seq_len,
+            "diagnostic_tokens": max_tokens, "eval_tokens": eval_tokens, "seq_len": seq_len,
             "command": "plt-port " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"]
             else "plt-port study",
             "models": models}
+
+
+def _measure(model_dir: str, settings: dict, is_probe: bool, trained_loops: int,
+             progress: bool) -> dict:
+    """Held-out eval (at each loop count studied) and diagnostics of one model."""
+    from plt_port import diagnostics
+    from plt_port.data import held_out_text
+    from plt_port.evaluate import evaluate
+
+    eval_options = {} if settings["eval_tokens"] is None else {"max_tokens": settings["eval_tokens"]}
+    eval_loops = range(1, MAX_INFERENCE_LOOPS + 1) if is_probe else [trained_loops]
+    return {
+        "eval": {str(r): evaluate(model_dir, loops=r, **eval_options) for r in eval_loops},
+        "diagnostics": diagnostics.diagnose(model_dir, settings["loops"], held_out_text(),
+                                            seq_len=settings["seq_len"],
+                                            max_tokens=settings["diagnostic_tokens"],
+                                            progress=progress),
+    }
+
+
+def weights_digest(model_dir: str) -> str:
+    """sha256 of config.json and the weight files: what decides a model's numbers."""
+    import hashlib
+
+    from plt_port.checkpoint import weight_files
+
+    digest = hashlib.sha256()
+    for path in [os.path.join(model_dir, "config.json"), *weight_files(os.fspath(model_dir))]:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _numel(shape) -> int:
@@ -376,8 +418,11 @@ def run(args):
     if args.from_json:
         study = load_study(args.from_json)
     else:
+        previous_path = os.path.join(args.out, "study.json")
+        previous = load_study(previous_path) if args.reuse and os.path.exists(previous_path) \
+            else None
         study = run_study(family_from_args(args.model), max_tokens=args.max_tokens,
-                          eval_tokens=args.eval_tokens, seq_len=args.seq_len)
+                          eval_tokens=args.eval_tokens, seq_len=args.seq_len, previous=previous)
     write_study(study, args.out)
     for item in compare_with_loopcoder(study):
         print(f"{item['verdict']:>14}: {item['claim']}")
