@@ -57,12 +57,18 @@ def backend_reasons(backends: dict[str, str | None] | None = None) -> dict[str, 
     return {name: backend_unavailable_reason(name) for name in BACKENDS}
 
 
-def default_columns(models: dict[str, str], offered: list[str]) -> list[ColumnSpec]:
-    """Column i: the first model at i + 1 loops (the first column runs it as a plain
-    one-loop transformer), on PyTorch when it is offered."""
-    model = next(iter(models))
+def default_columns(trained_loops: dict[str, int], offered: list[str]) -> list[ColumnSpec]:
+    """Several models (the family, one per loop count): column i runs model i at the loop
+    count it was trained with. One model: column i runs it at i + 1 loops (the first column
+    as a plain one-loop transformer). PyTorch when it is offered."""
     backend = "torch" if "torch" in offered else (offered[0] if offered else "torch")
-    return [ColumnSpec(model, backend, min(i + 1, MAX_LOOPS), "clp") for i in range(MAX_COLUMNS)]
+    names = list(trained_loops)
+    if len(names) > 1:
+        picks = [(names[i % len(names)], trained_loops[names[i % len(names)]])
+                 for i in range(MAX_COLUMNS)]
+    else:
+        picks = [(names[0], min(i + 1, MAX_LOOPS)) for i in range(MAX_COLUMNS)]
+    return [ColumnSpec(model, backend, loops, "clp") for model, loops in picks]
 
 
 def compare_handler(pool: BackendPool, limits: Limits, reasons: dict[str, str | None]):
@@ -130,12 +136,12 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backends: dict | None = 
     models = model_names(model_dirs)
     if not models:
         raise DemoInputError("no model directories given")
-    for model_dir in models.values():
-        PLTConfig.from_file(model_dir)  # a clear error now rather than in a column later
+    # read every config now: a bad model dir is a clear error here rather than in a column
+    trained_loops = {name: PLTConfig.from_file(d).num_loops for name, d in models.items()}
     pool = BackendPool(models, loader)
     reasons = backend_reasons(backends)
     offered = [name for name, reason in reasons.items() if reason is None]
-    columns = default_columns(models, offered)
+    columns = default_columns(trained_loops, offered)
     backend_choices = [(BACKEND_LABELS.get(name, name), name) for name in offered]
     model_choices = list(models)
 
@@ -196,7 +202,8 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backends: dict | None = 
 
         with gr.Tab("Loop analysis"):
             with gr.Row():
-                analysis_model = gr.Dropdown(model_choices, value=model_choices[0], label="Model")
+                analysis_model = gr.Dropdown(model_choices, value=columns[1].model,
+                                             label="Model")
                 analysis_loops = gr.Slider(1, MAX_LOOPS, value=4, step=1, label="Loops")
                 analyse_button = gr.Button("Analyse", variant="primary")
             gallery = gr.Gallery(label="Per-loop diagnostics", columns=3, height="auto",

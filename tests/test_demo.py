@@ -360,6 +360,44 @@ def test_demo_command_defaults_and_missing_models(monkeypatch, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
+def test_default_columns_family_and_single_model():
+    from demo.app import default_columns
+
+    family = default_columns({"L1": 1, "L2": 2, "L3": 3}, ["torch", "onnx"])
+    assert [(c.model, c.loops, c.backend) for c in family] == [
+        ("L1", 1, "torch"), ("L2", 2, "torch"), ("L3", 3, "torch"), ("L1", 1, "torch")]
+    single = default_columns({"m": 2}, ["onnx"])
+    assert [(c.model, c.loops, c.backend) for c in single] == [("m", i, "onnx") for i in (1, 2, 3, 4)]
+
+
+@requires("torch")
+def test_demo_command_serves_the_page_on_loopback(make_model, tmp_path):
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    log_path = tmp_path / "demo.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "plt_port.cli", "demo", "--model",
+                                   make_model("plt"), "--port", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PLT_PORT_CACHE": str(tmp_path / "cache")})
+    try:
+        deadline, page = time.monotonic() + 90, None
+        while page is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+            except OSError:
+                time.sleep(0.5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    log = log_path.read_text()
+    assert page is not None and b"PLT loop comparison" in page, log
+    assert f"http://127.0.0.1:{port}" in log and "gradio.live" not in log  # no share link
+
+
 # ---- a served page -------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

@@ -34,18 +34,10 @@ def add_arguments(parser):
 
 
 def family_dirs() -> list[str]:
-    """The embedded family's model dirs, the default model first; [] when not installed."""
-    try:
-        from plt_port.models import default_model_dir, family_model_dirs
-    except ImportError:
-        return []
-    dirs = family_model_dirs()
-    dirs = [str(d) for d in (dirs.values() if isinstance(dirs, dict) else dirs)]
-    try:
-        default = str(default_model_dir())
-    except (PLTError, FileNotFoundError, LookupError):
-        return dirs
-    return sorted(dirs, key=lambda d: os.path.abspath(d) != os.path.abspath(default))
+    """The embedded family's model dirs present here, in loop order."""
+    from plt_port.models import family_model_dirs
+
+    return list(family_model_dirs().values())
 
 
 def run(args):
