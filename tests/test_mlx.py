@@ -52,8 +52,8 @@ def reference_logits(model_dir, sequences, loops):
 
 
 def greedy_decode(backend, prompts, steps, mode="clp", chunk_size=None):
-    """Greedy decoding; returns the full sequences and the logits of every generated token's
-    prediction: logits[s] [B, V] predicts the token at position len(prompt) + s."""
+    """Greedy decoding; returns the full sequences and the logits of prefill and of every step:
+    history[s] [B, V] (s = 0..steps) predicts the token at position len(prompt) + s."""
     state, logits = backend.prefill(prompts, max(map(len, prompts)) + steps,
                                     chunk_size=chunk_size)
     sequences, history = [list(p) for p in prompts], []
@@ -63,6 +63,7 @@ def greedy_decode(backend, prompts, steps, mode="clp", chunk_size=None):
         for seq, token in zip(sequences, tokens):
             seq.append(int(token))
         logits = backend.step(state, tokens, mode=mode)
+    history.append(logits)
     return sequences, history, state
 
 
@@ -84,7 +85,7 @@ def test_logits_match_pytorch_prefill_and_32_decode_steps(model_dir, fmt):
             sequences, history, _ = greedy_decode(backend, prompts, 32, mode, chunk_size)
             reference = reference_logits(path, sequences, loops)
             for b, prompt in enumerate(prompts):
-                expected = reference[b][len(prompt) - 1:len(prompt) - 1 + 32]
+                expected = reference[b][len(prompt) - 1:len(prompt) + 32]
                 got = np.stack([step[b] for step in history])
                 diff = np.abs(got - expected).max()
                 assert diff <= TOL, (fmt, loops, mode, b, diff)
@@ -103,7 +104,7 @@ def test_logits_match_pytorch_config_variants(model_dir, overrides):
         sequences, history, _ = greedy_decode(MLXBackend(path), prompts, 12, mode, chunk_size=4)
         reference = reference_logits(path, sequences, 3)
         for b, prompt in enumerate(prompts):
-            expected = reference[b][len(prompt) - 1:len(prompt) + 11]
+            expected = reference[b][len(prompt) - 1:len(prompt) + 12]
             assert np.abs(np.stack([h[b] for h in history]) - expected).max() <= TOL
 
 
@@ -241,7 +242,7 @@ def test_quantized_export_matches_pytorch_on_dequantized_weights(model_dir, tmp_
                                             dequantized_tensors(weights, 32, bits))
     with torch.no_grad():
         for b, (seq, prompt) in enumerate(zip(sequences, prompts)):
-            expected = reference(torch.tensor([seq]))[0, len(prompt) - 1:len(prompt) + 7].numpy()
+            expected = reference(torch.tensor([seq]))[0, len(prompt) - 1:len(prompt) + 8].numpy()
             assert np.abs(np.stack([h[b] for h in history]) - expected).max() <= TOL
     _, fp32_logits = MLXBackend(path).prefill(prompts, 16)
     assert np.abs(history[0] - fp32_logits).max() > 10 * TOL  # the weights really changed
