@@ -2,7 +2,8 @@
 
 Every backend is driven through the same contract (`runtimes.load_backend`): prefill a batch
 of random prompts, then time single decode steps (after a warm-up) and report the median.
-The ratios (clp vs naive, any loop count vs loops=1) come from one run on one machine.
+The steps of all loop counts and modes of a backend are interleaved, so the ratios (clp vs
+naive, any loop count vs loops=1) come from one run under the same conditions.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from plt_port.checkpoint import expected_shapes
 from plt_port.config import PLTConfig
@@ -102,35 +104,54 @@ def parameter_count(config: PLTConfig) -> int:
     return sum(math.prod(shape) for shape in expected_shapes(config).values())
 
 
-def time_backend(backend, settings: BenchSettings) -> list[dict]:
-    """One row per decode mode actually run (a model without CLP runs naive only)."""
-    vocab = backend.config.vocab_size
-    rng = np.random.default_rng(settings.seed)
-    prompts = rng.integers(3, vocab, (settings.batch, settings.prompt_len)).tolist()
-    capacity = settings.prompt_len + settings.warmup + settings.steps + 1
-    backend.prefill(prompts, capacity)  # warm-up (first-call allocations, lazy compiles)
-    modes = list(dict.fromkeys(backend.check_mode(m) for m in settings.modes))
-    rows = []
-    for mode in modes:
-        start = time.perf_counter()
-        state, logits = backend.prefill(prompts, capacity)
-        prefill_s = time.perf_counter() - start
-        step_s = []
-        for i in range(settings.warmup + settings.steps):
-            tokens = logits.argmax(-1)
+@dataclass
+class _Run:
+    """One (backend, decode mode) configuration being timed."""
+
+    backend: object
+    mode: str
+    state: object
+    logits: np.ndarray
+    prefill_s: float
+    step_s: list[float] = field(default_factory=list)
+
+
+def time_backends(backends: list, settings: BenchSettings, progress: bool = False) -> list[dict]:
+    """One row per (backend, decode mode actually run); a model without CLP runs naive only.
+
+    Decode steps are interleaved: each round runs one step of every configuration, so a
+    change of load on a shared machine hits all of them alike and the ratios stay fair.
+    """
+    runs = []
+    for backend in backends:
+        rng = np.random.default_rng(settings.seed)
+        prompts = rng.integers(3, backend.config.vocab_size,
+                               (settings.batch, settings.prompt_len)).tolist()
+        capacity = settings.prompt_len + settings.warmup + settings.steps + 1
+        backend.prefill(prompts, capacity)  # warm-up (first-call allocations, lazy compiles)
+        for mode in dict.fromkeys(backend.check_mode(m) for m in settings.modes):
             start = time.perf_counter()
-            logits = backend.step(state, tokens, mode)
+            state, logits = backend.prefill(prompts, capacity)
+            runs.append(_Run(backend, mode, state, logits, time.perf_counter() - start))
+    rounds = range(settings.warmup + settings.steps)
+    for i in tqdm(rounds, desc=f"bench {backends[0].name}", disable=not progress):
+        for run in runs:
+            tokens = run.logits.argmax(-1)
+            start = time.perf_counter()
+            run.logits = run.backend.step(run.state, tokens, run.mode)
             if i >= settings.warmup:
-                step_s.append(time.perf_counter() - start)
-        step_ms = statistics.median(step_s) * 1e3
+                run.step_s.append(time.perf_counter() - start)
+    rows = []
+    for run in runs:
+        step_ms = statistics.median(run.step_s) * 1e3
         rows.append(dict(
-            backend=backend.name, loops=backend.loops, mode=mode, batch=settings.batch,
-            prompt_len=settings.prompt_len, steps=settings.steps,
-            prefill_tps=settings.batch * settings.prompt_len / prefill_s,
-            step_ms=step_ms, step_ms_min=min(step_s) * 1e3, step_ms_max=max(step_s) * 1e3,
-            decode_tps=settings.batch * 1e3 / step_ms,
-            cache_bytes=backend.cache_bytes(state), capacity=state.capacity,
-            peak_memory_bytes=backend.peak_memory_bytes()))
+            backend=run.backend.name, loops=run.backend.loops, mode=run.mode,
+            batch=settings.batch, prompt_len=settings.prompt_len, steps=settings.steps,
+            prefill_tps=settings.batch * settings.prompt_len / run.prefill_s,
+            step_ms=step_ms, step_ms_min=min(run.step_s) * 1e3,
+            step_ms_max=max(run.step_s) * 1e3, decode_tps=settings.batch * 1e3 / step_ms,
+            cache_bytes=run.backend.cache_bytes(run.state), capacity=run.state.capacity,
+            peak_memory_bytes=run.backend.peak_memory_bytes()))
     return rows
 
 
@@ -145,15 +166,14 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def run_bench(model_dir: str, settings: BenchSettings, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
-    jobs = [(name, loops) for name in settings.backends for loops in settings.loops]
     rows = []
-    for name, loops in tqdm(jobs, desc="bench", disable=not progress):
-        backend = load_backend(name, model_dir, loops=loops,
-                               **settings.backend_options.get(name, {}))
-        rows += time_backend(backend, settings)
-        del backend
+    for name in settings.backends:
+        # every loop count of one backend is loaded at once so that their steps interleave
+        backends = [load_backend(name, model_dir, loops=loops,
+                                 **settings.backend_options.get(name, {}))
+                    for loops in settings.loops]
+        rows += time_backends(backends, settings, progress)
+        del backends
     add_ratios(rows)
     config = PLTConfig.from_file(model_dir)
     return dict(
