@@ -34,6 +34,8 @@ PRESETS = {
                   num_key_value_heads=2, intermediate_size=688, vocab_size=4096),   # ~5M
     "100m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=4, intermediate_size=2048, vocab_size=16384),  # ~100M
+    "300m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=4, intermediate_size=2816, vocab_size=32000),  # ~340M
 }
 RANDOM_BASE = dict(model_type="iquestpltcoder", plt_num_loops=2, plt_window_size=[64, 0],
                    plt_gate_use_hidden_states=True, max_position_embeddings=4096)

@@ -1,4 +1,4 @@
-"""plt-port bench [--model DIR | --random small|100m|key=value,...] [--backend torch,onnx,mlx]
+"""plt-port bench [--model DIR | --random small|100m|300m|key=value,...] [--backend torch,onnx,mlx]
 
 Decode step latency (median) and tok/s for each loop count and decode mode, prefill tok/s
 and cache bytes; prints a table and optionally writes the rows as JSON.
@@ -28,8 +28,8 @@ def add_arguments(parser):
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="DIR", help="PyTorch PLT model directory")
     source.add_argument("--random", metavar="SIZE",
-                        help="random PLT model: a preset (tiny, small ~5M, 100m ~100M "
-                             "parameters) or config fields, e.g. "
+                        help="random PLT model: a preset (tiny, small ~5M, 100m ~100M, 300m "
+                             "~340M parameters) or config fields, e.g. "
                              "hidden_size=512,num_hidden_layers=8 (over 'small'); default small")
     parser.add_argument("--backend", type=comma_list(str), default=["torch"],
                         help="backends, comma-separated (default torch)")
