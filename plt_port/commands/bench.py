@@ -1,4 +1,4 @@
-"""plt-port bench [--model DIR | --random small|100m|300m|key=value,...] [--backend torch,onnx,mlx]
+"""plt-port bench [--model DIR | --random PRESET|key=value,...] [--backend torch,onnx,mlx]
 
 Decode step latency (median) and tok/s for each loop count and decode mode, prefill tok/s
 and cache bytes; prints a table and optionally writes the rows as JSON.
