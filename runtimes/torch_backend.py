@@ -217,8 +217,8 @@ class TorchBackend(Backend):
             raise BackendError(f"step needs one integer token per sequence, shape "
                                f"({state.batch_size},); got {tokens.dtype} {tokens.shape}")
         if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
-            raise BackendError(f"token ids outside the vocabulary (0..{self.config.vocab_size - 1}):"
-                               f" {tokens.tolist()}")
+            raise BackendError(f"token ids outside the vocabulary "
+                               f"(0..{self.config.vocab_size - 1}): {tokens.tolist()}")
         self._ensure_capacity(state, int(state.lengths.max()) + 1)
         model, caches = self.model, state.caches
         t = torch.from_numpy(state.lengths).to(self.device)
@@ -283,8 +283,8 @@ class TorchBackend(Backend):
                     # Loop 1's row sees no ring slot (its local branch is zero) and gate 1
                     # selects its plain causal attention exactly.
                     gate = torch.cat([torch.ones_like(gate[:, :, :1]), gate], dim=2)
-                y, _ = gated_swa(q, global_kv, global_mask, (ring_k[:, :, ring], ring_v[:, :, ring]),
-                                 local_mask, gate)
+                ring_kv = (ring_k[:, :, ring], ring_v[:, :, ring])
+                y, _ = gated_swa(q, global_kv, global_mask, ring_kv, local_mask, gate)
                 return y
 
             return attention

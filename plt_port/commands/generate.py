@@ -1,4 +1,4 @@
-"""plt-port generate [--model DIR] [--backend torch|onnx|mlx] [--loops N] [--decode clp|naive] PROMPT
+"""plt-port generate [--model DIR] [--backend NAME] [--loops N] [--decode clp|naive] PROMPT
 
 Streams the answer to stdout as it is decoded, then prints the stats on stderr.
 """
