@@ -327,6 +327,13 @@ def test_loopcoder_comparison_is_computed_from_the_numbers():
     assert verdict["Two loops are best (lowest held-out loss of the family)"] == "differ"
     assert "largest at loop 1" in findings["Loop 2 has the largest effective rank"]["evidence"][0]
 
+    alone = _study({1: 3.0, 2: 2.5, 3: 2.6, 4: 2.7}, {2: 2.5}, rank=[40.0, 50.0, 45.0, 44.0],
+                   alignment=[None, 0.3, -0.4, -0.2], gate=[None, 0.6, 0.7, 0.55])
+    verdict = {f["claim"]: f["verdict"] for f in compare_with_loopcoder(alone)}
+    for claim in ("Two loops are best (lowest held-out loss of the family)",
+                  "Loops 3 and 4 regress: models trained with more loops"):
+        assert verdict[claim].startswith("cannot tell"), claim
+
 
 @requires("plt_port.evaluate")
 def test_study_command_writes_report_from_its_own_numbers(make_model, tmp_path, capsys):

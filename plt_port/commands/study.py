@@ -253,8 +253,10 @@ def compare_with_loopcoder(study: dict) -> list[dict]:
                                                                  for r in sorted(trained))])
     # 6. the headline: two loops are best
     best = min(trained, key=trained.get)
-    finding("Two loops are best (lowest held-out loss of the family)", [best == PROBE_LOOPS],
-            [f"lowest held-out loss: the model trained with L={best} ({trained[best]:.4f})"])
+    finding("Two loops are best (lowest held-out loss of the family)",
+            [best == PROBE_LOOPS] if len(trained) > 1 else [],
+            [f"lowest held-out loss: the model trained with L={best} ({trained[best]:.4f}) "
+             f"of {len(trained)} trained loop counts"])
     return findings
 
 
