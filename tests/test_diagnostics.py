@@ -350,7 +350,7 @@ def test_study_command_writes_report_from_its_own_numbers(make_model, tmp_path, 
     assert f"{loss3:.4f}" in report
     assert (out / "figures" / "loss_vs_loops.png").exists()
     assert "figures/effective_rank.png" in report and (out / "figures" / "effective_rank.png").exists()
-    assert "the small models **" in report
+    assert "Small models: **" in report
     # unchanged weights and settings: --reuse takes the numbers from study.json
     capsys.readouterr()
     assert main(args + ["--reuse"]) == 0

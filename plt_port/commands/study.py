@@ -357,7 +357,7 @@ def render_report(study: dict, figure_names: list[str]) -> str:
               "(agree: every run checked agrees, partly agree: some do, differ: none do).", ""]
     for item in compare_with_loopcoder(study):
         note = f" ({item['note']})" if item["note"] else ""
-        lines.append(f"- **{item['claim']}**: the small models **{item['verdict']}**{note}.")
+        lines.append(f"- {item['claim']}{note}. Small models: **{item['verdict']}**.")
         lines += [f"  - {e}" for e in item["evidence"]]
     lines += [""]
 
