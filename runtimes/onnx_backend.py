@@ -1,10 +1,12 @@
 """ONNX Runtime backend: runs the graphs of `exporters.onnx_export` behind `runtimes.base.Backend`.
 
 - Provider: CUDAExecutionProvider when onnxruntime-gpu and a GPU are present, else CPU.
-- Weights once in memory: `weights.bin` is read into one buffer, each tensor is one OrtValue
+- Weights once in memory: `weights.bin` is memory-mapped once, each tensor is one OrtValue
   (a view, no copy) handed to both sessions with `SessionOptions.add_initializer`, so the
-  prefill and decode graphs share them. ORT's CPU pre-packing would give each session a
-  packed copy of every MatMul weight, so it is off unless `prepack=True`.
+  prefill and decode graphs share them. ORT's CPU pre-packing would add a packed copy of a
+  weight per MatMul node that uses it (the prefill graph unrolls the loops: L copies), so it
+  is off. `prepack=True` turns it on for the CLP decode graph only: one packed copy more
+  (2x weight memory), faster small-batch decode.
 - Caches live in OrtValues bound with IO binding; the global KV (both graphs) and the rings
   (decode graph) are bound as outputs to their own input buffers, so the graphs' ScatterND
   writes the new slot in place and nothing is copied between steps.
@@ -73,7 +75,7 @@ class ONNXBackend(Backend):
         self.device = choose_provider(provider)
         self.np_dtype = np.dtype(np.float16 if self.manifest["dtype"] == "fp16" else np.float32)
         self.weights = self._load_weights()
-        self.sessions = {kind: self._session(graph["file"], threads, prepack)
+        self.sessions = {kind: self._session(graph["file"], threads, prepack and kind == "decode")
                          for kind, graph in self.manifest["graphs"].items()}
         actual = self.sessions["prefill"].get_providers()[0]
         if self.device == "cuda" and actual != PROVIDERS["cuda"]:
@@ -82,9 +84,10 @@ class ONNXBackend(Backend):
 
     # ---- loading ----------------------------------------------------------------------
     def _load_weights(self) -> dict[str, ort.OrtValue]:
-        """One buffer for the whole file; every tensor an OrtValue over its slice."""
-        self._weights_buffer = np.fromfile(os.path.join(self.model_dir,
-                                                        self.manifest["weights_file"]), np.uint8)
+        """One read-only mapping of the file; every tensor an OrtValue over its slice (no copy,
+        and the pages are the OS file cache: shared with any other process using this export)."""
+        self._weights_buffer = np.memmap(os.path.join(self.model_dir, self.manifest["weights_file"]),
+                                         np.uint8, mode="r")
         values = {}
         for name, entry in self.manifest["weights"].items():
             raw = self._weights_buffer[entry["offset"]:entry["offset"] + entry["length"]]

@@ -1,0 +1,323 @@
+"""ONNX exporter and ONNX Runtime backend against the PyTorch reference (plt_port.model).
+
+The reference is the full-sequence forward of PLTForCausalLM: one forward over the final
+sequence gives the logits the cached backend must produce after prefill and after every
+decode step (a causal model's logits at position t depend on positions <= t only).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+
+from exporters.onnx_export import ExportError, export  # noqa: E402
+from runtimes import BackendError, load_backend  # noqa: E402
+
+TOL = 1e-4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def export_cache(tmp_path, monkeypatch):
+    """Exports made on first use go to this test's folder, never to ~/.cache."""
+    monkeypatch.setenv("PLT_PORT_CACHE", str(tmp_path / "cache"))
+
+
+def reference_logits(model_dir, sequences, loops):
+    """[len(seq), V] reference logits of every position of each sequence."""
+    import torch
+
+    from plt_port.model import PLTForCausalLM
+
+    model = PLTForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        return [model(torch.tensor([s]), loops=loops)[0].numpy() for s in sequences]
+
+
+def decode_and_compare(backend, model_dir, prompts, steps, mode="clp", chunk_size=None,
+                       max_tokens=None, seed=0):
+    """Prefill + `steps` decode steps with random tokens; worst |logits - reference|."""
+    rng = np.random.default_rng(seed)
+    vocab = backend.config.vocab_size
+    max_tokens = max_tokens or max(map(len, prompts)) + steps
+    state, logits = backend.prefill(prompts, max_tokens, chunk_size)
+    got = [[row] for row in logits]
+    sequences = [list(p) for p in prompts]
+    for _ in range(steps):
+        tokens = rng.integers(3, vocab, len(prompts))
+        for seq, token in zip(sequences, tokens):
+            seq.append(int(token))
+        for b, row in enumerate(backend.step(state, tokens, mode)):
+            got[b].append(row)
+    assert list(state.lengths) == [len(s) for s in sequences]
+    worst = 0.0
+    for b, ref in enumerate(reference_logits(model_dir, sequences, backend.loops)):
+        expected = ref[len(prompts[b]) - 1:]
+        worst = max(worst, float(np.abs(np.stack(got[b]) - expected).max()))
+    return worst, state
+
+
+def random_prompts(lengths, vocab=512, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in lengths]
+
+
+# ---- export ------------------------------------------------------------------------------
+def test_export_layout_custom_op_and_checker(make_model, tmp_path):
+    out = export(make_model("plt"), tmp_path / "onnx", loops=3)
+    manifest = json.load(open(os.path.join(out, "plt_onnx.json")))
+    assert manifest["loops"] == 3 and manifest["clp"] and manifest["window"] == 8
+    for name in ("prefill.onnx", "decode.onnx", "weights.bin", "config.json", "tokenizer.model"):
+        assert os.path.exists(os.path.join(out, name)), name
+    weight_files = set()
+    for kind in ("prefill", "decode"):
+        path = os.path.join(out, f"{kind}.onnx")
+        onnx.checker.check_model(path, full_check=True)
+        model = onnx.load(path, load_external_data=False)
+        ops = {(n.domain, n.op_type) for n in model.graph.node}
+        assert ("plt", "GatedSlidingWindowAttention") in ops
+        assert [(f.domain, f.name) for f in model.functions] == [("plt", "GatedSlidingWindowAttention")]
+        for init in model.graph.initializer:
+            assert init.data_location == onnx.TensorProto.EXTERNAL, init.name
+            weight_files |= {e.value for e in init.external_data if e.key == "location"}
+        declared = {i["name"] for i in manifest["graphs"][kind]["inputs"]}
+        assert declared == {i.name for i in model.graph.input}
+    assert weight_files == {"weights.bin"}   # both graphs read the one file
+    stored = sum(e["length"] for e in manifest["weights"].values())
+    assert stored <= os.path.getsize(os.path.join(out, "weights.bin")) < stored + 4096 * len(
+        manifest["weights"])
+
+
+def test_export_v1_has_no_clp_graph_and_is_atomic(make_model, tmp_path, monkeypatch):
+    out = export(make_model("v1"), tmp_path / "v1", loops=2)
+    assert not os.path.exists(os.path.join(out, "decode.onnx"))
+    assert not json.load(open(os.path.join(out, "plt_onnx.json")))["clp"]
+
+    import exporters.onnx_graph as graph
+
+    def broken(*args):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(graph, "build_prefill", broken)
+    with pytest.raises(RuntimeError):
+        export(make_model("plt"), tmp_path / "partial")
+    assert not os.path.exists(tmp_path / "partial")
+    assert not glob.glob(str(tmp_path / ".partial*"))
+
+
+def test_export_errors(make_model, tmp_path):
+    model_dir = make_model("plt")
+    with pytest.raises(ExportError, match="dtype"):
+        export(model_dir, tmp_path / "x", dtype="int8")
+    out = export(model_dir, tmp_path / "ok")
+    with pytest.raises(ExportError, match="already an ONNX export"):
+        export(out, tmp_path / "again")
+    with pytest.raises(BackendError, match="exported with loops=2"):
+        load_backend("onnx", out, loops=3)
+    with pytest.raises(BackendError, match="unknown options"):
+        load_backend("onnx", out, kernel="on")
+
+
+def test_cli_export(make_model, tmp_path):
+    from plt_port.cli import main
+
+    assert main(["export", "onnx", make_model("plt"), str(tmp_path / "cli"), "--loops", "1"]) == 0
+    manifest = json.load(open(tmp_path / "cli" / "plt_onnx.json"))
+    assert manifest["loops"] == 1 and not manifest["clp"]
+    assert main(["export", "onnx", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
+
+
+# ---- parity --------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["plt", "v1"])
+@pytest.mark.parametrize("loops", [1, 2, 3, 4])
+def test_logits_match_reference(make_model, fmt, loops):
+    """Batch 2 with different prompt lengths (13 > window 8, and 5), prefill + 32 decode steps."""
+    model_dir = make_model(fmt, seed=loops)
+    backend = load_backend("onnx", model_dir, loops=loops)
+    mode = backend.check_mode("clp")
+    assert mode == ("clp" if fmt == "plt" and loops > 1 else "naive")
+    worst, state = decode_and_compare(backend, model_dir, random_prompts([13, 5]), 32, mode)
+    assert worst <= TOL, worst
+    assert backend.cache_bytes(state) == backend.expected_cache_bytes(2, state.capacity, 4)
+
+
+def test_naive_and_chunked_prefill_match_reference(make_model):
+    model_dir = make_model("plt", seed=7, plt_emb_scale=0.5, plt_hidden_scale=2.0)
+    backend = load_backend("onnx", model_dir, loops=3)
+    prompts = random_prompts([19, 4, 11])
+    worst, _ = decode_and_compare(backend, model_dir, prompts, 12, "naive", chunk_size=5)
+    assert worst <= TOL, worst
+
+
+def test_query_gate_and_unnormalized_carry(make_model):
+    model_dir = make_model("plt", seed=3, plt_gate_use_hidden_states=False,
+                           plt_normalize_per_loop=False, tie_word_embeddings=True)
+    backend = load_backend("onnx", model_dir, loops=2)
+    worst, _ = decode_and_compare(backend, model_dir, random_prompts([9, 14]), 10)
+    assert worst <= TOL, worst
+
+
+def test_caches_grow_past_capacity(make_model):
+    model_dir = make_model("plt", seed=5)
+    backend = load_backend("onnx", model_dir, loops=2)
+    prompts = random_prompts([6, 3])
+    worst, state = decode_and_compare(backend, model_dir, prompts, 10, max_tokens=6)
+    assert worst <= TOL and state.capacity > 6
+
+
+def test_step_rejects_bad_tokens(make_model):
+    backend = load_backend("onnx", make_model("plt"), loops=2)
+    state, _ = backend.prefill([[5, 6, 7]], 8)
+    with pytest.raises(BackendError, match="vocabulary"):
+        backend.step(state, np.array([10_000]))
+    with pytest.raises(BackendError, match="one token per sequence"):
+        backend.step(state, np.array([1, 2]))
+    with pytest.raises(BackendError, match="chunk_size"):
+        backend.prefill([[5, 6]], 8, chunk_size=0)
+
+
+def test_fp16_export_close_to_reference(make_model, tmp_path, capsys):
+    model_dir = make_model("plt", seed=11)
+    out = export(model_dir, tmp_path / "fp16", dtype="fp16", loops=2)
+    backend = load_backend("onnx", out)
+    worst, state = decode_and_compare(backend, model_dir, random_prompts([13, 5]), 32)
+    with capsys.disabled():
+        print(f"\nfp16 ONNX vs fp32 reference: max abs logit diff {worst:.2e}")
+    assert worst < 2e-2
+    assert backend.cache_bytes(state) == backend.expected_cache_bytes(2, state.capacity, 2)
+
+
+# ---- generation ----------------------------------------------------------------------------
+def greedy_tokens(backend, tokenizer, prompt, n=64):
+    """Tokens of the shared generate API (the one the demo and the CLI use), greedy."""
+    from runtimes.generate import stream_generate
+    from runtimes.sampling import SamplingParams
+
+    return [r.token for r in stream_generate(backend, tokenizer, prompt, max_new_tokens=n,
+                                             sampling=SamplingParams(temperature=0.0))]
+
+
+def assert_same_greedy(model_dir, loops=None):
+    from plt_port.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    prompt = "def binary_search(items, target):\n    "
+    onnx_backend = load_backend("onnx", model_dir, loops=loops)
+    torch_backend = load_backend("torch", model_dir, loops=loops)
+    ours = greedy_tokens(onnx_backend, tokenizer, prompt)
+    theirs = greedy_tokens(torch_backend, tokenizer, prompt)
+    assert ours == theirs
+    return ours
+
+
+def test_greedy_64_tokens_match_torch_backend_random_model(make_model):
+    tokens = assert_same_greedy(make_model("plt", seed=2), loops=2)
+    assert len(tokens) >= 1
+
+
+EMBEDDED = sorted(p for p in glob.glob(os.path.join(ROOT, "plt_port", "models", "*"))
+                  if os.path.exists(os.path.join(p, "config.json")))
+
+
+@pytest.mark.skipif(not EMBEDDED, reason="no embedded models in plt_port/models yet")
+@pytest.mark.parametrize("model_dir", EMBEDDED or [""], ids=os.path.basename)
+def test_greedy_64_tokens_match_torch_backend_embedded(model_dir):
+    assert_same_greedy(model_dir)
+
+
+# ---- deployment properties ------------------------------------------------------------------
+def test_runs_without_torch(make_model, tmp_path):
+    """Export and run in a fresh interpreter where importing torch fails."""
+    model_dir = make_model("plt")
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "mlx"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, NoTorch())
+        import numpy as np
+        from exporters.onnx_export import export
+        from runtimes import load_backend
+        out = export({model_dir!r}, {str(tmp_path / "nt")!r})
+        backend = load_backend("onnx", out)
+        state, logits = backend.prefill([[5, 6, 7, 8]], 16)
+        logits = backend.step(state, np.array([9]), "clp")
+        assert np.isfinite(logits).all()
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_sessions_use_the_shared_weight_buffer(make_model, tmp_path, monkeypatch):
+    """ORT must take every weight from the backend's one mapping of weights.bin, not load the
+    file again: between mapping it and creating the sessions, the file is replaced by zeros."""
+    from runtimes.onnx_backend import ONNXBackend
+
+    model_dir = make_model("plt", seed=4)
+    out = export(model_dir, tmp_path / "shared", loops=2)
+    original = ONNXBackend._load_weights
+
+    def load_then_hide_file(self):
+        values = original(self)
+        path = os.path.join(self.model_dir, "weights.bin")
+        os.rename(path, path + ".mapped")  # the mapping keeps the old file
+        with open(path, "wb") as f:
+            f.write(bytes(os.path.getsize(path + ".mapped")))
+        return values
+
+    monkeypatch.setattr(ONNXBackend, "_load_weights", load_then_hide_file)
+    backend = load_backend("onnx", out)
+    assert not any(open(os.path.join(out, "weights.bin"), "rb").read())
+    buffer = backend._weights_buffer
+    lo, hi = buffer.ctypes.data, buffer.ctypes.data + buffer.nbytes
+    assert all(lo <= v.data_ptr() < hi for v in backend.weights.values())
+    worst, _ = decode_and_compare(backend, model_dir, random_prompts([9, 4]), 4)
+    assert worst <= TOL
+
+
+def test_weights_held_once_in_process_memory(tmp_path):
+    """RSS growth of loading both sessions and running them stays near one copy of the weights
+    (two unshared sessions would hold at least two)."""
+    from plt_port.config import PLTConfig
+    from plt_port.random_model import save_random_model
+
+    config = PLTConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=1024, vocab_size=16384,
+                       plt_num_loops=3, plt_gate_use_hidden_states=True)
+    model_dir = save_random_model(tmp_path / "mid", config)
+    out = export(model_dir, tmp_path / "mid-onnx")
+    script = textwrap.dedent(f"""
+        import numpy as np
+        import runtimes.onnx_backend  # the library's own code pages are not weights
+        from runtimes import load_backend
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096
+        before = rss()
+        backend = load_backend("onnx", {out!r})
+        state, _ = backend.prefill([[5, 6, 7, 8]], 16)
+        backend.step(state, np.array([9]), "clp")
+        backend.step(state, np.array([9]), "naive")
+        print(rss() - before)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth = int(result.stdout.split()[-1])
+    weights = os.path.getsize(os.path.join(out, "weights.bin"))
+    assert growth < 1.5 * weights, (growth, weights)
