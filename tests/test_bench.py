@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from test_torch_backend import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from plt_port.checkpoint import load_tensors
 from plt_port.cli import main
@@ -13,14 +13,6 @@ from plt_port.config import PLTConfig
 from runtimes import load_backend
 from runtimes.bench import (PRESETS, BenchError, BenchSettings, parameter_count, random_config,
                             random_model_dir, run_bench)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_rows_cover_loops_and_modes_with_consistent_figures(make_model):

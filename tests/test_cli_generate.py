@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
+from test_torch_backend import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from plt_port.cli import main
 from plt_port.tokenizer import Tokenizer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_torch_backend import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from plt_port.model import PLTForCausalLM
 from plt_port.tokenizer import Tokenizer
@@ -12,14 +13,6 @@ from runtimes import Backend, DecodeState, load_backend
 from runtimes.generate import GenerateError, StopMatcher, generate, stream_generate
 from runtimes.sampling import (Sampler, SamplingError, SamplingParams, apply_min_p,
                                apply_repetition_penalty, apply_top_k, apply_top_p, softmax)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- sampler ---------------------------------------------------------------------------
