@@ -124,8 +124,10 @@ def test_columns_stream_known_continuations_interleaved(chain_setup):
     pool, tokenizer, chain, step_log = chain_setup
     handler = compare_handler(pool, Limits(), ALL_AVAILABLE)
     prompt = "def fibonacci(n):"
-    columns = run_compare(handler, prompt, 2, [("tiny", "torch", 1, "clp"),
-                                               ("tiny", "onnx", 3, "naive")], max_new_tokens=12)
+    specs = [("tiny", "torch", 1, "clp"), ("tiny", "onnx", 3, "naive")]
+    for spec in specs:  # loaded beforehand, so that both columns start on the same round
+        pool.worker(engine.ColumnSpec(*spec)).loaded.result()
+    columns = run_compare(handler, prompt, 2, specs, max_new_tokens=12)
     ids = tokenizer.encode(prompt, add_bos=True)
     for (text, stats), loops in zip(columns[:2], (1, 3)):
         assert text == prompt + expected_chain_text(tokenizer, chain, ids, loops, 12)
@@ -485,6 +487,8 @@ def test_load_eight_concurrent_clients(served_demo):
     for t in threads:
         t.join(timeout=duration_s + 120)
     assert not any(t.is_alive() for t in threads), "a client hung"
+    print(f"load test: {len(results)} two-column comparisons by {n_clients} clients in "
+          f"{duration_s:.0f} s, {len(failures)} failures")
     assert failures == []
     assert len(results) >= n_clients
     for out in results:
