@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,33 +27,31 @@ def card_paths(model_dir: str) -> list[str]:
 
     package_card = os.path.join(os.path.dirname(plt_port.__file__), "models", CARD_NAME)
     model_dir = os.path.abspath(model_dir)
-    return [os.path.join(model_dir, CARD_NAME), os.path.join(os.path.dirname(model_dir), CARD_NAME),
-            package_card]
+    return [os.path.join(model_dir, CARD_NAME),
+            os.path.join(os.path.dirname(model_dir), CARD_NAME), package_card]
 
 
-def markdown_tables(text: str) -> list[tuple[str, list[str]]]:
-    """(heading above, table lines) of every pipe table in a markdown text."""
-    tables, heading, current = [], "", []
+@dataclass
+class CardTable:
+    heading: str        # the markdown heading above the table
+    caption: str        # the paragraph line just above it
+    lines: list[str]    # header, separator, rows
+
+
+def markdown_tables(text: str) -> list[CardTable]:
+    tables, heading, caption, current = [], "", "", []
     for line in text.splitlines() + [""]:
         if line.lstrip().startswith("|"):
             current.append(line.strip())
             continue
         if len(current) >= 3:
-            tables.append((heading, current))
+            tables.append(CardTable(heading, caption, current))
         current = []
         if line.startswith("#"):
-            heading = line.lstrip("#").strip()
+            heading, caption = line.lstrip("#").strip(), ""
+        elif line.strip():
+            caption = line.strip()
     return tables
-
-
-def held_out_loss_table(text: str) -> tuple[str, list[str]] | None:
-    """The card's held-out loss table: the first table whose header names a loss, preferring
-    one whose heading or header says held-out/eval."""
-    candidates = [(h, t) for h, t in markdown_tables(text) if "loss" in t[0].lower()]
-    for heading, table in candidates:
-        if re.search(r"held|eval|valid", heading + table[0], re.IGNORECASE):
-            return heading, table
-    return candidates[0] if candidates else None
 
 
 def _cells(line: str) -> list[str]:
@@ -60,31 +59,58 @@ def _cells(line: str) -> list[str]:
 
 
 def _number(cell: str) -> float | None:
-    match = re.fullmatch(r"[-+]?\d+(\.\d+)?", cell.replace(",", ""))
-    return float(cell.replace(",", "")) if match else None
+    cell = cell.replace(",", "")
+    return float(cell) if re.fullmatch(r"[-+]?\d+(\.\d+)?", cell) else None
 
 
-def loss_series(table: list[str]) -> dict[str, tuple[list[float], list[float]]]:
-    """{series: (loop counts, losses)} from a table with a 'loop' column and a 'loss' column;
-    rows are grouped by the first column when that is not the loop column (e.g. a model)."""
-    header = [h.lower() for h in _cells(table[0])]
-    loop_col = next((i for i, h in enumerate(header) if "loop" in h), None)
-    loss_col = next((i for i, h in enumerate(header) if "loss" in h), None)
+def _loop_count(header_cell: str) -> int | None:
+    """`L=3`, `3 loops`, `loops 3` -> 3: a column of one inference loop count."""
+    match = re.fullmatch(r"(?:l\s*=\s*|loops?\s*)(\d+)|(\d+)\s*loops?", header_cell.lower())
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def loss_series(table: CardTable) -> dict[str, tuple[list[float], list[float]]]:
+    """{series: (loop counts, losses)} of a loss table in either layout: a matrix (rows:
+    models, columns: `L=n`), or a 'loops' column beside a 'loss' column (rows grouped by the
+    first column, e.g. the model, when that is not the loop column)."""
+    header = _cells(table.lines[0])
+    rows = [_cells(line) for line in table.lines[2:]]
+    series: dict[str, tuple[list[float], list[float]]] = {}
+
+    def add(name, x, y):
+        if x is not None and y is not None:
+            xs, ys = series.setdefault(name, ([], []))
+            xs.append(float(x))
+            ys.append(y)
+
+    column_loops = [_loop_count(h) for h in header[1:]]
+    if any(n is not None for n in column_loops):
+        for cells in rows:
+            for n, cell in zip(column_loops, cells[1:]):
+                add(cells[0], n, _number(cell))
+        return series
+    lower = [h.lower() for h in header]
+    loop_col = next((i for i, h in enumerate(lower) if "loop" in h), None)
+    loss_col = next((i for i, h in enumerate(lower) if "loss" in h), None)
     if loop_col is None or loss_col is None:
         return {}
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for line in table[2:]:
-        cells = _cells(line)
-        if len(cells) <= max(loop_col, loss_col):
-            continue
-        x, y = _number(cells[loop_col]), _number(cells[loss_col])
-        if x is None or y is None:
-            continue
-        name = cells[0] if loop_col != 0 else "held-out loss"
-        xs, ys = series.setdefault(name, ([], []))
-        xs.append(x)
-        ys.append(y)
+    for cells in rows:
+        if len(cells) > max(loop_col, loss_col):
+            add(cells[0] if loop_col != 0 else "held-out loss", _number(cells[loop_col]),
+                _number(cells[loss_col]))
     return series
+
+
+def held_out_loss_table(text: str) -> CardTable | None:
+    """The card's table of loss per loop count: among the tables about a loss whose numbers
+    parse, prefer held-out (eval/validation) ones, then the matrix across loop counts."""
+    def words(t: CardTable) -> str:
+        return f"{t.heading} {t.caption} {t.lines[0]}".lower()
+
+    tables = [t for t in markdown_tables(text) if "loss" in words(t) and loss_series(t)]
+    tables.sort(key=lambda t: (not re.search(r"held|eval|valid", words(t)),
+                               all(_loop_count(h) is None for h in _cells(t.lines[0]))))
+    return tables[0] if tables else None
 
 
 def loss_figure(series: dict[str, tuple[list[float], list[float]]], title: str):
@@ -124,14 +150,12 @@ def model_card_fallback(model_dir: str, reason: str):
         if not os.path.isfile(path):
             continue
         with open(path, encoding="utf-8") as f:
-            found = held_out_loss_table(f.read())
-        if found is None:
+            table = held_out_loss_table(f.read())
+        if table is None:
             continue
-        heading, table = found
-        series = loss_series(table)
-        figure = loss_figure(series, heading or "held-out loss") if series else None
-        note = (f"{reason}\n\n**{heading or 'Held-out loss'}** (from `{path}`):\n\n"
-                + "\n".join(table))
+        figure = loss_figure(loss_series(table), table.heading or "held-out loss")
+        note = (f"{reason}\n\n**{table.heading or 'Held-out loss'}** (model card `{path}`)"
+                f"{': ' + table.caption if table.caption else ''}\n\n" + "\n".join(table.lines))
         return figure, note
     return None, f"{reason}\n\nNo model card with a held-out loss table was found for this model."
 

@@ -240,6 +240,10 @@ def test_chat_template_wraps_the_prompt(make_model, tokenizer_dir, tmp_path):
                                 top_k=0, seed=0, use_chat_template=False)
     assert engine.encode_prompt(tokenizer, plain) == (tokenizer.encode("def f():", add_bos=True),
                                                       "def f():")
+    tokenizer.config["add_bos_token"] = False  # as the embedded family's tokenizer says
+    assert engine.encode_prompt(tokenizer, plain)[0] == tokenizer.encode("def f():")
+    assert engine.encode_prompt(tokenizer, request)[0] == tokenizer.encode(
+        "USER: def f():\nASSISTANT:")
 
 
 def test_queue_caps_concurrency_and_waiting_requests(make_model):
@@ -293,20 +297,43 @@ def test_torch_column_matches_reference_greedy(make_model, loops, mode):
 # ---- loop analysis tab ---------------------------------------------------------------------------
 CARD = """# Model card
 
-## Held-out loss per loop count
+## Training
 
-| model | loops | held-out loss | ppl |
+| model | steps | final train loss |
+|---|---|---|
+| plt-l2 | 100 | 2.0 |
+
+## Held-out results
+
+Each model at its trained loop count:
+
+| model | loops | loss (nats/token) | perplexity |
 |---|---|---|---|
-| plt-l2 | 1 | 3.10 | 22.2 |
-| plt-l2 | 2 | **2.50** | 12.2 |
 | plt-l1 | 1 | 2.90 | 18.2 |
+| plt-l2 | 2 | **2.50** | 12.2 |
+| unigram baseline | - | 5.00 | 148.4 |
+
+Held-out loss across inference loop counts (rows: trained loops; columns: loops at inference):
+
+| model | L=1 | L=2 | L=3 |
+|---|---|---|---|
+| plt-l1 | 2.90 | 3.40 | - |
+| plt-l2 | 3.10 | 2.50 | 2.55 |
 """
 
 
-def test_model_card_table_and_series():
-    heading, table = held_out_loss_table("| a | b |\n|---|---|\n| 1 | 2 |\n\n" + CARD)
-    assert heading == "Held-out loss per loop count" and len(table) == 5
-    assert loss_series(table) == {"plt-l2": ([1.0, 2.0], [3.10, 2.50]), "plt-l1": ([1.0], [2.90])}
+def test_model_card_loss_tables():
+    from demo.loop_analysis import markdown_tables
+
+    training, at_trained, matrix = markdown_tables(CARD)
+    assert (training.heading, at_trained.heading) == ("Training", "Held-out results")
+    assert matrix.caption.startswith("Held-out loss across inference loop counts")
+    assert loss_series(training) == {}  # no loop column
+    assert loss_series(at_trained) == {"plt-l1": ([1.0], [2.90]), "plt-l2": ([2.0], [2.50])}
+    assert loss_series(matrix) == {"plt-l1": ([1.0, 2.0], [2.90, 3.40]),
+                                   "plt-l2": ([1.0, 2.0, 3.0], [3.10, 2.50, 2.55])}
+    assert held_out_loss_table(CARD) == matrix
+    assert held_out_loss_table(CARD.split("Held-out loss across")[0]) == at_trained
 
 
 def test_loop_analysis_falls_back_to_the_model_card(make_model, monkeypatch):
@@ -321,10 +348,10 @@ def test_loop_analysis_falls_back_to_the_model_card(make_model, monkeypatch):
 
     monkeypatch.setattr(diagnostics, "loop_analysis_figures", broken)
     images, figure, note = loop_analysis(model_dir, 2)
-    assert "ValueError: no held-out split" in note and "| plt-l2 | 2 | **2.50** |" in note
+    assert "ValueError: no held-out split" in note and "| plt-l2 | 3.10 | 2.50 | 2.55 |" in note
     assert images == []
     lines = {line.get_label(): line.get_ydata().tolist() for line in figure.axes[0].lines}
-    assert lines == {"plt-l2": [3.10, 2.50], "plt-l1": [2.90]}
+    assert lines == {"plt-l1": [2.90, 3.40], "plt-l2": [3.10, 2.50, 2.55]}
 
 
 def test_loop_analysis_shows_the_diagnostics_figures(make_model, monkeypatch):
