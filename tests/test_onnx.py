@@ -35,6 +35,21 @@ def export_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PLT_PORT_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: one intra-op thread in torch (the reference)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def onnx_backend(model_dir, loops=None, **options):
+    return load_backend("onnx", model_dir, loops=loops, threads=1, **options)
+
+
 def reference_logits(model_dir, sequences, loops):
     """[len(seq), V] reference logits of every position of each sequence."""
     import torch
@@ -145,7 +160,7 @@ def test_cli_export(make_model, tmp_path):
 def test_logits_match_reference(make_model, fmt, loops):
     """Batch 2 with different prompt lengths (13 > window 8, and 5), prefill + 32 decode steps."""
     model_dir = make_model(fmt, seed=loops)
-    backend = load_backend("onnx", model_dir, loops=loops)
+    backend = onnx_backend(model_dir, loops)
     mode = backend.check_mode("clp")
     assert mode == ("clp" if fmt == "plt" and loops > 1 else "naive")
     worst, state = decode_and_compare(backend, model_dir, random_prompts([13, 5]), 32, mode)
@@ -155,7 +170,7 @@ def test_logits_match_reference(make_model, fmt, loops):
 
 def test_naive_and_chunked_prefill_match_reference(make_model):
     model_dir = make_model("plt", seed=7, plt_emb_scale=0.5, plt_hidden_scale=2.0)
-    backend = load_backend("onnx", model_dir, loops=3)
+    backend = onnx_backend(model_dir, 3)
     prompts = random_prompts([19, 4, 11])
     worst, _ = decode_and_compare(backend, model_dir, prompts, 12, "naive", chunk_size=5)
     assert worst <= TOL, worst
@@ -164,21 +179,21 @@ def test_naive_and_chunked_prefill_match_reference(make_model):
 def test_query_gate_and_unnormalized_carry(make_model):
     model_dir = make_model("plt", seed=3, plt_gate_use_hidden_states=False,
                            plt_normalize_per_loop=False, tie_word_embeddings=True)
-    backend = load_backend("onnx", model_dir, loops=2)
+    backend = onnx_backend(model_dir, 2)
     worst, _ = decode_and_compare(backend, model_dir, random_prompts([9, 14]), 10)
     assert worst <= TOL, worst
 
 
 def test_caches_grow_past_capacity(make_model):
     model_dir = make_model("plt", seed=5)
-    backend = load_backend("onnx", model_dir, loops=2)
+    backend = onnx_backend(model_dir, 2)
     prompts = random_prompts([6, 3])
     worst, state = decode_and_compare(backend, model_dir, prompts, 10, max_tokens=6)
     assert worst <= TOL and state.capacity > 6
 
 
 def test_step_rejects_bad_tokens(make_model):
-    backend = load_backend("onnx", make_model("plt"), loops=2)
+    backend = onnx_backend(make_model("plt"), 2)
     state, _ = backend.prefill([[5, 6, 7]], 8)
     with pytest.raises(BackendError, match="vocabulary"):
         backend.step(state, np.array([10_000]))
@@ -191,7 +206,7 @@ def test_step_rejects_bad_tokens(make_model):
 def test_fp16_export_close_to_reference(make_model, tmp_path, capsys):
     model_dir = make_model("plt", seed=11)
     out = export(model_dir, tmp_path / "fp16", dtype="fp16", loops=2)
-    backend = load_backend("onnx", out)
+    backend = onnx_backend(out)
     worst, state = decode_and_compare(backend, model_dir, random_prompts([13, 5]), 32)
     with capsys.disabled():
         print(f"\nfp16 ONNX vs fp32 reference: max abs logit diff {worst:.2e}")
@@ -200,31 +215,35 @@ def test_fp16_export_close_to_reference(make_model, tmp_path, capsys):
 
 
 # ---- generation ----------------------------------------------------------------------------
-def greedy_tokens(backend, tokenizer, prompt, n=64):
-    """Tokens of the shared generate API (the one the demo and the CLI use), greedy."""
-    from runtimes.generate import stream_generate
-    from runtimes.sampling import SamplingParams
-
-    return [r.token for r in stream_generate(backend, tokenizer, prompt, max_new_tokens=n,
-                                             sampling=SamplingParams(temperature=0.0))]
+def greedy_ids(backend, prompt_ids, n=64):
+    """n argmax tokens straight from the backend (no stop on eos)."""
+    state, logits = backend.prefill([prompt_ids], len(prompt_ids) + n)
+    tokens = [int(logits[0].argmax())]
+    while len(tokens) < n:
+        logits = backend.step(state, np.array(tokens[-1:]), "clp")
+        tokens.append(int(logits[0].argmax()))
+    return tokens
 
 
 def assert_same_greedy(model_dir, loops=None):
+    """64 greedy tokens, and the text of the shared generate API, equal to the torch backend's."""
     from plt_port.tokenizer import Tokenizer
+    from runtimes.generate import generate
+    from runtimes.sampling import SamplingParams
 
     tokenizer = Tokenizer.from_dir(model_dir)
     prompt = "def binary_search(items, target):\n    "
-    onnx_backend = load_backend("onnx", model_dir, loops=loops)
-    torch_backend = load_backend("torch", model_dir, loops=loops)
-    ours = greedy_tokens(onnx_backend, tokenizer, prompt)
-    theirs = greedy_tokens(torch_backend, tokenizer, prompt)
+    backends = [onnx_backend(model_dir, loops), load_backend("torch", model_dir, loops=loops)]
+    prompt_ids = tokenizer.encode(prompt, add_bos=True)
+    ours, theirs = (greedy_ids(b, prompt_ids) for b in backends)
     assert ours == theirs
-    return ours
+    texts = [generate(b, tokenizer, prompt, max_new_tokens=64,
+                      sampling=SamplingParams(temperature=0.0))[0] for b in backends]
+    assert texts[0] == texts[1]
 
 
 def test_greedy_64_tokens_match_torch_backend_random_model(make_model):
-    tokens = assert_same_greedy(make_model("plt", seed=2), loops=2)
-    assert len(tokens) >= 1
+    assert_same_greedy(make_model("plt", seed=2), loops=2)
 
 
 EMBEDDED = sorted(p for p in glob.glob(os.path.join(ROOT, "plt_port", "models", "*"))
