@@ -340,3 +340,37 @@ def test_weights_held_once_in_process_memory(tmp_path):
     growth = int(result.stdout.split()[-1])
     weights = os.path.getsize(os.path.join(out, "weights.bin"))
     assert growth < 1.5 * weights, (growth, weights)
+
+
+def test_provider_choice(make_model):
+    import onnxruntime as ort
+
+    backend = onnx_backend(make_model("plt"), 2)
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    assert backend.device in (("cuda", "cpu") if has_cuda else ("cpu",))
+    if not has_cuda:
+        with pytest.raises(BackendError, match="onnxruntime-gpu"):
+            onnx_backend(make_model("plt"), 2, provider="cuda")
+    with pytest.raises(BackendError, match="provider must be"):
+        onnx_backend(make_model("plt"), 2, provider="tpu")
+
+
+def cuda_unavailable_reason() -> str | None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "needs onnxruntime-gpu (CUDAExecutionProvider is not in this onnxruntime)"
+    return None
+
+
+@pytest.mark.accelerator
+@pytest.mark.skipif(cuda_unavailable_reason() is not None, reason=str(cuda_unavailable_reason()))
+@pytest.mark.parametrize("fmt", ["plt", "v1"])
+def test_cuda_logits_match_reference(make_model, fmt):
+    model_dir = make_model(fmt, seed=9)
+    backend = onnx_backend(model_dir, 3, provider="cuda")
+    if backend.device != "cuda":
+        pytest.skip("onnxruntime-gpu is installed but found no usable GPU")
+    worst, _ = decode_and_compare(backend, model_dir, random_prompts([13, 5]), 32,
+                                  backend.check_mode("clp"))
+    assert worst <= TOL, worst
