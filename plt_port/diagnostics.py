@@ -264,17 +264,23 @@ def parse_loops(spec: str | int | None) -> int | None:
     return last_loop
 
 
-def text_windows(tokenizer, text: str, seq_len: int, max_tokens: int | None) -> torch.Tensor:
-    """Consecutive [n, seq_len + 1] token windows of `text` covering about `max_tokens` tokens."""
+def token_windows(tokens, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """Consecutive [n, seq_len + 1] windows of a token stream covering about `max_tokens`
+    predicted tokens (the windows `plt-port eval` scores, when given its stream)."""
     from .data import sequential_windows
 
     if seq_len < 1:
         raise DiagnosticsError(f"seq_len must be >= 1, got {seq_len}")
-    tokens = np.asarray(_encode_prefix(tokenizer, text, max_tokens), dtype=np.int64)
+    tokens = np.asarray(tokens, dtype=np.int64)
     if len(tokens) < 2:
         raise DiagnosticsError(f"the text has {len(tokens)} tokens; diagnostics need at least 2")
     seq_len = min(seq_len, len(tokens) - 1)
     return torch.from_numpy(sequential_windows(tokens, seq_len, max_tokens))
+
+
+def text_windows(tokenizer, text: str, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """`token_windows` of the start of `text`."""
+    return token_windows(_encode_prefix(tokenizer, text, max_tokens), seq_len, max_tokens)
 
 
 def _encode_prefix(tokenizer, text: str, max_tokens: int | None) -> list[int]:
@@ -291,7 +297,8 @@ def _encode_prefix(tokenizer, text: str, max_tokens: int | None) -> list[int]:
 def diagnose(model_dir: str | os.PathLike, loops: int | str | None = None,
              text: str | None = None, seq_len: int = 256, batch_size: int = 4,
              max_tokens: int | None = 16384, progress: bool = True, model=None) -> dict:
-    """Loop diagnostics of the model in `model_dir` on `text` (default: the held-out split).
+    """Loop diagnostics of the model in `model_dir` on `text` (default: the held-out split as
+    `plt-port eval` reads it, so loop r's loss is eval's loss at `loops=r` on the same windows).
 
     Returns a JSON-able dict: `per_loop[metric]` is a list over loops 1..L, `per_layer[metric]`
     a [L][n_layers] table; None where a metric does not apply to that loop.
@@ -305,10 +312,12 @@ def diagnose(model_dir: str | os.PathLike, loops: int | str | None = None,
         raise DiagnosticsError(f"batch_size must be >= 1, got {batch_size}")
     model = model or PLTForCausalLM.from_pretrained(model_dir)
     loops = model.config.resolve_loops(parse_loops(loops))
+    tokenizer = Tokenizer.from_dir(model_dir)
     if text is None:
-        from .data import held_out_text
-        text = held_out_text()
-    windows = text_windows(Tokenizer.from_dir(model_dir), text, seq_len, max_tokens)
+        from .evaluate import validation_tokens
+        windows = token_windows(validation_tokens(tokenizer), seq_len, max_tokens)
+    else:
+        windows = text_windows(tokenizer, text, seq_len, max_tokens)
     if int(windows.max()) >= model.config.vocab_size:
         raise DiagnosticsError(f"token id {int(windows.max())} is outside the model's vocabulary "
                                f"({model.config.vocab_size}): tokenizer and model do not match")
@@ -407,9 +416,6 @@ def loop_analysis_figures(model_dir: str | os.PathLike, loops: int | None = None
                           seq_len: int = 128) -> list[tuple[str, object]]:
     """Quick diagnostics for the demo: (title, Figure) per metric from `max_tokens` tokens of
     `text` (default: the held-out split) at `loops` (default: the checkpoint's)."""
-    if text is None:
-        from .data import held_out_text
-        text = held_out_text(max_chars=max_tokens * 16)
     result = diagnose(model_dir, loops, text, seq_len=seq_len, batch_size=4,
                       max_tokens=max_tokens, progress=False)
     return [(METRIC_BY_KEY[key].label, fig) for key, fig in figures(result)]

@@ -195,6 +195,17 @@ def test_loss_at_loop_r_equals_a_separate_run_with_r_loops(make_model):
         assert result["per_loop"]["accuracy"][r - 1] == pytest.approx(accuracy, abs=1e-7)
 
 
+def test_default_text_is_the_eval_set(make_model):
+    from plt_port.evaluate import evaluate
+
+    model_dir = make_model(seed=3)
+    result = diagnostics.diagnose(model_dir, 3, None, seq_len=32, max_tokens=64, progress=False)
+    for loops in (2, 3):
+        expected = evaluate(model_dir, loops=loops, max_tokens=64, seq_len=32)
+        assert result["per_loop"]["loss"][loops - 1] == pytest.approx(expected["loss"], rel=1e-5)
+        assert result["per_loop"]["accuracy"][loops - 1] == pytest.approx(expected["accuracy"])
+
+
 def test_per_layer_values_belong_to_their_layer(make_model):
     """Loop 1 at layer l is the loop-1 output of the model cut after layer l."""
     model_dir = make_model(num_hidden_layers=3)

@@ -113,14 +113,13 @@ def _measure(model_dir: str, settings: dict, is_probe: bool, trained_loops: int,
              progress: bool) -> dict:
     """Held-out eval (at each loop count studied) and diagnostics of one model."""
     from plt_port import diagnostics
-    from plt_port.data import held_out_text
     from plt_port.evaluate import evaluate
 
     eval_options = {} if settings["eval_tokens"] is None else {"max_tokens": settings["eval_tokens"]}
     eval_loops = range(1, MAX_INFERENCE_LOOPS + 1) if is_probe else [trained_loops]
     return {
         "eval": {str(r): evaluate(model_dir, loops=r, **eval_options) for r in eval_loops},
-        "diagnostics": diagnostics.diagnose(model_dir, settings["loops"], held_out_text(),
+        "diagnostics": diagnostics.diagnose(model_dir, settings["loops"],
                                             seq_len=settings["seq_len"],
                                             max_tokens=settings["diagnostic_tokens"],
                                             progress=progress),
@@ -320,6 +319,7 @@ def render_report(study: dict, figure_names: list[str]) -> str:
 
     probe_name = study["probe"]
     models = study["models"]
+    probe = models[probe_name]
     lines = [
         "# Loop-count study of the plt-port model family",
         "",
@@ -339,9 +339,10 @@ def render_report(study: dict, figure_names: list[str]) -> str:
     lines += _table(["model", "loss", "perplexity", "accuracy", "tokens", "trained loops",
                      "parameters"], rows)
     lines += ["", f"The {PROBE_LOOPS}-loop model `{probe_name}` run at other inference loop "
-                  "counts (the logit-lens loss of the diagnostics at loop r is the same quantity "
-                  "on the diagnostics' tokens):", ""]
-    probe = models[probe_name]
+                  "counts. The last column is the diagnostics' loss at loop r (logit lens of h^(r), one "
+                  f"forward at {probe['diagnostics']['loops']} loops) on the first "
+                  f"{probe['diagnostics']['windows']} of the same windows: loop r of a "
+                  "longer run is exactly the model run with r loops.", ""]
     lens_loss = probe["diagnostics"]["per_loop"]["loss"]
     rows = [_eval_row(f"L={r}", e) + [f"{lens_loss[int(r) - 1]:.4f}"]
             for r, e in sorted(probe["eval"].items(), key=lambda kv: int(kv[0]))]
