@@ -28,9 +28,9 @@ GROW_STEP = 256
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def resolve_export(model_dir: str, loops: int | None, dtype: str) -> tuple[str, dict]:
+def resolve_export(model_dir: str, loops: int | None, dtype: str | None) -> tuple[str, dict]:
     """(export dir, manifest): `model_dir` itself when it is an export, else a cached export
-    of the PyTorch model directory at `loops` (made on first use)."""
+    of the PyTorch model directory at `loops` and `dtype` (default fp32), made on first use."""
     model_dir = os.fspath(model_dir)
     if not os.path.exists(os.path.join(model_dir, MANIFEST)):
         from exporters.cache import ensure_exported
@@ -38,33 +38,44 @@ def resolve_export(model_dir: str, loops: int | None, dtype: str) -> tuple[str, 
         from plt_port.config import PLTConfig
 
         loops = PLTConfig.from_file(model_dir).resolve_loops(loops)
-        model_dir = ensure_exported(model_dir, "onnx", export, loops=loops, dtype=dtype)
-    with open(os.path.join(model_dir, MANIFEST), encoding="utf-8") as f:
-        manifest = json.load(f)
-    if loops is not None and loops != manifest["loops"]:
-        raise BackendError(f"{model_dir} was exported with loops={manifest['loops']}, "
-                           f"{loops} asked; export again with --loops {loops} or pass the "
-                           f"PyTorch model directory")
+        model_dir = ensure_exported(model_dir, "onnx", export, loops=loops, dtype=dtype or "fp32")
+    try:
+        with open(os.path.join(model_dir, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BackendError(f"{model_dir}: unreadable {MANIFEST} ({exc}); export again") from None
+    for name, asked in (("loops", loops), ("dtype", dtype)):
+        if asked is not None and asked != manifest[name]:
+            raise BackendError(f"{model_dir} was exported with {name}={manifest[name]}, "
+                               f"{asked} asked; export again with --{name} {asked} or pass "
+                               f"the PyTorch model directory")
     return model_dir, manifest
 
 
-def choose_provider(provider: str) -> str:
+def choose_device(provider: str) -> str:
+    """'cuda' when asked (or auto) and onnxruntime-gpu can place a tensor on a GPU, else 'cpu'."""
     available = ort.get_available_providers()
-    if provider == "auto":
-        return "cuda" if PROVIDERS["cuda"] in available else "cpu"
-    if provider not in PROVIDERS:
+    if provider not in ("auto", *PROVIDERS):
         raise BackendError(f"provider must be auto, cpu or cuda, got {provider!r}")
-    if PROVIDERS[provider] not in available:
-        raise BackendError(f"{PROVIDERS[provider]} is not available in this onnxruntime "
+    if provider == "cpu" or (provider == "auto" and PROVIDERS["cuda"] not in available):
+        return "cpu"
+    if PROVIDERS["cuda"] not in available:
+        raise BackendError(f"{PROVIDERS['cuda']} is not available in this onnxruntime "
                            f"({', '.join(available)}); install onnxruntime-gpu for cuda")
-    return provider
+    try:
+        ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.float32), "cuda", 0)
+    except Exception as exc:  # onnxruntime-gpu without a usable GPU or driver
+        if provider == "auto":
+            return "cpu"
+        raise BackendError(f"onnxruntime-gpu found no usable GPU ({exc})") from None
+    return "cuda"
 
 
 class ONNXBackend(Backend):
     name = "onnx"
 
     def __init__(self, model_dir: str, loops: int | None = None, provider: str = "auto",
-                 dtype: str = "fp32", threads: int | None = None, prepack: bool = False,
+                 dtype: str | None = None, threads: int | None = None, prepack: bool = False,
                  **options):
         if options:
             raise BackendError(f"onnx backend: unknown options {sorted(options)} (known: "
@@ -72,15 +83,11 @@ class ONNXBackend(Backend):
         self.source_dir = os.fspath(model_dir)
         export_dir, self.manifest = resolve_export(model_dir, loops, dtype)
         super().__init__(export_dir, loops=self.manifest["loops"])
-        self.device = choose_provider(provider)
+        self.device = choose_device(provider)
         self.np_dtype = np.dtype(np.float16 if self.manifest["dtype"] == "fp16" else np.float32)
         self.weights = self._load_weights()
         self.sessions = {kind: self._session(graph["file"], threads, prepack and kind == "decode")
                          for kind, graph in self.manifest["graphs"].items()}
-        actual = self.sessions["prefill"].get_providers()[0]
-        if self.device == "cuda" and actual != PROVIDERS["cuda"]:
-            self.device = "cpu"  # onnxruntime-gpu without a usable GPU falls back to CPU
-        self.num_layers = self.config.num_hidden_layers
 
     # ---- loading ----------------------------------------------------------------------
     def _load_weights(self) -> dict[str, ort.OrtValue]:

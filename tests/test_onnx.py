@@ -141,6 +141,13 @@ def test_export_errors(make_model, tmp_path):
         export(out, tmp_path / "again")
     with pytest.raises(BackendError, match="exported with loops=2"):
         load_backend("onnx", out, loops=3)
+    with pytest.raises(BackendError, match="exported with dtype=fp32"):
+        load_backend("onnx", out, dtype="fp16")
+    os.remove(os.path.join(out, "plt_onnx.json"))
+    with open(os.path.join(out, "plt_onnx.json"), "w") as f:
+        f.write("{")
+    with pytest.raises(BackendError, match="unreadable"):
+        load_backend("onnx", out)
     with pytest.raises(BackendError, match="unknown options"):
         load_backend("onnx", out, kernel="on")
 
