@@ -129,16 +129,17 @@ def analysis_handler(pool: BackendPool):
     return analyse, model_card
 
 
-def build_app(model_dirs, limits: Limits = Limits(), *, backends: dict | None = None,
-              loader=None) -> gr.Blocks:
-    """The demo page. `backends` ({name: unavailable reason or None}) and `loader` (like
-    runtimes.load_backend) default to the real ones; tests pass their own."""
+def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | None = None,
+              backends: dict | None = None, loader=None) -> gr.Blocks:
+    """The demo page. `backend_options`: {backend name: load_backend options}. `backends`
+    ({name: unavailable reason or None}) and `loader` (like runtimes.load_backend) default
+    to the real ones; tests pass their own."""
     models = model_names(model_dirs)
     if not models:
         raise DemoInputError("no model directories given")
     # read every config now: a bad model dir is a clear error here rather than in a column
     trained_loops = {name: PLTConfig.from_file(d).num_loops for name, d in models.items()}
-    pool = BackendPool(models, loader)
+    pool = BackendPool(models, loader, backend_options)
     reasons = backend_reasons(backends)
     offered = [name for name, reason in reasons.items() if reason is None]
     columns = default_columns(trained_loops, offered)

@@ -114,9 +114,11 @@ class BackendPool:
     """Backends per (model dir, backend, loops), loaded once per process and shared by every
     request; a failed load is forgotten so that the next request tries again."""
 
-    def __init__(self, models: dict[str, str], loader: Callable | None = None):
+    def __init__(self, models: dict[str, str], loader: Callable | None = None,
+                 options: dict[str, dict] | None = None):
         self.models = dict(models)
         self._loader = loader
+        self._options = options or {}  # backend name -> load_backend options
         self._workers: dict[tuple, BackendWorker] = {}
         self._tokenizers: dict[str, Tokenizer] = {}
         self._configs: dict[str, PLTConfig] = {}
@@ -152,11 +154,12 @@ class BackendPool:
             return worker
 
     def _load(self, model_dir: str, backend: str, loops: int):
+        options = self._options.get(backend, {})
         if self._loader is not None:
-            return self._loader(backend, model_dir, loops=loops)
+            return self._loader(backend, model_dir, loops=loops, **options)
         from runtimes import load_backend
 
-        return load_backend(backend, model_dir, loops=loops)
+        return load_backend(backend, model_dir, loops=loops, **options)
 
     def close(self) -> None:
         with self._lock:

@@ -43,6 +43,7 @@ class ChainBackend(Backend):
 
     def __init__(self, model_dir, loops=None, chain=(), step_log=None, **options):
         super().__init__(model_dir, loops)
+        self.options = options
         self.chain = list(chain)
         self.step_log = step_log if step_log is not None else []
 
@@ -111,10 +112,10 @@ def chain_setup(make_model):
     chain = plain_tokens(tokenizer)[:40]
     step_log: list[int] = []
 
-    def loader(name, model_dir, loops=None):
-        return ChainBackend(model_dir, loops, chain=chain, step_log=step_log)
+    def loader(name, model_dir, loops=None, **options):
+        return ChainBackend(model_dir, loops, chain=chain, step_log=step_log, **options)
 
-    pool = BackendPool({"tiny": model_dir}, loader)
+    pool = BackendPool({"tiny": model_dir}, loader, {"onnx": {"threads": 1}})
     yield pool, tokenizer, chain, step_log
     pool.close()
 
@@ -137,6 +138,8 @@ def test_columns_stream_known_continuations_interleaved(chain_setup):
     # round-robin: the two columns' decode steps alternate rather than run one after the other
     assert all(a != b for a, b in zip(step_log, step_log[1:])), step_log
     assert sorted(step_log) == [1] * 11 + [3] * 11
+    loaded = {key[1]: worker.loaded.result() for key, worker in pool._workers.items()}
+    assert loaded["onnx"].options == {"threads": 1} and loaded["torch"].options == {}
 
 
 def test_columns_on_one_backend_share_it(chain_setup):
@@ -439,7 +442,7 @@ def served_demo(make_model):
     """The real page on a free loopback port, torch backend on a tiny model."""
     model_dir = make_model("plt", seed=5)
     app = build_app([model_dir], Limits(max_new_tokens=64, concurrency=2, queue_size=32),
-                    backends={"torch": None})
+                    backend_options={"torch": {"threads": 1}}, backends={"torch": None})
     _, url, _ = launch(app, host="127.0.0.1", port=free_port(), prevent_thread_lock=True,
                        quiet=True)
     yield url
