@@ -82,10 +82,16 @@ def manifest(config: PLTConfig, loops: int, dtype: str, models: dict, weights) -
             "past_ring.{i}.key/value": "K/V of loop r >= 2 (index r-2), position p in slot p % window",
             "past_carry": "n(h) of loop r < loops (index r-1) at each sequence's last position",
         },
-        "in_place": {"present.{i}.key": "past_key_values.{i}.key",
-                     "present.{i}.value": "past_key_values.{i}.value",
-                     "present_ring.{i}.key": "past_ring.{i}.key (decode graph only)",
-                     "present_ring.{i}.value": "past_ring.{i}.value (decode graph only)"},
+        # "state": each present output is the next call's past input; "in_place": outputs a
+        # runtime may bind to their past input's buffer (the graph only scatters into them)
+        "state": {"present.{i}.key": "past_key_values.{i}.key",
+                  "present.{i}.value": "past_key_values.{i}.value",
+                  "present_ring.{i}.key": "past_ring.{i}.key",
+                  "present_ring.{i}.value": "past_ring.{i}.value",
+                  "present_carry": "past_carry"},
+        "in_place": {"prefill": ["present.{i}.key", "present.{i}.value"],
+                     "decode": ["present.{i}.key", "present.{i}.value",
+                                "present_ring.{i}.key", "present_ring.{i}.value"]},
         "graphs": {kind: {"file": GRAPHS[kind], "inputs": _value_info(m.graph.input),
                           "outputs": _value_info(m.graph.output)} for kind, m in models.items()},
     }
