@@ -367,3 +367,15 @@ def test_metal_kernel_matches_composed_ops(model_dir):
     _, on, _ = greedy_decode(MLXBackend(path, kernel="on"), prompts, 16)
     _, off, _ = greedy_decode(MLXBackend(path, kernel="off"), prompts, 16)
     assert np.abs(np.stack(on) - np.stack(off)).max() <= TOL
+
+
+def test_agreement_report(model_dir):
+    from exporters.mlx_export import agreement
+
+    results = agreement(model_dir("plt"), random_prompts(10, [6])[0], steps=6,
+                        variants=("fp16", "q4"), group_size=32)
+    assert set(results) == {"fp16", "q4"}
+    for row in results.values():
+        assert 0 <= row["identical_greedy"] <= 1 and row["mean_kl"] >= 0
+        assert 0 <= row["free_run_identical_prefix"] <= 6
+    assert results["fp16"]["mean_kl"] < results["q4"]["mean_kl"]
