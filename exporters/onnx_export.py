@@ -72,14 +72,16 @@ def manifest(config: PLTConfig, loops: int, dtype: str, models: dict, weights) -
         "dims": {
             "batch": "sequences in the batch",
             "chunk": "tokens per sequence in this prefill call (right-padded)",
-            "capacity": "global KV slots per sequence (slot = position); keep start + chunk <= capacity",
+            "capacity": "global KV slots per sequence (slot = position); "
+                        "keep start + chunk <= capacity",
         },
         "inputs_meaning": {
             "input_ids": "token ids",
             "start": "tokens already in each sequence's caches (= position of its first new token)",
             "num_new": "valid tokens of each sequence in this chunk (prefill only)",
             "past_key_values.{i}.key/value": "loop-1 K/V of layer i, slot = position",
-            "past_ring.{i}.key/value": "K/V of loop r >= 2 (index r-2), position p in slot p % window",
+            "past_ring.{i}.key/value": "K/V of loop r >= 2 (index r-2), "
+                                       "position p in slot p % window",
             "past_carry": "n(h) of loop r < loops (index r-1) at each sequence's last position",
         },
         # "state": each present output is the next call's past input; "in_place": outputs a
@@ -102,13 +104,15 @@ def export(model_dir: str, out_dir: str, dtype: str = "fp32", loops: int | None 
     import onnx
     from tqdm import tqdm
 
-    from .onnx_graph import DTYPES, GraphBuilder, WeightsFile, build_decode, build_prefill, onnx_weights
+    from .onnx_graph import (DTYPES, GraphBuilder, WeightsFile, build_decode, build_prefill,
+                             onnx_weights)
 
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     model_dir = os.fspath(model_dir)
     if os.path.exists(os.path.join(model_dir, MANIFEST)):
-        raise ExportError(f"{model_dir} is already an ONNX export; give the PyTorch model directory")
+        raise ExportError(f"{model_dir} is already an ONNX export; "
+                          "give the PyTorch model directory")
     config = PLTConfig.from_file(model_dir)
     loops = config.resolve_loops(loops)
     np_dtype = DTYPES[dtype][0]

@@ -72,7 +72,8 @@ def gswa_function() -> onnx.FunctionProto:
 def onnx_weights(config: PLTConfig, tensors: dict[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
     """Checkpoint tensors in the layouts the graphs use: MatMul weights as [in, out], q/k/v
     and gate/up fused; the LM head keeps [V, d] (Gemm transB) so a tied head is the embedding."""
-    out = {"embed_tokens": tensors["model.embed_tokens.weight"], "norm": tensors["model.norm.weight"]}
+    out = {"embed_tokens": tensors["model.embed_tokens.weight"],
+           "norm": tensors["model.norm.weight"]}
     if not config.tie_word_embeddings:
         out["lm_head"] = tensors["lm_head.weight"]
     H, D = config.num_attention_heads, config.head_dim
@@ -304,7 +305,7 @@ def lm_logits(b: GraphBuilder, h_last: str) -> str:
 def kv_slot_indices(b: GraphBuilder, batch: str, slots: str, leading: list[str] | None = None):
     """ScatterND indices [*lead, B, G, T, k] addressing (lead..., b, g, slots[b, t]).
 
-    `slots` [B, T] int64; `leading` are [1] int64 index ranges prepended (the ring's loop axis).
+    `slots` [B, T] int64; `leading` are int64 index ranges [n] prepended (the ring's loop axis).
     """
     G = b.cfg.num_key_value_heads
     T = b.dim(slots, 1)
@@ -341,7 +342,7 @@ def cache_io(b: GraphBuilder, has_carry: bool):
 
 # ---- prefill / naive-step graph ---------------------------------------------------------
 def build_prefill(b: GraphBuilder) -> onnx.ModelProto:
-    cfg, L, W = b.cfg, b.loops, b.cfg.window
+    cfg, L = b.cfg, b.loops
     has_carry = not cfg.is_v1 and L > 1
     ids = b.input("input_ids", TensorProto.INT64, ["batch", "chunk"])
     start = b.input("start", TensorProto.INT64, ["batch"])

@@ -93,8 +93,8 @@ class ONNXBackend(Backend):
     def _load_weights(self) -> dict[str, ort.OrtValue]:
         """One read-only mapping of the file; every tensor an OrtValue over its slice (no copy,
         and the pages are the OS file cache: shared with any other process using this export)."""
-        self._weights_buffer = np.memmap(os.path.join(self.model_dir, self.manifest["weights_file"]),
-                                         np.uint8, mode="r")
+        path = os.path.join(self.model_dir, self.manifest["weights_file"])
+        self._weights_buffer = np.memmap(path, np.uint8, mode="r")
         values = {}
         for name, entry in self.manifest["weights"].items():
             raw = self._weights_buffer[entry["offset"]:entry["offset"] + entry["length"]]
@@ -190,8 +190,8 @@ class ONNXBackend(Backend):
 
     def prefill(self, prompts, max_tokens, chunk_size=None):
         self.check_prompts(prompts, max_tokens)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
+        if chunk_size is not None and (isinstance(chunk_size, bool)
+                                       or not isinstance(chunk_size, int) or chunk_size < 1):
             raise BackendError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         batch = len(prompts)
         prompt_lengths = np.array([len(p) for p in prompts], np.int64)

@@ -103,7 +103,8 @@ def test_export_layout_custom_op_and_checker(make_model, tmp_path):
         model = onnx.load(path, load_external_data=False)
         ops = {(n.domain, n.op_type) for n in model.graph.node}
         assert ("plt", "GatedSlidingWindowAttention") in ops
-        assert [(f.domain, f.name) for f in model.functions] == [("plt", "GatedSlidingWindowAttention")]
+        functions = [(f.domain, f.name) for f in model.functions]
+        assert functions == [("plt", "GatedSlidingWindowAttention")]
         for init in model.graph.initializer:
             assert init.data_location == onnx.TensorProto.EXTERNAL, init.name
             weight_files |= {e.value for e in init.external_data if e.key == "location"}
