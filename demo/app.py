@@ -79,8 +79,8 @@ def compare_handler(pool: BackendPool, limits: Limits, reasons: dict[str, str | 
         views = views + [ColumnView()] * (MAX_COLUMNS - len(views))
         return [value for view in views for value in (view.text, view.stats)]
 
-    def compare(prompt, n_columns, max_new_tokens, temperature, top_p, top_k, seed,
-                use_chat_template, *column_inputs):
+    def compare(prompt, n_columns, max_new_tokens, temperature, top_p, top_k,
+                repetition_penalty, seed, use_chat_template, *column_inputs):
         try:
             n = as_int(n_columns, "columns", 1, MAX_COLUMNS)
             if len(column_inputs) < 4 * n:
@@ -88,7 +88,7 @@ def compare_handler(pool: BackendPool, limits: Limits, reasons: dict[str, str | 
                                      f"got {len(column_inputs)}")
             request = make_request(prompt, limits, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, top_k=top_k,
-                                   seed=seed, use_chat_template=use_chat_template)
+                                   repetition_penalty=repetition_penalty, seed=seed, use_chat_template=use_chat_template)
             specs = [make_spec(pool, *column_inputs[4 * i:4 * i + 4]) for i in range(n)]
         except DemoInputError as exc:
             gr.Warning(str(exc))
@@ -170,6 +170,8 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
                                             label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p")
                     top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
+                    repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05,
+                                                   label="Repetition penalty (1 = off)")
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                     use_chat = gr.Checkbox(True, label="Chat template (models that have one)")
             boxes, column_inputs, column_outputs = [], [], []
@@ -218,7 +220,7 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
                          n_columns, boxes, queue=False, api_visibility="private")
         run_event = run.click(compare_handler(pool, limits, reasons),
                               [prompt, n_columns, max_new_tokens, temperature, top_p, top_k,
-                               seed, use_chat, *column_inputs],
+                               repetition_penalty, seed, use_chat, *column_inputs],
                               column_outputs, api_name="compare")
         stop.click(None, cancels=[run_event])
         analyse, model_card = analysis_handler(pool)

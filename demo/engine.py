@@ -190,7 +190,7 @@ def as_float(value, name: str, low: float, high: float) -> float:
 
 
 def make_request(prompt, limits: Limits, *, max_new_tokens, temperature, top_p, top_k, seed,
-                 use_chat_template=True) -> Request:
+                 repetition_penalty=1.0, use_chat_template=True) -> Request:
     from runtimes.sampling import SamplingParams
 
     if not isinstance(prompt, str) or not prompt.strip():
@@ -202,6 +202,7 @@ def make_request(prompt, limits: Limits, *, max_new_tokens, temperature, top_p, 
         temperature=as_float(temperature, "temperature", 0.0, 2.0),
         top_p=as_float(top_p, "top-p", 0.01, 1.0),
         top_k=as_int(top_k, "top-k", 0, 1000),
+        repetition_penalty=as_float(repetition_penalty, "repetition penalty", 1.0, 2.0),
         seed=None if seed is None or seed == "" else as_int(seed, "seed", 0, 2**31 - 1),
     )
     return Request(prompt=prompt,

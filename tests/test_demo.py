@@ -94,10 +94,12 @@ def settings(*columns):
 
 
 def run_compare(handler, prompt, n_columns, columns, max_new_tokens=12, **sampling):
-    args = dict(temperature=0.0, top_p=1.0, top_k=0, seed=0, use_chat_template=True) | sampling
+    args = dict(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0,
+                use_chat_template=True) | sampling
     outputs = None
     for outputs in handler(prompt, n_columns, max_new_tokens, args["temperature"], args["top_p"],
-                           args["top_k"], args["seed"], args["use_chat_template"],
+                           args["top_k"], args["repetition_penalty"], args["seed"],
+                           args["use_chat_template"],
                            *settings(*columns)):
         pass
     return [(outputs[2 * i], outputs[2 * i + 1]) for i in range(len(outputs) // 2)]
@@ -160,6 +162,7 @@ def test_columns_on_one_backend_share_it(chain_setup):
     ("def f():", Limits(max_new_tokens=8), ("max_new_tokens", 9), "max new tokens"),
     ("def f():", Limits(), ("temperature", -1), "temperature"),
     ("def f():", Limits(), ("top_k", 2.5), "top-k"),
+    ("def f():", Limits(), ("repetition_penalty", 0.5), "repetition penalty"),
 ])
 def test_bad_input_gives_a_message_not_an_exception(chain_setup, prompt, limits, field, message):
     pool = chain_setup[0]
@@ -500,7 +503,7 @@ def test_load_eight_concurrent_clients(served_demo):
         end = time.monotonic() + duration_s
         while time.monotonic() < end:
             try:
-                out = client.predict("def add(a, b):\n", 2, 16, 0.7, 0.95, 40, k, True,
+                out = client.predict("def add(a, b):\n", 2, 16, 0.7, 0.95, 40, 1.1, k, True,
                                      "model-plt-0", "torch", 1, "clp",
                                      "model-plt-0", "torch", 2, "clp",
                                      "model-plt-0", "torch", 3, "clp",
