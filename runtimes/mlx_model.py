@@ -361,7 +361,8 @@ class Model(nn.Module):
         return logits
 
     def _step_state(self, mode, tokens, pos, state):
-        cache = PLTCache(dict(state))
+        cache = PLTCache({name: list(value) if isinstance(value, list) else value
+                          for name, value in state.items()})  # never write into the input tree
         logits = self._step(tokens, cache, pos, mode)
         return logits, cache.state
 
