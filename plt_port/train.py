@@ -54,6 +54,7 @@ class Recipe:
     intermediate_size: int = 352
     vocab_size: int = 4096
     window_left: int = 32  # G-SWA local branch: 33 keys incl. the query, seq_len 256
+    hidden_scale: float = 1.0  # plt_hidden_scale b in u^(r) = a E + b n(h^(r-1))
     max_position_embeddings: int = 2048
     seq_len: int = 256
     batch_size: int = 8  # global, over all ranks
@@ -89,6 +90,7 @@ class Recipe:
             max_position_embeddings=self.max_position_embeddings,
             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_ids[0],
             plt_num_loops=self.loops, plt_window_size=[self.window_left, 0],
+            plt_hidden_scale=None if self.hidden_scale == 1.0 else self.hidden_scale,
             plt_gate_use_hidden_states=True)
 
 
@@ -207,9 +209,9 @@ def save_checkpoint(ckpt_dir: str, model, optimizer, trainer_state: dict, tokeni
 def load_checkpoint(ckpt_dir: str, recipe: Recipe, device) -> tuple:
     with open(os.path.join(ckpt_dir, "trainer_state.json"), encoding="utf-8") as f:
         trainer_state = json.load(f)
-    if trainer_state["recipe"] != dataclasses.asdict(recipe):
-        changed = sorted(k for k, v in dataclasses.asdict(recipe).items()
-                         if trainer_state["recipe"].get(k) != v)
+    saved = {**dataclasses.asdict(Recipe()), **trainer_state["recipe"]}  # fields added later
+    if saved != dataclasses.asdict(recipe):
+        changed = sorted(k for k, v in dataclasses.asdict(recipe).items() if saved[k] != v)
         raise TrainError(f"{ckpt_dir}: cannot resume with a different recipe (changed: "
                          f"{', '.join(changed)}); use a new output directory")
     model = PLTForCausalLM.from_pretrained(os.path.join(ckpt_dir, "model")).to(device).train()

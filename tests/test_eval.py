@@ -120,17 +120,53 @@ def test_embedded_family_is_complete_small_fp16_and_consistent():
     assert os.path.exists(models.MODEL_CARD)
 
 
-@needs_family
-def test_default_model_beats_the_unigram_baseline_and_writes_python():
+needs_default = pytest.mark.skipif(models.DEFAULT_MODEL not in FAMILY,
+                                   reason="the embedded loops=2 model is not trained yet")
+
+
+def reference_greedy(path, prompt_ids, n, loops):
+    model = PLTForCausalLM.from_pretrained(path)
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]), loops=loops)[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+@needs_default
+@pytest.mark.parametrize("backend", ["torch", "mlx", "onnx"])
+def test_default_model_runs_on_every_runtime(backend, monkeypatch, tmp_path):
+    from runtimes import backend_unavailable_reason, load_backend
+    from runtimes.generate import generate
+
+    if backend_unavailable_reason(backend):
+        pytest.skip(backend_unavailable_reason(backend))
+    monkeypatch.setenv("PLT_PORT_CACHE", str(tmp_path))
+    path = models.default_model_dir()
+    tokenizer = Tokenizer.from_dir(path)
+    prompt = "class Reader:\n    def __init__(self, path):\n        "
+    for loops in (2, 3):
+        text, last = generate(load_backend(backend, path, loops=loops), tokenizer, prompt,
+                              max_new_tokens=12, add_bos=False)
+        expected = tokenizer.decode(reference_greedy(path, tokenizer.encode(prompt), 12, loops))
+        assert last.loops == loops and text and expected.startswith(text)
+
+
+@needs_default
+def test_default_model_beats_the_unigram_baseline_and_writes_python_shaped_text():
+    from runtimes import load_backend
+    from runtimes.generate import generate
+    from runtimes.sampling import SamplingParams
+
     path = models.default_model_dir()
     result = evaluate(path, max_tokens=4 * 256)
     baseline = unigram_baseline(path, max_tokens=4 * 256)
     assert result["loss"] < baseline["loss"] - 1.0
-    model = PLTForCausalLM.from_pretrained(path)
-    tokenizer = Tokenizer.from_dir(path)
-    ids = tokenizer.encode("import os\n\n\ndef ")
-    with torch.no_grad():
-        for _ in range(40):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    text = tokenizer.decode(ids)
-    assert "(" in text and ":" in text and "\n    " in text
+    prompt = "import os\n\n\ndef read_lines(path):\n    "
+    text, _ = generate(load_backend("torch", path), Tokenizer.from_dir(path), prompt,
+                       max_new_tokens=64, add_bos=False,
+                       sampling=SamplingParams(temperature=0.6, top_k=40, seed=0))
+    lines = [line for line in (prompt + text).splitlines() if line.strip()]
+    indents = [len(line) - len(line.lstrip(" ")) for line in lines]
+    assert len(lines) >= 4 and sum(i % 4 == 0 for i in indents) >= 0.75 * len(lines)
+    assert {"self", "return", "if", "None", "def", "import", "in"} & set(text.replace(".", " ").split())

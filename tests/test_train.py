@@ -128,6 +128,14 @@ def test_cli_rejects_bad_loop_counts(tmp_path, capsys):
     assert "--loops" in capsys.readouterr().err
 
 
+def test_recipe_hidden_scale_reaches_the_config(tokenizer_dir):
+    from plt_port.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    assert recipe(hidden_scale=0.1).model_config(tokenizer).hidden_scale == 0.1
+    assert recipe().model_config(tokenizer).plt_hidden_scale is None  # the SPEC default, 1.0
+
+
 def test_recipe_validation():
     with pytest.raises(PLTError, match="min_lr"):
         recipe(min_lr=1.0).validate()
