@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 
 import pytest
 from test_torch_backend import one_thread  # noqa: F401  (autouse: one torch thread)
@@ -33,6 +35,22 @@ def test_stdin_prompt_and_sequential_fallback_is_reported(make_model, capsys, mo
     monkeypatch.setattr("sys.stdin", io.StringIO("x = 1\n"))
     assert main(["generate", "--model", model_dir, "--max-new-tokens", "2", "-"]) == 0
     assert "decode=naive (clp needs a PLT checkpoint and loops >= 2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,config_bos,expected_bos", [([], None, True), ([], False, False),
+                                                           (["--no-bos"], None, False)])
+def test_bos_follows_tokenizer_config_and_flag(make_model, capsys, flags, config_bos,
+                                               expected_bos):
+    model_dir = make_model("plt", eos_token_id=None)
+    if config_bos is not None:
+        path = os.path.join(model_dir, "tokenizer_config.json")
+        with open(path) as f:
+            config = json.load(f)
+        with open(path, "w") as f:
+            json.dump({**config, "add_bos_token": config_bos}, f)
+    assert main(["generate", "--model", model_dir, "--max-new-tokens", "1", *flags, "x = 1"]) == 0
+    prompt_tokens = len(Tokenizer.from_dir(model_dir).encode("x = 1", add_bos=expected_bos))
+    assert f"prompt: {prompt_tokens} tokens" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

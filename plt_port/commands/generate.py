@@ -51,7 +51,9 @@ def add_arguments(parser):
                         help="stop string (repeatable; not printed)")
     parser.add_argument("--prefill-chunk-size", type=int, metavar="N",
                         help="prefill the prompt in chunks of N tokens")
-    parser.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    parser.add_argument("--no-bos", action="store_true",
+                        help="do not prepend the BOS token (default: as tokenizer_config.json's "
+                             "add_bos_token says, true when absent)")
     add_backend_arguments(parser)
 
 
@@ -85,11 +87,12 @@ def run(args):
     backend = load_backend(args.backend, args.model, loops=args.loops,
                            **backend_options(args.backend, args))
     tokenizer = Tokenizer.from_dir(args.model)
+    add_bos = not args.no_bos and bool(tokenizer.config.get("add_bos_token", True))
     last = None
     for last in stream_generate(backend, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
                                 sampling=sampling, stop=args.stop, decode_mode=args.decode,
                                 prefill_chunk_size=args.prefill_chunk_size,
-                                add_bos=not args.no_bos):
+                                add_bos=add_bos):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
