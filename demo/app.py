@@ -14,6 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from plt_port.config import MAX_LOOPS, PLTConfig  # noqa: E402
+from plt_port.errors import PLTError  # noqa: E402
 from runtimes.base import DECODE_MODES  # noqa: E402
 
 from .engine import (BACKEND_LABELS, MAX_COLUMNS, BackendPool, ColumnSpec,  # noqa: E402
@@ -88,9 +89,10 @@ def compare_handler(pool: BackendPool, limits: Limits, reasons: dict[str, str | 
                                      f"got {len(column_inputs)}")
             request = make_request(prompt, limits, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, top_k=top_k,
-                                   repetition_penalty=repetition_penalty, seed=seed, use_chat_template=use_chat_template)
+                                   repetition_penalty=repetition_penalty, seed=seed,
+                                   use_chat_template=use_chat_template)
             specs = [make_spec(pool, *column_inputs[4 * i:4 * i + 4]) for i in range(n)]
-        except DemoInputError as exc:
+        except PLTError as exc:  # DemoInputError, or a sampling parameter the sampler refuses
             gr.Warning(str(exc))
             yield outputs([error_view("", str(exc))] * MAX_COLUMNS)
             return

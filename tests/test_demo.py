@@ -402,7 +402,8 @@ def test_default_columns_family_and_single_model():
     assert [(c.model, c.loops, c.backend) for c in family] == [
         ("L1", 1, "torch"), ("L2", 2, "torch"), ("L3", 3, "torch"), ("L1", 1, "torch")]
     single = default_columns({"m": 2}, ["onnx"])
-    assert [(c.model, c.loops, c.backend) for c in single] == [("m", i, "onnx") for i in (1, 2, 3, 4)]
+    assert [(c.model, c.loops, c.backend) for c in single] == [
+        ("m", n, "onnx") for n in range(1, 5)]
 
 
 @requires("torch")
