@@ -265,30 +265,42 @@ def test_greedy_64_tokens_match_torch_backend_embedded(model_dir):
 
 
 # ---- deployment properties ------------------------------------------------------------------
-def test_runs_without_torch(make_model, tmp_path):
-    """Export and run in a fresh interpreter where importing torch fails."""
-    model_dir = make_model("plt")
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "transformers", "mlx"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, NoTorch())
-        import numpy as np
-        from exporters.onnx_export import export
-        from runtimes import load_backend
-        out = export({model_dir!r}, {str(tmp_path / "nt")!r})
-        backend = load_backend("onnx", out)
-        state, logits = backend.prefill([[5, 6, 7, 8]], 16)
-        logits = backend.step(state, np.array([9]), "clp")
-        assert np.isfinite(logits).all()
-        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
-        print("ok")
-    """)
+BLOCK_IMPORTS = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_blocked(blocked: tuple[str, ...], body: str) -> None:
+    """Run `body` in a fresh interpreter where importing any of `blocked` fails."""
+    script = f"BLOCKED = {blocked!r}\n" + BLOCK_IMPORTS + textwrap.dedent(body) + \
+        "\nassert not [m for m in sys.modules if m.split('.')[0] in BLOCKED]\nprint('ok')\n"
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_export_and_run_without_torch(make_model, tmp_path):
+    """Export needs onnx and numpy only; running an export needs onnxruntime and numpy only."""
+    out = str(tmp_path / "nt")
+    run_blocked(("torch", "transformers", "mlx"), f"""
+        from exporters.onnx_export import export
+        export({make_model("plt")!r}, {out!r}, loops=3)
+    """)
+    run_blocked(("torch", "transformers", "mlx", "onnx", "safetensors", "sentencepiece", "tqdm"),
+                f"""
+        import numpy as np
+        from runtimes import load_backend
+        backend = load_backend("onnx", {out!r})
+        state, logits = backend.prefill([[5, 6, 7, 8], [9, 10]], 16)
+        logits = backend.step(state, np.array([9, 11]), "clp")
+        logits = backend.step(state, np.array([12, 13]), "naive")
+        assert logits.shape == (2, backend.config.vocab_size) and np.isfinite(logits).all()
+    """)
 
 
 def test_sessions_use_the_shared_weight_buffer(make_model, tmp_path, monkeypatch):
