@@ -365,8 +365,7 @@ def build_prefill(b: GraphBuilder) -> onnx.ModelProto:
 
     global_kv = []
     h = embeddings
-    last = b.op("Sub", num_new, b.ints(1))
-    last = b.op("Max", last, b.ints(0))
+    last = b.op("Max", b.op("Sub", num_new, b.ints(1)), b.ints(0))   # last valid token
     new_carries = []
     present = [dict() for _ in range(cfg.num_hidden_layers)]
     for r in range(1, L + 1):
@@ -390,13 +389,8 @@ def build_prefill(b: GraphBuilder) -> onnx.ModelProto:
                     return gswa(b, heads.q, global_kv[i], global_mask, local_kv, local_mask, g)
             h = decoder_layer(b, i, h, cos, sin, attention)
         if r < L and not cfg.is_v1:
-            carry = loop_carry(b, h)                                           # [B, T, d]
-            old = b.op("Gather", past_carry, b.const(r - 1, np.int64), axis=0)  # [B, d]
-            head = b.op("Slice", carry, b.ints(0), b.op("Sub", T, b.ints(1)), b.ints(1))
-            shifted = b.op("Concat", b.unsqueeze(old, 1), head, axis=1)
-            newest = take_position(b, carry, last)
-            new_carries.append(b.unsqueeze(b.op(
-                "Where", b.unsqueeze(b.op("Greater", num_new, b.ints(0)), 1), newest, old), 0))
+            shifted, carry = shift_chunk(b, h, past_carry, r, T, num_new, last)
+            new_carries.append(b.unsqueeze(carry, 0))
             h = next_loop_input(b, embeddings, shifted)
 
     b.output(lm_logits(b, take_position(b, h, last)), "logits", TensorProto.FLOAT,
@@ -411,6 +405,19 @@ def build_prefill(b: GraphBuilder) -> onnx.ModelProto:
         b.output(b.op("Concat", *new_carries, axis=0), "present_carry", b.onnx_dtype,
                  dims["carry"])
     return b.model("plt_prefill")
+
+
+def shift_chunk(b: GraphBuilder, h: str, past_carry: str, r: int, T: str, num_new: str,
+                last: str) -> tuple[str, str]:
+    """CLP shift of loop r's output over a chunk: n(h) moved one token later, the chunk's first
+    position taking the carry [B, T, d]; and the new carry, n(h) of the last valid token [B, d]
+    (the old one for a sequence without tokens in this chunk)."""
+    carry = loop_carry(b, h)                                                # [B, T, d]
+    old = b.op("Gather", past_carry, b.const(r - 1, np.int64), axis=0)      # [B, d]
+    head = b.op("Slice", carry, b.ints(0), b.op("Sub", T, b.ints(1)), b.ints(1))
+    shifted = b.op("Concat", b.unsqueeze(old, 1), head, axis=1)
+    has_tokens = b.unsqueeze(b.op("Greater", num_new, b.ints(0)), 1)
+    return shifted, b.op("Where", has_tokens, take_position(b, carry, last), old)
 
 
 def take_position(b: GraphBuilder, x: str, index: str) -> str:
