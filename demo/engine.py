@@ -221,17 +221,11 @@ def make_spec(pool: BackendPool, model, backend, loops, decode_mode) -> ColumnSp
                       loops=as_int(loops, "loops", 1, MAX_LOOPS), decode_mode=decode_mode)
 
 
-def wants_bos(tokenizer: Tokenizer) -> bool:
-    """HF's `add_bos_token` of tokenizer_config.json (default true); the embedded family was
-    trained without BOS and says so."""
-    return bool(tokenizer.config.get("add_bos_token", True)) and tokenizer.bos_id is not None
-
-
 def encode_prompt(tokenizer: Tokenizer, request: Request) -> tuple[list[int], str]:
     """(prompt ids, text shown before the completion): the chat template wraps the prompt
     when the tokenizer has one and the request asks for it; plain code completion shows the
     prompt itself, continued."""
-    bos = wants_bos(tokenizer)
+    bos = tokenizer.add_bos_token
     if request.use_chat_template and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": request.prompt}])
         ids = tokenizer.encode(text, add_bos=False)

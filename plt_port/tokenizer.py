@@ -43,6 +43,8 @@ class Tokenizer:
         self.eos_ids = sorted({i for i in (self._token_id(e, self.sp.eos_id()) for e in eos)
                                if i is not None})
         self.chat_template = config.get("chat_template")
+        # HF's `add_bos_token` (default true): whether prompts start with BOS by default.
+        self.add_bos_token = bool(config.get("add_bos_token", True)) and self.bos_id is not None
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> "Tokenizer":

@@ -82,13 +82,15 @@ def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
                     max_new_tokens: int = 256, sampling: SamplingParams | None = None,
                     stop: Sequence[str] = (), decode_mode: str = "clp",
                     prefill_chunk_size: int | None = None,
-                    add_bos: bool = True) -> Iterator[GenerationResponse]:
+                    add_bos: bool | None = None) -> Iterator[GenerationResponse]:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if isinstance(stop, str):
         stop = [stop]
     mode = backend.check_mode(decode_mode)
+    if add_bos is None:
+        add_bos = tokenizer.add_bos_token
     prompt_ids = encode_prompt(tokenizer, prompt, add_bos)
     limit = backend.config.max_position_embeddings
     if len(prompt_ids) + max_new_tokens > limit:

@@ -246,7 +246,7 @@ def test_chat_template_wraps_the_prompt(make_model, tokenizer_dir, tmp_path):
                                 top_k=0, seed=0, use_chat_template=False)
     assert engine.encode_prompt(tokenizer, plain) == (tokenizer.encode("def f():", add_bos=True),
                                                       "def f():")
-    tokenizer.config["add_bos_token"] = False  # as the embedded family's tokenizer says
+    tokenizer.add_bos_token = False  # as the embedded family's tokenizer_config says
     assert engine.encode_prompt(tokenizer, plain)[0] == tokenizer.encode("def f():")
     assert engine.encode_prompt(tokenizer, request)[0] == tokenizer.encode(
         "USER: def f():\nASSISTANT:")

@@ -81,3 +81,15 @@ def test_incomplete_tail_is_flushed_as_replacement(tokenizer_dir):
     detok = tok.detokenizer()
     assert detok.add(first_byte_of_snake) == ""
     assert detok.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize("flag,expected", [(None, True), (True, True), (False, False)])
+def test_add_bos_token_follows_the_config(tokenizer_dir, tmp_path, flag, expected):
+    shutil.copytree(tokenizer_dir, tmp_path / "t")
+    path = tmp_path / "t" / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.pop("add_bos_token", None)
+    if flag is not None:
+        config["add_bos_token"] = flag
+    path.write_text(json.dumps(config))
+    assert Tokenizer.from_dir(tmp_path / "t").add_bos_token is expected

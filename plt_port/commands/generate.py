@@ -87,12 +87,11 @@ def run(args):
     backend = load_backend(args.backend, args.model, loops=args.loops,
                            **backend_options(args.backend, args))
     tokenizer = Tokenizer.from_dir(args.model)
-    add_bos = not args.no_bos and bool(tokenizer.config.get("add_bos_token", True))
     last = None
     for last in stream_generate(backend, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
                                 sampling=sampling, stop=args.stop, decode_mode=args.decode,
                                 prefill_chunk_size=args.prefill_chunk_size,
-                                add_bos=add_bos):
+                                add_bos=False if args.no_bos else None):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
