@@ -356,10 +356,7 @@ def build_prefill(b: GraphBuilder) -> onnx.ModelProto:
     embeddings = b.op("Gather", b.weight("embed_tokens"), ids)           # [B, T, d]
 
     global_slots = kv_slot_indices(b, batch, positions)
-    capacity_slots = b.arange(b.dim(past[0]["key"], 2))
-    # global_mask [B, 1, T, S]: slot s visible iff s <= position
-    global_mask = b.op("LessOrEqual", b.op("Reshape", capacity_slots, b.ints(1, 1, 1, -1)),
-                       b.op("Reshape", positions, b.ints(0, 1, -1, 1)))
+    global_mask = causal_global_mask(b, past[0]["key"], positions)
     if L > 1:
         local_mask, ring_source = prefill_window(b, start, num_new, positions, steps, batch, T)
 
@@ -463,7 +460,29 @@ def prefill_window(b: GraphBuilder, start, num_new, positions, steps, batch, T):
     return local_mask, source
 
 
+def causal_global_mask(b: GraphBuilder, global_key: str, positions: str) -> str:
+    """[B, 1, T, S]: global slot s visible to the query at positions[b, t] iff s <= it."""
+    capacity_slots = b.arange(b.dim(global_key, 2))
+    return b.op("LessOrEqual", b.op("Reshape", capacity_slots, b.ints(1, 1, 1, -1)),
+                b.op("Reshape", positions, b.ints(0, 1, -1, 1)))
+
+
 # ---- CLP decode step --------------------------------------------------------------------
+def decode_window(b: GraphBuilder, start: str) -> str:
+    """Local mask [B, 1, L, R*W] over the R rings side by side: row r >= 1 sees its own ring's
+    written slots; row 0 (loop 1) has gate 1 and sees ring 1 only to keep its softmax finite."""
+    L, W = b.loops, b.cfg.window
+    R = L - 1
+    written = b.op("GreaterOrEqual", ring_positions(b, start), b.ints(0))           # [B, W]
+    written = b.op("Reshape", b.op("Tile", written, b.ints(1, R)), b.ints(-1, 1, 1, R * W))
+    own_ring = np.zeros((1, 1, L, R * W), dtype=bool)
+    for row in range(L):
+        ring = max(row - 1, 0)
+        own_ring[..., row, ring * W:(ring + 1) * W] = True
+    return b.op("And", written, b.const(own_ring))
+
+
+
 def build_decode(b: GraphBuilder) -> onnx.ModelProto:
     cfg, L, W = b.cfg, b.loops, b.cfg.window
     R = L - 1
@@ -483,19 +502,8 @@ def build_decode(b: GraphBuilder) -> onnx.ModelProto:
     ring_slots = kv_slot_indices(b, batch, b.op("Mod", start_col, b.ints(W)),
                                  leading=[b.const(np.arange(R, dtype=np.int64))])
     ring_slots = b.op("Squeeze", ring_slots, b.ints(3))                             # [R, B, G, 4]
-    capacity_slots = b.arange(b.dim(past[0]["key"], 2))
-    global_mask = b.op("LessOrEqual", b.op("Reshape", capacity_slots, b.ints(1, 1, 1, -1)),
-                       b.op("Reshape", start, b.ints(-1, 1, 1, 1)))
-    global_mask = b.op("Expand", global_mask, b.ints(1, 1, L, 1))                   # [B, 1, L, S]
-    # Local keys are the R rings side by side [B, G, R*W, D]: row r >= 1 sees its own ring's
-    # written slots; row 0 (loop 1) has gate 1 and sees ring 1 only to keep its softmax finite.
-    written = b.op("GreaterOrEqual", ring_positions(b, start), b.ints(0))           # [B, W]
-    written = b.op("Reshape", b.op("Tile", written, b.ints(1, R)), b.ints(-1, 1, 1, R * W))
-    own_ring = np.zeros((1, 1, L, R * W), dtype=bool)
-    for row in range(L):
-        ring = max(row - 1, 0)
-        own_ring[..., row, ring * W:(ring + 1) * W] = True
-    local_mask = b.op("And", written, b.const(own_ring))
+    global_mask = causal_global_mask(b, past[0]["key"], positions)
+    local_mask = decode_window(b, start)
     loop1_row = b.const(np.arange(L).reshape(1, 1, L) == 0)
 
     for i in range(cfg.num_hidden_layers):
