@@ -375,12 +375,22 @@ def metric_figure(result: dict, key: str):
     label = {"hidden": "loop output (= last layer)", "attention": "mean over layers", "loop": key}[metric.kind]
     ax.plot(*_defined(loop_axis, result["per_loop"][key]), marker="o", linewidth=2.2,
             color="black", label=label)
+    log_scale_if_wide(ax, [v for row in result["per_layer"].get(key, []) for v in row]
+                      + result["per_loop"][key])
     ax.set_xticks(loop_axis)
     ax.set_xlabel("loop r")
     ax.set_title(metric.label, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
+
+
+def log_scale_if_wide(ax, values) -> None:
+    """Log y axis when positive values span more than two decades (e.g. the loop-1 step from
+    the small embeddings next to the later loops' steps)."""
+    values = [v for v in values if v is not None]
+    if values and min(values) > 0 and max(values) / min(values) > 100:
+        ax.set_yscale("log")
 
 
 def _defined(xs, ys):

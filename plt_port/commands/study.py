@@ -305,6 +305,7 @@ def study_figures(study: dict) -> list[tuple[str, object]]:
                                           per_loop[metric.key])
             ax.plot(xs, ys, marker="o", label=label,
                     linestyle="--" if label.startswith(study["probe"] + " run") else "-")
+        diagnostics.log_scale_if_wide(ax, [v for _, per_loop in runs for v in per_loop[metric.key]])
         ax.set_xticks(range(1, study["max_inference_loops"] + 1))
         ax.set_xlabel("loop r")
         ax.set_title(metric.label, fontsize=9)
