@@ -50,7 +50,9 @@ def add_arguments(parser):
 def family_from_args(specs: list[str]) -> dict[str, str]:
     if not specs:
         from plt_port.models import family_model_dirs
-        family = dict(family_model_dirs())
+        # paths relative to the working directory when under it: study.json stays portable
+        family = {name: os.path.relpath(d) if os.path.abspath(d).startswith(os.getcwd() + os.sep)
+                  else d for name, d in family_model_dirs().items()}
         if not family:
             raise StudyError("the packaged model family is empty (train it first, or pass "
                              "--model NAME=DIR)")
