@@ -180,8 +180,8 @@ class ONNXBackend(Backend):
             binding.bind_output(name, self.device)
         session.run_with_iobinding(binding)
         # get_outputs() lists outputs in binding order: the in-place ones, logits, then `fresh`
-        for value, (_, (group, i, kv)) in zip(binding.get_outputs()[-len(fresh):] if fresh else [],
-                                              fresh):
+        values = binding.get_outputs()
+        for (_, (group, i, kv)), value in zip(fresh, values[len(values) - len(fresh):]):
             if group == "carry":
                 caches["carry"] = value
             else:
