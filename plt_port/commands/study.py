@@ -94,7 +94,8 @@ def run_study(family: dict[str, str], max_tokens: int = 4096, eval_tokens: int |
         earlier = previous_models.get(name, {})
         if earlier.get("weights_sha256") == digest and earlier.get("settings") == settings:
             print(f"{name}: weights and settings unchanged, reusing the earlier numbers")
-            models[name] = {**earlier, "dir": os.fspath(model_dir)}
+            models[name] = {**earlier, "dir": os.fspath(model_dir),
+                            "diagnostics": {**earlier["diagnostics"], "model": os.fspath(model_dir)}}
             continue
         models[name] = {
             "dir": os.fspath(model_dir),
