@@ -54,7 +54,9 @@ class Recipe:
     intermediate_size: int = 352
     vocab_size: int = 4096
     window_left: int = 32  # G-SWA local branch: 33 keys incl. the query, seq_len 256
-    hidden_scale: float = 1.0  # plt_hidden_scale b in u^(r) = a E + b n(h^(r-1))
+    # plt_hidden_scale b in u^(r) = a E + b n(h^(r-1)): ~ the embedding RMS, so that loops >= 2
+    # start on the scale of loop 1 (b = 1 lets the carry swamp the token embedding)
+    hidden_scale: float = 0.03
     max_position_embeddings: int = 2048
     seq_len: int = 256
     batch_size: int = 8  # global, over all ranks

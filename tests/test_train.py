@@ -133,7 +133,7 @@ def test_recipe_hidden_scale_reaches_the_config(tokenizer_dir):
 
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     assert recipe(hidden_scale=0.1).model_config(tokenizer).hidden_scale == 0.1
-    assert recipe().model_config(tokenizer).plt_hidden_scale is None  # the SPEC default, 1.0
+    assert recipe(hidden_scale=1.0).model_config(tokenizer).plt_hidden_scale is None  # SPEC default
 
 
 def test_recipe_validation():
