@@ -157,13 +157,20 @@ def build_card(run_dir: str, eval_dir: str) -> str:
         "used no `<s>` (tokenizer_config `add_bos_token: false`).", "",
         "## Architecture", "",
         fmt_row(["hidden", "layers", "heads / KV heads", "head dim", "FFN", "vocab",
-                 "window (keys incl. query)", "gate", "context (trained)"]),
-        fmt_row(["---"] * 9),
+                 "window (keys incl. query)", "gate", "carry scale b", "context (trained)"]),
+        fmt_row(["---"] * 10),
         fmt_row([config["hidden_size"], config["num_hidden_layers"],
                  f"{config['num_attention_heads']} / {config['num_key_value_heads']}",
                  config["head_dim"], config["intermediate_size"], config["vocab_size"],
                  f"{config['plt_window_size']} ({config['plt_window_size'][0] + 1})",
-                 "hidden-state form (`plt_gate_use_hidden_states: true`)", recipe["seq_len"]]),
+                 "hidden-state form (`plt_gate_use_hidden_states: true`)",
+                 config.get("plt_hidden_scale") or 1.0, recipe["seq_len"]]),
+        "",
+        "Loop r >= 2 reads u = E + b n(h^(r-1)) shifted by one token (SPEC section 2). With "
+        "Llama-style init the embeddings are small (std 0.02) while n(h) = FinalNorm(h) has "
+        "RMS about 1, so with b = 1 the carried state swamps the token embedding and the "
+        "looped models learn far slower than the one-loop model in short training; b is set "
+        "near the embedding RMS instead (`--hidden-scale`).",
         "",
         *training_section(states), "",
         "Train times are wall-clock seconds of the training steps on one CPU thread of a "
