@@ -72,11 +72,11 @@ def attend(q, k, v, mask, return_probs: bool = False):
     Rows whose mask is all False (only padding) give zeros, not NaN.
     """
     groups = q.shape[1] // k.shape[1]
+    if not return_probs:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1), None
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    if not return_probs:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)

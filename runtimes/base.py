@@ -92,7 +92,11 @@ class Backend(abc.ABC):
             raise BackendError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
         return mode if self.supports_clp else "naive"
 
-    def check_prompts(self, prompts: list[list[int]], max_tokens: int) -> None:
+    def check_prompts(self, prompts: list[list[int]], max_tokens: int,
+                      chunk_size: int | None = None) -> None:
+        if chunk_size is not None and (isinstance(chunk_size, bool)
+                                       or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise BackendError(f"prefill chunk size must be a positive integer, got {chunk_size!r}")
         if not prompts:
             raise BackendError("no prompts given")
         for i, prompt in enumerate(prompts):

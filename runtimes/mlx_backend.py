@@ -48,9 +48,7 @@ class MLXBackend(Backend):
         self.dtype = self.model.model.norm.weight.dtype
 
     def prefill(self, prompts, max_tokens, chunk_size=None):
-        self.check_prompts(prompts, max_tokens)
-        if chunk_size is not None and chunk_size < 1:
-            raise BackendError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.check_prompts(prompts, max_tokens, chunk_size)
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         T = int(lengths.max())
         padded = np.zeros((len(prompts), T), dtype=np.int32)

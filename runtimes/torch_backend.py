@@ -121,9 +121,7 @@ class TorchBackend(Backend):
     # ---- prefill -----------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, prompts, max_tokens, chunk_size=None):
-        self.check_prompts(prompts, max_tokens)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
-            raise BackendError(f"prefill chunk size must be a positive integer, got {chunk_size!r}")
+        self.check_prompts(prompts, max_tokens, chunk_size)
         batch = len(prompts)
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         longest = int(lens.max())

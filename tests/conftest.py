@@ -26,6 +26,20 @@ def tiny_config(fmt: str = "plt", **overrides) -> PLTConfig:
     return PLTConfig(**{**TINY, "vocab_size": 512, **base, **overrides})
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models: one intra-op thread is faster, and the machine's two cores are shared."""
+    if importlib.util.find_spec("torch") is None:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A small code tokenizer trained on a few standard-library files (well under a second)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_torch_backend import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from plt_port.checkpoint import load_tensors
 from plt_port.cli import main

@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-from test_torch_backend import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from plt_port.cli import main
 from plt_port.tokenizer import Tokenizer

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_torch_backend import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from plt_port.model import PLTForCausalLM
 from plt_port.tokenizer import Tokenizer

@@ -14,15 +14,6 @@ from runtimes.torch_backend import TorchBackend
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_logits(model, sequence, loops):
     with torch.no_grad():
         return model(torch.tensor([sequence]), loops=loops)[0, -1].numpy()
