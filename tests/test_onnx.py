@@ -184,10 +184,10 @@ def test_naive_and_chunked_prefill_match_reference(make_model):
     assert worst <= TOL, worst
 
 
-def test_query_gate_and_unnormalized_carry(make_model):
+def test_query_gate_unnormalized_carry_and_prepacked_decode(make_model):
     model_dir = make_model("plt", seed=3, plt_gate_use_hidden_states=False,
                            plt_normalize_per_loop=False, tie_word_embeddings=True)
-    backend = onnx_backend(model_dir, 2)
+    backend = onnx_backend(model_dir, 2, prepack=True)
     worst, _ = decode_and_compare(backend, model_dir, random_prompts([9, 14]), 10)
     assert worst <= TOL, worst
 
