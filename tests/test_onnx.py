@@ -192,6 +192,18 @@ def test_query_gate_unnormalized_carry_and_prepacked_decode(make_model):
     assert worst <= TOL, worst
 
 
+def test_clp_and_naive_steps_agree(make_model):
+    """SPEC 4: naive decode (the prefill graph, one token) gives the CLP step's logits."""
+    backend = onnx_backend(make_model("plt", seed=8), 4)
+    prompts = random_prompts([12, 3])
+    states = {mode: backend.prefill(prompts, 40)[0] for mode in ("clp", "naive")}
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        tokens = rng.integers(3, 512, 2)
+        clp, naive = (backend.step(states[m], tokens, m) for m in ("clp", "naive"))
+        assert np.abs(clp - naive).max() <= 1e-5
+
+
 def test_caches_grow_past_capacity(make_model):
     model_dir = make_model("plt", seed=5)
     backend = onnx_backend(model_dir, 2)
