@@ -265,6 +265,8 @@ def train_model(run_dir: str, name: str, recipe: Recipe, dist_info: Dist | None 
                  "validation": [], "tokens_seen": 0, "train_seconds": 0.0,
                  "parameters": model.num_parameters(), "world_size": dist_info.world_size}
     if state["step"] >= recipe.steps:
+        if dist_info.is_main and not os.path.exists(os.path.join(final_dir, "config.json")):
+            model.save_pretrained(final_dir, tokenizer_dir=tokenizer_dir)  # interrupted at the end
         return state
 
     net = model
