@@ -113,6 +113,22 @@ class Backend(abc.ABC):
             raise BackendError(f"{max_tokens} positions requested, the model supports "
                                f"max_position_embeddings={self.config.max_position_embeddings}")
 
+    def check_step(self, state: DecodeState, tokens, mode: str) -> tuple[str, np.ndarray]:
+        """(mode actually run, tokens as int64 [B]) for a decode step, or a clear error."""
+        mode = self.check_mode(mode)
+        tokens = np.asarray(tokens)
+        if tokens.shape != (state.batch_size,) or not np.issubdtype(tokens.dtype, np.integer):
+            raise BackendError(f"step needs one integer token per sequence, shape "
+                               f"({state.batch_size},); got {tokens.dtype} {tokens.shape}")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise BackendError(f"token ids outside the vocabulary "
+                               f"(0..{self.config.vocab_size - 1}): {tokens.tolist()}")
+        limit = self.config.max_position_embeddings
+        if state.lengths.max() >= limit:
+            raise BackendError(f"a sequence already holds {int(state.lengths.max())} positions: "
+                               f"the model supports max_position_embeddings={limit}")
+        return mode, tokens.astype(np.int64)
+
     def expected_cache_bytes(self, batch: int, capacity: int, itemsize: int) -> int:
         """SPEC section 4 formula for this model at this loop count."""
         cfg = self.config

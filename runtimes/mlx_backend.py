@@ -67,16 +67,7 @@ class MLXBackend(Backend):
         return DecodeState(lengths, cache.capacity, cache), self._numpy(logits)
 
     def step(self, state, tokens, mode="clp"):
-        mode = self.check_mode(mode)
-        tokens = np.asarray(tokens).reshape(-1)
-        if tokens.shape[0] != state.batch_size:
-            raise BackendError(f"step got {tokens.shape[0]} tokens for a batch of "
-                               f"{state.batch_size}")
-        if not (0 <= tokens.min() and tokens.max() < self.config.vocab_size):
-            raise BackendError(f"token ids outside the vocabulary (0..{self.config.vocab_size - 1})")
-        if state.lengths.max() >= self.config.max_position_embeddings:
-            raise BackendError(f"positions past max_position_embeddings="
-                               f"{self.config.max_position_embeddings}")
+        mode, tokens = self.check_step(state, tokens, mode)
         cache = state.caches
         logits = self.model.step(mx.array(tokens.astype(np.int32)), cache, state.lengths, mode)
         mx.eval(logits, cache.arrays())

@@ -138,10 +138,7 @@ class ONNXBackend(Backend):
         """Grow the global KV (copying) when a sequence has filled its slots."""
         if state.lengths.max() < state.capacity:
             return
-        limit = self.config.max_position_embeddings
-        if state.capacity >= limit:
-            raise BackendError(f"sequence reached max_position_embeddings={limit}")
-        capacity = min(state.capacity + GROW_STEP, limit)
+        capacity = min(state.capacity + GROW_STEP, self.config.max_position_embeddings)
         for layer in state.caches["global"]:
             for kv, old in layer.items():
                 grown = np.zeros(old.shape()[:2] + [capacity] + old.shape()[3:], self.np_dtype)
@@ -191,10 +188,7 @@ class ONNXBackend(Backend):
         return logits
 
     def prefill(self, prompts, max_tokens, chunk_size=None):
-        self.check_prompts(prompts, max_tokens)
-        if chunk_size is not None and (isinstance(chunk_size, bool)
-                                       or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise BackendError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.check_prompts(prompts, max_tokens, chunk_size)
         batch = len(prompts)
         prompt_lengths = np.array([len(p) for p in prompts], np.int64)
         longest = int(prompt_lengths.max())
@@ -218,14 +212,7 @@ class ONNXBackend(Backend):
         return state, logits
 
     def step(self, state, tokens, mode="clp"):
-        mode = self.check_mode(mode)
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if tokens.shape != (state.batch_size,):
-            raise BackendError(f"step needs one token per sequence ({state.batch_size}), "
-                               f"got shape {tokens.shape}")
-        if ((tokens < 0) | (tokens >= self.config.vocab_size)).any():
-            raise BackendError(f"token ids outside the vocabulary (0..{self.config.vocab_size - 1})"
-                               f": {tokens.tolist()}")
+        mode, tokens = self.check_step(state, tokens, mode)
         self._ensure_capacity(state)
         start = state.lengths.copy()
         if mode == "clp":

@@ -95,11 +95,7 @@ class TorchBackend(Backend):
         """Grow the global cache (in steps of GROW_STEP positions) to hold `needed` positions."""
         if needed <= state.capacity:
             return
-        limit = self.config.max_position_embeddings
-        if needed > limit:
-            raise BackendError(f"sequence would reach {needed} positions, the model supports "
-                               f"max_position_embeddings={limit}")
-        capacity = min(limit, -(-needed // GROW_STEP) * GROW_STEP)
+        capacity = min(self.config.max_position_embeddings, -(-needed // GROW_STEP) * GROW_STEP)
 
         def grown(cache):
             out = cache.new_zeros(*cache.shape[:2], capacity, cache.shape[3])
@@ -209,14 +205,7 @@ class TorchBackend(Backend):
     # ---- decode ------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, state, tokens, mode="clp"):
-        mode = self.check_mode(mode)
-        tokens = np.asarray(tokens)
-        if tokens.shape != (state.batch_size,) or not np.issubdtype(tokens.dtype, np.integer):
-            raise BackendError(f"step needs one integer token per sequence, shape "
-                               f"({state.batch_size},); got {tokens.dtype} {tokens.shape}")
-        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
-            raise BackendError(f"token ids outside the vocabulary "
-                               f"(0..{self.config.vocab_size - 1}): {tokens.tolist()}")
+        mode, tokens = self.check_step(state, tokens, mode)
         self._ensure_capacity(state, int(state.lengths.max()) + 1)
         model, caches = self.model, state.caches
         t = torch.from_numpy(state.lengths).to(self.device)

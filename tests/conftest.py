@@ -27,6 +27,18 @@ def tiny_config(fmt: str = "plt", **overrides) -> PLTConfig:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def export_cache(tmp_path_factory):
+    """Exports made on first use go to a folder of this test session, never to ~/.cache."""
+    previous = os.environ.get("PLT_PORT_CACHE")
+    os.environ["PLT_PORT_CACHE"] = str(tmp_path_factory.mktemp("export-cache"))
+    yield
+    if previous is None:
+        del os.environ["PLT_PORT_CACHE"]
+    else:
+        os.environ["PLT_PORT_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny models: one intra-op thread is faster, and the machine's two cores are shared."""
     if importlib.util.find_spec("torch") is None:

@@ -304,7 +304,7 @@ def test_backend_errors(model_dir):
     path = model_dir("plt")
     backend = load_backend("mlx", path, loops=2)
     state, _ = backend.prefill([[1, 2, 3]], 8)
-    with pytest.raises(BackendError, match="batch of 1"):
+    with pytest.raises(BackendError, match="one integer token per sequence"):
         backend.step(state, np.array([1, 2]))
     with pytest.raises(BackendError, match="vocabulary"):
         backend.step(state, np.array([512]))
