@@ -27,6 +27,7 @@ maps of one batch are dropped before the next.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -144,11 +145,11 @@ def offset_cost(carry: torch.Tensor) -> float:
     return (carry[..., 1:, :].float() - carry[..., :-1, :].float()).norm(dim=-1).mean().item()
 
 
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of logits [B, T, V] predicting ids[:, 1:]."""
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> tuple[list[float], float]:
+    """(mean cross-entropy of each sequence, accuracy) of logits [B, T, V] predicting ids[:, 1:]."""
     logits, targets = logits[:, :-1].float(), ids[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    return loss.item(), (logits.argmax(-1) == targets).float().mean().item()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return nll.mean(1).tolist(), (logits.argmax(-1) == targets).float().mean().item()
 
 
 # ---- accumulation over batches ----------------------------------------------------------
@@ -160,6 +161,7 @@ class _RunningMeans:
         self.sums: dict[tuple, list[float]] = {}
         self.grams: dict[tuple, torch.Tensor] = {}
         self.gram_rows: dict[tuple, int] = {}
+        self.window_losses: dict[int, list[float]] = {}  # loop -> loss of each window
 
     def add(self, metric: str, loop: int, layer: int | None, value: float, weight: int):
         entry = self.sums.setdefault((metric, loop, layer), [0.0, 0])
@@ -205,8 +207,9 @@ def _add_batch(model, ids: torch.Tensor, loops: int, stats: _RunningMeans) -> No
             if r >= 2:
                 stats.add("alignment", r, layer, update_alignment(h[r], h[r - 1], h[r - 2]), tokens)
             if layer == n_layers - 1:
-                loss, accuracy = next_token_loss(logits, ids)
-                stats.add("loss", r, None, loss, predicted)
+                window_losses, accuracy = next_token_loss(logits, ids)
+                stats.window_losses.setdefault(r, []).extend(window_losses)
+                stats.add("loss", r, None, sum(window_losses) / len(window_losses), predicted)
                 stats.add("accuracy", r, None, accuracy, predicted)
             logits_prev = logits
 
@@ -338,6 +341,9 @@ def diagnose(model_dir: str | os.PathLike, loops: int | str | None = None,
         "windows": len(windows),
         "seq_len": windows.shape[1],
         "tokens": windows.numel(),
+        "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+        # loss of each window at each loop: paired comparisons between runs on the same windows
+        "loss_per_window": [stats.window_losses[r] for r in range(1, loops + 1)],
         "metrics": {m.key: {"label": m.label, "kind": m.kind, "first_loop": m.first_loop}
                     for m in METRICS},
         "per_loop": per_loop,

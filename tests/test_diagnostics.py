@@ -193,6 +193,9 @@ def test_loss_at_loop_r_equals_a_separate_run_with_r_loops(make_model):
         accuracy = (logits.argmax(-1) == targets).float().mean().item()
         assert result["per_loop"]["loss"][r - 1] == pytest.approx(loss, rel=1e-5)
         assert result["per_loop"]["accuracy"][r - 1] == pytest.approx(accuracy, abs=1e-7)
+        per_window = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets,
+                                                       reduction="none").mean(1)
+        assert result["loss_per_window"][r - 1] == pytest.approx(per_window.tolist(), rel=1e-5)
 
 
 def test_default_text_is_the_eval_set(make_model):
@@ -337,6 +340,19 @@ def test_loopcoder_comparison_is_computed_from_the_numbers():
     assert verdict["Loops 3 and 4 regress: models trained with more loops"] == "partly agree"
     assert verdict["Two loops are best (lowest held-out loss of the family)"] == "differ"
     assert "largest at loop 1" in findings["Loop 2 has the largest effective rank"]["evidence"][0]
+
+    noisy = _study({1: 3.0, 2: 2.5, 3: 2.6, 4: 2.7}, {2: 2.5}, rank=[40.0, 50.0, 45.0, 44.0],
+                   alignment=[None, 0.3, -0.4, -0.2], gate=[None, 0.6, 0.7, 0.55])
+    for model in noisy["models"].values():
+        model["diagnostics"].update(windows_sha256="same",
+                                    loss_per_window=[[2.0, 2.0], [1.0, 1.0], [1.0, 1.4], [2.0, 2.5]])
+    findings = {f["claim"]: f for f in compare_with_loopcoder(noisy)}
+    inference = findings["Loops 3 and 4 regress: the 2-loop model run with more loops"]
+    # L=3 - L=2 per window: 0, 0.4 -> mean 0.2, 2 SE = 2 * 0.2828 / sqrt(2) = 0.4: not significant
+    # L=4 - L=2: 1.0, 1.5 -> mean 1.25, 2 SE = 0.5: significant
+    assert "+0.2000 ± 0.4000" in inference["evidence"][1]
+    assert "+1.2500 ± 0.5000" in inference["evidence"][2]
+    assert inference["caveat"].startswith("1 of 2 loss differences are within 2 standard errors")
 
     alone = _study({1: 3.0, 2: 2.5, 3: 2.6, 4: 2.7}, {2: 2.5}, rank=[40.0, 50.0, 45.0, 44.0],
                    alignment=[None, 0.3, -0.4, -0.2], gate=[None, 0.6, 0.7, 0.55])

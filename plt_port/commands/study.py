@@ -33,8 +33,9 @@ def add_arguments(parser):
                         help="report folder (default docs/study; written atomically)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                         help="study these models instead of the packaged family (repeatable)")
-    parser.add_argument("--max-tokens", type=int, default=4096,
-                        help="held-out tokens for the diagnostics (default 4096)")
+    parser.add_argument("--max-tokens", type=int, default=16384,
+                        help="held-out tokens for the diagnostics (default 16384: the eval's "
+                             "windows, so the loss comparisons can be paired per window)")
     parser.add_argument("--eval-tokens", type=int, default=16384,
                         help="held-out tokens per eval (default 16384)")
     parser.add_argument("--seq-len", type=int, default=256, help="window length (default 256)")
@@ -66,7 +67,7 @@ def family_from_args(specs: list[str]) -> dict[str, str]:
     return family
 
 
-def run_study(family: dict[str, str], max_tokens: int = 4096, eval_tokens: int | None = 16384,
+def run_study(family: dict[str, str], max_tokens: int = 16384, eval_tokens: int | None = 16384,
               seq_len: int = 256, progress: bool = True, previous: dict | None = None) -> dict:
     """All numbers of the report, as one JSON-able dict.
 
@@ -156,7 +157,8 @@ def trained_view(model: dict) -> dict:
     diag, loops = model["diagnostics"], model["trained_loops"]
     return {**diag, "loops": loops,
             "per_loop": {k: v[:loops] for k, v in diag["per_loop"].items()},
-            "per_layer": {k: v[:loops] for k, v in diag["per_layer"].items()}}
+            "per_layer": {k: v[:loops] for k, v in diag["per_layer"].items()},
+            "loss_per_window": diag.get("loss_per_window", [])[:loops]}
 
 
 # ---- the comparison with LoopCoder-v2, computed from the numbers ---------------------------
@@ -192,9 +194,9 @@ def compare_with_loopcoder(study: dict) -> list[dict]:
     runs = _runs(study)
     findings = []
 
-    def finding(claim, checks, evidence, note=""):
+    def finding(claim, checks, evidence, note="", caveat=""):
         findings.append({"claim": claim, "verdict": _verdict(checks), "evidence": evidence,
-                         "note": note})
+                         "note": note, "caveat": caveat})
 
     # 1. effective rank peaks at loop 2
     checks, evidence = [], []
@@ -238,28 +240,73 @@ def compare_with_loopcoder(study: dict) -> list[dict]:
             "per loop, mean over layers")
 
     # 5. loops 3 and 4 regress: at inference (the 2-loop model run with more loops) ...
-    probe = study["models"][study["probe"]]
+    probe_name = study["probe"]
+    probe = study["models"][probe_name]
     losses = {int(r): e["loss"] for r, e in probe["eval"].items()}
     later = [r for r in sorted(losses) if r > PROBE_LOOPS]
+    noise = [_paired_noise(study, (probe_name, r), (probe_name, PROBE_LOOPS)) for r in later]
     finding(f"Loops 3 and 4 regress: the {PROBE_LOOPS}-loop model run with more loops",
             [losses[r] > losses[PROBE_LOOPS] for r in later],
-            [f"{study['probe']}: held-out loss " + ", ".join(f"L={r}: {losses[r]:.4f}"
-                                                           for r in sorted(losses))])
+            [f"{probe_name}: held-out loss " + ", ".join(f"L={r}: {losses[r]:.4f}"
+                                                       for r in sorted(losses)),
+             *(n["line"] for n in noise if n)],
+            caveat=_noise_note(noise))
     # ... and in training (models trained with 3 or 4 loops vs the one trained with 2)
-    trained = {m["trained_loops"]: m["eval"][str(m["trained_loops"])]["loss"]
-               for m in study["models"].values()}
+    by_loops = {m["trained_loops"]: name for name, m in study["models"].items()}
+    trained = {loops: study["models"][name]["eval"][str(loops)]["loss"]
+               for loops, name in by_loops.items()}
     later = [r for r in sorted(trained) if r > PROBE_LOOPS]
+    noise = [_paired_noise(study, (by_loops[r], r), (by_loops[PROBE_LOOPS], PROBE_LOOPS))
+             for r in later]
     finding("Loops 3 and 4 regress: models trained with more loops",
             [trained[r] > trained[PROBE_LOOPS] for r in later],
-            ["held-out loss by trained loop count: " + ", ".join(f"{r}: {trained[r]:.4f}"
-                                                                 for r in sorted(trained))])
+            ["held-out loss by trained loop count: " + ", ".join(f"L={r}: {trained[r]:.4f}"
+                                                                 for r in sorted(trained)),
+             *(n["line"] for n in noise if n)],
+            caveat=_noise_note(noise))
     # 6. the headline: two loops are best
     best = min(trained, key=trained.get)
+    rivals = [r for r in sorted(trained) if r != PROBE_LOOPS]
+    noise = [_paired_noise(study, (by_loops[r], r), (by_loops[PROBE_LOOPS], PROBE_LOOPS))
+             for r in rivals]
     finding("Two loops are best (lowest held-out loss of the family)",
             [best == PROBE_LOOPS] if len(trained) > 1 else [],
             [f"lowest held-out loss: the model trained with L={best} ({trained[best]:.4f}) "
-             f"of {len(trained)} trained loop counts"])
+             f"of {len(trained)} trained loop counts", *(n["line"] for n in noise if n)],
+            _noise_note(noise))
     return findings
+
+
+def _paired_noise(study: dict, run: tuple[str, int], reference: tuple[str, int]) -> dict | None:
+    """Loss of `run` minus loss of `reference` ((model, loops) each) over the diagnostics'
+    windows, with 2 standard errors of the mean paired difference; None unless both runs
+    scored the same windows."""
+    diag_a = study["models"][run[0]]["diagnostics"]
+    diag_b = study["models"][reference[0]]["diagnostics"]
+    if "loss_per_window" not in diag_a or diag_a.get("windows_sha256") != diag_b.get("windows_sha256"):
+        return None
+    a, b = diag_a["loss_per_window"][run[1] - 1], diag_b["loss_per_window"][reference[1] - 1]
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = sum(diffs) / n
+    two_se = 2 * (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5
+    label = lambda r: f"{r[0]} at L={r[1]}"  # noqa: E731
+    return {"mean": mean, "two_se": two_se, "significant": abs(mean) > two_se,
+            "line": f"{label(run)} minus {label(reference)}: {mean:+.4f} ± {two_se:.4f} "
+                    f"(2 standard errors, paired over the diagnostics' {n} windows)"}
+
+
+def _noise_note(noise: list[dict | None]) -> str:
+    measured = [n for n in noise if n]
+    if not measured:
+        return ""
+    within = sum(not n["significant"] for n in measured)
+    if not within:
+        return "every loss difference exceeds 2 standard errors"
+    return (f"{within} of {len(measured)} loss differences are within 2 standard errors: "
+            "not significant on this many tokens")
 
 
 # ---- the report ---------------------------------------------------------------------------
@@ -362,7 +409,8 @@ def render_report(study: dict, figure_names: list[str]) -> str:
               "(agree: every run checked agrees, partly agree: some do, differ: none do).", ""]
     for item in compare_with_loopcoder(study):
         note = f" ({item['note']})" if item["note"] else ""
-        lines.append(f"- {item['claim']}{note}. Small models: **{item['verdict']}**.")
+        caveat = f" ({item['caveat']})" if item["caveat"] else ""
+        lines.append(f"- {item['claim']}{note}. Small models: **{item['verdict']}**{caveat}.")
         lines += [f"  - {e}" for e in item["evidence"]]
     lines += [""]
 
