@@ -136,9 +136,11 @@ def build_card(run_dir: str, eval_dir: str) -> str:
         "```", RECIPE_COMMAND, "```", "",
         "with the defaults of `plt_port.train.Recipe`, i.e. explicitly:", "",
         "```", f"{RECIPE_COMMAND} \\", f"    {recipe_args}", "```", "",
-        "Re-running the command resumes from the last checkpoint in `runs/stdlib-family` and "
-        "continues bit-for-bit; from an empty directory it reproduces the models (fp32 on "
-        "CPU, one thread: same interpreter, same torch build). Optimizer: AdamW (betas 0.9, "
+        "Re-running the command resumes from the last checkpoint in `runs/stdlib-family`; "
+        "from an empty directory it retrains the models (fp32 on CPU, one thread; the same "
+        "interpreter and torch build give the same weights: a rerun of the L1 recipe from "
+        "scratch matched the shipped run bit for bit, though MKL's default mode may change "
+        "the last bits between processes, see `MKL_CBWR`). Optimizer: AdamW (betas 0.9, "
         "0.95; weight decay on matrices only), linear warmup then cosine decay, gradient "
         "clipping. Loss: cross-entropy of the last loop's logits.", "",
         "## Data", "",
