@@ -273,7 +273,7 @@ def compare_with_loopcoder(study: dict) -> list[dict]:
             [best == PROBE_LOOPS] if len(trained) > 1 else [],
             [f"lowest held-out loss: the model trained with L={best} ({trained[best]:.4f}) "
              f"of {len(trained)} trained loop counts", *(n["line"] for n in noise if n)],
-            _noise_note(noise))
+            caveat=_noise_note(noise))
     return findings
 
 
