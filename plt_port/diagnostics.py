@@ -338,6 +338,8 @@ def diagnose(model_dir: str | os.PathLike, loops: int | str | None = None,
         "trained_loops": model.config.num_loops,
         "loops": loops,
         "layers": n_layers,
+        "emb_scale": model.config.emb_scale,        # a and b of u(r) = a E + b n(h(r-1)) shifted
+        "hidden_scale": model.config.hidden_scale,
         "windows": len(windows),
         "seq_len": windows.shape[1],
         "tokens": windows.numel(),

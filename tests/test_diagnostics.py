@@ -353,6 +353,7 @@ def test_loopcoder_comparison_is_computed_from_the_numbers():
     assert "+0.2000 ± 0.4000" in inference["evidence"][1]
     assert "+1.2500 ± 0.5000" in inference["evidence"][2]
     assert inference["caveat"].startswith("1 of 2 loss differences are within 2 standard errors")
+    assert inference["verdict"] == "partly agree"  # the L=3 regression is within noise
 
     alone = _study({1: 3.0, 2: 2.5, 3: 2.6, 4: 2.7}, {2: 2.5}, rank=[40.0, 50.0, 45.0, 44.0],
                    alignment=[None, 0.3, -0.4, -0.2], gate=[None, 0.6, 0.7, 0.55])
