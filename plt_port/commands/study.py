@@ -273,7 +273,7 @@ def compare_with_loopcoder(study: dict) -> list[dict]:
             [best == PROBE_LOOPS] if len(trained) > 1 else [],
             [f"lowest held-out loss: the model trained with L={best} ({trained[best]:.4f}) "
              f"of {len(trained)} trained loop counts", *(n["line"] for n in noise if n)],
-            caveat=_noise_note(noise))
+            caveat=_noise_note(noise, regression_claim=False))
     return findings
 
 
@@ -303,7 +303,7 @@ def _regresses(loss_increase: float, noise: dict | None) -> bool:
     return loss_increase > 0 and (noise is None or noise["significant"])
 
 
-def _noise_note(noise: list[dict | None]) -> str:
+def _noise_note(noise: list[dict | None], regression_claim: bool = True) -> str:
     measured = [n for n in noise if n]
     if not measured:
         return ""
@@ -311,7 +311,8 @@ def _noise_note(noise: list[dict | None]) -> str:
     if not within:
         return "every loss difference exceeds 2 standard errors"
     return (f"{within} of {len(measured)} loss differences are within 2 standard errors, "
-            "not significant on this many tokens; a regression counts only beyond that")
+            "not significant on this many tokens"
+            + ("; a regression counts only beyond that" if regression_claim else ""))
 
 
 # ---- the report ---------------------------------------------------------------------------
