@@ -142,6 +142,8 @@ def test_no_pickle_anywhere():
                for p in (root / d).rglob("*.py")]
     for path in sources:
         text = path.read_text()
-        for needle in ("import pickle", "pickle.load", "torch.load(", "allow_pickle=True",
-                       "trust_remote_code=True", "import dill", "joblib.load"):
+        # the needles are assembled so this file does not itself match a text search for them
+        for needle in ("import pickle", "pickle" + ".load", "torch" + ".load(",
+                       "allow_pickle" + "=True", "trust_remote_code" + "=True", "import dill",
+                       "joblib" + ".load"):
             assert needle not in text, f"{path}: {needle}"
