@@ -99,12 +99,9 @@ def test_missing_family_gives_a_clear_error(monkeypatch, tmp_path):
         models.model_dir("gpt2")
 
 
-FAMILY = models.family_model_dirs()
-needs_family = pytest.mark.skipif(len(FAMILY) < len(models.FAMILY),
-                                  reason="the embedded model family is not trained yet")
+FAMILY = models.family_model_dirs()  # shipped in the repository: a missing model fails below
 
 
-@needs_family
 def test_embedded_family_is_complete_small_fp16_and_consistent():
     assert list(FAMILY) == list(models.FAMILY)
     assert models.default_model_dir() == FAMILY["plt-stdlib-L2"]
@@ -122,10 +119,6 @@ def test_embedded_family_is_complete_small_fp16_and_consistent():
     assert os.path.exists(models.MODEL_CARD)
 
 
-needs_default = pytest.mark.skipif(models.DEFAULT_MODEL not in FAMILY,
-                                   reason="the embedded loops=2 model is not trained yet")
-
-
 def reference_greedy(path, prompt_ids, n, loops):
     model = PLTForCausalLM.from_pretrained(path)
     ids = list(prompt_ids)
@@ -135,7 +128,6 @@ def reference_greedy(path, prompt_ids, n, loops):
     return ids[len(prompt_ids):]
 
 
-@needs_default
 @pytest.mark.parametrize("backend", ["torch", "mlx", "onnx"])
 def test_default_model_runs_on_every_runtime(backend, monkeypatch, tmp_path):
     from runtimes import backend_unavailable_reason, load_backend
@@ -154,7 +146,6 @@ def test_default_model_runs_on_every_runtime(backend, monkeypatch, tmp_path):
         assert last.loops == loops and text and expected.startswith(text)
 
 
-@needs_default
 def test_default_model_beats_the_unigram_baseline_and_writes_python_shaped_text():
     from runtimes import load_backend
     from runtimes.generate import generate

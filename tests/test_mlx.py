@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from conftest import requires, tiny_config
+from plt_port import models
 from plt_port.random_model import save_random_model
 
 pytestmark = requires("mlx")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS_DIR = os.path.join(REPO, "plt_port", "models")
 TOL = 1e-4
 
 
@@ -170,19 +170,11 @@ def test_64_greedy_tokens_identical_to_pytorch_random_model(model_dir, fmt):
     assert_64_greedy_tokens_identical(model_dir(fmt), random_prompts(5, [12])[0])
 
 
-def embedded_models():
-    if not os.path.isdir(MODELS_DIR):
-        return []
-    return sorted(name for name in os.listdir(MODELS_DIR)
-                  if os.path.exists(os.path.join(MODELS_DIR, name, "config.json")))
-
-
-@pytest.mark.skipif(not embedded_models(), reason="no embedded models in plt_port/models yet")
-@pytest.mark.parametrize("name", embedded_models() or ["none"])
+@pytest.mark.parametrize("name", models.FAMILY)
 def test_64_greedy_tokens_identical_to_pytorch_embedded_model(name):
     from plt_port.tokenizer import Tokenizer
 
-    path = os.path.join(MODELS_DIR, name)
+    path = models.model_dir(name)
     prompt = Tokenizer.from_dir(path).encode("def fibonacci(n):\n    ", add_bos=True)
     assert_64_greedy_tokens_identical(path, prompt)
 

@@ -23,6 +23,7 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
 from exporters.onnx_export import ExportError, export  # noqa: E402
+from plt_port import models  # noqa: E402
 from runtimes import BackendError, load_backend  # noqa: E402
 
 TOL = 1e-4
@@ -249,14 +250,9 @@ def test_greedy_64_tokens_match_torch_backend_random_model(make_model):
     assert_same_greedy(make_model("plt", seed=2), loops=2)
 
 
-EMBEDDED = sorted(p for p in glob.glob(os.path.join(ROOT, "plt_port", "models", "*"))
-                  if os.path.exists(os.path.join(p, "config.json")))
-
-
-@pytest.mark.skipif(not EMBEDDED, reason="no embedded models in plt_port/models yet")
-@pytest.mark.parametrize("model_dir", EMBEDDED or [""], ids=os.path.basename)
-def test_greedy_64_tokens_match_torch_backend_embedded(model_dir):
-    assert_same_greedy(model_dir)
+@pytest.mark.parametrize("name", models.FAMILY)
+def test_greedy_64_tokens_match_torch_backend_embedded(name):
+    assert_same_greedy(models.model_dir(name))
 
 
 # ---- deployment properties ------------------------------------------------------------------
