@@ -180,12 +180,12 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
             with gr.Row():
                 for i, spec in enumerate(columns):
                     with gr.Column(visible=i < 2, variant="panel", min_width=280) as box:
-                        with gr.Row():
-                            model = gr.Dropdown(model_choices, value=spec.model, label="Model",
-                                                elem_id=f"model-{i}", min_width=100)
-                            backend = gr.Dropdown(backend_choices, value=spec.backend,
-                                                  label="Backend", elem_id=f"backend-{i}",
-                                                  min_width=100)
+                        # full-width model and backend: their names must not be cut off
+                        # when four columns share the page
+                        model = gr.Dropdown(model_choices, value=spec.model, label="Model",
+                                            elem_id=f"model-{i}")
+                        backend = gr.Dropdown(backend_choices, value=spec.backend,
+                                              label="Backend", elem_id=f"backend-{i}")
                         with gr.Row():
                             loops = gr.Dropdown(list(range(1, MAX_LOOPS + 1)), value=spec.loops,
                                                 label="Loops", elem_id=f"loops-{i}", min_width=80)
