@@ -30,6 +30,13 @@ from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
 
 DECODE_MODES = ("clp", "naive")
+GROW_STEP = 256  # global KV slots are added in multiples of this when a step needs more
+
+
+def grown_capacity(needed: int, limit: int) -> int:
+    """Global-cache capacity for `needed` positions: the next multiple of GROW_STEP, capped at
+    max_position_embeddings (the same policy in every backend, so cache bytes compare)."""
+    return min(limit, -(-needed // GROW_STEP) * GROW_STEP)
 
 
 class BackendError(PLTError):

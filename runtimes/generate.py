@@ -93,9 +93,12 @@ def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
         add_bos = tokenizer.add_bos_token
     prompt_ids = encode_prompt(tokenizer, prompt, add_bos)
     limit = backend.config.max_position_embeddings
-    if len(prompt_ids) + max_new_tokens > limit:
+    # the last new token is returned, never fed back: P + N tokens need P + N - 1 positions
+    positions = len(prompt_ids) + max_new_tokens - 1
+    if positions > limit:
         raise GenerateError(f"{len(prompt_ids)} prompt tokens + max_new_tokens={max_new_tokens} "
-                            f"exceed the model's max_position_embeddings={limit}")
+                            f"need {positions} positions, more than the model's "
+                            f"max_position_embeddings={limit}")
     sampler = Sampler(sampling)
     eos_ids = set(tokenizer.eos_ids) | set(backend.config.eos_token_ids)
     detokenizer = tokenizer.detokenizer()
@@ -104,8 +107,7 @@ def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
 
     start = time.perf_counter()
     # Positions for the whole answer are allocated up front (no growth while decoding).
-    state, logits = backend.prefill([prompt_ids], len(prompt_ids) + max_new_tokens,
-                                    prefill_chunk_size)
+    state, logits = backend.prefill([prompt_ids], positions, prefill_chunk_size)
     prefill_s = time.perf_counter() - start
     token = int(sampler(logits, [history])[0])
     first_token_at = time.perf_counter()

@@ -31,8 +31,8 @@ import numpy as np
 from metal_kernels import gswa
 from plt_port.checkpoint import canonical_name, weight_files
 from plt_port.config import PLTConfig
+from .base import grown_capacity
 
-CACHE_STEP = 256  # global K/V grow by this many slots (as mlx-lm's KVCache)
 GSWA_HAS_KERNEL_SWITCH = "use_kernel" in inspect.signature(gswa.gswa_decode).parameters
 
 
@@ -145,7 +145,7 @@ class PLTModel(nn.Module):
 class PLTCache:
     """The decode state of one batch (SPEC section 4, layouts of metal_kernels.gswa):
 
-    global_k/v[l]  [B, G, S_cap, D]  loop-1 K/V, position p in slot p (grown in CACHE_STEP)
+    global_k/v[l]  [B, G, S_cap, D]  loop-1 K/V, position p in slot p (grown by grown_capacity)
     ring_k/v[l]    [R, B, G, W, D]   loop r+2's own K/V, position p in slot p % W
     carry          [R, B, d]         n(h^(r+1)) of the last processed position (PLT only)
     with R = loops - 1 and W = window (keys incl. the query). `state` holds only arrays (a
@@ -193,11 +193,11 @@ class PLTCache:
     def capacity(self) -> int:
         return self.global_k[0].shape[2]
 
-    def grow(self, needed: int) -> None:
-        """Make room for `needed` positions per sequence, in steps of CACHE_STEP slots."""
-        if needed <= self.capacity:
+    def grow(self, capacity: int) -> None:
+        """Make the global K/V hold `capacity` positions per sequence (never shrinks)."""
+        if capacity <= self.capacity:
             return
-        extra = -(-(needed - self.capacity) // CACHE_STEP) * CACHE_STEP
+        extra = capacity - self.capacity
         for name in ("global_k", "global_v"):
             self.state[name] = [mx.concatenate([kv, mx.zeros((*kv.shape[:2], extra, kv.shape[3]),
                                                              kv.dtype)], axis=2)
@@ -351,7 +351,9 @@ class Model(nn.Module):
         `mx.compile`d (traced again only when the cache shapes change) unless
         `compile_step` is False.
         """
-        cache.grow(int(positions.max()) + 1)
+        needed = int(positions.max()) + 1
+        if needed > cache.capacity:
+            cache.grow(grown_capacity(needed, self.args.max_position_embeddings))
         pos = mx.array(positions.astype(np.int32))
         if not self.compile_step:
             return self._step(tokens, cache, pos, mode)

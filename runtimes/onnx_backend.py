@@ -23,10 +23,9 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from .base import Backend, BackendError, DecodeState
+from .base import Backend, BackendError, DecodeState, grown_capacity
 
 MANIFEST = "plt_onnx.json"
-GROW_STEP = 256
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -138,7 +137,7 @@ class ONNXBackend(Backend):
         """Grow the global KV (copying) when a sequence has filled its slots."""
         if state.lengths.max() < state.capacity:
             return
-        capacity = min(state.capacity + GROW_STEP, self.config.max_position_embeddings)
+        capacity = grown_capacity(int(state.lengths.max()) + 1, self.config.max_position_embeddings)
         for layer in state.caches["global"]:
             for kv, old in layer.items():
                 grown = np.zeros(old.shape()[:2] + [capacity] + old.shape()[3:], self.np_dtype)

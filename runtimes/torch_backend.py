@@ -27,10 +27,9 @@ import torch
 
 from plt_port.model import PLTForCausalLM, attend, causal_mask, gated_swa
 
-from .base import Backend, BackendError, DecodeState
+from .base import Backend, BackendError, DecodeState, grown_capacity
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GROW_STEP = 256  # positions added to the global cache when a step would pass its capacity
 
 
 @dataclass
@@ -92,10 +91,10 @@ class TorchBackend(Backend):
         )
 
     def _ensure_capacity(self, state: DecodeState, needed: int) -> None:
-        """Grow the global cache (in steps of GROW_STEP positions) to hold `needed` positions."""
+        """Grow the global cache (policy: base.grown_capacity) to hold `needed` positions."""
         if needed <= state.capacity:
             return
-        capacity = min(self.config.max_position_embeddings, -(-needed // GROW_STEP) * GROW_STEP)
+        capacity = grown_capacity(needed, self.config.max_position_embeddings)
 
         def grown(cache):
             out = cache.new_zeros(*cache.shape[:2], capacity, cache.shape[3])

@@ -121,7 +121,7 @@ def test_greedy_stream_matches_reference_and_reports_stats(make_model, fmt, mode
     last = responses[-1]
     assert [r.generation_tokens for r in responses] == list(range(1, 13))
     assert last.prompt_tokens == len(prompt_ids)
-    assert last.cache_bytes == backend.expected_cache_bytes(1, len(prompt_ids) + 12, 4)
+    assert last.cache_bytes == backend.expected_cache_bytes(1, len(prompt_ids) + 12 - 1, 4)
     assert (last.backend, last.loops) == ("torch", 3)
     assert last.decode_mode == ("naive" if fmt == "v1" else mode)
     assert last.ttft_s > 0 and last.prompt_tps > 0 and last.generation_tps > 0
