@@ -6,6 +6,7 @@ Backends are imported only when asked for, so a missing framework only disables 
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from .base import Backend, BackendError, DecodeState
 
@@ -38,8 +39,14 @@ def load_backend(name: str, model_dir: str, loops: int | None = None, **options)
     reason = backend_unavailable_reason(name)
     if reason:
         raise BackendError(reason)
-    module, cls, _, _ = BACKENDS[name]
-    return getattr(importlib.import_module(module), cls)(model_dir, loops=loops, **options)
+    module, cls_name, _, _ = BACKENDS[name]
+    cls = getattr(importlib.import_module(module), cls_name)
+    known = [p for p in inspect.signature(cls.__init__).parameters
+             if p not in ("self", "model_dir", "loops")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise BackendError(f"{name} backend: unknown options {unknown} (known: {', '.join(known)})")
+    return cls(model_dir, loops=loops, **options)
 
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "DecodeState", "available_backends",

@@ -93,6 +93,14 @@ class Backend(abc.ABC):
         """CLP needs the PLT one-token shift; v1 checkpoints (and L = 1) decode sequentially."""
         return not self.config.is_v1 and self.loops > 1
 
+    def check_threads(self, threads: int | None) -> int | None:
+        """A CPU thread count option: None (the framework's default) or an integer >= 1."""
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            raise BackendError(f"{self.name} backend: threads must be an integer >= 1, "
+                               f"got {threads!r}")
+        return threads
+
     def check_mode(self, mode: str) -> str:
         """The mode actually run: `clp` on a model without CLP runs sequentially (say so)."""
         if mode not in DECODE_MODES:

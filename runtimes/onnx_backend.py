@@ -76,11 +76,8 @@ class ONNXBackend(Backend):
     name = "onnx"
 
     def __init__(self, model_dir: str, loops: int | None = None, provider: str = "auto",
-                 dtype: str | None = None, threads: int | None = None, prepack: bool = False,
-                 **options):
-        if options:
-            raise BackendError(f"onnx backend: unknown options {sorted(options)} (known: "
-                               "provider, dtype, threads, prepack)")
+                 dtype: str | None = None, threads: int | None = None, prepack: bool = False):
+        self.check_threads(threads)
         self.source_dir = os.fspath(model_dir)
         export_dir, self.manifest = resolve_export(model_dir, loops, dtype)
         super().__init__(export_dir, loops=self.manifest["loops"])

@@ -63,9 +63,7 @@ class TorchBackend(Backend):
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendError("torch backend: device 'cuda' asked for, but this torch build "
                                "sees no CUDA device")
-        if threads is not None:
-            if threads < 1:
-                raise BackendError(f"torch backend: threads must be >= 1, got {threads}")
+        if self.check_threads(threads):
             torch.set_num_threads(threads)
         self.dtype = DTYPES[dtype]
         self.device = torch.device(device)

@@ -40,3 +40,16 @@ def test_generation_fits_exactly_at_the_position_limit(make_model, tokenizer_dir
         assert stats.generation_tokens <= 11
         with pytest.raises(Exception, match="max_position_embeddings"):
             generate(backend, tokenizer, prompt, max_new_tokens=12)
+
+
+def test_option_errors_are_clear_on_every_backend(make_model):
+    from runtimes import BackendError
+
+    model_dir = make_model("plt")
+    for name in BACKENDS:
+        with pytest.raises(BackendError, match=rf"{name} backend: unknown options \['colour'\]"):
+            load_backend(name, model_dir, colour="blue")
+    for name in set(BACKENDS) & {"torch", "onnx"}:
+        for bad in (0, -2, 1.5, True):
+            with pytest.raises(BackendError, match="threads must be an integer >= 1"):
+                load_backend(name, model_dir, threads=bad)
