@@ -129,10 +129,10 @@ class PLTConfig:
                  f"num_attention_heads {self.num_attention_heads}")
         if self.head_dim % 2:
             fail("head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
-        if not self.rope_theta > 0:
-            fail("rope_theta", f"must be > 0, got {self.rope_theta!r}")
-        if not self.rms_norm_eps > 0:
-            fail("rms_norm_eps", f"must be > 0, got {self.rms_norm_eps!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                fail(name, f"must be a positive number, got {value!r}")
         for name in ("attention_bias", "mlp_bias"):
             if getattr(self, name):
                 fail(name, "biases in attention/MLP projections are not implemented (every "

@@ -112,11 +112,17 @@ class Backend(abc.ABC):
         if chunk_size is not None and (isinstance(chunk_size, bool)
                                        or not isinstance(chunk_size, int) or chunk_size < 1):
             raise BackendError(f"prefill chunk size must be a positive integer, got {chunk_size!r}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) \
+                or max_tokens < 1:
+            raise BackendError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if not prompts:
             raise BackendError("no prompts given")
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise BackendError(f"prompt {i} is empty")
+            if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                       for t in prompt):
+                raise BackendError(f"prompt {i}: token ids must be integers")
             if len(prompt) > max_tokens:
                 raise BackendError(f"prompt {i} has {len(prompt)} tokens, more than the "
                                    f"{max_tokens} positions allocated")

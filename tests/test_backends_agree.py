@@ -53,3 +53,19 @@ def test_option_errors_are_clear_on_every_backend(make_model):
         for bad in (0, -2, 1.5, True):
             with pytest.raises(BackendError, match="threads must be an integer >= 1"):
                 load_backend(name, model_dir, threads=bad)
+
+
+def test_prompt_errors_are_clear_on_every_backend(make_model):
+    from runtimes import BackendError
+
+    model_dir = make_model("plt")
+    for name in BACKENDS:
+        backend = load_backend(name, model_dir)
+        for prompts, max_tokens, message in [([[1, 2.7]], 8, "must be integers"),
+                                             ([[1, 2]], 8.0, "max_tokens must be a positive"),
+                                             ([[1, 2]], 0, "max_tokens must be a positive"),
+                                             ([], 8, "no prompts"), ([[1], []], 8, "prompt 1 is empty"),
+                                             ([[1] * 9], 8, "more than the 8 positions"),
+                                             ([[1, 10_000]], 8, "outside the vocabulary")]:
+            with pytest.raises(BackendError, match=message):
+                backend.prefill(prompts, max_tokens)

@@ -51,6 +51,7 @@ def test_other_format_keys_are_kept_verbatim():
     ("attention_bias", True, "attention_bias"),
     ("mlp_bias", True, "mlp_bias"),
     ("rms_norm_eps", 0, "rms_norm_eps"),
+    ("rope_theta", "x", "rope_theta"),
     ("eos_token_id", "x", "eos_token_id"),
 ])
 def test_validation_names_the_field(field, value, message):
