@@ -27,11 +27,19 @@ class Tokenizer:
     def __init__(self, model_path: str, config: dict | None = None):
         if not os.path.exists(model_path):
             raise TokenizerError(f"{model_path}: no sentencepiece model")
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as exc:
+            raise TokenizerError(f"{model_path}: not a sentencepiece model ({exc})") from None
         config = config or {}
         self.config = config
-        self.added_tokens = {int(i): (t["content"] if isinstance(t, dict) else t)
-                             for i, t in config.get("added_tokens_decoder", {}).items()}
+        try:
+            self.added_tokens = {int(i): (t["content"] if isinstance(t, dict) else str(t))
+                                 for i, t in config.get("added_tokens_decoder", {}).items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise TokenizerError(f"{CONFIG_FILE}: bad added_tokens_decoder ({exc!r})") from None
+        if "" in self.added_tokens.values():
+            raise TokenizerError(f"{CONFIG_FILE}: an added token has empty content")
         self._added_ids = {content: i for i, content in self.added_tokens.items()}
         self._added_re = (re.compile("|".join(re.escape(t) for t in
                                               sorted(self._added_ids, key=len, reverse=True)))
@@ -52,8 +60,13 @@ class Tokenizer:
         config = {}
         config_path = os.path.join(model_dir, CONFIG_FILE)
         if os.path.exists(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (ValueError, OSError) as exc:  # JSON and UTF-8 errors are ValueErrors
+                raise TokenizerError(f"{config_path}: not a readable JSON file ({exc})") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{config_path}: expected a JSON object")
         return cls(os.path.join(model_dir, MODEL_FILE), config)
 
     def _token_id(self, token, default: int) -> int | None:
@@ -91,6 +104,8 @@ class Tokenizer:
         """The exact bytes one token stands for (control tokens: none)."""
         if token_id in self.added_tokens:
             return self.added_tokens[token_id].encode()
+        if not 0 <= token_id < self.sp.get_piece_size():  # e.g. a model's padded vocabulary
+            return b""
         if self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
             return b""
         piece = self.sp.id_to_piece(token_id)
@@ -109,9 +124,15 @@ class Tokenizer:
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat_template")
         import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        template = jinja2.Environment(autoescape=False).from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=True)
+        # a template comes with a model directory: it must not reach Python objects
+        try:
+            template = ImmutableSandboxedEnvironment(autoescape=False).from_string(
+                self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=True)
+        except jinja2.TemplateError as exc:
+            raise TokenizerError(f"chat_template: {exc}") from None
 
 
 class StreamingDetokenizer:

@@ -93,3 +93,36 @@ def test_add_bos_token_follows_the_config(tokenizer_dir, tmp_path, flag, expecte
         config["add_bos_token"] = flag
     path.write_text(json.dumps(config))
     assert Tokenizer.from_dir(tmp_path / "t").add_bos_token is expected
+
+
+def test_chat_template_is_sandboxed(tokenizer_dir, tmp_path):
+    shutil.copytree(tokenizer_dir, tmp_path / "t")
+    path = tmp_path / "t" / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = "{{ cycler.__init__.__globals__.os.popen('echo owned').read() }}"
+    path.write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match="chat_template"):
+        Tokenizer.from_dir(tmp_path / "t").apply_chat_template([{"role": "user", "content": "x"}])
+    config["chat_template"] = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    path.write_text(json.dumps(config))
+    tok = Tokenizer.from_dir(tmp_path / "t")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi"
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("tokenizer_config.json", b"{broken", "not a readable JSON"),
+    ("tokenizer_config.json", b"\xff\xfe", "not a readable JSON"),
+    ("tokenizer_config.json", b'{"added_tokens_decoder": {"x": {"content": "a"}}}', "added_tokens"),
+    ("tokenizer_config.json", b'{"added_tokens_decoder": {"600": {"content": ""}}}', "empty"),
+    ("tokenizer.model", b"garbage", "not a sentencepiece model"),
+])
+def test_broken_tokenizer_files(tokenizer_dir, tmp_path, name, content, message):
+    shutil.copytree(tokenizer_dir, tmp_path / "t")
+    (tmp_path / "t" / name).write_bytes(content)
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.from_dir(tmp_path / "t")
+
+
+def test_ids_past_the_sentencepiece_vocabulary_decode_to_nothing(tokenizer_dir):
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    assert tok.decode([tok.encode("x")[0], 100_000]) == "x"
