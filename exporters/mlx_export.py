@@ -91,7 +91,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
                   file=sys.stderr)
         data["quantization"] = {"group_size": group_size, "bits": quantize, "mode": "affine"}
     weights = dict(tree_flatten(model.parameters()))
-    with checkpoint.atomic_dir(out_dir) as tmp:
+    with checkpoint.atomic_dir(out_dir, inputs=(model_dir,)) as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")

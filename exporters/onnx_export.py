@@ -120,8 +120,8 @@ def export(model_dir: str, out_dir: str, dtype: str = "fp32", loops: int | None 
     if not config.is_v1 and loops > 1:
         builders["decode"] = build_decode
 
-    with checkpoint.atomic_dir(out_dir) as tmp, tqdm(total=2 + 2 * len(builders),
-                                                      desc="export onnx", unit="step") as bar:
+    with checkpoint.atomic_dir(out_dir, inputs=(model_dir,)) as tmp, \
+            tqdm(total=2 + 2 * len(builders), desc="export onnx", unit="step") as bar:
         weights = WeightsFile(os.path.join(tmp, WEIGHTS), WEIGHTS)
         weights.write(onnx_weights(config, checkpoint.load_tensors(model_dir, config), np_dtype))
         bar.update(1)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except PLTError as exc:
         print(f"plt-port {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except FileNotFoundError as exc:
+    except OSError as exc:  # a missing file, a directory where a file was expected, ...
         print(f"plt-port {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

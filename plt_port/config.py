@@ -58,7 +58,8 @@ class PLTConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.head_dim is None and self.num_attention_heads:
+        self.check_types()
+        if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.architectures is None:
             self.architectures = [ARCHITECTURES.get(self.model_type, "")]
@@ -108,6 +109,38 @@ class PLTConfig:
         return loops
 
     # ---- validation --------------------------------------------------------------------
+    def check_types(self) -> None:
+        """JSON types of the fields, checked before any arithmetic on them."""
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        ints = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "max_position_embeddings"]
+        bools = ["tie_word_embeddings", "attention_bias", "mlp_bias"]
+        optional_numbers = []
+        if self.model_type == V1_TYPE:
+            ints += ["loop_num", "loop_window_size"]
+        else:
+            ints.append("plt_num_loops")
+            bools += ["plt_normalize_per_loop", "plt_gate_use_hidden_states"]
+            optional_numbers += ["plt_emb_scale", "plt_hidden_scale"]
+            window = self.plt_window_size
+            if not isinstance(window, (list, tuple)) or len(window) != 2 \
+                    or not all(is_int(w) for w in window):
+                raise ConfigError(f"config.json field 'plt_window_size': must be [left, right] "
+                                  f"integers, got {window!r}")
+        checks = [(ints, is_int, "an integer"), (bools, lambda v: isinstance(v, bool), "true or false"),
+                  (optional_numbers, lambda v: v is None or is_number(v), "a number or null"),
+                  (["head_dim"], lambda v: v is None or is_int(v), "an integer")]
+        for names, ok, what in checks:
+            for name in names:
+                if not ok(getattr(self, name)):
+                    raise ConfigError(f"config.json field '{name}': must be {what}, "
+                                      f"got {getattr(self, name)!r}")
+
     def validate(self) -> None:
         def fail(name, why):
             raise ConfigError(f"config.json field '{name}': {why}")
@@ -117,9 +150,8 @@ class PLTConfig:
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "intermediate_size", "vocab_size",
                      "max_position_embeddings", "head_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(name, f"must be a positive integer, got {value!r}")
+            if getattr(self, name) < 1:
+                fail(name, f"must be a positive integer, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads",
                  f"{self.num_attention_heads} heads do not divide hidden_size {self.hidden_size}")
@@ -149,20 +181,13 @@ class PLTConfig:
                 fail("loop_window_size", f"must be >= 1 (keys incl. the query), got "
                                          f"{self.loop_window_size!r}")
             return
-        if isinstance(self.plt_num_loops, bool) or not isinstance(self.plt_num_loops, int) \
-                or not 1 <= self.plt_num_loops <= MAX_LOOPS:
+        if not 1 <= self.plt_num_loops <= MAX_LOOPS:
             fail("plt_num_loops", f"must be an integer in 1..{MAX_LOOPS}, got {self.plt_num_loops!r}")
         window = self.plt_window_size
-        if len(window) != 2 or not all(isinstance(w, int) for w in window):
-            fail("plt_window_size", f"must be [left, right] integers, got {window!r}")
         if window[1] != 0:
             fail("plt_window_size", f"right must be 0 for a causal model, got {window!r}")
         if window[0] < 0:
             fail("plt_window_size", f"left must be >= 0, got {window!r}")
-        for name in ("plt_emb_scale", "plt_hidden_scale"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, (int, float)):
-                fail(name, f"must be a number or null, got {value!r}")
 
     # ---- (de)serialisation ------------------------------------------------------------
     @classmethod
@@ -184,12 +209,12 @@ class PLTConfig:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        if not os.path.exists(path):
-            raise ConfigError(f"{path}: no config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{os.path.dirname(path) or '.'}: no config.json")
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # bad JSON or bad UTF-8
             raise ConfigError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")

@@ -7,6 +7,7 @@ import pytest
 from conftest import tiny_config
 from plt_port import checkpoint
 from plt_port.checkpoint import CheckpointError, load_tensors, save_model_dir
+from plt_port.errors import PLTError
 from plt_port.random_model import random_tensors
 
 
@@ -147,3 +148,46 @@ def test_no_pickle_anywhere():
                        "allow_pickle" + "=True", "trust_remote_code" + "=True", "import dill",
                        "joblib" + ".load"):
             assert needle not in text, f"{path}: {needle}"
+
+
+def test_output_never_replaces_a_foreign_folder_or_an_input(tmp_path):
+    config = tiny_config("plt")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(PLTError, match="did not write"):
+        save_model_dir(foreign, config, random_tensors(config))
+    assert (foreign / "precious.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PLTError, match="not a directory"):
+        save_model_dir(tmp_path / "file", config, random_tensors(config))
+    save_model_dir(tmp_path / "m", config, random_tensors(config, seed=1))
+    save_model_dir(tmp_path / "m", config, random_tensors(config, seed=2))  # ours: replaced
+    assert checkpoint.OUTPUT_MARKER in os.listdir(tmp_path / "m")
+    with pytest.raises(PLTError, match="would replace the input"):
+        with checkpoint.atomic_dir(tmp_path / "m", inputs=(tmp_path / "m",)):
+            pass
+    with pytest.raises(PLTError, match="would replace the input"):
+        with checkpoint.atomic_dir(tmp_path, inputs=(tmp_path / "m",)):
+            pass
+    assert load_tensors(tmp_path / "m")
+
+
+def test_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    config = tiny_config("plt")
+    save_model_dir(tmp_path / "m", config, random_tensors(config, seed=1))
+    before = load_tensors(tmp_path / "m")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("disk full")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="disk full"):
+        save_model_dir(tmp_path / "m", config, random_tensors(config, seed=2))
+    monkeypatch.undo()
+    after = load_tensors(tmp_path / "m")
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert sorted(os.listdir(tmp_path)) == ["m"]

@@ -52,6 +52,16 @@ def test_other_format_keys_are_kept_verbatim():
     ("mlp_bias", True, "mlp_bias"),
     ("rms_norm_eps", 0, "rms_norm_eps"),
     ("rope_theta", "x", "rope_theta"),
+    ("hidden_size", "64", "must be an integer"),
+    ("hidden_size", 64.0, "must be an integer"),
+    ("plt_window_size", 64, r"\[left, right\]"),
+    ("plt_window_size", [True, 0], r"\[left, right\]"),
+    ("plt_normalize_per_loop", "false", "true or false"),
+    ("tie_word_embeddings", "false", "true or false"),
+    ("plt_gate_use_hidden_states", 1, "true or false"),
+    ("plt_emb_scale", True, "a number or null"),
+    ("plt_num_loops", 2.0, "must be an integer"),
+    ("head_dim", "16", "must be an integer"),
     ("eos_token_id", "x", "eos_token_id"),
 ])
 def test_validation_names_the_field(field, value, message):
@@ -62,7 +72,8 @@ def test_validation_names_the_field(field, value, message):
     assert field.split("_id")[0] in str(err.value) or field in str(err.value)
 
 
-@pytest.mark.parametrize("field,value", [("loop_num", 0), ("loop_window_size", 0)])
+@pytest.mark.parametrize("field,value", [("loop_num", 0), ("loop_window_size", 0),
+                                         ("loop_num", 2.0), ("loop_window_size", "64")])
 def test_v1_validation(field, value):
     data = json.loads(tiny_config("v1").to_json())
     data[field] = value
@@ -74,6 +85,9 @@ def test_missing_or_broken_file(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         PLTConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        PLTConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
     with pytest.raises(ConfigError, match="not valid JSON"):
         PLTConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_text("{}")
