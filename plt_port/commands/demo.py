@@ -52,6 +52,8 @@ def run(args):
         if getattr(args, name) < 1:
             raise PLTError(f"--{name.replace('_', '-')} must be at least 1, "
                            f"got {getattr(args, name)}")
+    if args.port > 65535:
+        raise PLTError(f"--port must be at most 65535, got {args.port}")
     model_dirs = args.model or family_dirs()
     if not model_dirs:
         raise PLTError(NO_MODELS)

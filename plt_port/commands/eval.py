@@ -6,6 +6,8 @@ Prints a markdown table of held-out loss, perplexity and next-token accuracy for
 
 from __future__ import annotations
 
+from plt_port.cli import positive_int
+
 
 def add_arguments(parser):
     parser.add_argument("--model", action="append", metavar="DIR",
@@ -21,7 +23,7 @@ def add_arguments(parser):
                              "(default: 65536)")
     parser.add_argument("--seq-len", type=int, default=256, help="window length (default: 256)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from plt_port.cli import positive_int
 from plt_port.errors import PLTError
 
 
@@ -16,7 +17,7 @@ def add_backend_arguments(parser) -> None:
                         help="mlx backend: Metal G-SWA kernel (default auto: when Metal is there)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="torch backend: device (default cpu)")
-    parser.add_argument("--threads", type=int, help="torch/onnx backends: CPU threads")
+    parser.add_argument("--threads", type=positive_int, help="torch/onnx backends: CPU threads")
     parser.add_argument("--onnx-prepack", action="store_true",
                         help="onnx backend: pre-pack the decode graph's weights (faster CLP "
                              "on CPU, but the weights are then held twice)")

@@ -119,7 +119,10 @@ def _measure(model_dir: str, settings: dict, is_probe: bool, trained_loops: int,
     from plt_port import diagnostics
     from plt_port.evaluate import evaluate
 
-    eval_options = {} if settings["eval_tokens"] is None else {"max_tokens": settings["eval_tokens"]}
+    # the same windows as the diagnostics, so losses pair per window
+    eval_options = {"seq_len": settings["seq_len"]}
+    if settings["eval_tokens"] is not None:
+        eval_options["max_tokens"] = settings["eval_tokens"]
     eval_loops = range(1, MAX_INFERENCE_LOOPS + 1) if is_probe else [trained_loops]
     return {
         "eval": {str(r): evaluate(model_dir, loops=r, **eval_options) for r in eval_loops},

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from plt_port.cli import positive_int
+
 
 def add_arguments(parser):
     from plt_port.train import Recipe
@@ -19,7 +21,8 @@ def add_arguments(parser):
     parser.add_argument("--name-prefix", default="plt-stdlib-L",
                         help="model name = prefix + loop count (default: plt-stdlib-L)")
     parser.add_argument("--tokenizer", help="reuse this tokenizer dir instead of training one")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--stop-after", type=int,
                         help="leave after this many steps per model (checkpointed; resume later)")
