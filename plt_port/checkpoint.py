@@ -81,15 +81,32 @@ def read_header(path: str) -> tuple[dict, int]:
             if n > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_size = os.path.getsize(path) - 8 - n
+        for name, info in header.items():
+            check_entry(name, info, data_size)
     except (OSError, ValueError, struct.error) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    header.pop("__metadata__", None)
     return header, 8 + n
 
 
-def _read_tensor(path: str, info: dict, data_offset: int, name: str) -> np.ndarray:
-    if info["dtype"] not in _DTYPES:
-        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+def check_entry(name: str, info, data_size: int) -> None:
+    """A header entry whose dtype, shape and byte range agree with each other and the file."""
+    try:
+        dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+        count = int(np.prod(shape, dtype=np.int64))
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"tensor {name}: malformed entry {info!r}") from None
+    if dtype not in _DTYPES:
+        raise ValueError(f"tensor {name}: unsupported dtype {dtype}")
+    if not 0 <= start <= end <= data_size or end - start != count * np.dtype(_DTYPES[dtype]).itemsize:
+        raise ValueError(f"tensor {name}: byte range {start}..{end} does not hold {dtype} "
+                         f"{list(shape)} inside the file")
+
+
+def _read_tensor(path: str, info: dict, data_offset: int) -> np.ndarray:
     start, end = info["data_offsets"]
     raw = np.fromfile(path, dtype=np.uint8, count=end - start, offset=data_offset + start)
     array = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
@@ -102,9 +119,16 @@ def weight_files(model_dir: str) -> list[str]:
     """The safetensors files of a model directory, from its index when sharded."""
     index = os.path.join(model_dir, INDEX_FILE)
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a valid index ({exc!r})") from None
+        outside = [f for f in files if not isinstance(f, str) or os.path.basename(f) != f]
+        if outside:
+            raise CheckpointError(f"{index}: shard names must be plain file names in the model "
+                                  f"directory, got {outside}")
         missing = [f for f in files if not os.path.exists(os.path.join(model_dir, f))]
         if missing:
             raise CheckpointError(f"{model_dir}: index names shard files that are absent: {missing}")
@@ -125,12 +149,14 @@ def load_tensors(model_dir: str | os.PathLike, config: PLTConfig | None = None,
     model_dir = os.fspath(model_dir)
     config = config or PLTConfig.from_file(model_dir)
     expected = expected_shapes(config)
-    entries = {}
+    entries, problems = {}, []
     for path in weight_files(model_dir):
         header, offset = read_header(path)
         for name, info in header.items():
+            if canonical_name(name) in entries:
+                problems.append(f"duplicate: {name} and {entries[canonical_name(name)][3]} "
+                                f"are the same tensor")
             entries[canonical_name(name)] = (path, info, offset, name)
-    problems = []
     missing = sorted(set(expected) - set(entries))
     unexpected = sorted(set(entries) - set(expected))
     if missing:
@@ -145,8 +171,8 @@ def load_tensors(model_dir: str | os.PathLike, config: PLTConfig | None = None,
         raise CheckpointError(f"{model_dir}: checkpoint does not match config.json\n  "
                               + "\n  ".join(problems))
     tensors = {}
-    for name, (path, info, offset, stored_name) in entries.items():
-        array = _read_tensor(path, info, offset, stored_name)
+    for name, (path, info, offset, _) in entries.items():
+        array = _read_tensor(path, info, offset)
         if dtype is not None and np.issubdtype(array.dtype, np.floating):
             array = array.astype(dtype, copy=False)
         tensors[name] = array

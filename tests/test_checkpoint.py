@@ -191,3 +191,49 @@ def test_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
     after = load_tensors(tmp_path / "m")
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_a_tensor_under_its_name_and_its_alias_is_reported(tmp_path):
+    config = tiny_config("plt")
+    tensors = random_tensors(config)
+    tensors["model.layers.0.self_attn.loop_gate_proj.bias"] = tensors[
+        "model.layers.0.self_attn.plt_gate.bias"]
+    write_raw(tmp_path / "m", config, tensors)
+    with pytest.raises(CheckpointError, match="duplicate: .*loop_gate_proj.bias"):
+        load_tensors(tmp_path / "m")
+
+
+def _raw_safetensors(path, header: dict, data: bytes):
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+
+
+@pytest.mark.parametrize("header,message", [
+    ([1, 2], "not a JSON object"),
+    ({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 9999]}},
+     "does not hold"),
+    ({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 8]}},
+     "does not hold"),
+    ({"model.norm.weight": {"dtype": "Q4", "shape": [64], "data_offsets": [0, 256]}},
+     "unsupported dtype"),
+    ({"model.norm.weight": {"shape": [64]}}, "malformed entry"),
+])
+def test_malformed_safetensors_headers(tmp_path, header, message):
+    os.makedirs(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(tiny_config("plt").to_json())
+    _raw_safetensors(tmp_path / "m" / "model.safetensors", header, b"\0" * 256)
+    with pytest.raises(CheckpointError, match=message):
+        load_tensors(tmp_path / "m")
+
+
+@pytest.mark.parametrize("index,message", [
+    ("{broken", "not a valid index"),
+    ('{"weights": {}}', "not a valid index"),
+    ('{"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}', "plain file names"),
+])
+def test_malformed_index(tmp_path, index, message):
+    os.makedirs(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(tiny_config("plt").to_json())
+    (tmp_path / "m" / checkpoint.INDEX_FILE).write_text(index)
+    with pytest.raises(CheckpointError, match=message):
+        load_tensors(tmp_path / "m")
