@@ -247,6 +247,11 @@ class TorchBackend(Backend):
             key_loop = lowest + torch.arange(num_local * W, device=self.device) // W
             filled = (ring_positions(t, W) >= 0).repeat(1, num_local)  # [B, num_local * W]
             local_mask = ((loops[:, None] == key_loop[None])[None] & filled[:, None])[:, None]
+            if first_loop == 1:
+                # Loop 1's row has no ring of its own and gate 1 drops its local branch; one
+                # visible (always finite) slot keeps that branch finite on every SDPA kernel
+                # (a fully masked row may be NaN, and 0 * NaN is NaN).
+                local_mask[:, :, 0, 0] = True
             write_slots = (loops[local_rows] - 2)[None] * W + (t % W)[:, None]  # [B, num_local]
 
         def attention_for(i: int):
