@@ -171,6 +171,20 @@ def train_tokenizer(text_files: list[str], out_dir: str, vocab_size: int,
     """Train a code-faithful BPE model into `out_dir` (tokenizer.model + tokenizer_config.json)."""
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, "tokenizer")
+    try:
+        _train_sentencepiece(text_files, prefix, vocab_size)
+    except RuntimeError as exc:  # e.g. a vocab size the corpus cannot support
+        raise TokenizerError(f"tokenizer training with vocab_size={vocab_size} failed: "
+                             f"{str(exc).strip().splitlines()[-1]}") from None
+    os.remove(prefix + ".vocab")
+    config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+              "unk_token": "<unk>", "model_max_length": None}
+    config.update(special_tokens or {})
+    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+
+
+def _train_sentencepiece(text_files: list[str], prefix: str, vocab_size: int) -> None:
     spm.SentencePieceTrainer.train(
         input=text_files, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, byte_fallback=True, split_digits=True,
@@ -180,9 +194,3 @@ def train_tokenizer(text_files: list[str], out_dir: str, vocab_size: int,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2, num_threads=2,
         train_extremely_large_corpus=False,
     )
-    os.remove(prefix + ".vocab")
-    config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-              "unk_token": "<unk>", "model_max_length": None}
-    config.update(special_tokens or {})
-    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)

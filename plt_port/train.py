@@ -78,6 +78,11 @@ class Recipe:
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.seq_len > self.max_position_embeddings:
+            raise TrainError(f"seq_len {self.seq_len} is longer than max_position_embeddings "
+                             f"{self.max_position_embeddings}")
+        if self.window_left < 0:
+            raise TrainError(f"window_left: must be >= 0, got {self.window_left}")
         if not 0 < self.min_lr <= self.lr:
             raise TrainError(f"learning rates: need 0 < min_lr <= lr, got {self.min_lr}, {self.lr}")
         if self.warmup_steps < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
@@ -119,7 +124,9 @@ class Dist:
 def init_distributed(device: str | None = None) -> Dist:
     """Single process, or the process group that `torchrun` describes in the environment."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise TrainError("--device cuda: this torch build sees no CUDA device")
     if world_size == 1:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
     import torch.distributed as dist

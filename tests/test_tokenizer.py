@@ -126,3 +126,12 @@ def test_broken_tokenizer_files(tokenizer_dir, tmp_path, name, content, message)
 def test_ids_past_the_sentencepiece_vocabulary_decode_to_nothing(tokenizer_dir):
     tok = Tokenizer.from_dir(tokenizer_dir)
     assert tok.decode([tok.encode("x")[0], 100_000]) == "x"
+
+
+def test_tokenizer_training_failure_is_a_clear_error(tmp_path):
+    from plt_port.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "c.py"
+    corpus.write_text("x = 1\n" * 50)
+    with pytest.raises(TokenizerError, match="vocab_size=5"):
+        train_tokenizer([str(corpus)], str(tmp_path / "t"), vocab_size=5)

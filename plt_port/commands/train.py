@@ -23,7 +23,8 @@ def add_arguments(parser):
     parser.add_argument("--tokenizer", help="reuse this tokenizer dir instead of training one")
     parser.add_argument("--threads", type=positive_int,
                         help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--stop-after", type=int,
                         help="leave after this many steps per model (checkpointed; resume later)")
     parser.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
