@@ -321,9 +321,7 @@ def diagnose(model_dir: str | os.PathLike, loops: int | str | None = None,
         windows = token_windows(validation_tokens(tokenizer), seq_len, max_tokens)
     else:
         windows = text_windows(tokenizer, text, seq_len, max_tokens)
-    if int(windows.max()) >= model.config.vocab_size:
-        raise DiagnosticsError(f"token id {int(windows.max())} is outside the model's vocabulary "
-                               f"({model.config.vocab_size}): tokenizer and model do not match")
+    model.check_token_ids(windows)
 
     stats = _RunningMeans()
     batches = windows.split(batch_size)

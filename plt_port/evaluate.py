@@ -68,6 +68,7 @@ def evaluate(model_dir: str, loops: int | None = None, max_tokens: int | None = 
     loops = model.config.resolve_loops(loops)
     windows = data.sequential_windows(validation_tokens(Tokenizer.from_dir(model_dir)),
                                       seq_len, max_tokens)
+    model.check_token_ids(windows)
     return {**evaluate_windows(model, windows, loops, batch_size), "loops": loops}
 
 

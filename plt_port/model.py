@@ -34,6 +34,7 @@ from torch import nn
 
 from . import checkpoint
 from .config import PLTConfig
+from .errors import PLTError
 
 
 class RMSNorm(nn.Module):
@@ -333,6 +334,13 @@ class PLTForCausalLM(nn.Module):
         config = self.config.replace(torch_dtype=np.dtype(dtype).name)
         checkpoint.save_model_dir(out_dir, config, self.tensors(dtype), tokenizer_dir,
                                   max_shard_bytes)
+
+    def check_token_ids(self, token_ids) -> None:
+        """Ids from a tokenizer must fit this model's embedding table."""
+        top = int(token_ids.max())  # numpy array or torch tensor
+        if top >= self.config.vocab_size:
+            raise PLTError(f"token id {top} is outside the model's vocabulary "
+                           f"({self.config.vocab_size}): the tokenizer and the model do not match")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -163,3 +163,9 @@ def test_default_model_beats_the_unigram_baseline_and_writes_python_shaped_text(
     indents = [len(line) - len(line.lstrip(" ")) for line in lines]
     assert len(lines) >= 4 and sum(i % 4 == 0 for i in indents) >= 0.75 * len(lines)
     assert {"self", "return", "if", "None", "def", "import", "in"} & set(text.replace(".", " ").split())
+
+
+def test_tokenizer_larger_than_the_model_is_a_clear_error(make_model):
+    small = make_model("plt", vocab_size=100)  # the fixture's tokenizer has 512 pieces
+    with pytest.raises(PLTError, match="tokenizer and the model do not match"):
+        evaluate(small, max_tokens=64, seq_len=32)
