@@ -1,8 +1,8 @@
 """Exports made on first use (demo, bench, `--backend onnx|mlx` on a PyTorch model dir).
 
 An export is cached under `$PLT_PORT_CACHE` (default `~/.cache/plt-port`) in a folder keyed
-by the source files (name, size, mtime) and the export options, so a changed model or a
-different option makes a new export and an unchanged one is reused.
+by the source files (name, size, mtime), the export options and the exporters' own code, so
+a changed model, option or exporter makes a new export and an unchanged one is reused.
 """
 
 from __future__ import annotations
@@ -19,6 +19,17 @@ def cache_root() -> str:
                                                             "plt-port")
 
 
+def exporter_code_digest() -> str:
+    """Digest of this package's sources: an export made by other exporter code is stale."""
+    digest = hashlib.sha256()
+    package = os.path.dirname(os.path.abspath(__file__))
+    for name in sorted(os.listdir(package)):
+        if name.endswith(".py"):
+            with open(os.path.join(package, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
 def export_key(model_dir: str, target: str, options: dict) -> str:
     entries = []
     for name in sorted(os.listdir(model_dir)):
@@ -26,8 +37,8 @@ def export_key(model_dir: str, target: str, options: dict) -> str:
         if os.path.isfile(path):
             stat = os.stat(path)
             entries.append((name, stat.st_size, stat.st_mtime_ns))
-    blob = json.dumps([os.path.abspath(model_dir), target, sorted(options.items()), entries],
-                      default=str)
+    blob = json.dumps([os.path.abspath(model_dir), target, sorted(options.items()), entries,
+                       exporter_code_digest()], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
