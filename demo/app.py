@@ -15,11 +15,12 @@ import gradio as gr  # noqa: E402
 
 from plt_port.config import MAX_LOOPS, PLTConfig  # noqa: E402
 from plt_port.errors import PLTError  # noqa: E402
+from plt_port.models import display_names  # noqa: E402
 from runtimes.base import DECODE_MODES  # noqa: E402
 
 from .engine import (BACKEND_LABELS, MAX_COLUMNS, BackendPool, ColumnSpec,  # noqa: E402
                      ColumnView, Comparison, DemoInputError, Limits, as_int, error_view,
-                     make_request, make_spec, model_names, run_column)
+                     make_request, make_spec, run_column)
 from .loop_analysis import loop_analysis, model_card_fallback  # noqa: E402
 
 EXAMPLE_PROMPTS = [
@@ -136,7 +137,7 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
     """The demo page. `backend_options`: {backend name: load_backend options}. `backends`
     ({name: unavailable reason or None}) and `loader` (like runtimes.load_backend) default
     to the real ones; tests pass their own."""
-    models = model_names(model_dirs)
+    models = display_names(model_dirs)
     if not models:
         raise DemoInputError("no model directories given")
     # read every config now: a bad model dir is a clear error here rather than in a column

@@ -16,10 +16,9 @@ dilute each other's figures.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -79,18 +78,6 @@ class ColumnView:
 
 
 # ---- models and backends -----------------------------------------------------------------
-def model_names(model_dirs: Sequence[str]) -> dict[str, str]:
-    """{display name: model dir}: directory names, made unique with a counter."""
-    names: dict[str, str] = {}
-    for model_dir in model_dirs:
-        base = os.path.basename(os.path.normpath(model_dir)) or "model"
-        name, n = base, 2
-        while name in names:
-            name, n = f"{base}-{n}", n + 1
-        names[name] = str(model_dir)
-    return names
-
-
 class BackendWorker:
     """One loaded backend and the one thread that loads it and makes every call into it."""
 

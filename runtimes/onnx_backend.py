@@ -25,7 +25,8 @@ import onnxruntime as ort
 
 from .base import Backend, BackendError, DecodeState, grown_capacity
 
-MANIFEST = "plt_onnx.json"
+MANIFEST = "plt_onnx.json"  # as exporters.onnx_export writes it (not imported: running an
+                            # export needs neither onnx nor the exporter's dependencies)
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 

@@ -42,7 +42,7 @@ def run(args):
     if args.max_tokens < 0:
         raise EvalError(f"--max-tokens: must be >= 0, got {args.max_tokens}")
     max_tokens = args.max_tokens or None
-    model_dirs = {os.path.basename(os.path.normpath(d)): d for d in args.model or []}
+    model_dirs = models.display_names(args.model or [])
     if args.family:
         model_dirs.update(models.family_model_dirs())
         if not model_dirs:

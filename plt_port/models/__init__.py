@@ -40,3 +40,15 @@ def family_model_dirs() -> dict[str, str]:
 def default_model_dir() -> str:
     """The two-loop model: the default of the CLI, the demo and the tests."""
     return model_dir(DEFAULT_MODEL)
+
+
+def display_names(model_dirs) -> dict[str, str]:
+    """{display name: model dir}: directory names, made unique with a counter."""
+    names: dict[str, str] = {}
+    for path in model_dirs:
+        base = os.path.basename(os.path.normpath(path)) or "model"
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}-{n}", n + 1
+        names[name] = str(path)
+    return names
