@@ -77,6 +77,20 @@ def make_model(tmp_path, tokenizer_dir):
     return make
 
 
+def reference_greedy(model_dir, prompt_ids, loops, steps):
+    """Greedy continuation by the reference model's full forward, recomputed every step."""
+    import torch
+
+    from plt_port.model import PLTForCausalLM
+
+    model = PLTForCausalLM.from_pretrained(model_dir)
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids]), loops=loops)[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
 def requires(module: str):
     """Skip marker for tests that need an optional package."""
     return pytest.mark.skipif(importlib.util.find_spec(module) is None,

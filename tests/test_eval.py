@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import reference_greedy
 from plt_port import data, models
 from plt_port.errors import PLTError
 from plt_port.evaluate import evaluate, unigram_baseline, validation_tokens
@@ -119,15 +120,6 @@ def test_embedded_family_is_complete_small_fp16_and_consistent():
     assert os.path.exists(models.MODEL_CARD)
 
 
-def reference_greedy(path, prompt_ids, n, loops):
-    model = PLTForCausalLM.from_pretrained(path)
-    ids = list(prompt_ids)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]), loops=loops)[0, -1].argmax()))
-    return ids[len(prompt_ids):]
-
-
 @pytest.mark.parametrize("backend", ["torch", "mlx", "onnx"])
 def test_default_model_runs_on_every_runtime(backend, monkeypatch, tmp_path):
     from runtimes import backend_unavailable_reason, load_backend
@@ -142,7 +134,7 @@ def test_default_model_runs_on_every_runtime(backend, monkeypatch, tmp_path):
     for loops in (2, 3):
         text, last = generate(load_backend(backend, path, loops=loops), tokenizer, prompt,
                               max_new_tokens=12, add_bos=False)
-        expected = tokenizer.decode(reference_greedy(path, tokenizer.encode(prompt), 12, loops))
+        expected = tokenizer.decode(reference_greedy(path, tokenizer.encode(prompt), loops, 12))
         assert last.loops == loops and text and expected.startswith(text)
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from plt_port.model import PLTForCausalLM
+from conftest import reference_greedy
 from plt_port.tokenizer import Tokenizer
 from runtimes import Backend, DecodeState, load_backend
 from runtimes.generate import GenerateError, StopMatcher, generate, stream_generate
@@ -94,15 +93,6 @@ def test_stop_matcher_holds_back_partial_matches():
 
 
 # ---- generate on the torch backend ---------------------------------------------------
-def reference_greedy(model_dir, prompt_ids, loops, steps):
-    model = PLTForCausalLM.from_pretrained(model_dir)
-    ids = list(prompt_ids)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids]), loops=loops)[0, -1].argmax()))
-    return ids[len(prompt_ids):]
-
-
 PROMPT = "def add(a, b):\n    return"
 
 
