@@ -29,6 +29,7 @@ class MLXBackend(Backend):
         if kernel == "on" and not mx.metal.is_available():
             raise BackendError("kernel='on' needs the Metal G-SWA kernel, and Metal is not "
                                "available here (mx.metal.is_available() is False)")
+        mlx_export.check_options(dtype or "float32", quantize, group_size)  # before any export
         model_dir = str(model_dir)
         self.source_dir = model_dir
         if mlx_export.is_mlx_dir(model_dir):
@@ -40,8 +41,6 @@ class MLXBackend(Backend):
                                         dtype=dtype or "float32", quantize=quantize,
                                         group_size=group_size)
         super().__init__(model_dir, loops)
-        if dtype is not None:
-            mlx_export.check_options(dtype, None, 64)
         self.kernel = kernel
         self.model = mlx_model.load_model(model_dir, dtype=getattr(mx, dtype) if dtype else None)
         self.model.use_gswa_kernel = KERNEL_CHOICES[kernel]
