@@ -1,7 +1,8 @@
 """Token sampling on fp32 logits in numpy, shared by every backend.
 
-Order (that of mlx-lm): repetition penalty, temperature scaling, top-k, top-p, min-p, then a
-categorical draw from a seeded numpy Generator. Temperature 0 is greedy (argmax of the
+Order (that of Hugging Face's warpers): repetition penalty, temperature scaling, top-k, top-p,
+min-p, then a categorical draw from a seeded numpy Generator. (mlx-lm instead filters the
+untempered log-probabilities and applies the temperature at the draw.) Temperature 0 is greedy (argmax of the
 penalised logits). Every filter works on a batch of rows [B, V] and masks with -inf.
 """
 
