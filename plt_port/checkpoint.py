@@ -234,6 +234,21 @@ def atomic_dir(out_dir: str | os.PathLike, inputs: tuple[str, ...] = ()) -> Iter
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a uniquely named temp file beside it, renamed over `path`."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-",
+                               dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
 def write_tensors(out_dir: str, tensors: Mapping[str, np.ndarray],
                   max_shard_bytes: int | None = None) -> None:
     """Write `tensors` into `out_dir` as one file, or as shards plus an index."""

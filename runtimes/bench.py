@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from plt_port.checkpoint import expected_shapes
+from plt_port.checkpoint import atomic_write_text, expected_shapes
 from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
 
@@ -220,15 +220,4 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str) -> None:
-    """Atomically: a temp file beside `path`, renamed over it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")

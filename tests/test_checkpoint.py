@@ -237,3 +237,19 @@ def test_malformed_index(tmp_path, index, message):
     (tmp_path / "m" / checkpoint.INDEX_FILE).write_text(index)
     with pytest.raises(CheckpointError, match=message):
         load_tensors(tmp_path / "m")
+
+
+def test_atomic_write_text_leaves_no_temp_file(tmp_path, monkeypatch):
+    checkpoint.atomic_write_text(tmp_path / "a" / "out.json", "one")
+    checkpoint.atomic_write_text(tmp_path / "a" / "out.json", "two")
+    assert os.listdir(tmp_path / "a") == ["out.json"]
+    assert (tmp_path / "a" / "out.json").read_text() == "two"
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        checkpoint.atomic_write_text(tmp_path / "a" / "out.json", "three")
+    assert os.listdir(tmp_path / "a") == ["out.json"]
+    assert (tmp_path / "a" / "out.json").read_text() == "two"

@@ -35,6 +35,7 @@ def run(args):
     from tqdm import tqdm
 
     from plt_port import models
+    from plt_port.checkpoint import atomic_write_text
     from plt_port.evaluate import EvalError, evaluate, markdown_table, unigram_baseline
 
     if args.threads is not None:
@@ -65,7 +66,4 @@ def run(args):
                      **unigram_baseline(tokenizer_dir, max_tokens, args.seq_len)})
     print(markdown_table(rows))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(rows, indent=1))

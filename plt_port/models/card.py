@@ -21,6 +21,7 @@ import numpy as np
 
 from . import FAMILY, MODEL_CARD, MODELS_DIR
 from .. import data
+from ..checkpoint import atomic_write_text
 
 RECIPE_COMMAND = ("plt-port train --out runs/stdlib-family --loops 2 1 3 4 --threads 1 "
                   "--ship-dir plt_port/models")
@@ -194,10 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=MODEL_CARD)
     args = parser.parse_args(argv)
     text = build_card(args.run, args.eval_dir)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
     return 0
 
