@@ -1,4 +1,4 @@
-"""`plt-port export onnx MODEL_DIR OUT_DIR [--dtype fp32|fp16] [--loops N]`.
+"""`plt-port export onnx MODEL_DIR OUT_DIR [--dtype float32|float16] [--loops N]`.
 
 Writes, atomically:
   prefill.onnx   T tokens per sequence (also the naive decode step with T = 1)
@@ -30,7 +30,7 @@ class ExportError(PLTError):
 
 
 def add_arguments(parser):
-    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                         help="weights, activations and caches dtype (logits are always fp32)")
     parser.add_argument("--loops", type=int, default=None,
                         help="loop count baked into the graphs (default: the checkpoint's)")
@@ -99,7 +99,7 @@ def manifest(config: PLTConfig, loops: int, dtype: str, models: dict, weights) -
     }
 
 
-def export(model_dir: str, out_dir: str, dtype: str = "fp32", loops: int | None = None) -> str:
+def export(model_dir: str, out_dir: str, dtype: str = "float32", loops: int | None = None) -> str:
     """Export a PyTorch (HF layout) PLT model directory to ONNX graphs in `out_dir`."""
     import onnx
     from tqdm import tqdm

@@ -34,7 +34,7 @@ from plt_port.config import PLTConfig
 OPSET = 23
 PLT_DOMAIN = "plt"
 GSWA_OP = "GatedSlidingWindowAttention"
-DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 
 
 # ---- the custom op --------------------------------------------------------------------
@@ -468,19 +468,16 @@ def causal_global_mask(b: GraphBuilder, global_key: str, positions: str) -> str:
 
 
 # ---- CLP decode step --------------------------------------------------------------------
-def decode_window(b: GraphBuilder, start: str) -> str:
-    """Local mask [B, 1, L, R*W] over the R rings side by side: row r >= 1 sees its own ring's
-    written slots; row 0 (loop 1) has gate 1 and sees ring 1 only to keep its softmax finite."""
-    L, W = b.loops, b.cfg.window
-    R = L - 1
-    written = b.op("GreaterOrEqual", ring_positions(b, start), b.ints(0))           # [B, W]
+def decode_window(b: GraphBuilder, newest: str) -> str:
+    """Local mask [B, 1, R, R*W] over the R rings side by side, `newest` [B] the position
+    just written: the row of loop r + 2 sees the written slots of its own ring r only."""
+    R, W = b.loops - 1, b.cfg.window
+    written = b.op("GreaterOrEqual", ring_positions(b, newest), b.ints(0))          # [B, W]
     written = b.op("Reshape", b.op("Tile", written, b.ints(1, R)), b.ints(-1, 1, 1, R * W))
-    own_ring = np.zeros((1, 1, L, R * W), dtype=bool)
-    for row in range(L):
-        ring = max(row - 1, 0)
-        own_ring[..., row, ring * W:(ring + 1) * W] = True
+    own_ring = np.zeros((1, 1, R, R * W), dtype=bool)
+    for row in range(R):
+        own_ring[..., row, row * W:(row + 1) * W] = True
     return b.op("And", written, b.const(own_ring))
-
 
 
 def build_decode(b: GraphBuilder) -> onnx.ModelProto:
@@ -502,25 +499,31 @@ def build_decode(b: GraphBuilder) -> onnx.ModelProto:
     ring_slots = kv_slot_indices(b, batch, b.op("Mod", start_col, b.ints(W)),
                                  leading=[b.const(np.arange(R, dtype=np.int64))])
     ring_slots = b.op("Squeeze", ring_slots, b.ints(3))                             # [R, B, G, 4]
-    global_mask = causal_global_mask(b, past[0]["key"], positions)
     local_mask = decode_window(b, start)
-    loop1_row = b.const(np.arange(L).reshape(1, 1, L) == 0)
+
+    def rows(x: str, first: int, last: int, axis: int) -> str:
+        return b.op("Slice", x, b.ints(first), b.ints(last), b.ints(axis))
+
+    global_mask = causal_global_mask(b, past[0]["key"], positions)                 # [B, 1, L, S]
+    loop1_mask, later_mask = rows(global_mask, 0, 1, 2), rows(global_mask, 1, L, 2)
 
     for i in range(cfg.num_hidden_layers):
         def attention(heads, x_res, i=i):
             global_kv, local_kv = [], []
             for n, t in (("key", heads.k), ("value", heads.v)):
-                row1 = b.op("Slice", t, b.ints(0), b.ints(1), b.ints(2))             # [B, G, 1, D]
-                global_kv.append(b.op("ScatterND", past[i][n], global_slots, row1,
+                global_kv.append(b.op("ScatterND", past[i][n], global_slots, rows(t, 0, 1, 2),
                                       name=f"present.{i}.{n}"))
-                later = b.op("Transpose", b.op("Slice", t, b.ints(1), b.ints(L), b.ints(2)),
-                             perm=[2, 0, 1, 3])                                      # [R, B, G, D]
+                later = b.op("Transpose", rows(t, 1, L, 2), perm=[2, 0, 1, 3])       # [R, B, G, D]
                 ring = b.op("ScatterND", past[i][f"ring_{n}"], ring_slots, later,
                             name=f"present_ring.{i}.{n}")
                 local_kv.append(b.op("Reshape", b.op("Transpose", ring, perm=[1, 2, 0, 3, 4]),
                                      b.ints(0, 0, R * W, cfg.head_dim)))
-            g = b.op("Where", loop1_row, b.scalar(1.0), gate(b, i, x_res, heads.q))
-            return gswa(b, heads.q, global_kv, global_mask, local_kv, local_mask, g)
+            # loop 1's row: causal attention over the global cache; rows >= 2: G-SWA
+            q_later = rows(heads.q, 1, L, 2)
+            y_loop1 = b.op("Attention", rows(heads.q, 0, 1, 2), *global_kv, loop1_mask)
+            y_later = gswa(b, q_later, global_kv, later_mask, local_kv, local_mask,
+                           gate(b, i, rows(x_res, 1, L, 1), q_later))
+            return b.op("Concat", y_loop1, y_later, axis=2)
         h = decoder_layer(b, i, h, cos, sin, attention)
 
     carries = loop_carry(b, b.op("Slice", h, b.ints(0), b.ints(R), b.ints(1)))     # [B, R, d]

@@ -1,42 +1,35 @@
-"""The backend contract (SPEC section 6) shared by the torch, MLX and ONNX Runtime backends.
+"""The backend contract (SPEC section 6) and the skeleton every backend shares.
 
 A backend holds one loaded model at one inference loop count. The generate loop, the
-sampler, `plt-port bench` and the demo only ever talk to this surface:
+sampler, `plt-port bench`, the demo and the server only ever talk to this surface:
 
     backend = load_backend("torch", model_dir, loops=2)
     state, logits = backend.prefill([[1, 5, 9], [1, 7]], max_tokens=64)   # logits [B, V] fp32
     logits = backend.step(state, np.array([4, 8]), mode="clp")            # one token per sequence
+    backend.write_slot(state, 0, other_state)    # a running batch takes a prefilled sequence
+    backend.free_slot(state, 1)                  # ... and lets a finished one go
     backend.cache_bytes(state)
 
 Token ids and logits cross the boundary as numpy arrays (int64 ids, float32 logits), so the
-sampler is written once. Sequences of one batch may have different prompt lengths: every
-sequence keeps its own position. All caches are preallocated for `max_tokens` positions per
-sequence (a backend may grow them, in steps, when a step would pass that).
-
-Cache memory (SPEC section 4), per layer: K and V of the global slots allocated plus (L-1)
-ring slots of `window` positions, times batch, KV heads, head dim and element size; plus the
-CLP carry [L-1, B, d] for PLT checkpoints.
+sampler is written once. This class owns everything that is not framework code: input checks,
+right-padding, chunking, picking each prompt's last-token logits, when and how far the
+global cache grows, and the sequence lengths. A backend implements the hooks below on its own
+cache object (the layout of `plt_port.cache_layout`).
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from plt_port import cache_layout
 from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
 
 DECODE_MODES = ("clp", "naive")
-GROW_STEP = 256  # global KV slots are added in multiples of this when a step needs more
-
-
-def grown_capacity(needed: int, limit: int) -> int:
-    """Global-cache capacity for `needed` positions: the next multiple of GROW_STEP, capped at
-    max_position_embeddings (the same policy in every backend, so cache bytes compare)."""
-    return min(limit, -(-needed // GROW_STEP) * GROW_STEP)
 
 
 class BackendError(PLTError):
@@ -45,15 +38,20 @@ class BackendError(PLTError):
 
 @dataclass
 class DecodeState:
-    """Per-batch decoding state. `lengths[b]` = tokens of sequence b already in the caches.
+    """Per-batch decoding state: `lengths[b]` = tokens of slot b already in the caches,
+    `capacity` = global positions allocated per slot, `active[b]` = slot b holds a sequence.
 
-    `caches` is backend-specific (tensors/arrays/OrtValues); nothing outside the backend
-    reads it. `capacity` = positions allocated per sequence.
+    `caches` is the backend's own cache object; nothing outside the backend reads it.
     """
 
     lengths: np.ndarray
     capacity: int
     caches: Any
+    active: np.ndarray = field(default=None)
+
+    def __post_init__(self):
+        if self.active is None:
+            self.active = np.ones(len(self.lengths), dtype=bool)
 
     @property
     def batch_size(self) -> int:
@@ -63,35 +61,123 @@ class DecodeState:
 class Backend(abc.ABC):
     name: str = ""
 
-    def __init__(self, model_dir: str, loops: int | None = None, **options):
+    def __init__(self, model_dir: str, loops: int | None = None):
         self.model_dir = str(model_dir)
         self.config = PLTConfig.from_file(self.model_dir)
         self.loops = self.config.resolve_loops(loops)
 
-    # ---- what every backend implements ------------------------------------------------
+    # ---- the hooks a backend implements --------------------------------------------------
     @abc.abstractmethod
-    def prefill(self, prompts: list[list[int]], max_tokens: int,
-                chunk_size: int | None = None) -> tuple[DecodeState, np.ndarray]:
-        """Run the prompts through a fresh state; return it and fp32 logits [B, V] of each
-        prompt's last token. `chunk_size` splits the prompts into chunks (same logits)."""
+    def new_caches(self, batch: int, capacity: int) -> Any:
+        """Zeroed caches for `batch` sequences of `capacity` global positions."""
 
     @abc.abstractmethod
-    def step(self, state: DecodeState, tokens: np.ndarray, mode: str = "clp") -> np.ndarray:
-        """Append one token per sequence; return fp32 logits [B, V] of those tokens."""
+    def prefill_chunk(self, caches, ids: np.ndarray, start: int, num_new: np.ndarray) -> np.ndarray:
+        """Run ids [B, C] (int64) at positions start.. through every loop, writing the caches.
+        Sequence b has num_new[b] real tokens in the chunk (the rest is padding, which must
+        leave its ring and carry alone). Returns fp32 logits [B, V] of each sequence's token
+        at index num_new[b] - 1 of the chunk (any row where num_new[b] == 0)."""
 
     @abc.abstractmethod
-    def cache_bytes(self, state: DecodeState) -> int:
-        """Bytes held by the state's caches (global KV + ring KV + CLP carry)."""
+    def decode_rows(self, caches, tokens: np.ndarray, positions: np.ndarray,
+                    mode: str) -> np.ndarray:
+        """One token per sequence (tokens [B] int64 at positions [B]) through the L loop rows:
+        in one pass ("clp") or one pass per loop ("naive"). Returns fp32 logits [B, V]."""
+
+    @abc.abstractmethod
+    def grow_caches(self, caches, capacity: int) -> Any:
+        """The caches with the global K/V extended to `capacity` positions (content kept)."""
+
+    @abc.abstractmethod
+    def copy_slot(self, caches, slot: int, source_caches, source_slot: int, length: int) -> Any:
+        """The caches with slot `slot` holding source slot `source_slot` (its first `length`
+        global positions, its rings and its carry)."""
+
+    @abc.abstractmethod
+    def cache_nbytes(self, caches) -> int:
+        """Bytes held by the caches (global KV + ring KV + CLP carry)."""
 
     def peak_memory_bytes(self) -> int | None:
         """Peak memory from the framework's own counters, if it has them."""
         return None
 
-    # ---- shared checks -----------------------------------------------------------------
+    # ---- the contract ----------------------------------------------------------------------
+    def prefill(self, prompts: list[list[int]], max_tokens: int,
+                chunk_size: int | None = None) -> tuple[DecodeState, np.ndarray]:
+        """Run the prompts through a fresh state; return it and fp32 logits [B, V] of each
+        prompt's last token. `chunk_size` splits the prompts into chunks (same logits)."""
+        self.check_prompts(prompts, max_tokens, chunk_size)
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        longest = int(lengths.max())
+        ids = np.zeros((len(prompts), longest), dtype=np.int64)  # right-padded
+        for b, prompt in enumerate(prompts):
+            ids[b, :len(prompt)] = prompt
+        state = DecodeState(np.zeros_like(lengths), max_tokens,
+                            self.new_caches(len(prompts), max_tokens))
+        logits = np.zeros((len(prompts), self.config.vocab_size), dtype=np.float32)
+        chunk = chunk_size or longest
+        for start in range(0, longest, chunk):
+            width = min(chunk, longest - start)
+            num_new = np.clip(lengths - start, 0, width)
+            chunk_logits = self.prefill_chunk(state.caches, ids[:, start:start + width], start,
+                                              num_new)
+            ends_here = (num_new > 0) & (start + num_new == lengths)
+            logits[ends_here] = chunk_logits[ends_here]
+        state.lengths = lengths
+        return state, logits
+
+    def step(self, state: DecodeState, tokens, mode: str = "clp") -> np.ndarray:
+        """Append one token per slot; return fp32 logits [B, V] of those tokens. Free slots
+        run too (the batch keeps its shape) but stay at position 0 and keep no length."""
+        mode, tokens = self.check_step(state, tokens, mode)
+        self.ensure_capacity(state, int(state.lengths.max()) + 1)
+        logits = self.decode_rows(state.caches, tokens, state.lengths.copy(), mode)
+        state.lengths = state.lengths + state.active
+        return logits
+
+    def write_slot(self, state: DecodeState, slot: int, source: DecodeState,
+                   source_slot: int = 0) -> None:
+        """Put sequence `source_slot` of `source` (e.g. a fresh prefill) into slot `slot` of
+        the running batch `state`, which then decodes it with the others."""
+        if not 0 <= slot < state.batch_size or not 0 <= source_slot < source.batch_size:
+            raise BackendError(f"slot {slot} (of {state.batch_size}) or source slot "
+                               f"{source_slot} (of {source.batch_size}) out of range")
+        length = int(source.lengths[source_slot])
+        self.ensure_capacity(state, length)
+        state.caches = self.copy_slot(state.caches, slot, source.caches, source_slot, length)
+        state.lengths = state.lengths.copy()
+        state.lengths[slot] = length
+        state.active[slot] = True
+
+    def free_slot(self, state: DecodeState, slot: int) -> None:
+        """Slot `slot` no longer holds a sequence: it stays in the batch, idle, until written."""
+        if not 0 <= slot < state.batch_size:
+            raise BackendError(f"slot {slot} out of range (batch of {state.batch_size})")
+        state.lengths = state.lengths.copy()
+        state.lengths[slot] = 0
+        state.active[slot] = False
+
+    def cache_bytes(self, state: DecodeState) -> int:
+        return self.cache_nbytes(state.caches)
+
+    def ensure_capacity(self, state: DecodeState, needed: int) -> None:
+        """Grow the global cache (policy: cache_layout.grown_capacity) to `needed` positions."""
+        if needed > state.capacity:
+            capacity = cache_layout.grown_capacity(needed, self.config.max_position_embeddings)
+            state.caches = self.grow_caches(state.caches, capacity)
+            state.capacity = capacity
+
+    # ---- shared checks ---------------------------------------------------------------------
     @property
     def supports_clp(self) -> bool:
         """CLP needs the PLT one-token shift; v1 checkpoints (and L = 1) decode sequentially."""
         return not self.config.is_v1 and self.loops > 1
+
+    def mode_run(self, mode: str) -> str:
+        """The decode mode actually run for `mode`: "clp" runs as "naive" without CLP."""
+        if mode not in DECODE_MODES:
+            raise BackendError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
+        return mode if self.supports_clp else "naive"
 
     def check_threads(self, threads: int | None) -> int | None:
         """A CPU thread count option: None (the framework's default) or an integer >= 1."""
@@ -100,12 +186,6 @@ class Backend(abc.ABC):
             raise BackendError(f"{self.name} backend: threads must be an integer >= 1, "
                                f"got {threads!r}")
         return threads
-
-    def check_mode(self, mode: str) -> str:
-        """The mode actually run: `clp` on a model without CLP runs sequentially (say so)."""
-        if mode not in DECODE_MODES:
-            raise BackendError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
-        return mode if self.supports_clp else "naive"
 
     def check_prompts(self, prompts: list[list[int]], max_tokens: int,
                       chunk_size: int | None = None) -> None:
@@ -136,7 +216,7 @@ class Backend(abc.ABC):
 
     def check_step(self, state: DecodeState, tokens, mode: str) -> tuple[str, np.ndarray]:
         """(mode actually run, tokens as int64 [B]) for a decode step, or a clear error."""
-        mode = self.check_mode(mode)
+        mode = self.mode_run(mode)
         tokens = np.asarray(tokens)
         if tokens.shape != (state.batch_size,) or not np.issubdtype(tokens.dtype, np.integer):
             raise BackendError(f"step needs one integer token per sequence, shape "
@@ -152,8 +232,9 @@ class Backend(abc.ABC):
 
     def expected_cache_bytes(self, batch: int, capacity: int, itemsize: int) -> int:
         """SPEC section 4 formula for this model at this loop count."""
-        cfg = self.config
-        slots = capacity + (self.loops - 1) * cfg.window
-        kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * cfg.head_dim * slots
-        carry = 0 if cfg.is_v1 else (self.loops - 1) * batch * cfg.hidden_size
-        return (kv + carry) * itemsize
+        return cache_layout.cache_bytes(self.config, self.loops, batch, capacity, itemsize)
+
+    @staticmethod
+    def last_token_index(num_new: np.ndarray) -> np.ndarray:
+        """Index in a prefill chunk of each sequence's last real token (0 where it has none)."""
+        return np.maximum(num_new - 1, 0)

@@ -131,7 +131,7 @@ def time_backends(backends: list, settings: BenchSettings, progress: bool = Fals
                                (settings.batch, settings.prompt_len)).tolist()
         capacity = settings.prompt_len + settings.warmup + settings.steps + 1
         backend.prefill(prompts, capacity)  # warm-up (first-call allocations, lazy compiles)
-        for mode in dict.fromkeys(backend.check_mode(m) for m in settings.modes):
+        for mode in dict.fromkeys(backend.mode_run(m) for m in settings.modes):
             start = time.perf_counter()
             state, logits = backend.prefill(prompts, capacity)
             runs.append(_Run(backend, mode, state, logits, time.perf_counter() - start))

@@ -88,7 +88,7 @@ def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
         raise GenerateError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if isinstance(stop, str):
         stop = [stop]
-    mode = backend.check_mode(decode_mode)
+    mode = backend.mode_run(decode_mode)
     if add_bos is None:
         add_bos = tokenizer.add_bos_token
     prompt_ids = encode_prompt(tokenizer, prompt, add_bos)

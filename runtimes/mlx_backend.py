@@ -1,8 +1,8 @@
-"""MLX backend (runtimes.base contract) over runtimes/mlx_model.py. Imports MLX only, no torch.
+"""MLX backend over runtimes/mlx_model.py (the mlx-lm style model file). Imports MLX, not torch.
 
 `model_dir` is either a PyTorch (HF layout) model directory, exported on first use into the
-export cache (exporters.cache.ensure_exported, with `dtype`/`quantize`/`group_size`), or a
-directory written by `plt-port export mlx` (its config.json has an `mlx_export` entry).
+export store (with `dtype`/`quantize`/`group_size`), or a directory written by
+`plt-port export mlx` (its config.json has an `mlx_export` entry).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from exporters import mlx_export
 from exporters.cache import ensure_exported
 
 from . import mlx_model
-from .base import Backend, BackendError, DecodeState
+from .base import Backend, BackendError
 
 KERNEL_CHOICES = {"auto": None, "on": True, "off": False}
 
@@ -46,39 +46,45 @@ class MLXBackend(Backend):
         self.model.use_gswa_kernel = KERNEL_CHOICES[kernel]
         self.dtype = self.model.model.norm.weight.dtype
 
-    def prefill(self, prompts, max_tokens, chunk_size=None):
-        self.check_prompts(prompts, max_tokens, chunk_size)
-        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-        T = int(lengths.max())
-        padded = np.zeros((len(prompts), T), dtype=np.int32)
-        for b, prompt in enumerate(prompts):
-            padded[b, :len(prompt)] = prompt
-        cache = self.model.make_cache(len(prompts), max_tokens, self.loops)
-        chunk_size = chunk_size or T
-        last_hidden = [None] * len(prompts)
-        for start in range(0, T, chunk_size):
-            chunk = mx.array(padded[:, start:start + chunk_size])
-            h = self.model.prefill(chunk, cache, start, lengths)
-            for b in np.nonzero((lengths > start) & (lengths <= start + chunk.shape[1]))[0]:
-                last_hidden[b] = h[b, lengths[b] - 1 - start]
-            mx.eval(cache.arrays(), [x for x in last_hidden if x is not None])
-        logits = self.model.lm_logits(mx.stack(last_hidden))
-        return DecodeState(lengths, cache.capacity, cache), self._numpy(logits)
-
-    def step(self, state, tokens, mode="clp"):
-        mode, tokens = self.check_step(state, tokens, mode)
-        cache = state.caches
-        logits = self.model.step(mx.array(tokens.astype(np.int32)), cache, state.lengths, mode)
-        mx.eval(logits, cache.arrays())
-        state.lengths = state.lengths + 1
-        state.capacity = cache.capacity
-        return self._numpy(logits)
-
-    def cache_bytes(self, state):
-        return state.caches.nbytes
-
     def peak_memory_bytes(self):
         return mx.get_peak_memory()
+
+    # ---- caches ------------------------------------------------------------------------
+    def new_caches(self, batch, capacity):
+        return self.model.make_cache(batch, capacity, self.loops)
+
+    def grow_caches(self, caches, capacity):
+        caches.grow(capacity)
+        return caches
+
+    def copy_slot(self, caches, slot, source_caches, source_slot, length):
+        for kv, src in zip(caches.global_k + caches.global_v,
+                           source_caches.global_k + source_caches.global_v):
+            kv[slot, :, :length] = src[source_slot, :, :length]
+        for kv, src in zip(self._per_loop(caches), self._per_loop(source_caches)):
+            kv[:, slot] = src[:, source_slot]  # [R, B, ...]: the batch is axis 1
+        mx.eval(caches.arrays())
+        return caches
+
+    @staticmethod
+    def _per_loop(caches) -> list[mx.array]:
+        return caches.ring_k + caches.ring_v + ([caches.carry] if caches.carry is not None else [])
+
+    def cache_nbytes(self, caches):
+        return caches.nbytes
+
+    # ---- running -----------------------------------------------------------------------
+    def prefill_chunk(self, caches, ids, start, num_new):
+        h = self.model.prefill(mx.array(ids.astype(np.int32)), caches, start, start + num_new)
+        last = mx.array(self.last_token_index(num_new)[:, None, None])
+        logits = self.model.lm_logits(mx.take_along_axis(h, last, axis=1)[:, 0])
+        mx.eval(logits, caches.arrays())
+        return self._numpy(logits)
+
+    def decode_rows(self, caches, tokens, positions, mode):
+        logits = self.model.step(mx.array(tokens.astype(np.int32)), caches, positions, mode)
+        mx.eval(logits, caches.arrays())
+        return self._numpy(logits)
 
     @staticmethod
     def _numpy(logits: mx.array) -> np.ndarray:

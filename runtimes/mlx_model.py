@@ -20,7 +20,6 @@ are the cache layouts here); a Metal kernel may back it.
 
 from __future__ import annotations
 
-import inspect
 import os
 from functools import partial
 
@@ -29,11 +28,9 @@ import mlx.nn as nn
 import numpy as np
 
 from metal_kernels import gswa
+from plt_port.cache_layout import ring_slot_positions
 from plt_port.checkpoint import canonical_name, weight_files
 from plt_port.config import PLTConfig
-from .base import grown_capacity
-
-GSWA_HAS_KERNEL_SWITCH = "use_kernel" in inspect.signature(gswa.gswa_decode).parameters
 
 
 class ModelArgs(PLTConfig):
@@ -145,7 +142,7 @@ class PLTModel(nn.Module):
 class PLTCache:
     """The decode state of one batch (SPEC section 4, layouts of metal_kernels.gswa):
 
-    global_k/v[l]  [B, G, S_cap, D]  loop-1 K/V, position p in slot p (grown by grown_capacity)
+    global_k/v[l]  [B, G, S_cap, D]  loop-1 K/V, position p in slot p
     ring_k/v[l]    [R, B, G, W, D]   loop r+2's own K/V, position p in slot p % W
     carry          [R, B, d]         n(h^(r+1)) of the last processed position (PLT only)
     with R = loops - 1 and W = window (keys incl. the query). `state` holds only arrays (a
@@ -210,15 +207,6 @@ class PLTCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())
-
-
-def ring_source_positions(ends: np.ndarray, window: int) -> np.ndarray:
-    """[B, W]: the position ring slot s holds once positions < ends[b] are in (-1: empty).
-
-    It is the latest p < ends[b] with p % W == s.
-    """
-    last = ends[:, None] - 1
-    return last - (last - np.arange(window)[None, :]) % window
 
 
 class Model(nn.Module):
@@ -329,14 +317,14 @@ class Model(nn.Module):
         query_pos = np.arange(start, start + C)
         key_pos = query_pos
         if start > 0:
-            key_pos = np.concatenate([ring_source_positions(np.array([start]), W)[0], query_pos])
+            key_pos = np.concatenate([ring_slot_positions(np.array([start - 1]), np.arange(W), W)[0], query_pos])
         diff = query_pos[:, None] - key_pos[None, :]
         return mx.array((diff >= 0) & (diff < W) & (key_pos[None, :] >= 0))
 
     @staticmethod
     def _ring_update_plan(cache: PLTCache, start: int, C: int, ends: np.ndarray):
         """Which ring slots take a K/V of this chunk, and its index: ([B,1,W,1] bool, int)."""
-        source = ring_source_positions(ends, cache.window)
+        source = ring_slot_positions(ends - 1, np.arange(cache.window), cache.window)
         take = source >= start
         index = np.where(take, source - start, 0).clip(0, C - 1)
         return mx.array(take[:, None, :, None]), mx.array(index[:, None, :, None].astype(np.int32))
@@ -351,9 +339,6 @@ class Model(nn.Module):
         `mx.compile`d (traced again only when the cache shapes change) unless
         `compile_step` is False.
         """
-        needed = int(positions.max()) + 1
-        if needed > cache.capacity:
-            cache.grow(grown_capacity(needed, self.args.max_position_embeddings))
         pos = mx.array(positions.astype(np.int32))
         if not self.compile_step:
             return self._step(tokens, cache, pos, mode)
@@ -413,8 +398,9 @@ class Model(nn.Module):
             ring_k = self._ring_write(cache.ring_k, i, first_ring, k, pos, cache.window)
             ring_v = self._ring_write(cache.ring_v, i, first_ring, v, pos, cache.window)
             gate = self.gate(i)(x_res, q)
-            outputs.append(gswa_decode(q, cache.global_k[i], cache.global_v[i], ring_k, ring_v,
-                                       gate, pos + 1, attn.scale, self.use_gswa_kernel))
+            outputs.append(gswa.gswa_decode(q, cache.global_k[i], cache.global_v[i], ring_k,
+                                            ring_v, gate, pos + 1, attn.scale,
+                                            use_kernel=self.use_gswa_kernel))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
 
     @staticmethod
@@ -430,14 +416,6 @@ class Model(nn.Module):
         rows = mx.put_along_axis(ring[first_ring:first_ring + R], slot, new, axis=3)
         ring[first_ring:first_ring + R] = rows
         return rows
-
-
-def gswa_decode(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale, use_kernel=None):
-    """The G-SWA decode call; `use_kernel` None: the Metal kernel iff Metal is available."""
-    if GSWA_HAS_KERNEL_SWITCH:
-        return gswa.gswa_decode(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
-                                use_kernel=use_kernel)
-    return gswa.gswa_decode(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale)
 
 
 # ---- loading ---------------------------------------------------------------------------------

@@ -23,24 +23,24 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from .base import Backend, BackendError, DecodeState, grown_capacity
+from plt_port.config import PLTConfig
 
-MANIFEST = "plt_onnx.json"  # as exporters.onnx_export writes it (not imported: running an
-                            # export needs neither onnx nor the exporter's dependencies)
+from exporters.cache import ensure_exported
+from exporters.onnx_export import MANIFEST, export
+
+from .base import Backend, BackendError
+
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def resolve_export(model_dir: str, loops: int | None, dtype: str | None) -> tuple[str, dict]:
     """(export dir, manifest): `model_dir` itself when it is an export, else a cached export
-    of the PyTorch model directory at `loops` and `dtype` (default fp32), made on first use."""
+    of the PyTorch model directory at `loops` and `dtype` (default float32), made on first use."""
     model_dir = os.fspath(model_dir)
     if not os.path.exists(os.path.join(model_dir, MANIFEST)):
-        from exporters.cache import ensure_exported
-        from exporters.onnx_export import export
-        from plt_port.config import PLTConfig
-
         loops = PLTConfig.from_file(model_dir).resolve_loops(loops)
-        model_dir = ensure_exported(model_dir, "onnx", export, loops=loops, dtype=dtype or "fp32")
+        model_dir = ensure_exported(model_dir, "onnx", export, loops=loops,
+                                    dtype=dtype or "float32")
     try:
         with open(os.path.join(model_dir, MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
@@ -83,7 +83,7 @@ class ONNXBackend(Backend):
         export_dir, self.manifest = resolve_export(model_dir, loops, dtype)
         super().__init__(export_dir, loops=self.manifest["loops"])
         self.device = choose_device(provider)
-        self.np_dtype = np.dtype(np.float16 if self.manifest["dtype"] == "fp16" else np.float32)
+        self.np_dtype = np.dtype(self.manifest["dtype"])
         self.weights = self._load_weights()
         self.sessions = {kind: self._session(graph["file"], threads, prepack and kind == "decode")
                          for kind, graph in self.manifest["graphs"].items()}
@@ -119,7 +119,7 @@ class ONNXBackend(Backend):
     def _zeros(self, shape) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.np_dtype), self.device, 0)
 
-    def _new_caches(self, batch: int, capacity: int) -> dict:
+    def new_caches(self, batch: int, capacity: int) -> dict:
         cfg, R = self.config, self.loops - 1
         G, D, W = cfg.num_key_value_heads, cfg.head_dim, cfg.window
         caches = {"global": [{kv: self._zeros((batch, G, capacity, D)) for kv in ("key", "value")}
@@ -131,23 +131,39 @@ class ONNXBackend(Backend):
             caches["carry"] = self._zeros((R, batch, cfg.hidden_size))
         return caches
 
-    def _ensure_capacity(self, state: DecodeState) -> None:
-        """Grow the global KV (copying) when a sequence has filled its slots."""
-        if state.lengths.max() < state.capacity:
-            return
-        capacity = grown_capacity(int(state.lengths.max()) + 1, self.config.max_position_embeddings)
-        for layer in state.caches["global"]:
+    @staticmethod
+    def _values(caches: dict) -> list[ort.OrtValue]:
+        layers = caches["global"] + caches.get("ring", [])
+        return [v for layer in layers for v in layer.values()] + \
+            ([caches["carry"]] if "carry" in caches else [])
+
+    def grow_caches(self, caches, capacity):
+        for layer in caches["global"]:
             for kv, old in layer.items():
                 grown = np.zeros(old.shape()[:2] + [capacity] + old.shape()[3:], self.np_dtype)
-                grown[:, :, :state.capacity] = old.numpy()
+                grown[:, :, :old.shape()[2]] = old.numpy()
                 layer[kv] = ort.OrtValue.ortvalue_from_numpy(grown, self.device, 0)
-        state.capacity = capacity
+        return caches
 
-    def cache_bytes(self, state: DecodeState) -> int:
-        caches = state.caches
-        values = [v for layer in caches["global"] + caches.get("ring", []) for v in layer.values()]
-        values += [caches["carry"]] if "carry" in caches else []
-        return sum(int(np.prod(v.shape())) * self.np_dtype.itemsize for v in values)
+    def copy_slot(self, caches, slot, source_caches, source_slot, length):
+        for layer, source_layer in zip(caches["global"], source_caches["global"]):
+            for kv, value in layer.items():
+                array = value.numpy()
+                array[slot, :, :length] = source_layer[kv].numpy()[source_slot, :, :length]
+                value.update_inplace(array)
+        per_loop = [(v, s) for layer, source_layer in zip(caches.get("ring", []),
+                                                          source_caches.get("ring", []))
+                    for v, s in zip(layer.values(), source_layer.values())]
+        if "carry" in caches:
+            per_loop.append((caches["carry"], source_caches["carry"]))
+        for value, source in per_loop:  # [R, B, ...]: the batch is axis 1
+            array = value.numpy()
+            array[:, slot] = source.numpy()[:, source_slot]
+            value.update_inplace(array)
+        return caches
+
+    def cache_nbytes(self, caches) -> int:
+        return sum(int(np.prod(v.shape())) * self.np_dtype.itemsize for v in self._values(caches))
 
     # ---- running ----------------------------------------------------------------------
     def _run(self, kind: str, caches: dict, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -184,39 +200,15 @@ class ONNXBackend(Backend):
                 caches["ring"][i][kv] = value
         return logits
 
-    def prefill(self, prompts, max_tokens, chunk_size=None):
-        self.check_prompts(prompts, max_tokens, chunk_size)
-        batch = len(prompts)
-        prompt_lengths = np.array([len(p) for p in prompts], np.int64)
-        longest = int(prompt_lengths.max())
-        chunk = chunk_size or longest
+    def prefill_chunk(self, caches, ids, start, num_new):
         # Every chunk is as wide as the longest remaining prompt, so padded writes stay below
-        # the longest prompt length <= max_tokens = capacity.
-        state = DecodeState(np.zeros(batch, np.int64), max_tokens,
-                            self._new_caches(batch, max_tokens))
-        logits = np.zeros((batch, self.config.vocab_size), np.float32)
-        for offset in range(0, longest, chunk):
-            width = min(chunk, longest - offset)
-            num_new = np.clip(prompt_lengths - offset, 0, width)
-            ids = np.zeros((batch, width), np.int64)
-            for b, prompt in enumerate(prompts):
-                ids[b, :num_new[b]] = prompt[offset:offset + num_new[b]]
-            chunk_logits = self._run("prefill", state.caches, {
-                "input_ids": ids, "start": state.lengths.copy(), "num_new": num_new})
-            state.lengths += num_new
-            done = (num_new > 0) & (state.lengths == prompt_lengths)
-            logits[done] = chunk_logits[done]
-        return state, logits
+        # the longest prompt length <= capacity.
+        return self._run("prefill", caches, {
+            "input_ids": ids, "start": np.full(len(ids), start, np.int64), "num_new": num_new})
 
-    def step(self, state, tokens, mode="clp"):
-        mode, tokens = self.check_step(state, tokens, mode)
-        self._ensure_capacity(state)
-        start = state.lengths.copy()
+    def decode_rows(self, caches, tokens, positions, mode):
         if mode == "clp":
-            logits = self._run("decode", state.caches, {"input_ids": tokens, "start": start})
-        else:  # the prefill graph with one token runs the loops one after another
-            logits = self._run("prefill", state.caches, {
-                "input_ids": tokens[:, None], "start": start,
-                "num_new": np.ones(state.batch_size, np.int64)})
-        state.lengths += 1
-        return logits
+            return self._run("decode", caches, {"input_ids": tokens, "start": positions})
+        # the prefill graph with one token runs the loops one after another
+        return self._run("prefill", caches, {"input_ids": tokens[:, None], "start": positions,
+                                             "num_new": np.ones(len(tokens), np.int64)})

@@ -1,18 +1,17 @@
-"""PyTorch backend with static caches and cross-loop-parallel (CLP) decode (SPEC section 4).
+"""PyTorch backend: the reference blocks (`plt_port.model`) over static caches, with
+cross-loop-parallel (CLP) decode. This module only decides where K/V come from.
 
-The blocks are the reference model's (`plt_port.model`); this module only decides where K/V
-come from. Cache layout per layer, preallocated and written by index (gpt-fast style):
+Caches (`plt_port.cache_layout`), preallocated and written by index (gpt-fast style):
 
-  global_kv  K, V [B, G, capacity, D]     loop 1's K/V, position p in slot p
-  ring_kv    K, V [B, G, (L-1)*W, D]      loop r >= 2 owns slots (r-2)*W .. (r-1)*W - 1;
-                                          position p lives in slot (r-2)*W + p % W
-  clp_carry  [L-1, B, d]                  n(h^(r)) of each sequence's last position (PLT)
+  global_kv  per layer K, V [B, G, capacity, D]
+  ring_kv    per layer K, V [B, G, (L-1)*W, D]   loop r >= 2 owns slots (r-2)*W .. (r-1)*W - 1
+  clp_carry  [L-1, B, d]
 
 A decode step runs its loop rows as the "tokens" of one block input [B, R, d], all at the
 sequence's own position t: CLP passes the L rows at once (each weight read once per step),
-naive passes one row at a time. Inside a layer, loop 1's row writes global slot t before any
-row reads the global cache; rows of loops >= 2 write their ring slot and attend to their
-own ring block only (a block-diagonal mask over the concatenated rings).
+naive passes one row at a time. Inside a layer, loop 1's row writes global slot t, then
+attends causally over the global cache; rows of loops >= 2 write their ring slot and run
+G-SWA over the global cache and their own ring block (a block-diagonal mask over the rings).
 
 Options: dtype ("float32", "bfloat16", "float16"; logits are always returned in fp32),
 device ("cpu", "cuda"), threads (sets torch's intra-op threads for the whole process).
@@ -25,9 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from plt_port.cache_layout import ring_slot_positions
 from plt_port.model import PLTForCausalLM, attend, causal_mask, gated_swa
 
-from .base import Backend, BackendError, DecodeState, grown_capacity
+from .base import Backend, BackendError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,13 +41,6 @@ class TorchCaches:
     def tensors(self) -> list[torch.Tensor]:
         kv = [t for pair in self.global_kv + self.ring_kv for t in pair]
         return kv + ([self.clp_carry] if self.clp_carry is not None else [])
-
-
-def ring_positions(last: torch.Tensor, window: int) -> torch.Tensor:
-    """Position held by each ring slot j after positions <= last[b] were written:
-    the largest p <= last with p % window == j; negative = slot still empty. [B] -> [B, W]."""
-    slots = torch.arange(window, device=last.device)
-    return last[:, None] - torch.remainder(last[:, None] - slots, window)
 
 
 class TorchBackend(Backend):
@@ -71,8 +64,13 @@ class TorchBackend(Backend):
                                                     self.config).to(self.device)
         self.window = self.config.window
 
+    def peak_memory_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return None
+
     # ---- caches ------------------------------------------------------------------------
-    def _new_caches(self, batch: int, capacity: int) -> TorchCaches:
+    def new_caches(self, batch: int, capacity: int) -> TorchCaches:
         cfg = self.config
         G, D = cfg.num_key_value_heads, cfg.head_dim
 
@@ -88,68 +86,53 @@ class TorchBackend(Backend):
             clp_carry=zeros(self.loops - 1, batch, cfg.hidden_size) if self.supports_clp else None,
         )
 
-    def _ensure_capacity(self, state: DecodeState, needed: int) -> None:
-        """Grow the global cache (policy: base.grown_capacity) to hold `needed` positions."""
-        if needed <= state.capacity:
-            return
-        capacity = grown_capacity(needed, self.config.max_position_embeddings)
-
+    def grow_caches(self, caches: TorchCaches, capacity: int) -> TorchCaches:
         def grown(cache):
             out = cache.new_zeros(*cache.shape[:2], capacity, cache.shape[3])
-            out[:, :, :state.capacity] = cache
+            out[:, :, :cache.shape[2]] = cache
             return out
 
-        caches = state.caches
         caches.global_kv = [(grown(k), grown(v)) for k, v in caches.global_kv]
-        state.capacity = capacity
+        return caches
 
-    def cache_bytes(self, state: DecodeState) -> int:
-        return sum(t.numel() * t.element_size() for t in state.caches.tensors())
+    def copy_slot(self, caches, slot, source_caches, source_slot, length):
+        for (k, v), (src_k, src_v) in zip(caches.global_kv, source_caches.global_kv):
+            k[slot, :, :length] = src_k[source_slot, :, :length]
+            v[slot, :, :length] = src_v[source_slot, :, :length]
+        for (k, v), (src_k, src_v) in zip(caches.ring_kv, source_caches.ring_kv):
+            k[slot] = src_k[source_slot]
+            v[slot] = src_v[source_slot]
+        if caches.clp_carry is not None:
+            caches.clp_carry[:, slot] = source_caches.clp_carry[:, source_slot]
+        return caches
 
-    def peak_memory_bytes(self) -> int | None:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
-        return None
+    def cache_nbytes(self, caches: TorchCaches) -> int:
+        return sum(t.numel() * t.element_size() for t in caches.tensors())
+
+    def _logits(self, h_last: torch.Tensor) -> np.ndarray:
+        return self.model.lm_logits(h_last).float().cpu().numpy()
+
+    def _ring_positions(self, last: torch.Tensor) -> torch.Tensor:
+        return ring_slot_positions(last, torch.arange(self.window, device=self.device),
+                                   self.window)
 
     # ---- prefill -----------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts, max_tokens, chunk_size=None):
-        self.check_prompts(prompts, max_tokens, chunk_size)
-        batch = len(prompts)
-        lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        longest = int(lens.max())
-        ids = torch.zeros(batch, longest, dtype=torch.long, device=self.device)  # right-padded
-        for b, prompt in enumerate(prompts):
-            ids[b, :len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.long)
-        state = DecodeState(lengths=np.zeros(batch, dtype=np.int64), capacity=max_tokens,
-                            caches=self._new_caches(batch, max_tokens))
-        chunk = chunk_size or longest
-        last_hidden = torch.zeros(batch, self.config.hidden_size, dtype=self.dtype,
-                                  device=self.device)
-        for start in range(0, longest, chunk):
-            h = self._prefill_chunk(state.caches, ids[:, start:start + chunk], start, lens)
-            last_hidden = self._take_at(h, last_hidden, lens - 1 - start)
-        state.lengths = lens.cpu().numpy().astype(np.int64)
-        return state, self.model.lm_logits(last_hidden).float().cpu().numpy()
-
-    @staticmethod
-    def _take_at(h, previous, index):
-        """h[b, index[b]] (h [B, T, d]) where 0 <= index[b] < T, else previous[b]."""
-        inside = (index >= 0) & (index < h.shape[1])
-        taken = h[torch.arange(h.shape[0], device=h.device), index.clamp(0, h.shape[1] - 1)]
-        return torch.where(inside[:, None], taken, previous)
-
-    def _prefill_chunk(self, caches: TorchCaches, ids, start: int, lens):
-        """Run one chunk (positions start.. of every sequence) loop by loop; h of loop L."""
+    def prefill_chunk(self, caches, ids, start, num_new):
         model, cfg, W = self.model, self.config, self.window
+        ids = torch.from_numpy(ids).to(self.device)
         T = ids.shape[1]
         end = start + T
+        ends = torch.from_numpy(start + num_new).to(self.device)
+        last = torch.from_numpy(self.last_token_index(num_new)).to(self.device)
+        has_tokens = ends > start
+        batch_index = torch.arange(ids.shape[0], device=self.device)
         positions = torch.arange(start, end, device=self.device)
         cos, sin = model.rope(positions)
         global_mask = causal_mask(positions, torch.arange(end, device=self.device))
         # Loop r >= 2 keys: its ring (positions before the chunk, the same for every sequence
         # still inside its prompt), then the chunk's own K/V.
-        ring_pos = ring_positions(torch.tensor([start - 1], device=self.device), W)[0]
+        ring_pos = self._ring_positions(torch.tensor([start - 1], device=self.device))[0]
         local_pos = torch.cat([ring_pos, positions])
         local_mask = causal_mask(positions, local_pos, W) & (local_pos >= 0)
         embeddings = model.model.embed_tokens(ids)
@@ -167,8 +150,8 @@ class TorchBackend(Backend):
                 local_kv = (torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2))
                 y, _ = gated_swa(q, (global_k[:, :, :end], global_v[:, :, :end]), global_mask,
                                  local_kv, local_mask, model.gate(i)(x_res, q))
-                self._write_ring_chunk(ring_k, k, start, lens)
-                self._write_ring_chunk(ring_v, v, start, lens)
+                self._write_ring_chunk(ring_k, k, start, ends)
+                self._write_ring_chunk(ring_v, v, start, ends)
                 return y
 
             return attention
@@ -181,100 +164,84 @@ class TorchBackend(Backend):
                 carry = model.loop_carry(h)
                 previous = caches.clp_carry[loop - 1]
                 shifted = torch.cat([previous[:, None], carry[:, :-1]], dim=1)
-                # each sequence's last position inside this chunk (none: keep the old carry)
-                previous.copy_(self._take_at(carry, previous, lens.clamp(max=end) - 1 - start))
+                previous.copy_(torch.where(has_tokens[:, None], carry[batch_index, last], previous))
                 h = model.next_loop_input(embeddings, shifted)
-        return h
+        return self._logits(h[batch_index, last])
 
-    @staticmethod
-    def _write_ring_chunk(ring, chunk_kv, start: int, lens):
-        """Write each sequence's last W valid chunk positions into its ring (a [B, G, W, D] view);
-        padding positions (past a prompt's end) are never written."""
+    def _write_ring_chunk(self, ring, chunk_kv, start: int, ends):
+        """Write each sequence's last W real chunk positions (those < ends[b]) into its ring
+        (a [B, G, W, D] view); padding positions are never written."""
         B, G, T, D = chunk_kv.shape
-        W = ring.shape[2]
-        ends = lens.clamp(start, start + T)  # one past each sequence's last position in the chunk
-        slot_pos = ring_positions(ends - 1, W)  # [B, W]
+        slot_pos = self._ring_positions(ends - 1)  # [B, W]
         written = slot_pos >= start
         index = (slot_pos - start).clamp(0, T - 1)
-        new = chunk_kv.gather(2, index[:, None, :, None].expand(B, G, W, D))
+        new = chunk_kv.gather(2, index[:, None, :, None].expand(B, G, self.window, D))
         ring.copy_(torch.where(written[:, None, :, None], new, ring))
 
     # ---- decode ------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, state, tokens, mode="clp"):
-        mode, tokens = self.check_step(state, tokens, mode)
-        self._ensure_capacity(state, int(state.lengths.max()) + 1)
-        model, caches = self.model, state.caches
-        t = torch.from_numpy(state.lengths).to(self.device)
-        embeddings = model.model.embed_tokens(torch.from_numpy(tokens).long().to(self.device))
+    def decode_rows(self, caches, tokens, positions, mode):
+        model = self.model
+        t = torch.from_numpy(positions).to(self.device)
+        embeddings = model.model.embed_tokens(torch.from_numpy(tokens).to(self.device))[:, None]
         if self.config.is_v1:  # loop r's input is loop r-1's output: sequential by nature
-            h = embeddings[:, None]
-            rows = []
+            h = embeddings
             for loop in range(1, self.loops + 1):
                 h = self._run_rows(caches, h, loop, t)
-                rows.append(h)
-            h = torch.cat(rows, dim=1)
+            return self._logits(h[:, -1])
+        x = embeddings
+        if self.loops > 1:
+            later = model.next_loop_input(embeddings, caches.clp_carry.transpose(0, 1))
+            x = torch.cat([x, later], dim=1)  # [B, L, d]: the L rows of this step
+        if mode == "clp":
+            h = self._run_rows(caches, x, 1, t)
         else:
-            x = embeddings[:, None]
-            if self.loops > 1:
-                later = model.next_loop_input(embeddings[:, None], caches.clp_carry.transpose(0, 1))
-                x = torch.cat([x, later], dim=1)  # [B, L, d]: the L rows of this step
-            if mode == "clp":
-                h = self._run_rows(caches, x, 1, t)
-            else:
-                h = torch.cat([self._run_rows(caches, x[:, r:r + 1], r + 1, t)
-                               for r in range(self.loops)], dim=1)
-            if self.loops > 1:
-                caches.clp_carry.copy_(model.loop_carry(h[:, :-1]).transpose(0, 1))
-        state.lengths = state.lengths + 1
-        return model.lm_logits(h[:, -1]).float().cpu().numpy()
+            h = torch.cat([self._run_rows(caches, x[:, r:r + 1], r + 1, t)
+                           for r in range(self.loops)], dim=1)
+        if self.loops > 1:
+            caches.clp_carry.copy_(model.loop_carry(h[:, :-1]).transpose(0, 1))
+        return self._logits(h[:, -1])
 
     def _run_rows(self, caches: TorchCaches, x, first_loop: int, t):
         """One pass of the stack over rows x [B, R, d] = loops first_loop.. at positions t [B]."""
         model, W = self.model, self.window
         B, R, _ = x.shape
-        loops = torch.arange(first_loop, first_loop + R, device=self.device)
         positions = t[:, None].expand(B, R)
         cos, sin = model.rope(positions)
         kv_len = int(t.max()) + 1
         global_mask = causal_mask(positions, torch.arange(kv_len, device=self.device))[:, None]
         batch_index = torch.arange(B, device=self.device)
-        local_rows = slice(1 if first_loop == 1 else 0, R)
-        num_local = R - local_rows.start
-        if num_local:
-            lowest = max(first_loop, 2)
-            ring = slice((lowest - 2) * W, (first_loop + R - 2) * W)
-            key_loop = lowest + torch.arange(num_local * W, device=self.device) // W
-            filled = (ring_positions(t, W) >= 0).repeat(1, num_local)  # [B, num_local * W]
-            local_mask = ((loops[:, None] == key_loop[None])[None] & filled[:, None])[:, None]
-            if first_loop == 1:
-                # Loop 1's row has no ring of its own and gate 1 drops its local branch; one
-                # visible (always finite) slot keeps that branch finite on every SDPA kernel
-                # (a fully masked row may be NaN, and 0 * NaN is NaN).
-                local_mask[:, :, 0, 0] = True
-            write_slots = (loops[local_rows] - 2)[None] * W + (t % W)[:, None]  # [B, num_local]
+        plain_rows = 1 if first_loop == 1 else 0  # loop 1's row: causal attention only
+        ring_loops = torch.arange(first_loop + plain_rows, first_loop + R, device=self.device)
+        if len(ring_loops):
+            ring = slice(int(ring_loops[0] - 2) * W, int(ring_loops[-1] - 1) * W)
+            key_loop = ring_loops[0] + torch.arange(len(ring_loops) * W, device=self.device) // W
+            filled = (self._ring_positions(t) >= 0).repeat(1, len(ring_loops))  # [B, rows * W]
+            local_mask = ((ring_loops[:, None] == key_loop[None])[None] & filled[:, None])[:, None]
+            write_slots = (ring_loops - 2)[None] * W + (t % W)[:, None]  # [B, rows]
 
         def attention_for(i: int):
             global_k, global_v = caches.global_kv[i]
 
             def attention(q, k, v, x_res):
-                if first_loop == 1:  # loop 1 writes slot t before any row reads the cache
+                outputs = []
+                if plain_rows:  # loop 1 writes slot t before any row reads the global cache
                     global_k[batch_index, :, t] = k[:, :, 0]
                     global_v[batch_index, :, t] = v[:, :, 0]
                 global_kv = (global_k[:, :, :kv_len], global_v[:, :, :kv_len])
-                if not num_local:
-                    return attend(q, *global_kv, global_mask)[0]
-                ring_k, ring_v = caches.ring_kv[i]
-                ring_k[batch_index[:, None], :, write_slots] = k[:, :, local_rows].transpose(1, 2)
-                ring_v[batch_index[:, None], :, write_slots] = v[:, :, local_rows].transpose(1, 2)
-                gate = model.gate(i)(x_res[:, local_rows], q[:, :, local_rows])
-                if first_loop == 1:
-                    # Loop 1's row sees no ring slot (its local branch is zero) and gate 1
-                    # selects its plain causal attention exactly.
-                    gate = torch.cat([torch.ones_like(gate[:, :, :1]), gate], dim=2)
-                ring_kv = (ring_k[:, :, ring], ring_v[:, :, ring])
-                y, _ = gated_swa(q, global_kv, global_mask, ring_kv, local_mask, gate)
-                return y
+                if plain_rows:
+                    outputs.append(attend(q[:, :, :1], *global_kv, global_mask[:, :, :1])[0])
+                if len(ring_loops):
+                    q, k, v, x_res = (q[:, :, plain_rows:], k[:, :, plain_rows:],
+                                      v[:, :, plain_rows:], x_res[:, plain_rows:])
+                    ring_k, ring_v = caches.ring_kv[i]
+                    ring_k[batch_index[:, None], :, write_slots] = k.transpose(1, 2)
+                    ring_v[batch_index[:, None], :, write_slots] = v.transpose(1, 2)
+                    y, _ = gated_swa(q, global_kv, global_mask[:, :, plain_rows:],
+                                     (ring_k[:, :, ring], ring_v[:, :, ring]), local_mask,
+                                     model.gate(i)(x_res, q))
+                    outputs.append(y)
+                return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
             return attention
 

@@ -7,10 +7,12 @@ import os
 import sys
 import sysconfig
 
+import numpy as np
 import pytest
 
 from plt_port.config import PLTConfig
 from plt_port.random_model import save_random_model
+from runtimes.base import Backend
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, max_position_embeddings=512)
@@ -89,6 +91,35 @@ def reference_greedy(model_dir, prompt_ids, loops, steps):
         for _ in range(steps):
             ids.append(int(model(torch.tensor([ids]), loops=loops)[0, -1].argmax()))
     return ids[len(prompt_ids):]
+
+
+class CachelessBackend(Backend):
+    """A backend that keeps no caches: fakes that compute logits from the tokens alone (to
+    test the generate loop, the demo or the server, not a model) implement
+    `logits_for(last_tokens [B]) -> [B, V]` and run through the real skeleton."""
+
+    name = "cacheless"
+
+    def logits_for(self, last_tokens) -> np.ndarray:
+        raise NotImplementedError
+
+    def new_caches(self, batch, capacity):
+        return None
+
+    def prefill_chunk(self, caches, ids, start, num_new):
+        return self.logits_for(ids[np.arange(len(ids)), self.last_token_index(num_new)])
+
+    def decode_rows(self, caches, tokens, positions, mode):
+        return self.logits_for(tokens)
+
+    def grow_caches(self, caches, capacity):
+        return caches
+
+    def copy_slot(self, caches, slot, source_caches, source_slot, length):
+        return caches
+
+    def cache_nbytes(self, caches):
+        return 0
 
 
 def requires(module: str):

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import requires
+from conftest import CachelessBackend, requires
 from plt_port.errors import PLTError
-from runtimes.base import Backend, DecodeState
+
 
 pytest.importorskip("gradio")
 generate_api = pytest.importorskip("runtimes.generate", reason="needs the shared generate API "
@@ -35,7 +35,7 @@ ALL_AVAILABLE = {"torch": None, "mlx": None, "onnx": None}
 
 
 # ---- a fake backend whose greedy continuation is known in advance --------------------------------
-class ChainBackend(Backend):
+class ChainBackend(CachelessBackend):
     """Logits that put all mass on chain[(index of last token) + loops]: the continuation of
     any prompt is known without running a model. Logs each step's loop count."""
 
@@ -51,24 +51,18 @@ class ChainBackend(Backend):
         index = self.chain.index(token) if token in self.chain else 0
         return self.chain[(index + self.loops) % len(self.chain)]
 
-    def _logits(self, last_tokens) -> np.ndarray:
+    def logits_for(self, last_tokens) -> np.ndarray:
         logits = np.zeros((len(last_tokens), self.config.vocab_size), np.float32)
         for b, token in enumerate(last_tokens):
             logits[b, self.next_token(int(token))] = 30.0
         return logits
 
-    def prefill(self, prompts, max_tokens, chunk_size=None):
-        self.check_prompts(prompts, max_tokens)
-        state = DecodeState(np.array([len(p) for p in prompts]), max_tokens, None)
-        return state, self._logits([p[-1] for p in prompts])
-
-    def step(self, state, tokens, mode="clp"):
+    def decode_rows(self, caches, tokens, positions, mode):
         self.step_log.append(self.loops)
-        state.lengths += 1
-        return self._logits(tokens)
+        return self.logits_for(tokens)
 
-    def cache_bytes(self, state):
-        return self.expected_cache_bytes(state.batch_size, state.capacity, 4)
+    def cache_nbytes(self, caches):
+        return 0
 
 
 def plain_tokens(tokenizer) -> list[int]:

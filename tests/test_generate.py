@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import reference_greedy
+from conftest import CachelessBackend, reference_greedy
 from plt_port.tokenizer import Tokenizer
-from runtimes import Backend, DecodeState, load_backend
+from runtimes import load_backend
 from runtimes.generate import GenerateError, StopMatcher, generate, stream_generate
 from runtimes.sampling import (Sampler, SamplingError, SamplingParams, apply_min_p,
                                apply_repetition_penalty, apply_top_k, apply_top_p, softmax)
@@ -170,30 +170,21 @@ def test_token_id_prompt_and_errors(make_model):
         generate(backend, tokenizer, PROMPT, max_new_tokens=39)
 
 
-class ScriptedBackend(Backend):
+class ScriptedBackend(CachelessBackend):
     """Emits a fixed token script through one-hot logits: tests the loop, not a model."""
-
-    name = "scripted"
 
     def __init__(self, model_dir, script):
         super().__init__(model_dir)
         self.script = script
 
-    def _logits(self, position):
+    def new_caches(self, batch, capacity):
+        self.emitted = 0  # each generate call starts the script again
+
+    def logits_for(self, last_tokens):
         logits = np.zeros((1, self.config.vocab_size), dtype=np.float32)
-        logits[0, self.script[position]] = 1.0
+        logits[0, self.script[self.emitted]] = 1.0
+        self.emitted += 1
         return logits
-
-    def prefill(self, prompts, max_tokens, chunk_size=None):
-        self.check_prompts(prompts, max_tokens)
-        return DecodeState(np.array([0]), max_tokens, None), self._logits(0)
-
-    def step(self, state, tokens, mode="clp"):
-        state.lengths = state.lengths + 1
-        return self._logits(int(state.lengths[0]))
-
-    def cache_bytes(self, state):
-        return 0
 
 
 def test_stream_deltas_are_whole_characters_and_stop_spans_tokens(make_model):

@@ -151,9 +151,9 @@ def test_cache_bytes_follow_spec(make_model, fmt, loops):
 
 
 def test_v1_and_single_loop_decode_sequentially(make_model):
-    assert TorchBackend(make_model("v1"), loops=2).check_mode("clp") == "naive"
-    assert TorchBackend(make_model("plt"), loops=1).check_mode("clp") == "naive"
-    assert TorchBackend(make_model("plt"), loops=2).check_mode("clp") == "clp"
+    assert TorchBackend(make_model("v1"), loops=2).mode_run("clp") == "naive"
+    assert TorchBackend(make_model("plt"), loops=1).mode_run("clp") == "naive"
+    assert TorchBackend(make_model("plt"), loops=2).mode_run("clp") == "clp"
 
 
 def test_query_gate_unnormalised_scaled_variant(make_model):
