@@ -19,13 +19,14 @@ BACKENDS = {
 
 
 def backend_unavailable_reason(name: str) -> str | None:
-    """None when backend `name` can run here, else a sentence saying why not."""
+    """None when backend `name` can run here, else a sentence saying why not. Only a missing
+    framework makes a backend unavailable: an error in the backend's own module is a bug and
+    is raised by `load_backend`, never reported as "not installed"."""
     if name not in BACKENDS:
         return f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}"
-    module, _, requirement, hint = BACKENDS[name]
+    _, _, requirement, hint = BACKENDS[name]
     try:
         importlib.import_module(requirement)
-        importlib.import_module(module)
     except ImportError as exc:
         return f"backend {name!r} is not available ({exc}); install it with: {hint}"
     return None

@@ -60,6 +60,7 @@ class DecodeState:
 
 class Backend(abc.ABC):
     name: str = ""
+    run_dtype: str = "float32"  # the dtype the weights and caches were loaded in
 
     def __init__(self, model_dir: str, loops: int | None = None):
         self.model_dir = str(model_dir)

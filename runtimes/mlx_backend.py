@@ -44,7 +44,7 @@ class MLXBackend(Backend):
         self.kernel = kernel
         self.model = mlx_model.load_model(model_dir, dtype=getattr(mx, dtype) if dtype else None)
         self.model.use_gswa_kernel = KERNEL_CHOICES[kernel]
-        self.dtype = self.model.model.norm.weight.dtype
+        self.run_dtype = str(self.model.model.norm.weight.dtype).removeprefix("mlx.core.")
 
     def peak_memory_bytes(self):
         return mx.get_peak_memory()

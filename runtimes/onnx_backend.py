@@ -84,6 +84,7 @@ class ONNXBackend(Backend):
         super().__init__(export_dir, loops=self.manifest["loops"])
         self.device = choose_device(provider)
         self.np_dtype = np.dtype(self.manifest["dtype"])
+        self.run_dtype = self.np_dtype.name
         self.weights = self._load_weights()
         self.sessions = {kind: self._session(graph["file"], threads, prepack and kind == "decode")
                          for kind, graph in self.manifest["graphs"].items()}

@@ -62,6 +62,7 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         self.model = PLTForCausalLM.from_pretrained(self.model_dir, self.dtype,
                                                     self.config).to(self.device)
+        self.run_dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.window = self.config.window
 
     def peak_memory_bytes(self) -> int | None:

@@ -24,6 +24,7 @@ import onnx  # noqa: E402
 
 from exporters.onnx_export import ExportError, export  # noqa: E402
 from plt_port import models  # noqa: E402
+from conftest import random_prompts, reference_logits  # noqa: E402
 from runtimes import BackendError, load_backend  # noqa: E402
 
 TOL = 1e-4
@@ -32,17 +33,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def onnx_backend(model_dir, loops=None, **options):
     return load_backend("onnx", model_dir, loops=loops, threads=1, **options)
-
-
-def reference_logits(model_dir, sequences, loops):
-    """[len(seq), V] reference logits of every position of each sequence."""
-    import torch
-
-    from plt_port.model import PLTForCausalLM
-
-    model = PLTForCausalLM.from_pretrained(model_dir)
-    with torch.no_grad():
-        return [model(torch.tensor([s]), loops=loops)[0].numpy() for s in sequences]
 
 
 def decode_and_compare(backend, model_dir, prompts, steps, mode="clp", chunk_size=None,
@@ -66,11 +56,6 @@ def decode_and_compare(backend, model_dir, prompts, steps, mode="clp", chunk_siz
         expected = ref[len(prompts[b]) - 1:]
         worst = max(worst, float(np.abs(np.stack(got[b]) - expected).max()))
     return worst, state
-
-
-def random_prompts(lengths, vocab=512, seed=1):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, vocab, n).tolist() for n in lengths]
 
 
 # ---- export ------------------------------------------------------------------------------
@@ -147,75 +132,12 @@ def test_cli_export(make_model, tmp_path):
 
 
 # ---- parity --------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["plt", "v1"])
-@pytest.mark.parametrize("loops", [1, 2, 3, 4])
-def test_logits_match_reference(make_model, fmt, loops):
-    """Batch 2 with different prompt lengths (13 > window 8, and 5), prefill + 32 decode steps."""
-    model_dir = make_model(fmt, seed=loops)
-    backend = onnx_backend(model_dir, loops)
-    mode = backend.mode_run("clp")
-    assert mode == ("clp" if fmt == "plt" and loops > 1 else "naive")
-    worst, state = decode_and_compare(backend, model_dir, random_prompts([13, 5]), 32, mode)
-    assert worst <= TOL, worst
-    assert backend.cache_bytes(state) == backend.expected_cache_bytes(2, state.capacity, 4)
-
-
-def test_naive_and_chunked_prefill_match_reference(make_model):
-    model_dir = make_model("plt", seed=7, plt_emb_scale=0.5, plt_hidden_scale=2.0)
-    backend = onnx_backend(model_dir, 3)
-    prompts = random_prompts([19, 4, 11])
-    worst, _ = decode_and_compare(backend, model_dir, prompts, 12, "naive", chunk_size=5)
-    assert worst <= TOL, worst
-
-
 def test_query_gate_unnormalized_carry_and_prepacked_decode(make_model):
     model_dir = make_model("plt", seed=3, plt_gate_use_hidden_states=False,
                            plt_normalize_per_loop=False, tie_word_embeddings=True)
     backend = onnx_backend(model_dir, 2, prepack=True)
     worst, _ = decode_and_compare(backend, model_dir, random_prompts([9, 14]), 10)
     assert worst <= TOL, worst
-
-
-def test_clp_and_naive_steps_agree(make_model):
-    """SPEC 4: naive decode (the prefill graph, one token) gives the CLP step's logits."""
-    backend = onnx_backend(make_model("plt", seed=8), 4)
-    prompts = random_prompts([12, 3])
-    states = {mode: backend.prefill(prompts, 40)[0] for mode in ("clp", "naive")}
-    rng = np.random.default_rng(3)
-    for _ in range(12):
-        tokens = rng.integers(3, 512, 2)
-        clp, naive = (backend.step(states[m], tokens, m) for m in ("clp", "naive"))
-        assert np.abs(clp - naive).max() <= 1e-5
-
-
-def test_caches_grow_past_capacity(make_model):
-    model_dir = make_model("plt", seed=5)
-    backend = onnx_backend(model_dir, 2)
-    prompts = random_prompts([6, 3])
-    worst, state = decode_and_compare(backend, model_dir, prompts, 10, max_tokens=6)
-    assert worst <= TOL and state.capacity > 6
-
-
-def test_step_rejects_bad_tokens(make_model):
-    backend = onnx_backend(make_model("plt"), 2)
-    state, _ = backend.prefill([[5, 6, 7]], 8)
-    with pytest.raises(BackendError, match="vocabulary"):
-        backend.step(state, np.array([10_000]))
-    with pytest.raises(BackendError, match="one integer token per sequence"):
-        backend.step(state, np.array([1, 2]))
-    with pytest.raises(BackendError, match="chunk size"):
-        backend.prefill([[5, 6]], 8, chunk_size=0)
-
-
-def test_fp16_export_close_to_reference(make_model, tmp_path, capsys):
-    model_dir = make_model("plt", seed=11)
-    out = export(model_dir, tmp_path / "fp16", dtype="float16", loops=2)
-    backend = onnx_backend(out)
-    worst, state = decode_and_compare(backend, model_dir, random_prompts([13, 5]), 32)
-    with capsys.disabled():
-        print(f"\nfp16 ONNX vs fp32 reference: max abs logit diff {worst:.2e}")
-    assert worst < 2e-2
-    assert backend.cache_bytes(state) == backend.expected_cache_bytes(2, state.capacity, 2)
 
 
 # ---- generation ----------------------------------------------------------------------------
