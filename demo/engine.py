@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from exporters.export_store import export_root
 from plt_port.config import MAX_LOOPS, PLTConfig
 from plt_port.errors import PLTError
 from plt_port.tokenizer import Tokenizer
@@ -31,7 +32,7 @@ log = logging.getLogger("plt_port.demo")
 
 MAX_COLUMNS = 4
 BACKEND_LABELS = {"torch": "PyTorch", "mlx": "MLX", "onnx": "ONNX Runtime"}
-# Backends that export a PyTorch model dir on first use (exporters.cache.ensure_exported).
+# Backends that export a PyTorch model dir on first use (exporters.export_store.ensure_exported).
 EXPORTED_BACKENDS = {"mlx", "onnx"}
 IDLE_SLEEP_S = 0.05  # a tick where every column only waited (loading): do not spin
 
@@ -342,10 +343,8 @@ def run_column(pool: BackendPool, spec: ColumnSpec, request: Request,
 def loading_message(spec: ColumnSpec) -> str:
     label = BACKEND_LABELS.get(spec.backend, spec.backend)
     if spec.backend in EXPORTED_BACKENDS:
-        from exporters.cache import cache_root
-
         return (f"⏳ loading {label} ({spec.loops} loops); the first use exports the model "
-                f"into {cache_root()}, which can take a minute…")
+                f"into {export_root()}, which can take a minute…")
     return f"⏳ loading {label} ({spec.loops} loops)…"
 
 

@@ -28,6 +28,7 @@ maps of one batch are dropped before the next.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_dir
 from .errors import PLTError
 
 
@@ -412,10 +414,6 @@ def figures(result: dict) -> list[tuple[str, object]]:
 
 def write_outputs(result: dict, out_dir: str | os.PathLike) -> str:
     """diagnostics.json, table.md and one <metric>.png per metric, written atomically."""
-    import json
-
-    from .checkpoint import atomic_dir
-
     with atomic_dir(out_dir) as tmp:
         with open(os.path.join(tmp, "diagnostics.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)

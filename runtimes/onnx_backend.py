@@ -35,7 +35,7 @@ def resolve_export(model_dir: str, loops: int | None, dtype: str | None) -> tupl
     of the PyTorch model directory at `loops` and `dtype` (default fp32), made on first use."""
     model_dir = os.fspath(model_dir)
     if not os.path.exists(os.path.join(model_dir, MANIFEST)):
-        from exporters.cache import ensure_exported
+        from exporters.export_store import ensure_exported
         from exporters.onnx_export import export
         from plt_port.config import PLTConfig
 

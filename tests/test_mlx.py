@@ -362,7 +362,7 @@ def test_metal_kernel_matches_composed_ops(model_dir):
 
 
 def test_agreement_report(model_dir):
-    from exporters.mlx_export import agreement
+    from runtimes.precision import agreement
 
     results = agreement(model_dir("plt"), random_prompts(10, [6])[0], steps=6,
                         variants=("fp16", "q4"), group_size=32)
