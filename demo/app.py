@@ -15,7 +15,7 @@ import gradio as gr  # noqa: E402
 
 from plt_port.config import MAX_LOOPS, PLTConfig  # noqa: E402
 from plt_port.errors import PLTError  # noqa: E402
-from plt_port.models import display_names  # noqa: E402
+from plt_port.family import display_names  # noqa: E402
 from runtimes.base import DECODE_MODES  # noqa: E402
 
 from .engine import (BACKEND_LABELS, MAX_COLUMNS, BackendPool, ColumnSpec,  # noqa: E402

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import requires, tiny_config
-from plt_port import models
+from plt_port import family as models
 from plt_port.random_model import save_random_model
 
 pytestmark = requires("mlx")

@@ -23,7 +23,7 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
 from exporters.onnx_export import ExportError, export  # noqa: E402
-from plt_port import models  # noqa: E402
+from plt_port import family as models  # noqa: E402
 from runtimes import BackendError, load_backend  # noqa: E402
 
 TOL = 1e-4
