@@ -213,14 +213,9 @@ def encode_prompt(tokenizer: Tokenizer, request: Request) -> tuple[list[int], st
     """(prompt ids, text shown before the completion): the chat template wraps the prompt
     when the tokenizer has one and the request asks for it; plain code completion shows the
     prompt itself, continued."""
-    bos = tokenizer.add_bos_token
     if request.use_chat_template and tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": request.prompt}])
-        ids = tokenizer.encode(text, add_bos=False)
-        if bos and ids[:1] != [tokenizer.bos_id]:  # unless the template wrote it already
-            ids = [tokenizer.bos_id] + ids
-        return ids, ""
-    return tokenizer.encode(request.prompt, add_bos=bos), request.prompt
+        return tokenizer.encode_chat([{"role": "user", "content": request.prompt}]), ""
+    return tokenizer.encode(request.prompt, add_bos=tokenizer.add_bos_token), request.prompt
 
 
 # ---- one column --------------------------------------------------------------------------
