@@ -6,6 +6,11 @@ Prints a markdown table of held-out loss, perplexity and next-token accuracy for
 
 from __future__ import annotations
 
+import json
+import os
+
+from plt_port import family
+from plt_port.atomic import atomic_write_text
 from plt_port.cli import positive_int
 
 
@@ -28,14 +33,9 @@ def add_arguments(parser):
 
 
 def run(args):
-    import json
-    import os
-
     import torch
     from tqdm import tqdm
 
-    from plt_port import family
-    from plt_port.checkpoint import atomic_write_text
     from plt_port.evaluate import EvalError, evaluate, markdown_table, unigram_baseline
 
     if args.threads is not None:
