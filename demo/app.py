@@ -15,13 +15,13 @@ import gradio as gr  # noqa: E402
 
 from plt_port.config import MAX_LOOPS, PLTConfig  # noqa: E402
 from plt_port.errors import PLTError  # noqa: E402
-from plt_port.models import display_names  # noqa: E402
+from plt_port.family import display_names  # noqa: E402
 from runtimes.base import DECODE_MODES  # noqa: E402
 
 from .engine import (BACKEND_LABELS, MAX_COLUMNS, BackendPool, ColumnSpec,  # noqa: E402
                      ColumnView, Comparison, DemoInputError, Limits, as_int, error_view,
                      make_request, make_spec, run_column)
-from .loop_analysis import loop_analysis, model_card_fallback  # noqa: E402
+from .loop_analysis import heldout_fallback, loop_analysis  # noqa: E402
 
 EXAMPLE_PROMPTS = [
     "def fibonacci(n):",
@@ -125,7 +125,7 @@ def analysis_handler(pool: BackendPool):
 
     def model_card(model):
         try:
-            return views([], *model_card_fallback(pool.model_dir(model), ANALYSE_HINT))
+            return views([], *heldout_fallback(pool.model_dir(model), ANALYSE_HINT))
         except DemoInputError as exc:
             return views([], None, f"⚠️ {exc}")
 

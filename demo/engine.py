@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from exporters.export_store import export_root
 from plt_port.config import MAX_LOOPS, PLTConfig
 from plt_port.errors import PLTError
 from plt_port.tokenizer import Tokenizer
@@ -31,7 +32,7 @@ log = logging.getLogger("plt_port.demo")
 
 MAX_COLUMNS = 4
 BACKEND_LABELS = {"torch": "PyTorch", "mlx": "MLX", "onnx": "ONNX Runtime"}
-# Backends that export a PyTorch model dir on first use (exporters.cache.ensure_exported).
+# Backends that export a PyTorch model dir on first use (exporters.export_store.ensure_exported).
 EXPORTED_BACKENDS = {"mlx", "onnx"}
 IDLE_SLEEP_S = 0.05  # a tick where every column only waited (loading): do not spin
 
@@ -212,14 +213,9 @@ def encode_prompt(tokenizer: Tokenizer, request: Request) -> tuple[list[int], st
     """(prompt ids, text shown before the completion): the chat template wraps the prompt
     when the tokenizer has one and the request asks for it; plain code completion shows the
     prompt itself, continued."""
-    bos = tokenizer.add_bos_token
     if request.use_chat_template and tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": request.prompt}])
-        ids = tokenizer.encode(text, add_bos=False)
-        if bos and ids[:1] != [tokenizer.bos_id]:  # unless the template wrote it already
-            ids = [tokenizer.bos_id] + ids
-        return ids, ""
-    return tokenizer.encode(request.prompt, add_bos=bos), request.prompt
+        return tokenizer.encode_chat([{"role": "user", "content": request.prompt}]), ""
+    return tokenizer.encode(request.prompt, add_bos=tokenizer.add_bos_token), request.prompt
 
 
 # ---- one column --------------------------------------------------------------------------
@@ -342,10 +338,8 @@ def run_column(pool: BackendPool, spec: ColumnSpec, request: Request,
 def loading_message(spec: ColumnSpec) -> str:
     label = BACKEND_LABELS.get(spec.backend, spec.backend)
     if spec.backend in EXPORTED_BACKENDS:
-        from exporters.cache import cache_root
-
         return (f"⏳ loading {label} ({spec.loops} loops); the first use exports the model "
-                f"into {cache_root()}, which can take a minute…")
+                f"into {export_root()}, which can take a minute…")
     return f"⏳ loading {label} ({spec.loops} loops)…"
 
 

@@ -16,6 +16,7 @@ import os
 import shutil
 
 from plt_port import checkpoint
+from plt_port.atomic import atomic_dir
 from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
 
@@ -120,7 +121,7 @@ def export(model_dir: str, out_dir: str, dtype: str = "float32", loops: int | No
     if not config.is_v1 and loops > 1:
         builders["decode"] = build_decode
 
-    with checkpoint.atomic_dir(out_dir, inputs=(model_dir,)) as tmp, \
+    with atomic_dir(out_dir, inputs=(model_dir,)) as tmp, \
             tqdm(total=2 + 2 * len(builders), desc="export onnx", unit="step") as bar:
         weights = WeightsFile(os.path.join(tmp, WEIGHTS), WEIGHTS)
         weights.write(onnx_weights(config, checkpoint.load_tensors(model_dir, config), np_dtype))

@@ -19,8 +19,10 @@ COMMANDS = {
     "train": "train a PLT model (tokenizer, corpus, training loop; single process or torchrun)",
     "eval": "held-out loss, perplexity and next-token accuracy across loop counts",
     "export": "export a model directory to ONNX or MLX",
+    "precision": "agreement of bf16/fp16/8-bit/4-bit MLX exports with fp32 (greedy tokens, KL)",
     "diagnose": "per-loop diagnostics (step size, logit-lens KL, effective rank, ...)",
     "study": "eval + diagnostics over the model family, written as a markdown report",
+    "card": "the model family's MODEL_CARD.md and heldout.json from a training run and eval rows",
     "demo": "Gradio demo comparing loop counts and backends side by side",
 }
 

@@ -28,6 +28,7 @@ maps of one batch are dropped before the next.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -35,8 +36,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from .atomic import atomic_dir
+from .data import sequential_windows
 from .errors import PLTError
+from .evaluate import validation_tokens
+from .model import PLTForCausalLM
+from .tokenizer import Tokenizer
 
 
 class DiagnosticsError(PLTError, ValueError):
@@ -270,8 +277,6 @@ def parse_loops(spec: str | int | None) -> int | None:
 def token_windows(tokens, seq_len: int, max_tokens: int | None) -> torch.Tensor:
     """Consecutive [n, seq_len + 1] windows of a token stream covering about `max_tokens`
     predicted tokens (the windows `plt-port eval` scores, when given its stream)."""
-    from .data import sequential_windows
-
     if seq_len < 1:
         raise DiagnosticsError(f"seq_len must be >= 1, got {seq_len}")
     tokens = np.asarray(tokens, dtype=np.int64)
@@ -306,18 +311,12 @@ def diagnose(model_dir: str | os.PathLike, loops: int | str | None = None,
     Returns a JSON-able dict: `per_loop[metric]` is a list over loops 1..L, `per_layer[metric]`
     a [L][n_layers] table; None where a metric does not apply to that loop.
     """
-    from tqdm import tqdm
-
-    from .model import PLTForCausalLM
-    from .tokenizer import Tokenizer
-
     if batch_size < 1:
         raise DiagnosticsError(f"batch_size must be >= 1, got {batch_size}")
     model = model or PLTForCausalLM.from_pretrained(model_dir)
     loops = model.config.resolve_loops(parse_loops(loops))
     tokenizer = Tokenizer.from_dir(model_dir)
     if text is None:
-        from .evaluate import validation_tokens
         windows = token_windows(validation_tokens(tokenizer), seq_len, max_tokens)
     else:
         windows = text_windows(tokenizer, text, seq_len, max_tokens)
@@ -412,10 +411,6 @@ def figures(result: dict) -> list[tuple[str, object]]:
 
 def write_outputs(result: dict, out_dir: str | os.PathLike) -> str:
     """diagnostics.json, table.md and one <metric>.png per metric, written atomically."""
-    import json
-
-    from .checkpoint import atomic_dir
-
     with atomic_dir(out_dir) as tmp:
         with open(os.path.join(tmp, "diagnostics.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)

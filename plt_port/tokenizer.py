@@ -134,6 +134,14 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"chat_template: {exc}") from None
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Prompt ids of a chat: the rendered template, with bos first when the tokenizer
+        adds one and the template did not write it already."""
+        ids = self.encode(self.apply_chat_template(messages), add_bos=False)
+        if self.add_bos_token and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        return ids
+
 
 class StreamingDetokenizer:
     """Turns a stream of token ids into text deltas that are always whole UTF-8 characters."""

@@ -31,6 +31,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from . import checkpoint, data
+from .atomic import atomic_dir
 from .config import PLTConfig
 from .errors import PLTError
 from .evaluate import evaluate_windows
@@ -154,7 +155,7 @@ def prepare_corpus(run_dir: str, recipe: Recipe, dist_info: Dist, tokenizer_dir:
         files = {split: data.corpus_files(split, max_total_bytes=recipe.max_corpus_bytes)
                  for split in paths}
         if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.model")):
-            with checkpoint.atomic_dir(tokenizer_dir) as tmp:
+            with atomic_dir(tokenizer_dir) as tmp:
                 # documents are joined by eos only: no bos in training (HF's add_bos_token)
                 train_tokenizer(files["train"], tmp, recipe.vocab_size, {"add_bos_token": False})
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
@@ -208,7 +209,7 @@ def load_optimizer_tensors(model, optimizer, tensors: dict[str, np.ndarray]) -> 
 
 # ---- checkpoints -------------------------------------------------------------------------
 def save_checkpoint(ckpt_dir: str, model, optimizer, trainer_state: dict, tokenizer_dir: str):
-    with checkpoint.atomic_dir(ckpt_dir) as tmp:
+    with atomic_dir(ckpt_dir) as tmp:
         model.save_pretrained(os.path.join(tmp, "model"), tokenizer_dir=tokenizer_dir)
         save_file(optimizer_tensors(model, optimizer), os.path.join(tmp, "optimizer.safetensors"))
         with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from exporters import mlx_export
-from exporters.cache import ensure_exported
+from exporters.export_store import ensure_exported
 
 from . import mlx_model
 from .base import Backend, BackendError

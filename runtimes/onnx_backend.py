@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from plt_port.config import PLTConfig
 
-from exporters.cache import ensure_exported
+from exporters.export_store import ensure_exported
 from exporters.onnx_export import MANIFEST, export
 
 from .base import Backend, BackendError

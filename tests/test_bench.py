@@ -9,9 +9,10 @@ import pytest
 from plt_port.checkpoint import load_tensors
 from plt_port.cli import main
 from plt_port.config import PLTConfig
+from plt_port.random_model import PRESETS
 from runtimes import load_backend
-from runtimes.bench import (PRESETS, BenchError, BenchSettings, parameter_count, random_config,
-                            random_model_dir, run_bench)
+from runtimes.benchmark import (BenchError, BenchSettings, parameter_count, random_config,
+                                random_model_dir, run_bench)
 
 
 def test_rows_cover_loops_and_modes_with_consistent_figures(make_model):

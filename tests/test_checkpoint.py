@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from plt_port import checkpoint
+from plt_port import atomic, checkpoint
 from plt_port.checkpoint import CheckpointError, load_tensors, save_model_dir
 from plt_port.errors import PLTError
 from plt_port.random_model import random_tensors
@@ -163,12 +163,12 @@ def test_output_never_replaces_a_foreign_folder_or_an_input(tmp_path):
         save_model_dir(tmp_path / "file", config, random_tensors(config))
     save_model_dir(tmp_path / "m", config, random_tensors(config, seed=1))
     save_model_dir(tmp_path / "m", config, random_tensors(config, seed=2))  # ours: replaced
-    assert checkpoint.OUTPUT_MARKER in os.listdir(tmp_path / "m")
+    assert atomic.OUTPUT_MARKER in os.listdir(tmp_path / "m")
     with pytest.raises(PLTError, match="would replace the input"):
-        with checkpoint.atomic_dir(tmp_path / "m", inputs=(tmp_path / "m",)):
+        with atomic.atomic_dir(tmp_path / "m", inputs=(tmp_path / "m",)):
             pass
     with pytest.raises(PLTError, match="would replace the input"):
-        with checkpoint.atomic_dir(tmp_path, inputs=(tmp_path / "m",)):
+        with atomic.atomic_dir(tmp_path, inputs=(tmp_path / "m",)):
             pass
     assert load_tensors(tmp_path / "m")
 
@@ -240,8 +240,8 @@ def test_malformed_index(tmp_path, index, message):
 
 
 def test_atomic_write_text_leaves_no_temp_file(tmp_path, monkeypatch):
-    checkpoint.atomic_write_text(tmp_path / "a" / "out.json", "one")
-    checkpoint.atomic_write_text(tmp_path / "a" / "out.json", "two")
+    atomic.atomic_write_text(tmp_path / "a" / "out.json", "one")
+    atomic.atomic_write_text(tmp_path / "a" / "out.json", "two")
     assert os.listdir(tmp_path / "a") == ["out.json"]
     assert (tmp_path / "a" / "out.json").read_text() == "two"
 
@@ -250,6 +250,6 @@ def test_atomic_write_text_leaves_no_temp_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError):
-        checkpoint.atomic_write_text(tmp_path / "a" / "out.json", "three")
+        atomic.atomic_write_text(tmp_path / "a" / "out.json", "three")
     assert os.listdir(tmp_path / "a") == ["out.json"]
     assert (tmp_path / "a" / "out.json").read_text() == "two"

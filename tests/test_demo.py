@@ -3,6 +3,7 @@ a real-browser run of a two-column comparison, and a concurrent-client load test
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -23,7 +24,7 @@ generate_api = pytest.importorskip("runtimes.generate", reason="needs the shared
 from demo import engine  # noqa: E402
 from demo.app import build_app, compare_handler, launch  # noqa: E402
 from demo.engine import BackendPool, DemoInputError, Limits  # noqa: E402
-from demo.loop_analysis import held_out_loss_table, loop_analysis, loss_series  # noqa: E402
+from demo.loop_analysis import loop_analysis, loss_series  # noqa: E402
 
 # gr.Warning outside a served page (the handlers called directly) is a UserWarning
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -295,60 +296,46 @@ def test_torch_column_matches_reference_greedy(make_model, loops, mode):
 
 
 # ---- loop analysis tab ---------------------------------------------------------------------------
-CARD = """# Model card
-
-## Training
-
-| model | steps | final train loss |
-|---|---|---|
-| plt-l2 | 100 | 2.0 |
-
-## Held-out results
-
-Each model at its trained loop count:
-
-| model | loops | loss (nats/token) | perplexity |
-|---|---|---|---|
-| plt-l1 | 1 | 2.90 | 18.2 |
-| plt-l2 | 2 | **2.50** | 12.2 |
-| unigram baseline | - | 5.00 | 148.4 |
-
-Held-out loss across inference loop counts (rows: trained loops; columns: loops at inference):
-
-| model | L=1 | L=2 | L=3 |
-|---|---|---|---|
-| plt-l1 | 2.90 | 3.40 | - |
-| plt-l2 | 3.10 | 2.50 | 2.55 |
-"""
+HELDOUT = {"split": "validation", "tokens": 1024, "rows": [
+    {"model": "plt-l1", "loops": 1, "loss": 2.90, "perplexity": 18.2, "accuracy": 0.3},
+    {"model": "plt-l1", "loops": 2, "loss": 3.40, "perplexity": 30.0, "accuracy": 0.2},
+    {"model": "plt-l2", "loops": 1, "loss": 3.10, "perplexity": 22.2, "accuracy": 0.25},
+    {"model": "plt-l2", "loops": 2, "loss": 2.50, "perplexity": 12.2, "accuracy": 0.35},
+    {"model": "plt-l2", "loops": 3, "loss": 2.55, "perplexity": 12.8, "accuracy": 0.34},
+    {"model": "unigram baseline", "loops": "-", "loss": 5.00, "perplexity": 148.4,
+     "accuracy": 0.1}]}
 
 
-def test_model_card_loss_tables():
-    from demo.loop_analysis import markdown_tables
-
-    training, at_trained, matrix = markdown_tables(CARD)
-    assert (training.heading, at_trained.heading) == ("Training", "Held-out results")
-    assert matrix.caption.startswith("Held-out loss across inference loop counts")
-    assert loss_series(training) == {}  # no loop column
-    assert loss_series(at_trained) == {"plt-l1": ([1.0], [2.90]), "plt-l2": ([2.0], [2.50])}
-    assert loss_series(matrix) == {"plt-l1": ([1.0, 2.0], [2.90, 3.40]),
-                                   "plt-l2": ([1.0, 2.0, 3.0], [3.10, 2.50, 2.55])}
-    assert held_out_loss_table(CARD) == matrix
-    assert held_out_loss_table(CARD.split("Held-out loss across")[0]) == at_trained
+def test_heldout_loss_series():
+    assert loss_series(HELDOUT) == {"plt-l1": ([1.0, 2.0], [2.90, 3.40]),
+                                    "plt-l2": ([1.0, 2.0, 3.0], [3.10, 2.50, 2.55])}
 
 
-def test_loop_analysis_falls_back_to_the_model_card(make_model, monkeypatch):
+def test_the_packaged_heldout_rows_are_the_cards():
+    from plt_port.family import HELDOUT_JSON, MODEL_CARD
+
+    with open(HELDOUT_JSON) as f:
+        heldout = json.load(f)
+    card = open(MODEL_CARD).read()
+    for row in heldout["rows"]:
+        if row["model"] == "unigram baseline" or row["loops"] == int(row["model"][-1]):
+            assert f"| {row['model']} | {row['loops']} | {row['loss']:.4f} |" in card
+
+
+def test_loop_analysis_falls_back_to_the_heldout_rows(make_model, monkeypatch):
     import plt_port.diagnostics as diagnostics
 
     model_dir = make_model("plt")
-    with open(os.path.join(model_dir, "MODEL_CARD.md"), "w") as f:
-        f.write(CARD)
+    with open(os.path.join(model_dir, "heldout.json"), "w") as f:
+        json.dump(HELDOUT, f)
 
     def broken(model_dir, loops=None):
         raise ValueError("no held-out split")
 
     monkeypatch.setattr(diagnostics, "loop_analysis_figures", broken)
     images, figure, note = loop_analysis(model_dir, 2)
-    assert "ValueError: no held-out split" in note and "| plt-l2 | 3.10 | 2.50 | 2.55 |" in note
+    assert "ValueError: no held-out split" in note and "| plt-l2 | 3 | 2.5500 |" in note
+    assert os.path.abspath(model_dir) not in note
     assert images == []
     lines = {line.get_label(): line.get_ydata().tolist() for line in figure.axes[0].lines}
     assert lines == {"plt-l1": [2.90, 3.40], "plt-l2": [3.10, 2.50, 2.55]}

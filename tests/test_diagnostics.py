@@ -319,7 +319,7 @@ def _study(probe_losses, trained_losses, rank, alignment, gate):
 
 
 def test_loopcoder_comparison_is_computed_from_the_numbers():
-    from plt_port.commands.study import compare_with_loopcoder
+    from plt_port.study import compare_with_loopcoder
 
     agreeing = _study({1: 3.0, 2: 2.5, 3: 2.6, 4: 2.7}, {1: 3.0, 2: 2.5, 3: 2.6, 4: 2.8},
                       rank=[40.0, 50.0, 45.0, 44.0], alignment=[None, 0.3, -0.4, -0.2],

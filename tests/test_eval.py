@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import reference_greedy
-from plt_port import data, models
+from plt_port import data, family
 from plt_port.errors import PLTError
 from plt_port.evaluate import evaluate, unigram_baseline, validation_tokens
 from plt_port.model import PLTForCausalLM
@@ -92,20 +92,20 @@ def test_eval_command_prints_a_table_and_writes_json(make_model, tmp_path, capsy
 
 
 def test_missing_family_gives_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "MODELS_DIR", str(tmp_path))
-    assert models.family_model_dirs() == {}
+    monkeypatch.setattr(family, "FAMILY_DIR", str(tmp_path))
+    assert family.family_model_dirs() == {}
     with pytest.raises(PLTError, match="plt-port train"):
-        models.default_model_dir()
+        family.default_model_dir()
     with pytest.raises(PLTError, match="unknown"):
-        models.model_dir("gpt2")
+        family.model_dir("gpt2")
 
 
-FAMILY = models.family_model_dirs()  # shipped in the repository: a missing model fails below
+FAMILY = family.family_model_dirs()  # shipped in the repository: a missing model fails below
 
 
 def test_embedded_family_is_complete_small_fp16_and_consistent():
-    assert list(FAMILY) == list(models.FAMILY)
-    assert models.default_model_dir() == FAMILY["plt-stdlib-L2"]
+    assert list(FAMILY) == list(family.FAMILY)
+    assert family.default_model_dir() == FAMILY["plt-stdlib-L2"]
     total = 0
     tokenizers = set()
     for loops, (name, path) in enumerate(FAMILY.items(), start=1):
@@ -117,7 +117,7 @@ def test_embedded_family_is_complete_small_fp16_and_consistent():
         total += sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
         tokenizers.add(open(os.path.join(path, "tokenizer.model"), "rb").read())
     assert total < 60e6 and len(tokenizers) == 1
-    assert os.path.exists(models.MODEL_CARD)
+    assert os.path.exists(family.MODEL_CARD)
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx", "onnx"])
@@ -128,7 +128,7 @@ def test_default_model_runs_on_every_runtime(backend, monkeypatch, tmp_path):
     if backend_unavailable_reason(backend):
         pytest.skip(backend_unavailable_reason(backend))
     monkeypatch.setenv("PLT_PORT_CACHE", str(tmp_path))
-    path = models.default_model_dir()
+    path = family.default_model_dir()
     tokenizer = Tokenizer.from_dir(path)
     prompt = "class Reader:\n    def __init__(self, path):\n        "
     for loops in (2, 3):
@@ -143,7 +143,7 @@ def test_default_model_beats_the_unigram_baseline_and_writes_python_shaped_text(
     from runtimes.generate import generate
     from runtimes.sampling import SamplingParams
 
-    path = models.default_model_dir()
+    path = family.default_model_dir()
     result = evaluate(path, max_tokens=4 * 256)
     baseline = unigram_baseline(path, max_tokens=4 * 256)
     assert result["loss"] < baseline["loss"] - 1.0

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import random_prompts, reference_logits, requires
-from plt_port import models
+from plt_port import family as models
 
 pytestmark = requires("mlx")
 
@@ -282,7 +282,7 @@ def test_metal_kernel_matches_composed_ops(make_model):
 
 
 def test_agreement_report(make_model):
-    from exporters.mlx_export import agreement
+    from runtimes.precision import agreement
 
     results = agreement(make_model("plt"), random_prompts([6], seed=10)[0], steps=6,
                         variants=("fp16", "q4"), group_size=32)

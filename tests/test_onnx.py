@@ -23,8 +23,8 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
 from exporters.onnx_export import ExportError, export  # noqa: E402
-from plt_port import models  # noqa: E402
 from conftest import random_prompts, reference_logits  # noqa: E402
+from plt_port import family as models  # noqa: E402
 from runtimes import BackendError, load_backend  # noqa: E402
 
 TOL = 1e-4

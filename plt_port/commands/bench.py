@@ -48,7 +48,7 @@ def add_arguments(parser):
 
 def run(args):
     from runtimes.base import DECODE_MODES
-    from runtimes.bench import BenchError, BenchSettings, format_table, random_model_dir, \
+    from runtimes.benchmark import BenchError, BenchSettings, format_table, random_model_dir, \
         run_bench, write_json
 
     bad_modes = [m for m in args.modes if m not in DECODE_MODES]

@@ -1,6 +1,6 @@
 """plt-port demo [--model DIR ...] [--host 127.0.0.1] [--port 7860]: the Gradio comparison page.
 
-Without --model it serves the embedded family (plt_port.models). The ONNX and MLX versions
+Without --model it serves the embedded family (plt_port.family). The ONNX and MLX versions
 of a model are exported on first use into the export cache ($PLT_PORT_CACHE).
 """
 
@@ -11,7 +11,7 @@ import os
 from plt_port.errors import PLTError
 
 NO_MODELS = ("no models to serve: the embedded model family is not in this installation "
-             "(plt_port/models is empty). Train it with `plt-port train` (see README.md), or "
+             "(plt_port/family is empty). Train it with `plt-port train` (see README.md), or "
              "pass model directories with --model DIR (PyTorch PLT models in Hugging Face "
              "layout: config.json, model.safetensors, tokenizer.model).")
 
@@ -39,7 +39,7 @@ def add_arguments(parser):
 
 def family_dirs() -> list[str]:
     """The embedded family's model dirs present here, in loop order."""
-    from plt_port.models import family_model_dirs
+    from plt_port.family import family_model_dirs
 
     return list(family_model_dirs().values())
 

@@ -26,7 +26,7 @@ def run(args):
 
     model_dir = args.model
     if model_dir is None:
-        from plt_port.models import default_model_dir
+        from plt_port.family import default_model_dir
         model_dir = default_model_dir()
     text = None
     if args.text is not None:

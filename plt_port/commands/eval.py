@@ -6,6 +6,11 @@ Prints a markdown table of held-out loss, perplexity and next-token accuracy for
 
 from __future__ import annotations
 
+import json
+import os
+
+from plt_port import family
+from plt_port.atomic import atomic_write_text
 from plt_port.cli import positive_int
 
 
@@ -28,14 +33,9 @@ def add_arguments(parser):
 
 
 def run(args):
-    import json
-    import os
-
     import torch
     from tqdm import tqdm
 
-    from plt_port import models
-    from plt_port.checkpoint import atomic_write_text
     from plt_port.evaluate import EvalError, evaluate, markdown_table, unigram_baseline
 
     if args.threads is not None:
@@ -43,13 +43,13 @@ def run(args):
     if args.max_tokens < 0:
         raise EvalError(f"--max-tokens: must be >= 0, got {args.max_tokens}")
     max_tokens = args.max_tokens or None
-    model_dirs = models.display_names(args.model or [])
+    model_dirs = family.display_names(args.model or [])
     if args.family:
-        model_dirs.update(models.family_model_dirs())
+        model_dirs.update(family.family_model_dirs())
         if not model_dirs:
-            models.default_model_dir()  # raises with the recipe to train the family
+            family.default_model_dir()  # raises with the recipe to train the family
     if not model_dirs:
-        model_dirs = {models.DEFAULT_MODEL: models.default_model_dir()}
+        model_dirs = {family.DEFAULT_MODEL: family.default_model_dir()}
     for path in model_dirs.values():
         if not os.path.isdir(path):
             raise EvalError(f"--model: {path} is not a directory")

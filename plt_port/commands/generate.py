@@ -84,7 +84,7 @@ def run(args):
     if not prompt:
         raise PLTError("the prompt is empty")
     if args.model is None:
-        from plt_port.models import default_model_dir
+        from plt_port.family import default_model_dir
 
         args.model = default_model_dir()
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -20,26 +20,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from plt_port.checkpoint import atomic_write_text, expected_shapes
+from exporters.export_store import export_root
+from plt_port.atomic import atomic_write_text
+from plt_port.checkpoint import expected_shapes
 from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
+from plt_port.random_model import PRESETS, RANDOM_BASE, save_random_model
 
 from . import load_backend
-
-# Random models: PLT (LoopCoder-v2 form: hidden-state gate, window [64, 0]) of a given size.
-PRESETS = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=96, vocab_size=512),
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=688, vocab_size=4096),   # ~5M
-    "100m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=4, intermediate_size=2048, vocab_size=16384),  # ~100M
-    "300m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                 num_key_value_heads=4, intermediate_size=2816, vocab_size=32000),  # ~340M
-}
-RANDOM_BASE = dict(model_type="iquestpltcoder", plt_num_loops=2, plt_window_size=[64, 0],
-                   plt_gate_use_hidden_states=True, max_position_embeddings=4096)
-
 
 class BenchError(PLTError, ValueError):
     """A bench request that cannot run."""
@@ -89,13 +77,10 @@ def random_config(spec: str) -> tuple[str, PLTConfig]:
 
 
 def random_model_dir(spec: str, root: str | None = None) -> str:
-    """A random model of `spec`, written once under the export cache (so its ONNX and MLX
-    exports are cached too) and reused."""
-    from exporters.cache import cache_root
-    from plt_port.random_model import save_random_model
-
+    """A random model of `spec`, written once under the export store (so its ONNX and MLX
+    exports are stored too) and reused."""
     name, config = random_config(spec)
-    out_dir = os.path.join(root or os.path.join(cache_root(), "random"), name)
+    out_dir = os.path.join(root or os.path.join(export_root(), "random"), name)
     existing = os.path.join(out_dir, "config.json")
     if not os.path.exists(existing) or PLTConfig.from_file(existing) != config:
         save_random_model(out_dir, config, seed=0)

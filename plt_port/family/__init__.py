@@ -8,10 +8,11 @@ import os
 
 from ..errors import PLTError
 
-MODELS_DIR = os.path.dirname(os.path.abspath(__file__))
+FAMILY_DIR = os.path.dirname(os.path.abspath(__file__))
 FAMILY = ("plt-stdlib-L1", "plt-stdlib-L2", "plt-stdlib-L3", "plt-stdlib-L4")
 DEFAULT_MODEL = "plt-stdlib-L2"  # two loops, like the released LoopCoder-v2
-MODEL_CARD = os.path.join(MODELS_DIR, "MODEL_CARD.md")
+MODEL_CARD = os.path.join(FAMILY_DIR, "MODEL_CARD.md")
+HELDOUT_JSON = os.path.join(FAMILY_DIR, "heldout.json")  # the card's held-out rows as data
 
 
 class ModelNotFoundError(PLTError, FileNotFoundError):
@@ -22,19 +23,19 @@ def model_dir(name: str) -> str:
     """Directory of the family model `name` (must be present)."""
     if name not in FAMILY:
         raise ModelNotFoundError(f"unknown family model {name!r}; the family is {', '.join(FAMILY)}")
-    path = os.path.join(MODELS_DIR, name)
+    path = os.path.join(FAMILY_DIR, name)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ModelNotFoundError(
-            f"the embedded model {name} is not in {MODELS_DIR}; train it with "
+            f"the embedded model {name} is not in {FAMILY_DIR}; train it with "
             f"`plt-port train --out runs/stdlib-family --loops 1 2 3 4 --threads 1 "
-            f"--ship-dir {MODELS_DIR}` (see MODEL_CARD.md), or pass --model DIR")
+            f"--ship-dir {FAMILY_DIR}` (see MODEL_CARD.md), or pass --model DIR")
     return path
 
 
 def family_model_dirs() -> dict[str, str]:
     """{name: directory} of the family models that are present, in loop order."""
-    return {name: os.path.join(MODELS_DIR, name) for name in FAMILY
-            if os.path.exists(os.path.join(MODELS_DIR, name, "config.json"))}
+    return {name: os.path.join(FAMILY_DIR, name) for name in FAMILY
+            if os.path.exists(os.path.join(FAMILY_DIR, name, "config.json"))}
 
 
 def default_model_dir() -> str:

@@ -1,7 +1,7 @@
 """Time one G-SWA decode call: the fused Metal kernel vs the composed ops (run on a Mac).
 
-    python -m metal_kernels.bench                      # LoopCoder-v2 7B layer shapes, fp16
-    python -m metal_kernels.bench --lengths 256,4096 --rows 3 --dtype float32
+    python -m metal_kernels.kernel_bench                      # LoopCoder-v2 7B layer shapes, fp16
+    python -m metal_kernels.kernel_bench --lengths 256,4096 --rows 3 --dtype float32
 
 Prints microseconds per call and the K/V bytes read per call divided by that time. Where Metal
 is missing only the ops path is timed. Whole-model numbers: `plt-port bench --kernel on|off`.
