@@ -2,8 +2,8 @@
 one streaming generator per column, and the round-robin that interleaves the columns.
 
 Each loaded backend lives on its own worker thread (a one-thread executor): that thread
-loads it and makes every call into it, so one backend runs one call at a time (the lock
-the issue asks for) and always from the same thread (MLX streams are thread-local since
+loads it and makes every call into it, so one backend runs one call at a time (its
+caches are not thread-safe) and always from the same thread (MLX streams are thread-local since
 mlx 0.31.2). Columns hold the backend only for the length of one call, so two columns on
 the same backend, or two users, interleave instead of waiting for each other, and a
 client that goes away never leaves a backend locked.

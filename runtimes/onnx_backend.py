@@ -7,12 +7,12 @@
   weight per MatMul node that uses it (the prefill graph unrolls the loops: L copies), so it
   is off. Without it MLAS packs B on every MatMul with more than one row, so on CPU a CLP
   step (L rows) costs about as much as the naive one. `prepack=True` turns it on for the CLP
-  decode graph only: one packed copy more (2x weight memory), ~1.8x faster CLP decode at
-  100M parameters (measured here). The CUDA provider does not pre-pack (untested here).
+  decode graph only: one packed copy more (2x weight memory) for a faster CLP step on CPU
+  (`--onnx-prepack` on generate). The CUDA provider does not pre-pack.
 - Caches live in OrtValues bound with IO binding; the global KV (both graphs) and the rings
   (decode graph) are bound as outputs to their own input buffers, so the graphs' ScatterND
   writes the new slot in place and nothing is copied between steps.
-Imports neither torch nor onnx unless it has to export.
+Imports neither torch nor onnx (the export on first use needs onnx).
 """
 
 from __future__ import annotations

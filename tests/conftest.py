@@ -99,6 +99,21 @@ def reference_logits(model_dir, sequences, loops) -> list[np.ndarray]:
         return [model(torch.tensor([seq]), loops=loops)[0].numpy() for seq in sequences]
 
 
+def greedy_run(backend, prompts, steps, mode="clp", max_tokens=None, chunk_size=None):
+    """Greedy decoding from a prefill: (sequences, logits [steps + 1] of [B, V], state);
+    logits[s] predicts the token at position len(prompt) + s."""
+    max_tokens = max_tokens or max(map(len, prompts)) + steps
+    state, logits = backend.prefill(prompts, max_tokens, chunk_size=chunk_size)
+    sequences, history = [list(p) for p in prompts], [logits]
+    for _ in range(steps):
+        tokens = logits.argmax(-1)
+        for sequence, token in zip(sequences, tokens):
+            sequence.append(int(token))
+        logits = backend.step(state, tokens, mode=mode)
+        history.append(logits)
+    return sequences, history, state
+
+
 UNIT_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 
 

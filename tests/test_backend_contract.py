@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import assert_error_fits_precision, random_prompts, reference_logits
+from conftest import assert_error_fits_precision, greedy_run, random_prompts, reference_logits
 from runtimes import BACKENDS, BackendError, backend_unavailable_reason, load_backend
 
 TOL = 1e-4  # fp32 parity between backends and the reference
@@ -24,21 +24,6 @@ def backend_name(request):
     if reason:
         pytest.skip(reason)
     return request.param
-
-
-def greedy_run(backend, prompts, steps, mode="clp", max_tokens=None, chunk_size=None):
-    """Greedy decoding from a prefill: (sequences, logits [steps + 1] of [B, V], state);
-    logits[s] predicts the token at position len(prompt) + s."""
-    max_tokens = max_tokens or max(map(len, prompts)) + steps
-    state, logits = backend.prefill(prompts, max_tokens, chunk_size=chunk_size)
-    sequences, history = [list(p) for p in prompts], [logits]
-    for _ in range(steps):
-        tokens = logits.argmax(-1)
-        for sequence, token in zip(sequences, tokens):
-            sequence.append(int(token))
-        logits = backend.step(state, tokens, mode=mode)
-        history.append(logits)
-    return sequences, history, state
 
 
 def assert_matches_reference(model_dir, prompts, sequences, history, loops):

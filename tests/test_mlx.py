@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import random_prompts, reference_logits, requires
+from conftest import greedy_run, random_prompts, reference_logits, requires
 from plt_port import family as models
 
 pytestmark = requires("mlx")
@@ -27,22 +27,6 @@ TOL = 1e-4
 @pytest.fixture(autouse=True)
 def export_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PLT_PORT_CACHE", str(tmp_path / "cache"))
-
-
-def greedy_decode(backend, prompts, steps, mode="clp", chunk_size=None):
-    """Greedy decoding; returns the full sequences and the logits of prefill and of every step:
-    history[s] [B, V] (s = 0..steps) predicts the token at position len(prompt) + s."""
-    state, logits = backend.prefill(prompts, max(map(len, prompts)) + steps,
-                                    chunk_size=chunk_size)
-    sequences, history = [list(p) for p in prompts], []
-    for _ in range(steps):
-        history.append(logits)
-        tokens = logits.argmax(-1)
-        for seq, token in zip(sequences, tokens):
-            seq.append(int(token))
-        logits = backend.step(state, tokens, mode=mode)
-    history.append(logits)
-    return sequences, history, state
 
 
 # ---- parity with PyTorch -----------------------------------------------------------------
@@ -87,7 +71,7 @@ def assert_64_greedy_tokens_identical(model_dir, prompt, loops=None):
     the tokens before it (so a PyTorch greedy run would pick the same sequence)."""
     from runtimes.mlx_backend import MLXBackend
 
-    sequences, _, _ = greedy_decode(MLXBackend(model_dir, loops=loops), [prompt], 64)
+    sequences, _, _ = greedy_run(MLXBackend(model_dir, loops=loops), [prompt], 64)
     generated = sequences[0][len(prompt):]
     reference = reference_logits(model_dir, sequences, loops)[0][len(prompt) - 1:-1]
     assert generated == reference.argmax(-1).tolist()
@@ -148,7 +132,7 @@ def test_quantized_export_matches_pytorch_on_dequantized_weights(make_model, tmp
     assert weights["model.layers.0.self_attn.plt_gate.weight"].dtype == mx.float32
 
     prompts = random_prompts([12, 7], seed=6)
-    sequences, history, _ = greedy_decode(MLXBackend(out), prompts, 8)
+    sequences, history, _ = greedy_run(MLXBackend(out), prompts, 8)
     reference = PLTForCausalLM.from_tensors(PLTConfig.from_file(path),
                                             dequantized_tensors(weights, 32, bits))
     with torch.no_grad():
@@ -276,8 +260,8 @@ def test_metal_kernel_matches_composed_ops(make_model):
 
     path = make_model("plt", plt_num_loops=3)
     prompts = random_prompts([21, 13], seed=8)
-    _, on, _ = greedy_decode(MLXBackend(path, kernel="on"), prompts, 16)
-    _, off, _ = greedy_decode(MLXBackend(path, kernel="off"), prompts, 16)
+    _, on, _ = greedy_run(MLXBackend(path, kernel="on"), prompts, 16)
+    _, off, _ = greedy_run(MLXBackend(path, kernel="off"), prompts, 16)
     assert np.abs(np.stack(on) - np.stack(off)).max() <= TOL
 
 

@@ -8,7 +8,7 @@ import torch
 
 from plt_port.config import ConfigError
 from conftest import random_prompts
-from runtimes import BackendError, load_backend
+from runtimes import BackendError
 from runtimes.torch_backend import TorchBackend
 
 TOL = 1e-4
@@ -30,32 +30,14 @@ def test_clp_reads_each_weight_once_per_step(make_model):
         handle.remove()
 
 
-def test_bad_requests_raise_one_clear_error(make_model):
-    model_dir = make_model("plt", max_position_embeddings=32)
-    backend = load_backend("torch", model_dir, loops=2)
-    with pytest.raises(BackendError, match="prompt 1 is empty"):
-        backend.prefill([[4], []], max_tokens=8)
-    with pytest.raises(BackendError, match="more than the 4 positions"):
-        backend.prefill([[4] * 5], max_tokens=4)
-    with pytest.raises(BackendError, match="outside the vocabulary"):
-        backend.prefill([[4, 9999]], max_tokens=8)
-    with pytest.raises(BackendError, match="chunk size"):
-        backend.prefill([[4]], max_tokens=8, chunk_size=0)
-    state, _ = backend.prefill([[4, 5]], max_tokens=8)
-    with pytest.raises(BackendError, match="decode mode"):
-        backend.step(state, np.array([3]), mode="fast")
-    with pytest.raises(BackendError, match="one integer token per sequence"):
-        backend.step(state, np.array([3, 4]))
-    with pytest.raises(BackendError, match="outside the vocabulary"):
-        backend.step(state, np.array([-1]))
-    state, _ = backend.prefill([[4] * 31], max_tokens=31)
-    backend.step(state, np.array([3]))  # position 31: the last one the model supports
-    with pytest.raises(BackendError, match="max_position_embeddings=32"):
-        backend.step(state, np.array([3]))
+def test_option_errors(make_model):
+    model_dir = make_model("plt")
     with pytest.raises(ConfigError, match="loops"):
         TorchBackend(model_dir, loops=0)
     with pytest.raises(BackendError, match="dtype"):
         TorchBackend(model_dir, dtype="int8")
+    with pytest.raises(BackendError, match="device"):
+        TorchBackend(model_dir, device="tpu")
     with pytest.raises(ConfigError, match="no config.json"):
         TorchBackend(str(model_dir) + "-missing")
 
