@@ -30,7 +30,8 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+           "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
            "BOOL": np.bool_}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -70,6 +71,10 @@ def expected_shapes(config: PLTConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.plt_gate.weight"] = (H, D)
             shapes[p + "self_attn.plt_gate.bias"] = (H,)
     return shapes
+
+
+def parameter_count(config: PLTConfig) -> int:
+    return sum(math.prod(shape) for shape in expected_shapes(config).values())
 
 
 def canonical_name(name: str) -> str:

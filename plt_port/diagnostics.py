@@ -308,6 +308,7 @@ def diagnose(model_dir: str | os.PathLike, loops: int | str | None = None,
     """
     from tqdm import tqdm
 
+    from .memory import check_forward
     from .model import PLTForCausalLM
     from .tokenizer import Tokenizer
 
@@ -315,6 +316,7 @@ def diagnose(model_dir: str | os.PathLike, loops: int | str | None = None,
         raise DiagnosticsError(f"batch_size must be >= 1, got {batch_size}")
     model = model or PLTForCausalLM.from_pretrained(model_dir)
     loops = model.config.resolve_loops(parse_loops(loops))
+    check_forward(model.config, batch_size, seq_len, loops, keep_attention=True)
     tokenizer = Tokenizer.from_dir(model_dir)
     if text is None:
         from .evaluate import validation_tokens

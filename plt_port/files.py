@@ -38,9 +38,9 @@ def parse_json(text: str | bytes, what: str, error: type[PLTError] = FileError,
     try:
         return json.loads(text, object_pairs_hook=pairs_hook)
     except RecursionError:
-        raise error(f"{what}: not a readable JSON file (nested too deeply)") from None
+        raise error(f"{what}: unreadable JSON (nested too deeply)") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise error(f"{what}: not a readable JSON file ({exc})") from None
+        raise error(f"{what}: unreadable JSON ({exc})") from None
 
 
 def read_json_object(path: str | os.PathLike, error: type[PLTError] = FileError) -> dict:

@@ -23,6 +23,8 @@ import os
 import numpy as np
 import onnxruntime as ort
 
+from exporters.onnx_export import check_export
+
 from .base import Backend, BackendError, DecodeState, grown_capacity
 
 MANIFEST = "plt_onnx.json"  # as exporters.onnx_export writes it (not imported: running an
@@ -41,6 +43,7 @@ def resolve_export(model_dir: str, loops: int | None, dtype: str | None) -> tupl
 
         loops = PLTConfig.from_file(model_dir).resolve_loops(loops)
         model_dir = ensure_exported(model_dir, "onnx", export, loops=loops, dtype=dtype or "fp32")
+    check_export(model_dir, BackendError)
     try:
         with open(os.path.join(model_dir, MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
@@ -80,9 +83,9 @@ class ONNXBackend(Backend):
                  dtype: str | None = None, threads: int | None = None, prepack: bool = False):
         self.check_threads(threads)
         self.source_dir = os.fspath(model_dir)
+        self.device = choose_device(provider)
         export_dir, self.manifest = resolve_export(model_dir, loops, dtype)
         super().__init__(export_dir, loops=self.manifest["loops"])
-        self.device = choose_device(provider)
         self.np_dtype = np.dtype(np.float16 if self.manifest["dtype"] == "fp16" else np.float32)
         self.weights = self._load_weights()
         self.sessions = {kind: self._session(graph["file"], threads, prepack and kind == "decode")
