@@ -245,11 +245,32 @@ def train_tokenizer(text_files: list[str], out_dir: str, vocab_size: int,
         raise TokenizerError(f"tokenizer training with vocab_size={vocab_size} failed: "
                              f"{str(exc).strip().splitlines()[-1]}") from None
     os.remove(prefix + ".vocab")
+    strip_machine_paths(prefix + ".model")
     config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
               "unk_token": "<unk>", "model_max_length": None}
     config.update(special_tokens or {})
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
+
+
+def strip_machine_paths(model_path: str) -> None:
+    """Rewrite a sentencepiece model without the paths of the machine that trained it: its
+    trainer spec lists the corpus files by absolute path and the output prefix (a temp
+    folder). The corpus is kept, relative to its root; pieces and scores are untouched."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    spec = proto.trainer_spec
+    inputs = list(spec.input)
+    if inputs:
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in inputs])
+        del spec.input[:]
+        spec.input.extend(os.path.relpath(os.path.abspath(p), root) for p in inputs)
+    spec.model_prefix = os.path.basename(spec.model_prefix)
+    with open(model_path, "wb") as f:
+        f.write(proto.SerializeToString())
 
 
 def _train_sentencepiece(text_files: list[str], prefix: str, vocab_size: int) -> None:
