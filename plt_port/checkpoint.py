@@ -125,8 +125,8 @@ def check_entry(name: str, info, data_size: int) -> None:
         count = math.prod(shape)
     except (TypeError, KeyError, ValueError):
         raise ValueError(f"tensor {name}: malformed entry {info!r}") from None
-    if dtype not in _DTYPES:
-        raise ValueError(f"tensor {name}: unsupported dtype {dtype}")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise ValueError(f"tensor {name}: unsupported dtype {dtype!r}")
     if not 0 <= start <= end <= data_size or end - start != count * np.dtype(_DTYPES[dtype]).itemsize:
         raise ValueError(f"tensor {name}: byte range {start}..{end} does not hold {dtype} "
                          f"{list(shape)} inside the file")

@@ -151,6 +151,12 @@ class PLTConfig:
         def fail(name, why):
             raise ConfigError(f"config.json field '{name}': {why}")
 
+        def is_finite(number):  # JSON integers may be too large for a float
+            try:
+                return math.isfinite(number)
+            except OverflowError:
+                return False
+
         if self.model_type not in ARCHITECTURES:
             fail("model_type", f"expected one of {sorted(ARCHITECTURES)}, got {self.model_type!r}")
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -170,7 +176,7 @@ class PLTConfig:
         for name in ("rope_theta", "rms_norm_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-                    or not math.isfinite(value):
+                    or not is_finite(value):
                 fail(name, f"must be a positive finite number, got {value!r}")
         for name in ("attention_bias", "mlp_bias"):
             if getattr(self, name):
@@ -190,7 +196,7 @@ class PLTConfig:
             return
         for name in ("plt_emb_scale", "plt_hidden_scale"):
             value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
+            if value is not None and not is_finite(value):
                 fail(name, f"must be a finite number or null, got {value!r}")
         if not 1 <= self.plt_num_loops <= MAX_LOOPS:
             fail("plt_num_loops", f"must be an integer in 1..{MAX_LOOPS}, got {self.plt_num_loops!r}")
