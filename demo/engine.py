@@ -23,8 +23,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from exporters.export_store import export_root
+from plt_port.checkpoint import parameter_count
 from plt_port.config import MAX_LOOPS, PLTConfig
 from plt_port.errors import PLTError
+from plt_port.memory import FP32, available_memory_bytes
 from plt_port.tokenizer import Tokenizer
 from runtimes.base import DECODE_MODES
 
@@ -82,7 +84,8 @@ class ColumnView:
 class BackendWorker:
     """One loaded backend and the one thread that loads it and makes every call into it."""
 
-    def __init__(self, load: Callable[[], object], name: str):
+    def __init__(self, load: Callable[[], object], name: str, memory_bytes: int = 0):
+        self.memory_bytes = memory_bytes  # estimated weight bytes, for the pool's budget
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"plt-{name}")
         self.loaded: Future = self._executor.submit(load)
 
@@ -99,15 +102,21 @@ class BackendWorker:
 
 
 class BackendPool:
-    """Backends per (model dir, backend, loops), loaded once per process and shared by every
-    request; a failed load is forgotten so that the next request tries again."""
+    """Backends per (model dir, backend, loops), loaded on first use and shared by every
+    request; a failed load is forgotten so that the next request tries again.
+
+    Loaded backends stay while their estimated weights fit `memory_budget` (default: half the
+    memory available at start); beyond it the least recently used are dropped. A column
+    still streaming on a dropped backend keeps its worker until it ends, then it is freed."""
 
     def __init__(self, models: dict[str, str], loader: Callable | None = None,
-                 options: dict[str, dict] | None = None):
+                 options: dict[str, dict] | None = None, memory_budget: int | None = None):
         self.models = dict(models)
         self._loader = loader
         self._options = options or {}  # backend name -> load_backend options
-        self._workers: dict[tuple, BackendWorker] = {}
+        self.memory_budget = available_memory_bytes() // 2 if memory_budget is None \
+            else memory_budget
+        self._workers: dict[tuple, BackendWorker] = {}  # least recently used first
         self._tokenizers: dict[str, Tokenizer] = {}
         self._configs: dict[str, PLTConfig] = {}
         self._lock = threading.Lock()
@@ -131,15 +140,30 @@ class BackendPool:
 
     def worker(self, spec: ColumnSpec) -> BackendWorker:
         key = (self.model_dir(spec.model), spec.backend, spec.loops)
+        weight_bytes = FP32 * parameter_count(self.config(spec.model))
         with self._lock:
-            worker = self._workers.get(key)
+            worker = self._workers.pop(key, None)
             failed = worker is not None and worker.loaded.done() and worker.loaded.exception()
             if worker is None or failed:
                 if failed:
                     worker.close()
-                worker = BackendWorker(lambda: self._load(*key), spec.backend)
-                self._workers[key] = worker
+                worker = BackendWorker(lambda: self._load(*key), spec.backend, weight_bytes)
+            self._workers[key] = worker  # now the most recently used
+            self._evict_over_budget()
             return worker
+
+    def _evict_over_budget(self) -> None:
+        """Drop least recently used backends (never the newest) until the rest fit."""
+        while len(self._workers) > 1 and \
+                sum(w.memory_bytes for w in self._workers.values()) > self.memory_budget:
+            oldest = next(iter(self._workers))
+            log.info("unloading backend %s: over the memory budget", oldest)
+            del self._workers[oldest]
+
+    def loaded_keys(self) -> list[tuple]:
+        """(model dir, backend, loops) of the backends held, least recently used first."""
+        with self._lock:
+            return list(self._workers)
 
     def _load(self, model_dir: str, backend: str, loops: int):
         options = self._options.get(backend, {})
@@ -162,7 +186,7 @@ def as_int(value, name: str, low: int, high: int) -> int:
         number = float(value)
     except (TypeError, ValueError):
         raise DemoInputError(f"{name} must be a number, got {value!r}") from None
-    if number != int(number) or not low <= number <= high:
+    if not low <= number <= high or number != int(number):  # range first: int(nan) raises
         raise DemoInputError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
     return int(number)
 

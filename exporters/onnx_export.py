@@ -11,19 +11,22 @@ Needs only `onnx` and numpy (no torch).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
+
+import numpy as np
 
 from plt_port import checkpoint
-from plt_port.atomic import atomic_dir
+from plt_port.atomic import OUTPUT_MARKER, atomic_dir
 from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
+from plt_port.files import check_regular_file, read_json_object
 
 MANIFEST = "plt_onnx.json"
 WEIGHTS = "weights.bin"
 GRAPHS = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "files" (size and sha256 of every file) for check_export
 
 
 class ExportError(PLTError):
@@ -52,7 +55,8 @@ def _value_info(values) -> list[dict]:
              "shape": [dim(d) for d in v.type.tensor_type.shape.dim]} for v in values]
 
 
-def manifest(config: PLTConfig, loops: int, dtype: str, models: dict, weights) -> dict:
+def manifest(config: PLTConfig, loops: int, dtype: str, models: dict, weights,
+             files: dict) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "model_type": config.model_type,
@@ -67,6 +71,7 @@ def manifest(config: PLTConfig, loops: int, dtype: str, models: dict, weights) -
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
         "weights_file": WEIGHTS,
+        "files": files,
         "weights": weights.table(),
         "custom_op": {"domain": "plt", "name": "GatedSlidingWindowAttention", "version": 1,
                       "body": "model-local function (standard opset-23 ops)"},
@@ -105,6 +110,7 @@ def export(model_dir: str, out_dir: str, dtype: str = "float32", loops: int | No
     import onnx
     from tqdm import tqdm
 
+
     from .onnx_graph import (DTYPES, GraphBuilder, WeightsFile, build_decode, build_prefill,
                              onnx_weights)
 
@@ -134,9 +140,76 @@ def export(model_dir: str, out_dir: str, dtype: str = "float32", loops: int | No
             bar.update(1)
             onnx.checker.check_model(path, full_check=True)
             bar.update(1)
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest(config, loops, dtype, models, weights), f, indent=1)
-        shutil.copyfile(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
+        checkpoint.copy_model_file(model_dir, "config.json", tmp)
         checkpoint.copy_tokenizer(model_dir, tmp)
+        files = {name: file_record(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))
+                 if name != OUTPUT_MARKER}
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest(config, loops, dtype, models, weights, files), f, indent=1)
         bar.update(1)
     return os.fspath(out_dir)
+
+
+# ---- checking an export before use ---------------------------------------------------
+def file_record(path: str) -> dict:
+    """Size and sha256 of a file of an export, as the manifest records them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def check_export(export_dir: str | os.PathLike, error: type[PLTError] = ExportError) -> dict:
+    """The manifest of an ONNX export, once the export is known whole: the manifest's fields
+    have their types, every file it lists is there with its recorded size (graphs also with
+    their sha256: they are small, and a damaged graph fails deep inside ONNX Runtime), and
+    every weight lies inside weights.bin. Any damage is an `error` naming it."""
+    export_dir = os.fspath(export_dir)
+    path = os.path.join(export_dir, MANIFEST)
+    data = read_json_object(path, error)
+
+    def fail(why):
+        raise error(f"{path}: {why}; export again")
+
+    def is_int(value):
+        return type(value) is int and value >= 0
+
+    if data.get("format_version") != FORMAT_VERSION:
+        fail(f"format_version {data.get('format_version')!r}, this version reads "
+             f"{FORMAT_VERSION}")
+    if data.get("dtype") not in ("float32", "float16"):
+        fail(f"dtype must be float32 or float16, got {data.get('dtype')!r}")
+    if type(data.get("loops")) is not int:
+        fail(f"loops must be an integer, got {data.get('loops')!r}")
+    files, graphs, weights = data.get("files"), data.get("graphs"), data.get("weights")
+    if not isinstance(files, dict) or not all(
+            isinstance(r, dict) and is_int(r.get("bytes")) for r in files.values()):
+        fail("'files' must map file names to {bytes, sha256}")
+    if not isinstance(graphs, dict) or not graphs or "prefill" not in graphs or not all(
+            isinstance(g, dict) and g.get("file") in files for g in graphs.values()):
+        fail("'graphs' must list the prefill graph (and decode) among 'files'")
+    if data.get("weights_file") not in files or not isinstance(weights, dict):
+        fail("'weights_file' must be among 'files' and 'weights' a table")
+    for name, record in files.items():
+        if os.path.basename(name) != name:
+            fail(f"file name {name!r} is not a plain name in the export")
+        size = check_regular_file(os.path.join(export_dir, name), error)
+        if size != record["bytes"]:
+            fail(f"{name} has {size} bytes, {record['bytes']} expected (damaged or replaced)")
+    for graph in graphs.values():
+        if file_record(os.path.join(export_dir, graph["file"]))["sha256"] != \
+                files[graph["file"]].get("sha256"):
+            fail(f"{graph['file']} differs from the exported graph")
+    weights_bytes = files[data["weights_file"]]["bytes"]
+    for name, entry in weights.items():
+        try:
+            offset, length = entry["offset"], entry["length"]
+            itemsize = np.dtype(entry["dtype"]).itemsize
+            count = int(np.prod(entry["shape"], dtype=np.int64))
+            ok = is_int(offset) and is_int(length) and all(is_int(d) for d in entry["shape"])
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok or length != count * itemsize or offset + length > weights_bytes:
+            fail(f"weight {name}: entry {entry!r} does not lie inside {data['weights_file']}")
+    return data

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +33,47 @@ def check_output_dir(out_dir: str, inputs: tuple[str, ...] = ()) -> None:
                            f"remove it or choose another output directory")
 
 
+TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(\d+)-\w+(?:\.plt-port)?$")  # see temp_prefix
+
+
+def temp_prefix(target: str, kind: str) -> str:
+    """Prefix of a temp entry beside `target`: the writer's PID in it tells a later writer
+    whether the entry is stale (its process is gone)."""
+    return f".{os.path.basename(target)}.{kind}-{os.getpid()}-"
+
+
+def remove_stale_temps(parent: str) -> None:
+    """Remove temp folders and files of atomic writes in `parent` whose writer process is gone
+    (killed mid-write): folders only when they hold OUTPUT_MARKER, files only when named
+    `*.plt-port`, so nothing another program wrote is touched."""
+    for name in os.listdir(parent):
+        match = TEMP_NAME.match(name)
+        if not match or _process_alive(int(match.group(1))):
+            continue
+        path = os.path.join(parent, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            if os.path.exists(os.path.join(path, OUTPUT_MARKER)):
+                shutil.rmtree(path, ignore_errors=True)
+        elif name.endswith(".plt-port"):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process / not a real PID
+        return True
+    return True
+
+
+def _write_marker(folder: str) -> None:
+    with open(os.path.join(folder, OUTPUT_MARKER), "w", encoding="utf-8") as f:
+        f.write("written by plt-port; the next write replaces this folder as a whole\n")
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, inputs: tuple[str, ...] = ()) -> Iterator[str]:
     """Yield a temp dir beside `out_dir`; on success it takes `out_dir`'s place.
@@ -39,27 +81,30 @@ def atomic_dir(out_dir: str | os.PathLike, inputs: tuple[str, ...] = ()) -> Iter
     An existing `out_dir` is replaced only if an earlier atomic_dir wrote it (the marker file)
     and it is not one of `inputs`. On any error (or interrupt) the temp dir is removed and
     `out_dir` is left as it was: the old folder is moved aside, the new one renamed in, and
-    the old one put back if that rename fails.
+    the old one put back if that rename fails. Temp folders left by killed writers are
+    removed first.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     check_output_dir(out_dir, tuple(os.fspath(i) for i in inputs))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    remove_stale_temps(parent)
+    tmp = tempfile.mkdtemp(prefix=temp_prefix(out_dir, "tmp"), dir=parent)
     try:
-        with open(os.path.join(tmp, OUTPUT_MARKER), "w", encoding="utf-8") as f:
-            f.write("written by plt-port; the next write replaces this folder as a whole\n")
+        _write_marker(tmp)
         yield tmp
         if not os.path.isdir(out_dir):
             os.rename(tmp, out_dir)
             return
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-        os.rename(out_dir, os.path.join(old, "d"))
+        old = tempfile.mkdtemp(prefix=temp_prefix(out_dir, "old"), dir=parent)
         try:
-            os.rename(tmp, out_dir)
-        except BaseException:
-            os.rename(os.path.join(old, "d"), out_dir)
-            raise
+            _write_marker(old)
+            os.rename(out_dir, os.path.join(old, "d"))
+            try:
+                os.rename(tmp, out_dir)
+            except BaseException:
+                os.rename(os.path.join(old, "d"), out_dir)
+                raise
         finally:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -71,7 +116,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file through a uniquely named temp file beside it, renamed over `path`."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-",
+    remove_stale_temps(os.path.dirname(path))
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path, "tmp"), suffix=".plt-port",
                                dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -8,8 +8,10 @@ is widened to fp32. Nothing here can execute code from a file: no pickle, ever.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import stat
 import struct
 from collections.abc import Mapping
 
@@ -19,14 +21,17 @@ from safetensors.numpy import save_file
 from .atomic import atomic_dir
 from .config import PLTConfig
 from .errors import PLTError
+from .files import check_regular_file, parse_json, read_json_object
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+           "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
            "BOOL": np.bool_}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class CheckpointError(PLTError, ValueError):
@@ -66,26 +71,44 @@ def expected_shapes(config: PLTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parameter_count(config: PLTConfig) -> int:
+    return sum(math.prod(shape) for shape in expected_shapes(config).values())
+
+
 def canonical_name(name: str) -> str:
     """Accepted aliases -> the names of `expected_shapes` (SPEC: loop_gate_proj == plt_gate)."""
     return name.replace(".self_attn.loop_gate_proj.", ".self_attn.plt_gate.")
 
 
 # ---- reading ---------------------------------------------------------------------------
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """JSON object hook: a key given twice is an error (the safetensors library rejects it)."""
+    data = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"key {key!r} given twice")
+        data[key] = value
+    return data
+
+
 def read_header(path: str) -> tuple[dict, int]:
-    """(header, data offset) of a safetensors file."""
+    """(header, data offset) of a safetensors file, checked as the safetensors library does:
+    entries well formed, and their byte ranges tiling the data section exactly."""
+    file_size = check_regular_file(path, CheckpointError)
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
+            if n > min(100_000_000, file_size - 8):
+                raise ValueError(f"header size {n} does not fit the file")
+            raw = f.read(n)
+        header = parse_json(raw, "header", CheckpointError, pairs_hook=_unique_keys)
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
         header.pop("__metadata__", None)
-        data_size = os.path.getsize(path) - 8 - n
+        data_size = file_size - 8 - n
         for name, info in header.items():
             check_entry(name, info, data_size)
+        check_tiling(header, data_size)
     except (OSError, ValueError, struct.error) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     return header, 8 + n
@@ -95,14 +118,30 @@ def check_entry(name: str, info, data_size: int) -> None:
     """A header entry whose dtype, shape and byte range agree with each other and the file."""
     try:
         dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-        count = int(np.prod(shape, dtype=np.int64))
+        if not all(type(v) is int and v >= 0 for v in [*shape, start, end]):
+            raise ValueError
+        count = math.prod(shape)
     except (TypeError, KeyError, ValueError):
         raise ValueError(f"tensor {name}: malformed entry {info!r}") from None
-    if dtype not in _DTYPES:
-        raise ValueError(f"tensor {name}: unsupported dtype {dtype}")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise ValueError(f"tensor {name}: unsupported dtype {dtype!r}")
     if not 0 <= start <= end <= data_size or end - start != count * np.dtype(_DTYPES[dtype]).itemsize:
         raise ValueError(f"tensor {name}: byte range {start}..{end} does not hold {dtype} "
                          f"{list(shape)} inside the file")
+
+
+def check_tiling(header: dict, data_size: int) -> None:
+    """Byte ranges in order of offset must follow each other with no gap or overlap and end
+    at the end of the file: any other layout is a damaged or hand-made file."""
+    position = 0
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        start, end = info["data_offsets"]
+        if start != position:
+            raise ValueError(f"tensor {name}: starts at byte {start}, expected {position} "
+                             f"(tensors must be contiguous and not overlap)")
+        position = end
+    if position != data_size:
+        raise ValueError(f"the tensors end at byte {position} of a {data_size}-byte data section")
 
 
 def _read_tensor(path: str, info: dict, data_offset: int) -> np.ndarray:
@@ -118,16 +157,15 @@ def weight_files(model_dir: str) -> list[str]:
     """The safetensors files of a model directory, from its index when sharded."""
     index = os.path.join(model_dir, INDEX_FILE)
     if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index}: not a valid index ({exc!r})") from None
-        outside = [f for f in files if not isinstance(f, str) or os.path.basename(f) != f]
+        weight_map = read_json_object(index, CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a valid index (no 'weight_map' object)")
+        outside = [f for f in weight_map.values() if not isinstance(f, str) or not f
+                   or os.path.basename(f) != f]
         if outside:
             raise CheckpointError(f"{index}: shard names must be plain file names in the model "
                                   f"directory, got {outside}")
+        files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.exists(os.path.join(model_dir, f))]
         if missing:
             raise CheckpointError(f"{model_dir}: index names shard files that are absent: {missing}")
@@ -169,9 +207,17 @@ def load_tensors(model_dir: str | os.PathLike, config: PLTConfig | None = None,
     if problems:
         raise CheckpointError(f"{model_dir}: checkpoint does not match config.json\n  "
                               + "\n  ".join(problems))
+    not_float = sorted(name for name, (_, info, _, _) in entries.items()
+                       if info["dtype"] not in FLOAT_DTYPES)
+    if not_float:
+        raise CheckpointError(f"{model_dir}: weights must be floating point "
+                              f"({', '.join(FLOAT_DTYPES)}); not: {', '.join(not_float)}")
     tensors = {}
     for name, (path, info, offset, _) in entries.items():
         array = _read_tensor(path, info, offset)
+        if not np.isfinite(array).all():  # NaN/inf weights make every logit NaN
+            raise CheckpointError(f"{path}: tensor {entries[name][3]} holds NaN or infinite "
+                                  f"values")
         if dtype is not None and np.issubdtype(array.dtype, np.floating):
             array = array.astype(dtype, copy=False)
         tensors[name] = array
@@ -204,13 +250,36 @@ def write_tensors(out_dir: str, tensors: Mapping[str, np.ndarray],
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
+def copy_model_file(src_dir: str, name: str, out_dir: str) -> None:
+    """Copy the regular file `name` of a model directory with its permission bits, never
+    wider: a link out of the model directory (to a private file, say) is refused."""
+    src = os.path.join(src_dir, name)
+    real_dir = os.path.realpath(src_dir)
+    if not os.path.realpath(src).startswith(real_dir + os.sep):
+        raise CheckpointError(f"{src}: links outside the model directory; copy the file in")
+    check_regular_file(src, CheckpointError)
+    mode = stat.S_IMODE(os.stat(src).st_mode)
+    dst = os.path.join(out_dir, name)
+    shutil.copyfile(src, dst)
+    os.chmod(dst, mode)
+
+
 def copy_tokenizer(src_dir: str | None, out_dir: str) -> None:
     if src_dir is None:
         return
     for name in TOKENIZER_FILES:
-        src = os.path.join(src_dir, name)
-        if os.path.exists(src):
-            shutil.copyfile(src, os.path.join(out_dir, name))
+        if os.path.lexists(os.path.join(src_dir, name)):
+            copy_model_file(src_dir, name, out_dir)
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> PLTConfig:
+    """The config of `model_dir` once its config.json and every weight file header have been
+    checked (any safetensors layout: quantized exports hold integer tensors too)."""
+    model_dir = os.fspath(model_dir)
+    config = PLTConfig.from_file(model_dir)
+    for path in weight_files(model_dir):
+        read_header(path)
+    return config
 
 
 def save_model_dir(out_dir: str | os.PathLike, config: PLTConfig,

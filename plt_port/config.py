@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PLTError
+from .files import read_json_object
 
 PLT_TYPE = "iquestpltcoder"
 V1_TYPE = "iquestloopcoder"
@@ -78,8 +80,12 @@ class PLTConfig:
 
     @property
     def window(self) -> int:
-        """Keys a loop >= 2 query sees in its local branch, the query itself included."""
-        return self.loop_window_size if self.is_v1 else self.plt_window_size[0] + 1
+        """Keys a loop >= 2 query sees in its local branch, the query itself included.
+
+        Never more than max_position_embeddings: a wider window sees the same keys, and the
+        ring caches are allocated at this size."""
+        window = self.loop_window_size if self.is_v1 else self.plt_window_size[0] + 1
+        return min(window, self.max_position_embeddings)
 
     @property
     def emb_scale(self) -> float:
@@ -145,6 +151,12 @@ class PLTConfig:
         def fail(name, why):
             raise ConfigError(f"config.json field '{name}': {why}")
 
+        def is_finite(number):  # JSON integers may be too large for a float
+            try:
+                return math.isfinite(number)
+            except OverflowError:
+                return False
+
         if self.model_type not in ARCHITECTURES:
             fail("model_type", f"expected one of {sorted(ARCHITECTURES)}, got {self.model_type!r}")
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -163,8 +175,9 @@ class PLTConfig:
             fail("head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
         for name in ("rope_theta", "rms_norm_eps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                fail(name, f"must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or not is_finite(value):
+                fail(name, f"must be a positive finite number, got {value!r}")
         for name in ("attention_bias", "mlp_bias"):
             if getattr(self, name):
                 fail(name, "biases in attention/MLP projections are not implemented (every "
@@ -181,6 +194,10 @@ class PLTConfig:
                 fail("loop_window_size", f"must be >= 1 (keys incl. the query), got "
                                          f"{self.loop_window_size!r}")
             return
+        for name in ("plt_emb_scale", "plt_hidden_scale"):
+            value = getattr(self, name)
+            if value is not None and not is_finite(value):
+                fail(name, f"must be a finite number or null, got {value!r}")
         if not 1 <= self.plt_num_loops <= MAX_LOOPS:
             fail("plt_num_loops", f"must be an integer in 1..{MAX_LOOPS}, got {self.plt_num_loops!r}")
         window = self.plt_window_size
@@ -207,18 +224,13 @@ class PLTConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "PLTConfig":
         path = os.fspath(path)
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: no such model directory")
         if os.path.isdir(path):
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise ConfigError(f"{path}: no config.json")
             path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"{os.path.dirname(path) or '.'}: no config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except ValueError as exc:  # bad JSON or bad UTF-8
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, ConfigError))
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .atomic import atomic_dir
+from .memory import check_forward
 from .data import sequential_windows
 from .errors import PLTError
 from .evaluate import validation_tokens
@@ -315,6 +316,7 @@ def diagnose(model_dir: str | os.PathLike, loops: int | str | None = None,
         raise DiagnosticsError(f"batch_size must be >= 1, got {batch_size}")
     model = model or PLTForCausalLM.from_pretrained(model_dir)
     loops = model.config.resolve_loops(parse_loops(loops))
+    check_forward(model.config, batch_size, seq_len, loops, keep_attention=True)
     tokenizer = Tokenizer.from_dir(model_dir)
     if text is None:
         windows = token_windows(validation_tokens(tokenizer), seq_len, max_tokens)

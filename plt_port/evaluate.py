@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import data
 from .errors import PLTError
+from .memory import check_forward
 from .tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 65536
@@ -66,6 +67,7 @@ def evaluate(model_dir: str, loops: int | None = None, max_tokens: int | None = 
         raise EvalError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
     model = PLTForCausalLM.from_pretrained(model_dir)
     loops = model.config.resolve_loops(loops)
+    check_forward(model.config, batch_size, seq_len, loops)
     windows = data.sequential_windows(validation_tokens(Tokenizer.from_dir(model_dir)),
                                       seq_len, max_tokens)
     model.check_token_ids(windows)

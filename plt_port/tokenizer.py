@@ -14,6 +14,7 @@ import re
 import sentencepiece as spm
 
 from .errors import PLTError
+from .files import check_regular_file, read_json_object
 
 CONFIG_FILE = "tokenizer_config.json"
 MODEL_FILE = "tokenizer.model"
@@ -23,10 +24,23 @@ class TokenizerError(PLTError, ValueError):
     pass
 
 
+def check_text(text: str) -> None:
+    """Text must be valid unicode: undecodable bytes of a command line or stdin arrive as lone
+    surrogates (Python's surrogateescape), which no tokenizer can encode."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"text to encode must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TokenizerError(f"the text is not valid UTF-8 (an undecodable byte at character "
+                             f"{exc.start})") from None
+
+
 class Tokenizer:
     def __init__(self, model_path: str, config: dict | None = None):
         if not os.path.exists(model_path):
             raise TokenizerError(f"{model_path}: no sentencepiece model")
+        check_regular_file(model_path, TokenizerError)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=model_path)
         except (RuntimeError, OSError) as exc:
@@ -60,13 +74,7 @@ class Tokenizer:
         config = {}
         config_path = os.path.join(model_dir, CONFIG_FILE)
         if os.path.exists(config_path):
-            try:
-                with open(config_path, encoding="utf-8") as f:
-                    config = json.load(f)
-            except (ValueError, OSError) as exc:  # JSON and UTF-8 errors are ValueErrors
-                raise TokenizerError(f"{config_path}: not a readable JSON file ({exc})") from None
-            if not isinstance(config, dict):
-                raise TokenizerError(f"{config_path}: expected a JSON object")
+            config = read_json_object(config_path, TokenizerError)
         return cls(os.path.join(model_dir, MODEL_FILE), config)
 
     def _token_id(self, token, default: int) -> int | None:
@@ -89,6 +97,7 @@ class Tokenizer:
         return max(self.sp.get_piece_size(), max(self.added_tokens, default=-1) + 1)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        check_text(text)
         ids = [self.bos_id] if add_bos and self.bos_id is not None else []
         pos = 0
         for match in self._added_re.finditer(text) if self._added_re else ():
@@ -124,14 +133,17 @@ class Tokenizer:
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat_template")
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        # a template comes with a model directory: it must not reach Python objects
+        # a template comes with a model directory: it must not reach Python objects, and
+        # its work is bounded (steps, not seconds, so a render passes or fails everywhere)
         try:
-            template = ImmutableSandboxedEnvironment(autoescape=False).from_string(
-                self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=True)
-        except jinja2.TemplateError as exc:
+            template = bounded_template_environment().from_string(self.chat_template)
+            pieces = []
+            for piece in template.generate(messages=messages, add_generation_prompt=True):
+                pieces.append(piece)
+                template.environment.count_step()
+            return "".join(pieces)
+        except (jinja2.TemplateError, TemplateLimitError) as exc:
             raise TokenizerError(f"chat_template: {exc}") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -141,6 +153,62 @@ class Tokenizer:
         if self.add_bos_token and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
         return ids
+
+
+MAX_TEMPLATE_STEPS = 100_000   # lookups, calls, range items and output pieces of one render
+MAX_TEMPLATE_REPEAT = 1 << 20  # longest string or list `*` may build, in items
+
+
+class TemplateLimitError(Exception):
+    """A chat template that ran past MAX_TEMPLATE_STEPS (caught by apply_chat_template)."""
+
+
+def bounded_template_environment():
+    """A Jinja2 sandbox (no Python internals) that counts the steps of a render: every
+    attribute or item lookup, call, `range` item, `*`/`**` and output piece is one step."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def __init__(self):
+            super().__init__(autoescape=False)
+            self.steps = 0
+            self.globals["range"] = self.counted_range
+
+        def count_step(self):
+            self.steps += 1
+            if self.steps > MAX_TEMPLATE_STEPS:
+                raise TemplateLimitError(f"rendering took more than {MAX_TEMPLATE_STEPS} steps")
+
+        def counted_range(self, *args):
+            for item in range(*args):
+                self.count_step()
+                yield item
+
+        def getattr(self, obj, attribute):
+            self.count_step()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            self.count_step()
+            return super().getitem(obj, argument)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
+            __self.count_step()
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def call_binop(self, context, operator, left, right):
+            self.count_step()
+            sizes = [len(x) for x in (left, right) if isinstance(x, (str, list, tuple))]
+            counts = [x for x in (left, right) if isinstance(x, int)]
+            if operator == "*" and sizes and counts and sizes[0] * counts[0] > MAX_TEMPLATE_REPEAT:
+                raise TemplateLimitError(f"'*' would build more than {MAX_TEMPLATE_REPEAT} items")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise TemplateLimitError("'**' with an exponent above 64")
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedSandbox()
 
 
 class StreamingDetokenizer:
@@ -185,11 +253,32 @@ def train_tokenizer(text_files: list[str], out_dir: str, vocab_size: int,
         raise TokenizerError(f"tokenizer training with vocab_size={vocab_size} failed: "
                              f"{str(exc).strip().splitlines()[-1]}") from None
     os.remove(prefix + ".vocab")
+    strip_machine_paths(prefix + ".model")
     config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
               "unk_token": "<unk>", "model_max_length": None}
     config.update(special_tokens or {})
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
+
+
+def strip_machine_paths(model_path: str) -> None:
+    """Rewrite a sentencepiece model without the paths of the machine that trained it: its
+    trainer spec lists the corpus files by absolute path and the output prefix (a temp
+    folder). The corpus is kept, relative to its root; pieces and scores are untouched."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    spec = proto.trainer_spec
+    inputs = list(spec.input)
+    if inputs:
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in inputs])
+        del spec.input[:]
+        spec.input.extend(os.path.relpath(os.path.abspath(p), root) for p in inputs)
+    spec.model_prefix = os.path.basename(spec.model_prefix)
+    with open(model_path, "wb") as f:
+        f.write(proto.SerializeToString())
 
 
 def _train_sentencepiece(text_files: list[str], prefix: str, vocab_size: int) -> None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from . import checkpoint, data
+from . import data
 from .atomic import atomic_dir
 from .config import PLTConfig
 from .errors import PLTError

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -22,10 +21,12 @@ from tqdm import tqdm
 
 from exporters.export_store import export_root
 from plt_port.atomic import atomic_write_text
-from plt_port.checkpoint import expected_shapes
+from plt_port.checkpoint import parameter_count
 from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
 from plt_port.random_model import PRESETS, RANDOM_BASE, save_random_model
+from plt_port.files import parse_json
+from plt_port.memory import FP32, check_fits
 
 from . import load_backend
 
@@ -64,14 +65,11 @@ def random_config(spec: str) -> tuple[str, PLTConfig]:
     for item in spec.split(","):
         key, sep, value = item.partition("=")
         key = key.strip()
-        if not sep or key not in PLTConfig.__dataclass_fields__:
+        if not sep or key not in PLTConfig.__dataclass_fields__ or key == "extra":
             raise BenchError(f"--random: expected a preset ({', '.join(PRESETS)}) or "
                              f"key=value config fields, got {item!r}")
-        try:
-            fields[key] = json.loads(value)
-        except json.JSONDecodeError:
-            raise BenchError(f"--random: {key}={value!r} is not a number or JSON value") from None
-    config = PLTConfig(**{**RANDOM_BASE, **fields})
+        fields[key] = parse_json(value, f"--random: {key}={value!r}", BenchError)
+    config = PLTConfig.from_dict({**RANDOM_BASE, **fields})
     digest = hashlib.sha256(config.to_json().encode()).hexdigest()[:8]
     return f"custom-{digest}", config
 
@@ -80,15 +78,14 @@ def random_model_dir(spec: str, root: str | None = None) -> str:
     """A random model of `spec`, written once under the export store (so its ONNX and MLX
     exports are stored too) and reused."""
     name, config = random_config(spec)
+    # the tensors, and safetensors' serialised copy of them, are all in memory at once
+    check_fits(2 * FP32 * parameter_count(config),
+               f"--random {spec}: a model of {parameter_count(config):,} parameters")
     out_dir = os.path.join(root or os.path.join(export_root(), "random"), name)
     existing = os.path.join(out_dir, "config.json")
     if not os.path.exists(existing) or PLTConfig.from_file(existing) != config:
         save_random_model(out_dir, config, seed=0)
     return out_dir
-
-
-def parameter_count(config: PLTConfig) -> int:
-    return sum(math.prod(shape) for shape in expected_shapes(config).values())
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from plt_port.errors import PLTError
+from plt_port.memory import FP32, check_fits
 
 from .base import Backend
 from .sampling import Sampler, SamplingParams
@@ -99,6 +100,8 @@ def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
         raise GenerateError(f"{len(prompt_ids)} prompt tokens + max_new_tokens={max_new_tokens} "
                             f"need {positions} positions, more than the model's "
                             f"max_position_embeddings={limit}")
+    check_fits(backend.expected_cache_bytes(1, positions, FP32),
+               f"a KV cache of {positions} positions")
     sampler = Sampler(sampling)
     eos_ids = set(tokenizer.eos_ids) | set(backend.config.eos_token_ids)
     detokenizer = tokenizer.detokenizer()

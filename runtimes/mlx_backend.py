@@ -12,6 +12,7 @@ import numpy as np
 
 from exporters import mlx_export
 from exporters.export_store import ensure_exported
+from plt_port import checkpoint
 
 from . import mlx_model
 from .base import Backend, BackendError
@@ -31,6 +32,7 @@ class MLXBackend(Backend):
                                "available here (mx.metal.is_available() is False)")
         mlx_export.check_options(dtype or "float32", quantize, group_size)  # before any export
         model_dir = str(model_dir)
+        checkpoint.check_model_dir(model_dir)
         self.source_dir = model_dir
         if mlx_export.is_mlx_dir(model_dir):
             if quantize is not None:

@@ -26,7 +26,7 @@ import onnxruntime as ort
 from plt_port.config import PLTConfig
 
 from exporters.export_store import ensure_exported
-from exporters.onnx_export import MANIFEST, export
+from exporters.onnx_export import MANIFEST, check_export, export
 
 from .base import Backend, BackendError
 
@@ -41,6 +41,7 @@ def resolve_export(model_dir: str, loops: int | None, dtype: str | None) -> tupl
         loops = PLTConfig.from_file(model_dir).resolve_loops(loops)
         model_dir = ensure_exported(model_dir, "onnx", export, loops=loops,
                                     dtype=dtype or "float32")
+    check_export(model_dir, BackendError)
     try:
         with open(os.path.join(model_dir, MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
@@ -80,9 +81,9 @@ class ONNXBackend(Backend):
                  dtype: str | None = None, threads: int | None = None, prepack: bool = False):
         self.check_threads(threads)
         self.source_dir = os.fspath(model_dir)
+        self.device = choose_device(provider)
         export_dir, self.manifest = resolve_export(model_dir, loops, dtype)
         super().__init__(export_dir, loops=self.manifest["loops"])
-        self.device = choose_device(provider)
         self.np_dtype = np.dtype(self.manifest["dtype"])
         self.run_dtype = self.np_dtype.name
         self.weights = self._load_weights()

@@ -8,6 +8,7 @@ penalised logits). Every filter works on a batch of rows [B, V] and masks with -
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ from plt_port.errors import PLTError
 
 class SamplingError(PLTError, ValueError):
     """Sampling parameters out of range."""
+
+
+class NonFiniteLogitsError(PLTError, ArithmeticError):
+    """The model produced NaN or infinite logits: its weights or config are broken."""
 
 
 @dataclass
@@ -37,16 +42,16 @@ class SamplingParams:
         def is_int(value):
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
-        if not self.temperature >= 0:
-            fail("temperature", "must be >= 0 (0 = greedy)")
+        if not 0 <= self.temperature < math.inf:
+            fail("temperature", "must be a finite number >= 0 (0 = greedy)")
         if not is_int(self.top_k) or self.top_k < 0:
             fail("top_k", "must be an integer >= 0 (0 = off)")
         if not 0 < self.top_p <= 1:
             fail("top_p", "must be in (0, 1] (1 = off)")
         if not 0 <= self.min_p <= 1:
             fail("min_p", "must be in [0, 1] (0 = off)")
-        if not self.repetition_penalty > 0:
-            fail("repetition_penalty", "must be > 0 (1 = off)")
+        if not 0 < self.repetition_penalty < math.inf:
+            fail("repetition_penalty", "must be a finite number > 0 (1 = off)")
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             fail("seed", "must be a non-negative integer or None")
         if not is_int(self.repetition_context_size) or self.repetition_context_size < 1:
@@ -117,12 +122,19 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim == 1:
             logits = logits[None]
+        if not np.isfinite(logits).all():
+            raise NonFiniteLogitsError("the model produced NaN or infinite logits (broken "
+                                       "weights, or a config value such as rms_norm_eps)")
         if history:
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty,
                                               p.repetition_context_size)
         if p.greedy:
             return logits.argmax(axis=-1)
-        logits = logits.astype(np.float64) / p.temperature
+        # shifted by the row maximum before dividing: a tiny temperature sends the other
+        # logits to -inf and the maximum stays 0, never inf - inf (NaN)
+        logits = logits.astype(np.float64)
+        with np.errstate(over="ignore"):
+            logits = (logits - logits.max(axis=-1, keepdims=True)) / p.temperature
         logits = apply_min_p(apply_top_p(apply_top_k(logits, p.top_k), p.top_p), p.min_p)
         return self.categorical(softmax(logits))
 

@@ -227,7 +227,7 @@ def test_malformed_safetensors_headers(tmp_path, header, message):
 
 
 @pytest.mark.parametrize("index,message", [
-    ("{broken", "not a valid index"),
+    ("{broken", "unreadable JSON"),
     ('{"weights": {}}', "not a valid index"),
     ('{"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}', "plain file names"),
 ])

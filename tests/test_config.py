@@ -85,10 +85,10 @@ def test_missing_or_broken_file(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         PLTConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ConfigError, match="unreadable JSON"):
         PLTConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ConfigError, match="unreadable JSON"):
         PLTConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="model_type"):

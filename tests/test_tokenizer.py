@@ -110,8 +110,8 @@ def test_chat_template_is_sandboxed(tokenizer_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("tokenizer_config.json", b"{broken", "not a readable JSON"),
-    ("tokenizer_config.json", b"\xff\xfe", "not a readable JSON"),
+    ("tokenizer_config.json", b"{broken", "unreadable JSON"),
+    ("tokenizer_config.json", b"\xff\xfe", "unreadable JSON"),
     ("tokenizer_config.json", b'{"added_tokens_decoder": {"x": {"content": "a"}}}', "added_tokens"),
     ("tokenizer_config.json", b'{"added_tokens_decoder": {"600": {"content": ""}}}', "empty"),
     ("tokenizer.model", b"garbage", "not a sentencepiece model"),

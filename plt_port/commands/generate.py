@@ -80,7 +80,10 @@ def run(args):
     from runtimes.generate import stream_generate
     from runtimes.sampling import SamplingParams
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # bad UTF-8 on stdin arrives as lone surrogates, like bad bytes in argv: the tokenizer
+    # names both in one error
+    prompt = sys.stdin.buffer.read().decode("utf-8", "surrogateescape") if args.prompt == "-" \
+        else args.prompt
     if not prompt:
         raise PLTError("the prompt is empty")
     if args.model is None:
