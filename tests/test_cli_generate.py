@@ -31,7 +31,7 @@ def test_streams_the_same_text_as_generate(make_model, capsys):
 
 def test_stdin_prompt_and_sequential_fallback_is_reported(make_model, capsys, monkeypatch):
     model_dir = make_model("v1", eos_token_id=None)
-    monkeypatch.setattr("sys.stdin", io.StringIO("x = 1\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"x = 1\n")))
     assert main(["generate", "--model", model_dir, "--max-new-tokens", "2", "-"]) == 0
     assert "decode=naive (clp needs a PLT checkpoint and loops >= 2)" in capsys.readouterr().err
 
@@ -53,7 +53,7 @@ def test_bos_follows_tokenizer_config_and_flag(make_model, capsys, flags, config
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--model", "{missing}", "x"], "no config.json"),
+    (["--model", "{missing}", "x"], "no such model directory"),
     (["--loops", "0", "x"], "loops: must be an integer in 1..8"),
     (["--loops", "9", "x"], "loops: must be an integer in 1..8"),
     ([""], "the prompt is empty"),

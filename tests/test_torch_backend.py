@@ -38,7 +38,7 @@ def test_option_errors(make_model):
         TorchBackend(model_dir, dtype="int8")
     with pytest.raises(BackendError, match="device"):
         TorchBackend(model_dir, device="tpu")
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ConfigError, match="no such model directory"):
         TorchBackend(str(model_dir) + "-missing")
 
 
