@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS := torch,mlx,onnx,demo,dev
+EXTRAS := torch,mlx,onnx,demo,serve,dev
 
 .PHONY: demo test test-fast browser-deps clean
 

@@ -24,6 +24,8 @@ COMMANDS = {
     "study": "eval + diagnostics over the model family, written as a markdown report",
     "card": "the model family's MODEL_CARD.md and heldout.json from a training run and eval rows",
     "demo": "Gradio demo comparing loop counts and backends side by side",
+    "serve": "OpenAI-compatible HTTP server with continuous batching (/v1/completions, chat)",
+    "chat": "chat with a model in the terminal (a REPL with history; reads stdin lines)",
 }
 
 

@@ -20,6 +20,7 @@ cache object (the layout of `plt_port.cache_layout`).
 from __future__ import annotations
 
 import abc
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,8 @@ class DecodeState:
 class Backend(abc.ABC):
     name: str = ""
     run_dtype: str = "float32"  # the dtype the weights and caches were loaded in
+    # False where the loaded artefacts bake the loop count in (ONNX graphs)
+    loops_share_weights: bool = True
 
     def __init__(self, model_dir: str, loops: int | None = None):
         self.model_dir = str(model_dir)
@@ -103,6 +106,23 @@ class Backend(abc.ABC):
         return None
 
     # ---- the contract ----------------------------------------------------------------------
+    def at_loops(self, loops: int | None) -> "Backend":
+        """This backend at another loop count, sharing its loaded weights (one copy in memory)."""
+        if not self.loops_share_weights:
+            raise BackendError(f"the {self.name} backend bakes its loop count ({self.loops}) into "
+                               f"what it loaded; load it again for another loop count")
+        other = copy.copy(self)
+        other.loops = self.config.resolve_loops(loops)
+        return other
+
+    def empty_state(self, batch: int, capacity: int) -> DecodeState:
+        """A running batch of `batch` free slots, for `write_slot` to fill."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise BackendError(f"batch must be a positive integer, got {batch!r}")
+        self.check_positions(capacity)
+        return DecodeState(np.zeros(batch, dtype=np.int64), capacity,
+                           self.new_caches(batch, capacity), np.zeros(batch, dtype=bool))
+
     def prefill(self, prompts: list[list[int]], max_tokens: int,
                 chunk_size: int | None = None) -> tuple[DecodeState, np.ndarray]:
         """Run the prompts through a fresh state; return it and fp32 logits [B, V] of each
@@ -193,9 +213,7 @@ class Backend(abc.ABC):
         if chunk_size is not None and (isinstance(chunk_size, bool)
                                        or not isinstance(chunk_size, int) or chunk_size < 1):
             raise BackendError(f"prefill chunk size must be a positive integer, got {chunk_size!r}")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) \
-                or max_tokens < 1:
-            raise BackendError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        self.check_positions(max_tokens)
         if not prompts:
             raise BackendError("no prompts given")
         for i, prompt in enumerate(prompts):
@@ -211,6 +229,12 @@ class Backend(abc.ABC):
             if bad:
                 raise BackendError(f"prompt {i} has token ids outside the vocabulary "
                                    f"(0..{self.config.vocab_size - 1}): {bad[:5]}")
+
+    def check_positions(self, max_tokens) -> None:
+        """Positions to allocate per sequence: an integer in 1..max_position_embeddings."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) \
+                or max_tokens < 1:
+            raise BackendError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if max_tokens > self.config.max_position_embeddings:
             raise BackendError(f"{max_tokens} positions requested, the model supports "
                                f"max_position_embeddings={self.config.max_position_embeddings}")

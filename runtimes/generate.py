@@ -25,6 +25,10 @@ class GenerateError(PLTError, ValueError):
     """A generate request that cannot run (empty prompt, bad limits)."""
 
 
+class ContextLengthError(GenerateError):
+    """A prompt and answer longer than the model's context."""
+
+
 @dataclass
 class GenerationResponse:
     text: str                    # text delta (whole UTF-8 characters only)
@@ -79,45 +83,94 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int], add_bos: bool) -> list
     return ids
 
 
+class SequenceText:
+    """One sequence's token -> text bookkeeping: whole UTF-8 characters, stop strings held back
+    and cut, and the finish at eos, at a stop string or after `max_new_tokens` tokens."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int,
+                 stop: Sequence[str] = (), eos_ids: Sequence[int] = ()):
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = set(tokenizer.eos_ids) | set(eos_ids)
+        self.detokenizer = tokenizer.detokenizer()
+        self.stop_matcher = StopMatcher([stop] if isinstance(stop, str) else stop)
+        self.history = list(prompt_ids)  # prompt and generated tokens (the repetition penalty's)
+        self.generated = 0
+        self.finish_reason: str | None = None
+
+    def add(self, token: int) -> str:
+        """The text `token` lets out; sets `finish_reason` when it ends the sequence."""
+        self.generated += 1
+        self.history.append(token)
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+            return self._final_text()[0]
+        text, stopped = self.stop_matcher.add(self.detokenizer.add(token))
+        if stopped:
+            self.finish_reason = "stop"
+        elif self.generated == self.max_new_tokens:
+            rest, stopped = self._final_text()
+            text += rest
+            self.finish_reason = "stop" if stopped else "length"
+        return text
+
+    def _final_text(self) -> tuple[str, bool]:
+        """The rest of the stream: incomplete UTF-8 bytes, then text held back for stop strings."""
+        text, stopped = self.stop_matcher.add(self.detokenizer.flush())
+        return text + self.stop_matcher.flush(), stopped
+
+
+def check_request(backend: Backend, prompt_ids: Sequence[int], max_new_tokens) -> int:
+    """Positions a request needs (the last new token is returned, never fed back: P + N tokens
+    need P + N - 1), or a clear error when they do not fit the model or memory."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    limit = backend.config.max_position_embeddings
+    positions = len(prompt_ids) + max_new_tokens - 1
+    if positions > limit:
+        raise ContextLengthError(f"{len(prompt_ids)} prompt tokens + max_new_tokens="
+                                 f"{max_new_tokens} need {positions} positions, more than the "
+                                 f"model's max_position_embeddings={limit}")
+    check_fits(backend.expected_cache_bytes(1, positions, FP32),
+               f"a KV cache of {positions} positions")
+    return positions
+
+
+def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Prompt ids of a chat (`{"role", "content"}` dicts): the tokenizer's chat template, or
+    for a model without one (a base code model) the contents one after another, as one
+    plain prompt to continue."""
+    if tokenizer.chat_template:
+        return tokenizer.encode_chat(list(messages))
+    return encode_prompt(tokenizer, "".join(m["content"] for m in messages),
+                         tokenizer.add_bos_token)
+
+
 def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
                     max_new_tokens: int = 256, sampling: SamplingParams | None = None,
                     stop: Sequence[str] = (), decode_mode: str = "clp",
                     prefill_chunk_size: int | None = None,
                     add_bos: bool | None = None) -> Iterator[GenerationResponse]:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 1:
-        raise GenerateError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if isinstance(stop, str):
-        stop = [stop]
     mode = backend.mode_run(decode_mode)
     if add_bos is None:
         add_bos = tokenizer.add_bos_token
     prompt_ids = encode_prompt(tokenizer, prompt, add_bos)
-    limit = backend.config.max_position_embeddings
-    # the last new token is returned, never fed back: P + N tokens need P + N - 1 positions
-    positions = len(prompt_ids) + max_new_tokens - 1
-    if positions > limit:
-        raise GenerateError(f"{len(prompt_ids)} prompt tokens + max_new_tokens={max_new_tokens} "
-                            f"need {positions} positions, more than the model's "
-                            f"max_position_embeddings={limit}")
-    check_fits(backend.expected_cache_bytes(1, positions, FP32),
-               f"a KV cache of {positions} positions")
+    positions = check_request(backend, prompt_ids, max_new_tokens)
     sampler = Sampler(sampling)
-    eos_ids = set(tokenizer.eos_ids) | set(backend.config.eos_token_ids)
-    detokenizer = tokenizer.detokenizer()
-    stop_matcher = StopMatcher(stop)
-    history = list(prompt_ids)
+    sequence = SequenceText(tokenizer, prompt_ids, max_new_tokens, stop,
+                            backend.config.eos_token_ids)
 
     start = time.perf_counter()
     # Positions for the whole answer are allocated up front (no growth while decoding).
     state, logits = backend.prefill([prompt_ids], positions, prefill_chunk_size)
     prefill_s = time.perf_counter() - start
-    token = int(sampler(logits, [history])[0])
+    token = int(sampler(logits, [sequence.history])[0])
     first_token_at = time.perf_counter()
     ttft_s = first_token_at - start
     prompt_tps = len(prompt_ids) / max(prefill_s, 1e-9)
 
-    def response(text, generated, finish_reason):
+    def response(text):
+        generated = sequence.generated
         decode_s = time.perf_counter() - first_token_at
         return GenerationResponse(
             text=text, token=token, prompt_tokens=len(prompt_ids), prompt_tps=prompt_tps,
@@ -125,32 +178,17 @@ def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
             # tokens after the first come from decode steps: their rate is the decode speed
             generation_tps=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0,
             ttft_s=ttft_s, cache_bytes=backend.cache_bytes(state),
-            peak_memory_bytes=backend.peak_memory_bytes(), finish_reason=finish_reason,
-            backend=backend.name, loops=backend.loops, decode_mode=mode)
+            peak_memory_bytes=backend.peak_memory_bytes(),
+            finish_reason=sequence.finish_reason, backend=backend.name, loops=backend.loops,
+            decode_mode=mode)
 
-    def final_text() -> tuple[str, bool]:
-        """The rest of the stream: incomplete UTF-8 bytes, then text held back for stop strings."""
-        text, stopped = stop_matcher.add(detokenizer.flush())
-        return text + stop_matcher.flush(), stopped
-
-    generated = 0
     while True:
-        generated += 1
-        history.append(token)
-        if token in eos_ids:
-            yield response(final_text()[0], generated, "stop")
+        text = sequence.add(token)
+        yield response(text)
+        if sequence.finish_reason is not None:
             return
-        text, stopped = stop_matcher.add(detokenizer.add(token))
-        if stopped:
-            yield response(text, generated, "stop")
-            return
-        if generated == max_new_tokens:
-            rest, stopped = final_text()
-            yield response(text + rest, generated, "stop" if stopped else "length")
-            return
-        yield response(text, generated, None)
         logits = backend.step(state, np.array([token], dtype=np.int64), mode)
-        token = int(sampler(logits, [history])[0])
+        token = int(sampler(logits, [sequence.history])[0])
 
 
 def generate(backend: Backend, tokenizer, prompt: str | list[int],

@@ -76,6 +76,7 @@ def choose_device(provider: str) -> str:
 
 class ONNXBackend(Backend):
     name = "onnx"
+    loops_share_weights = False  # one export (graphs and weights) per loop count
 
     def __init__(self, model_dir: str, loops: int | None = None, provider: str = "auto",
                  dtype: str | None = None, threads: int | None = None, prepack: bool = False):

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("plt_port", "metal_kernels", "runtimes", "exporters", "demo")
-APP_MODULES = ("plt_port.cli", "plt_port.commands")
+APP_MODULES = ("plt_port.cli", "plt_port.commands", "plt_port.server")
 
 # (layer, module prefixes): the longest matching prefix decides; lower layers may not import
 # higher ones.

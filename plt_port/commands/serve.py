@@ -1,0 +1,191 @@
+"""plt-port serve [--model DIR] [--backend torch|onnx|mlx] [--loops N] [--host 127.0.0.1]
+[--port 8000] [--max-batch N]: an OpenAI-compatible server with continuous batching.
+
+Without --model it serves the embedded two-loop model. Ctrl-C stops it: requests in flight
+get GRACEFUL_SHUTDOWN_S to finish, then are cancelled. `--bench STREAMS` starts the server on
+a free local port, measures one stream and then STREAMS concurrent ones over HTTP, prints the
+figures and the server's /metrics, and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+
+from plt_port.cli import positive_int
+from plt_port.commands.generate import add_backend_arguments, backend_options
+from plt_port.errors import PLTError
+
+GRACEFUL_SHUTDOWN_S = 5
+BENCH_PROMPTS = ("def parse_args(argv):\n    ", "class Cache:\n    def __init__(self", "import os\n\n",
+                 "def walk(root):\n    for ", "    return sorted(", "with open(path) as f:\n    ")
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", metavar="DIR",
+                        help="PyTorch PLT model directory (default: the embedded two-loop model)")
+    parser.add_argument("--backend", default="torch", help="torch, onnx or mlx (default torch)")
+    parser.add_argument("--loops", type=positive_int,
+                        help="default loop count (default: the model's); requests may ask for "
+                             "others with the model id NAME@loops=K or the body field loops")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
+    parser.add_argument("--max-batch", type=positive_int, default=16,
+                        help="sequences decoded together at most (default 16)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests that may wait for a batch slot; more get 429 (default 64)")
+    parser.add_argument("--decode", choices=["clp", "naive"], default="clp",
+                        help="decode mode (default clp)")
+    parser.add_argument("--bench", type=positive_int, metavar="STREAMS",
+                        help="measure 1 vs STREAMS concurrent streams on a local port and exit")
+    parser.add_argument("--bench-tokens", type=positive_int, default=64,
+                        help="tokens per stream of --bench (default 64)")
+    add_backend_arguments(parser)
+
+
+def open_server(model_dir: str, backend: str = "torch", loops: int | None = None, *,
+                max_batch: int = 16, max_queue: int = 64, decode_mode: str = "clp",
+                options: dict | None = None):
+    """(engine, app): the engine started with the backend loaded on its thread."""
+    from plt_port.server import create_app
+    from plt_port.tokenizer import Tokenizer
+    from runtimes import load_backend
+    from runtimes.engine import BatchEngine
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+
+    def load(at_loops):
+        return load_backend(backend, model_dir, loops=loops if at_loops is None else at_loops,
+                            **(options or {}))
+
+    engine = BatchEngine(load, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                         decode_mode=decode_mode).start()
+    name = os.path.basename(os.path.normpath(model_dir))
+    return engine, create_app(engine, tokenizer, name)
+
+
+def uvicorn_server(app, host: str, port: int):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+
+
+def start_in_thread(app, host: str = "127.0.0.1", port: int | None = None):
+    """(uvicorn server, its thread, base URL) of `app` served from a background thread;
+    `server.should_exit = True` stops it."""
+    port = port or free_port(host)
+    server = uvicorn_server(app, host, port)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise PLTError(f"the server could not start on {host}:{port}")
+        time.sleep(0.02)
+    return server, thread, f"http://{host}:{port}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def run(args):
+    if args.max_queue < 0:
+        raise PLTError(f"--max-queue must be at least 0, got {args.max_queue}")
+    if args.port > 65535:
+        raise PLTError(f"--port must be at most 65535, got {args.port}")
+    if args.model is None:
+        from plt_port.family import default_model_dir
+
+        args.model = default_model_dir()
+    engine, app = open_server(args.model, args.backend, args.loops, max_batch=args.max_batch,
+                              max_queue=args.max_queue, decode_mode=args.decode,
+                              options=backend_options(args.backend, args))
+    try:
+        if args.bench:
+            return bench(app, args.bench, args.bench_tokens)
+        print(f"plt-port serve: http://{args.host}:{args.port}/v1 ({app.title} "
+              f"{os.path.basename(os.path.normpath(args.model))}, {args.backend}, "
+              f"{engine.backend.loops} loops, batches of up to {args.max_batch}; "
+              f"Ctrl-C stops)", file=sys.stderr, flush=True)
+        uvicorn_server(app, args.host, args.port).run()
+    finally:
+        engine.close()
+    return 0
+
+
+# ---- --bench -----------------------------------------------------------------------------------
+def stream_completion(url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """(seconds to the first token, seconds in all, completion tokens) of one greedy stream."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    connection.request("POST", "/v1/completions", json.dumps(body),
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    if response.status != 200:
+        raise PLTError(f"bench request failed: {response.status} {response.read()[:200]!r}")
+    first, tokens = None, 0
+    for line in response:
+        if not line.startswith(b"data: {"):
+            continue
+        first = first or time.perf_counter() - start
+        usage = json.loads(line[6:]).get("usage")
+        tokens = usage["completion_tokens"] if usage else tokens
+    connection.close()
+    return first, time.perf_counter() - start, tokens
+
+
+def concurrent_streams(url: str, streams: int, max_tokens: int) -> tuple[float, list[float]]:
+    """(aggregate tokens/s, time to first token of each stream) of `streams` streams at once."""
+    results = [None] * streams
+
+    def one(i):
+        results[i] = stream_completion(url, BENCH_PROMPTS[i % len(BENCH_PROMPTS)] + f"x{i} = ",
+                                       max_tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    if any(r is None for r in results):
+        raise PLTError("a bench stream failed (see the log above)")
+    return sum(r[2] for r in results) / wall, [r[0] for r in results]
+
+
+def bench(app, streams: int, max_tokens: int) -> int:
+    import urllib.request
+
+    server, thread, url = start_in_thread(app)
+    try:
+        concurrent_streams(url, 1, 4)  # warm-up
+        single_tps, single_ttft = concurrent_streams(url, 1, max_tokens)
+        many_tps, many_ttft = concurrent_streams(url, streams, max_tokens)
+        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+            metrics = response.read().decode()
+    finally:
+        server.should_exit = True
+        thread.join(GRACEFUL_SHUTDOWN_S + 5)
+    print(f"1 stream: {single_tps:.1f} tok/s, ttft {single_ttft[0] * 1e3:.0f} ms\n"
+          f"{streams} streams: {many_tps:.1f} tok/s aggregate ({many_tps / single_tps:.2f}x), "
+          f"ttft median {statistics.median(many_ttft) * 1e3:.0f} ms, "
+          f"max {max(many_ttft) * 1e3:.0f} ms\n")
+    print("\n".join(line for line in metrics.splitlines()
+                    if line.startswith("plt_") and "_created" not in line))
+    return 0
