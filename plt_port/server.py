@@ -304,15 +304,19 @@ def create_app(engine: BatchEngine, tokenizer, model_name: str) -> FastAPI:
                       chunk, final) -> Response:
         """A JSON response of the whole answer, or server-sent events: `chunk(event)` per
         token, then a usage chunk when asked for, then [DONE]."""
+        # an error before the first token gets its status (and the connection stays usable)
         if not body.stream:
-            events = [event async for event in generation.stream(http_request)]
+            try:
+                events = [event async for event in generation.stream(http_request)]
+            except Exception as exc:  # noqa: BLE001
+                return api_error(exc).response()
             return JSONResponse(final(events) | {"usage": usage(generation)})
         tokens = generation.stream(None)
         try:
-            first = await anext(tokens)  # errors before the first token get their status
-        except BaseException:
+            first = await anext(tokens)
+        except Exception as exc:  # noqa: BLE001
             await tokens.aclose()
-            raise
+            return api_error(exc).response()
 
         async def sse():
             event = first

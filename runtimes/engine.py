@@ -173,8 +173,8 @@ class BatchEngine:
 
     def __init__(self, load: Callable[[int | None], Backend], tokenizer, *, max_batch: int = 16,
                  max_queue: int = 64, decode_mode: str = "clp"):
-        if max_batch < 1 or max_queue < 0:
-            raise EngineError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, "
+        if max_batch < 1 or max_queue < 1:
+            raise EngineError(f"max_batch and max_queue must be >= 1, got {max_batch}, "
                               f"{max_queue}")
         self.load = load
         self.tokenizer = tokenizer

@@ -128,9 +128,9 @@ def check_request(backend: Backend, prompt_ids: Sequence[int], max_new_tokens) -
     limit = backend.config.max_position_embeddings
     positions = len(prompt_ids) + max_new_tokens - 1
     if positions > limit:
-        raise ContextLengthError(f"{len(prompt_ids)} prompt tokens + max_new_tokens="
-                                 f"{max_new_tokens} need {positions} positions, more than the "
-                                 f"model's max_position_embeddings={limit}")
+        raise ContextLengthError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new "
+                                 f"tokens need {positions} positions, more than the model's "
+                                 f"context (max_position_embeddings={limit})")
     check_fits(backend.expected_cache_bytes(1, positions, FP32),
                f"a KV cache of {positions} positions")
     return positions

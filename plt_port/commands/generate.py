@@ -37,8 +37,8 @@ def backend_options(name: str, args) -> dict:
     return options
 
 
-def add_arguments(parser):
-    parser.add_argument("prompt", metavar="PROMPT", help="prompt text ('-' reads stdin)")
+def add_model_arguments(parser) -> None:
+    """The model, backend, decode and sampling options (shared with `plt-port chat`)."""
     parser.add_argument("--model", metavar="DIR",
                         help="PyTorch PLT model directory (default: the embedded two-loop model)")
     parser.add_argument("--backend", default="torch", help="torch, onnx or mlx (default torch)")
@@ -55,12 +55,56 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, help="sampling seed")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop string (repeatable; not printed)")
+    parser.add_argument("--system-prompt", metavar="TEXT",
+                        help="system message (needs the model's chat template)")
+    add_backend_arguments(parser)
+
+
+def add_arguments(parser):
+    parser.add_argument("prompt", metavar="PROMPT", help="prompt text ('-' reads stdin)")
+    add_model_arguments(parser)
+    parser.add_argument("--ignore-chat-template", action="store_true",
+                        help="use the prompt as plain text even when the model has a chat "
+                             "template (default: the template wraps it as a user message)")
     parser.add_argument("--prefill-chunk-size", type=int, metavar="N",
                         help="prefill the prompt in chunks of N tokens")
     parser.add_argument("--no-bos", action="store_true",
-                        help="do not prepend the BOS token (default: as tokenizer_config.json's "
-                             "add_bos_token says, true when absent)")
-    add_backend_arguments(parser)
+                        help="do not prepend the BOS token to a plain prompt (default: as "
+                             "tokenizer_config.json's add_bos_token says, true when absent)")
+
+
+def load_model(args):
+    """(backend, tokenizer, sampling parameters) the model options ask for."""
+    from plt_port.tokenizer import Tokenizer
+    from runtimes import load_backend
+    from runtimes.sampling import SamplingParams
+
+    if args.model is None:
+        from plt_port.family import default_model_dir
+
+        args.model = default_model_dir()
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              seed=args.seed)
+    backend = load_backend(args.backend, args.model, loops=args.loops,
+                           **backend_options(args.backend, args))
+    return backend, Tokenizer.from_dir(args.model), sampling
+
+
+def system_messages(args) -> list[dict]:
+    return [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+
+
+def templated_prompt(tokenizer, prompt: str, args) -> str | list[int]:
+    """The prompt as a user message under the model's chat template (ids), or as plain text
+    when the model has no template or --ignore-chat-template says so (mlx-lm's behaviour)."""
+    if not tokenizer.chat_template or args.ignore_chat_template:
+        if args.system_prompt is not None:
+            raise PLTError("--system-prompt needs the model's chat template ("
+                           + ("--ignore-chat-template is set)" if tokenizer.chat_template
+                              else "this model has none)"))
+        return prompt
+    return tokenizer.encode_chat(system_messages(args) + [{"role": "user", "content": prompt}])
 
 
 def format_stats(last, requested_mode: str) -> str:
@@ -75,10 +119,7 @@ def format_stats(last, requested_mode: str) -> str:
 
 
 def run(args):
-    from plt_port.tokenizer import Tokenizer
-    from runtimes import load_backend
     from runtimes.generate import stream_generate
-    from runtimes.sampling import SamplingParams
 
     # bad UTF-8 on stdin arrives as lone surrogates, like bad bytes in argv: the tokenizer
     # names both in one error
@@ -86,19 +127,11 @@ def run(args):
         else args.prompt
     if not prompt:
         raise PLTError("the prompt is empty")
-    if args.model is None:
-        from plt_port.family import default_model_dir
-
-        args.model = default_model_dir()
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                              seed=args.seed)
-    backend = load_backend(args.backend, args.model, loops=args.loops,
-                           **backend_options(args.backend, args))
-    tokenizer = Tokenizer.from_dir(args.model)
+    backend, tokenizer, sampling = load_model(args)
     last = None
-    for last in stream_generate(backend, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                                sampling=sampling, stop=args.stop, decode_mode=args.decode,
+    for last in stream_generate(backend, tokenizer, templated_prompt(tokenizer, prompt, args),
+                                max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                stop=args.stop, decode_mode=args.decode,
                                 prefill_chunk_size=args.prefill_chunk_size,
                                 add_bos=False if args.no_bos else None):
         sys.stdout.write(last.text)

@@ -38,7 +38,7 @@ def add_arguments(parser):
     parser.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-batch", type=positive_int, default=16,
                         help="sequences decoded together at most (default 16)")
-    parser.add_argument("--max-queue", type=int, default=64,
+    parser.add_argument("--max-queue", type=positive_int, default=64,
                         help="requests that may wait for a batch slot; more get 429 (default 64)")
     parser.add_argument("--decode", choices=["clp", "naive"], default="clp",
                         help="decode mode (default clp)")
@@ -98,8 +98,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def run(args):
-    if args.max_queue < 0:
-        raise PLTError(f"--max-queue must be at least 0, got {args.max_queue}")
     if args.port > 65535:
         raise PLTError(f"--port must be at most 65535, got {args.port}")
     if args.model is None:
@@ -116,9 +114,13 @@ def run(args):
               f"{os.path.basename(os.path.normpath(args.model))}, {args.backend}, "
               f"{engine.backend.loops} loops, batches of up to {args.max_batch}; "
               f"Ctrl-C stops)", file=sys.stderr, flush=True)
-        uvicorn_server(app, args.host, args.port).run()
+        try:
+            uvicorn_server(app, args.host, args.port).run()
+        except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down
+            pass
     finally:
         engine.close()
+    print("plt-port serve: stopped", file=sys.stderr)
     return 0
 
 
