@@ -151,6 +151,33 @@ def test_write_and_free_slots_of_a_running_batch(backend_name, make_model, fmt):
     np.testing.assert_allclose(logits[1], expected[1][-1], atol=TOL, rtol=0)
 
 
+def test_empty_state_takes_sequences_and_at_loops_shares_the_weights(backend_name, make_model):
+    """A batch of free slots (the width a server re-lays a running batch out into) decodes what
+    is written into it; `at_loops` serves another loop count from the same loaded weights
+    (ONNX, whose graphs bake the loop count in, says so)."""
+    model_dir = make_model("plt")
+    backend = load_backend(backend_name, model_dir, loops=2)
+    empty = backend.empty_state(4, 16)
+    assert empty.lengths.tolist() == [0] * 4 and not empty.active.any()
+    assert backend.cache_bytes(empty) == backend.expected_cache_bytes(4, 16, 4)
+    if not backend.loops_share_weights:
+        with pytest.raises(BackendError, match="load it again"):
+            backend.at_loops(3)
+        return
+    at_three = backend.at_loops(3)
+    assert at_three.loops == 3 and backend.loops == 2
+    assert at_three.__dict__.get("model") is backend.__dict__.get("model")
+    prompt = random_prompts([9], seed=4)[0]
+    state = at_three.empty_state(4, 16)
+    at_three.write_slot(state, 2, at_three.prefill([prompt], max_tokens=9)[0])
+    logits = at_three.step(state, np.array([0, 0, 7, 0]))
+    assert state.lengths.tolist() == [0, 0, 10, 0]
+    expected = reference_logits(model_dir, [prompt + [7]], 3)[0][-1]
+    np.testing.assert_allclose(logits[2], expected, atol=TOL, rtol=0)
+    with pytest.raises(BackendError, match="batch must be a positive integer"):
+        backend.empty_state(0, 16)
+
+
 @pytest.mark.parametrize("fmt,loops", [("plt", 1), ("plt", 3), ("v1", 2), ("v1", 4)])
 def test_cache_bytes_follow_the_spec(backend_name, make_model, fmt, loops):
     overrides = dict(plt_window_size=[4, 0]) if fmt == "plt" else dict(loop_window_size=6)

@@ -1,0 +1,126 @@
+"""The continuous-batching engine (runtimes/engine.py) without HTTP: the width of a running
+batch follows its sequences (re-laid out exactly), cancellation frees a slot, a full queue
+and a closed engine refuse requests, and shutdown ends every request."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import numpy as np
+import pytest
+
+from conftest import CachelessBackend, greedy_run, random_prompts
+from plt_port.tokenizer import Tokenizer
+from runtimes import load_backend
+from runtimes.engine import (BatchEngine, EngineClosedError, QueueFullError, Request,
+                             RunningBatch, RunningSequence, TokenEvent, batch_width)
+from runtimes.generate import SequenceText
+from runtimes.sampling import Sampler
+
+
+def test_batch_width_is_the_next_power_of_two_within_max_batch():
+    assert [batch_width(n, 16) for n in (1, 2, 3, 4, 5, 9, 16)] == [1, 2, 4, 4, 8, 16, 16]
+    assert batch_width(9, 12) == 12
+
+
+def test_a_running_batch_grows_and_narrows_and_decodes_exactly(make_model, tokenizer_dir):
+    """Sequences join a batch one by one (widths 1, 2, 4), two leave (width 1 again): every
+    remaining sequence decodes what it decodes alone."""
+    backend = load_backend("torch", make_model("plt"), loops=3)
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    batch = RunningBatch(backend, max_batch=8)
+    prompts = random_prompts([5, 12, 9], seed=2)
+    widths, sequences = [], []
+    for prompt in prompts:
+        state, logits = backend.prefill([prompt], len(prompt) + 6)
+        sequence = RunningSequence(Request(prompt, 7, print), SequenceText(tokenizer, prompt, 7),
+                                   Sampler(), len(prompt) + 6, int(logits[0].argmax()))
+        batch.add(sequence, state)
+        sequences.append(sequence)
+        widths.append(batch.state.batch_size)
+    decoded = {id(s): [s.last_token] for s in sequences}
+
+    def step():
+        logits = batch.step("clp")
+        for slot, sequence in enumerate(batch.slots):
+            if sequence is not None:
+                sequence.last_token = int(logits[slot].argmax())
+                decoded[id(sequence)].append(sequence.last_token)
+
+    step()
+    batch.release([batch.slots.index(sequences[0]), batch.slots.index(sequences[2])])
+    widths.append(batch.state.batch_size)
+    step()
+    assert widths == [1, 2, 4, 1] and batch.slots == [sequences[1]]
+    alone, history, _ = greedy_run(backend, [prompts[1]], 2)
+    expected = alone[0][len(prompts[1]):] + [int(history[-1][0].argmax())]
+    assert decoded[id(sequences[1])] == expected
+    batch.release([0])
+    assert batch.state is None and batch.slots == []
+
+
+class ConstantBackend(CachelessBackend):
+    """Always predicts token 5 after a short sleep (a decode step that takes time)."""
+
+    def logits_for(self, last_tokens):
+        time.sleep(0.005)
+        logits = np.zeros((len(last_tokens), self.config.vocab_size), np.float32)
+        logits[:, 5] = 1.0
+        return logits
+
+
+@pytest.fixture
+def engine(make_model):
+    model_dir = make_model()
+    engine = BatchEngine(lambda loops: ConstantBackend(model_dir, loops),
+                         Tokenizer.from_dir(model_dir), max_batch=2, max_queue=2).start()
+    yield engine
+    engine.close()
+
+
+LONG = 500  # new tokens of a request that runs for seconds (5 ms a step)
+
+
+def submit(engine, max_new_tokens: int) -> tuple[Request, queue.Queue]:
+    events = queue.Queue()
+    request = Request([1, 2, 3], max_new_tokens, events.put)
+    engine.submit(request)
+    return request, events
+
+
+def wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_cancel_frees_the_slot_and_a_waiting_request_takes_it(engine):
+    first, first_events = submit(engine, LONG)
+    second, _ = submit(engine, LONG)
+    wait_for(lambda: engine.running_count == 2)
+    third, third_events = submit(engine, 3)
+    assert engine.queued_count == 1
+    first.cancel()
+    events = [third_events.get(timeout=10) for _ in range(3)]
+    assert all(isinstance(e, TokenEvent) for e in events) and events[-1].finish_reason == "length"
+    assert isinstance(first_events.get(timeout=10), TokenEvent)
+    second.cancel()
+    wait_for(lambda: engine.running_count == 0)
+
+
+def test_a_full_queue_refuses_and_close_ends_every_request(engine):
+    requests = [submit(engine, LONG) for _ in range(2)]
+    wait_for(lambda: engine.running_count == 2)
+    waiting = [submit(engine, LONG) for _ in range(2)]
+    with pytest.raises(QueueFullError):
+        submit(engine, 2)
+    engine.close()
+    assert not engine.thread.is_alive()
+    for _, events in requests + waiting:
+        while isinstance(event := events.get(timeout=10), TokenEvent):
+            pass
+        assert isinstance(event, EngineClosedError)
+    with pytest.raises(EngineClosedError):
+        submit(engine, 2)
