@@ -6,6 +6,7 @@ import importlib.util
 import os
 import sys
 import sysconfig
+import time
 
 import numpy as np
 import pytest
@@ -167,6 +168,18 @@ class CachelessBackend(Backend):
 
     def cache_nbytes(self, caches):
         return 0
+
+
+class ConstantBackend(CachelessBackend):
+    """Always predicts token 5, each call taking `call_s` seconds (steps that take time)."""
+
+    call_s = 0.005
+
+    def logits_for(self, last_tokens) -> np.ndarray:
+        time.sleep(self.call_s)
+        logits = np.zeros((len(last_tokens), self.config.vocab_size), np.float32)
+        logits[:, 5] = 1.0
+        return logits
 
 
 def requires(module: str):

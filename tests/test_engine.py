@@ -7,10 +7,9 @@ from __future__ import annotations
 import queue
 import time
 
-import numpy as np
 import pytest
 
-from conftest import CachelessBackend, greedy_run, random_prompts
+from conftest import ConstantBackend, greedy_run, random_prompts
 from plt_port.tokenizer import Tokenizer
 from runtimes import load_backend
 from runtimes.engine import (BatchEngine, EngineClosedError, QueueFullError, Request,
@@ -58,16 +57,6 @@ def test_a_running_batch_grows_and_narrows_and_decodes_exactly(make_model, token
     assert decoded[id(sequences[1])] == expected
     batch.release([0])
     assert batch.state is None and batch.slots == []
-
-
-class ConstantBackend(CachelessBackend):
-    """Always predicts token 5 after a short sleep (a decode step that takes time)."""
-
-    def logits_for(self, last_tokens):
-        time.sleep(0.005)
-        logits = np.zeros((len(last_tokens), self.config.vocab_size), np.float32)
-        logits[:, 5] = 1.0
-        return logits
 
 
 @pytest.fixture

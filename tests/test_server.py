@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import CachelessBackend, requires
+from conftest import CachelessBackend, ConstantBackend, requires
 
 pytestmark = [requires("openai"), requires("fastapi"), requires("prometheus_client")]
 
@@ -260,6 +260,7 @@ def concurrent_texts(client, requests: list[dict]) -> list[str]:
     return texts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "onnx", "mlx"])
 def test_16_concurrent_streams_each_get_their_text_alone(backend):
     """Greedy and seeded sampling, two loop counts (two batches), prompts of different
@@ -283,19 +284,14 @@ def test_16_concurrent_streams_each_get_their_text_alone(backend):
 
 def test_a_full_queue_gets_429(make_model):
     """One running sequence, one waiting: the next request is turned away."""
-    import numpy as np
     import openai
 
     from plt_port.server import create_app
     from plt_port.tokenizer import Tokenizer
     from runtimes.engine import BatchEngine
 
-    class SlowBackend(CachelessBackend):
-        def logits_for(self, last_tokens):
-            time.sleep(0.02)
-            logits = np.zeros((len(last_tokens), self.config.vocab_size), np.float32)
-            logits[:, 5] = 1.0
-            return logits
+    class SlowBackend(ConstantBackend):
+        call_s = 0.02
 
     model_dir = make_model()
     engine = BatchEngine(lambda loops: SlowBackend(model_dir, loops), Tokenizer.from_dir(model_dir),
@@ -349,6 +345,7 @@ def test_an_internal_error_is_a_500_without_traceback(make_model):
 
 
 # ---- the command -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_plt_port_serve_starts_prints_its_url_and_stops_on_ctrl_c():
     import httpx
 
@@ -379,3 +376,52 @@ def test_plt_port_serve_starts_prints_its_url_and_stops_on_ctrl_c():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# ---- load --------------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.load
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+def test_bounded_load_has_no_failures_and_flat_memory(server):
+    """8 clients, 240 requests (streamed and not, 3 of them abandoned each round), at most
+    90 s, 127.0.0.1 only: no failures, and after a warm-up round the RSS grows by < 32 MiB."""
+    import httpx
+
+    def round_of(requests: int):
+        results = []
+
+        def client(k):
+            with httpx.Client(base_url=server.url, timeout=60) as http:
+                for i in range(k, requests, 8):
+                    body = {"model": "plt-chat", "prompt": PROMPTS[i % len(PROMPTS)],
+                            "max_tokens": 4 + i % 24, "temperature": 0.7, "seed": i,
+                            "stream": i % 2 == 0}
+                    if i % 40 == 0:  # abandoned after the first event
+                        with http.stream("POST", "/v1/completions", json=body) as response:
+                            next(response.iter_lines())
+                        results.append(200)
+                        continue
+                    results.append(http.post("/v1/completions", json=body).status_code)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+        return results
+
+    start = time.monotonic()
+    assert round_of(80) == [200] * 80
+    baseline = rss_bytes()
+    results = round_of(160)
+    assert results == [200] * 160
+    assert time.monotonic() - start < 90
+    assert rss_bytes() - baseline < 32 * 2**20
+    wait_for_idle = time.monotonic() + 20
+    while server.get("/health").json()["running"]:
+        assert time.monotonic() < wait_for_idle
+        time.sleep(0.05)
