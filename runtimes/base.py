@@ -105,6 +105,10 @@ class Backend(abc.ABC):
         """Peak memory from the framework's own counters, if it has them."""
         return None
 
+    def release_thread(self) -> None:
+        """Free what the framework keeps for the calling thread: the last call of a worker
+        thread that ran this backend (MLX streams are thread-local)."""
+
     # ---- the contract ----------------------------------------------------------------------
     def at_loops(self, loops: int | None) -> "Backend":
         """This backend at another loop count, sharing its loaded weights (one copy in memory)."""

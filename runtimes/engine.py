@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from plt_port import cache_layout
 from plt_port.errors import PLTError
 
 from .base import Backend, DecodeState
@@ -104,6 +105,12 @@ def batch_width(sequences: int, max_batch: int) -> int:
     return min(1 << max(sequences - 1, 0).bit_length(), max_batch)
 
 
+def allocated_positions(backend: Backend, positions: int) -> int:
+    """Global positions to allocate for `positions`: rounded up like cache growth, so that
+    batches keep a few shapes (MLX traces its compiled step again for each new shape)."""
+    return cache_layout.grown_capacity(positions, backend.config.max_position_embeddings)
+
+
 def token_logprobs(logits: np.ndarray, token: int, k: int) -> TokenLogprobs:
     """Log-probabilities under the model's own distribution (before any sampling filter)."""
     shifted = logits.astype(np.float64) - logits.max()
@@ -133,7 +140,8 @@ class RunningBatch:
         if None not in self.slots:
             self.relayout(batch_width(len(self.slots) + 1, self.max_batch))
         slot = self.slots.index(None)
-        self.backend.ensure_capacity(self.state, sequence.positions)
+        self.backend.ensure_capacity(self.state, allocated_positions(self.backend,
+                                                                     sequence.positions))
         self.backend.write_slot(self.state, slot, prefilled)
         self.slots[slot] = sequence
 
@@ -151,7 +159,8 @@ class RunningBatch:
     def relayout(self, width: int) -> None:
         """Copy the running sequences into the first slots of a fresh state `width` wide."""
         old_state, live = self.state, [(i, s) for i, s in enumerate(self.slots) if s is not None]
-        self.state = self.backend.empty_state(width, max(s.positions for _, s in live))
+        self.state = self.backend.empty_state(
+            width, allocated_positions(self.backend, max(s.positions for _, s in live)))
         self.slots = [None] * width
         for slot, (old_slot, sequence) in enumerate(live):
             self.backend.write_slot(self.state, slot, old_state, old_slot)
@@ -253,6 +262,8 @@ class BatchEngine:
             if self.running_count == 0 and not self.waiting:
                 self.wake.wait(IDLE_WAIT_S)
         self._end_all(EngineClosedError("the server is shutting down"))
+        for backend in self.backends.values():
+            backend.release_thread()
 
     def _backend_for(self, loops: int | None) -> Backend:
         default = self.backend
@@ -281,7 +292,8 @@ class BatchEngine:
 
     def _start(self, request: Request, positions: int) -> None:
         backend = self._backend_for(request.loops)
-        state, logits = backend.prefill([request.prompt_ids], positions)
+        state, logits = backend.prefill([request.prompt_ids],
+                                        allocated_positions(backend, positions))
         sequence = RunningSequence(
             request, SequenceText(self.tokenizer, request.prompt_ids, request.max_new_tokens,
                                   request.stop, backend.config.eos_token_ids),

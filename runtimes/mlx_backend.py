@@ -51,6 +51,9 @@ class MLXBackend(Backend):
     def peak_memory_bytes(self):
         return mx.get_peak_memory()
 
+    def release_thread(self):
+        mx.clear_streams()  # a worker's streams outliving it abort the process at exit
+
     # ---- caches ------------------------------------------------------------------------
     def new_caches(self, batch, capacity):
         return self.model.make_cache(batch, capacity, self.loops)

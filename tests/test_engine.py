@@ -4,18 +4,23 @@ and a closed engine refuse requests, and shutdown ends every request."""
 
 from __future__ import annotations
 
+import os
 import queue
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import ConstantBackend, greedy_run, random_prompts
+from conftest import ConstantBackend, greedy_run, random_prompts, requires
 from plt_port.tokenizer import Tokenizer
 from runtimes import load_backend
 from runtimes.engine import (BatchEngine, EngineClosedError, QueueFullError, Request,
                              RunningBatch, RunningSequence, TokenEvent, batch_width)
 from runtimes.generate import SequenceText
 from runtimes.sampling import Sampler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_batch_width_is_the_next_power_of_two_within_max_batch():
@@ -113,3 +118,26 @@ def test_a_full_queue_refuses_and_close_ends_every_request(engine):
         assert isinstance(event, EngineClosedError)
     with pytest.raises(EngineClosedError):
         submit(engine, 2)
+
+
+@requires("mlx")
+def test_an_mlx_engine_exits_cleanly(make_model):
+    """MLX streams are thread-local: the engine thread releases its own before it ends, or
+    the process aborts at exit ("terminate called without an active exception")."""
+    script = f"""
+import queue
+from plt_port.tokenizer import Tokenizer
+from runtimes import load_backend
+from runtimes.engine import BatchEngine, Request
+model_dir = {make_model()!r}
+engine = BatchEngine(lambda loops: load_backend("mlx", model_dir, loops=loops),
+                     Tokenizer.from_dir(model_dir)).start()
+events = queue.Queue()
+engine.submit(Request([1, 2, 3], 3, events.put))
+while not events.get(timeout=60).finish_reason:
+    pass
+engine.close()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=os.environ | {"PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr[-2000:]
