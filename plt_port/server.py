@@ -191,9 +191,9 @@ class Generation:
     started: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
 
-    async def next_event(self, http_request: HTTPRequest | None) -> TokenEvent:
-        """The next token; while waiting, a gone client (when `http_request` is given)
-        cancels the request."""
+    async def next_events(self, http_request: HTTPRequest | None) -> list[TokenEvent]:
+        """The next token and those already queued behind it (one write for them all); while
+        waiting, a gone client (when `http_request` is given) cancels the request."""
         while True:
             try:
                 event = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
@@ -201,6 +201,12 @@ class Generation:
             except asyncio.TimeoutError:
                 if http_request is not None and await http_request.is_disconnected():
                     raise APIError(499, "the client closed the request") from None
+        events = [self.accept(event)]
+        while self.finish_reason is None and not self.events.empty():
+            events.append(self.accept(self.events.get_nowait()))
+        return events
+
+    def accept(self, event: TokenEvent | BaseException) -> TokenEvent:
         if isinstance(event, BaseException):
             raise event
         self.metrics.generation_tokens.inc()
@@ -213,17 +219,21 @@ class Generation:
         self.finish_reason = event.finish_reason
         return event
 
-    async def stream(self, http_request: HTTPRequest | None) -> AsyncIterator[TokenEvent]:
+    async def stream(self, http_request: HTTPRequest | None) -> AsyncIterator[list[TokenEvent]]:
         try:
             while self.finish_reason is None:
-                yield await self.next_event(http_request)
+                yield await self.next_events(http_request)
         finally:
             self.request.cancel()  # a no-op once finished; frees the slot of a client gone
 
 
-def skippable(event: TokenEvent, generation: Generation) -> bool:
+def sse_data(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def skippable(event: TokenEvent) -> bool:
     """A token whose stream chunk would say nothing (text held back, not the first or last)."""
-    return not event.text and event.finish_reason is None and generation.tokens > 1
+    return not event.text and event.finish_reason is None and event.index > 1
 
 
 # ---- the app -----------------------------------------------------------------------------------
@@ -307,7 +317,8 @@ def create_app(engine: BatchEngine, tokenizer, model_name: str) -> FastAPI:
         # an error before the first token gets its status (and the connection stays usable)
         if not body.stream:
             try:
-                events = [event async for event in generation.stream(http_request)]
+                events = [event async for events in generation.stream(http_request)
+                          for event in events]
             except Exception as exc:  # noqa: BLE001
                 return api_error(exc).response()
             return JSONResponse(final(events) | {"usage": usage(generation)})
@@ -319,21 +330,21 @@ def create_app(engine: BatchEngine, tokenizer, model_name: str) -> FastAPI:
             return api_error(exc).response()
 
         async def sse():
-            event = first
+            events = first
             try:
                 while True:
-                    payload = chunk(event)
-                    if payload is not None:
-                        yield f"data: {json.dumps(payload)}\n\n"
-                    if event.finish_reason is not None:
+                    data = "".join(sse_data(p) for p in map(chunk, events) if p is not None)
+                    if data:
+                        yield data
+                    if generation.finish_reason is not None:
                         break
-                    event = await anext(tokens)
+                    events = await anext(tokens)
                 if body.stream_options and body.stream_options.include_usage:
-                    yield f"data: {json.dumps(chunk(None) | {'usage': usage(generation)})}\n\n"
+                    yield sse_data(chunk(None) | {"usage": usage(generation)})
                 yield "data: [DONE]\n\n"
             except Exception as exc:  # noqa: BLE001 (headers are sent: the error is an event)
                 error = api_error(exc)
-                yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
+                yield sse_data(error_body(error.message, error.type, error.param, error.code))
             finally:
                 await tokens.aclose()
 
@@ -382,7 +393,7 @@ def create_app(engine: BatchEngine, tokenizer, model_name: str) -> FastAPI:
         def chunk(event: TokenEvent | None) -> dict | None:
             if event is None:
                 return envelope("text_completion", generation, [])
-            if skippable(event, generation) and body.logprobs is None:
+            if skippable(event) and body.logprobs is None:
                 return None
             choice = {"index": 0, "text": event.text, "logprobs": logprobs([event], sent[0]),
                       "finish_reason": event.finish_reason}
@@ -424,10 +435,10 @@ def create_app(engine: BatchEngine, tokenizer, model_name: str) -> FastAPI:
         def chunk(event: TokenEvent | None) -> dict | None:
             if event is None:
                 return envelope("chat.completion.chunk", generation, [])
-            if skippable(event, generation) and not body.logprobs:
+            if skippable(event) and not body.logprobs:
                 return None
             delta = {"content": event.text}
-            if generation.tokens == 1:
+            if event.index == 1:
                 delta = {"role": "assistant"} | delta
             choice = {"index": 0, "delta": delta, "logprobs": logprobs([event]),
                       "finish_reason": event.finish_reason}

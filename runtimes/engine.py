@@ -66,6 +66,7 @@ class TokenLogprobs:
 class TokenEvent:
     text: str                       # text delta (whole UTF-8 characters, stop strings cut)
     token: int
+    index: int                      # 1 for the sequence's first token, then 2, 3, ...
     logprobs: TokenLogprobs | None
     finish_reason: str | None       # None while running, then "stop" or "length"
     time: float                     # time.perf_counter() when the token was sampled
@@ -322,8 +323,8 @@ class BatchEngine:
         logprobs = None if request.top_logprobs is None \
             else token_logprobs(logits, token, request.top_logprobs)
         sequence.last_token = token
-        self._send(request, TokenEvent(text, token, logprobs, sequence.text.finish_reason,
-                                       time.perf_counter()))
+        self._send(request, TokenEvent(text, token, sequence.text.generated, logprobs,
+                                       sequence.text.finish_reason, time.perf_counter()))
         return sequence.text.finish_reason is None and not request.cancelled.is_set()
 
     def _drop_cancelled(self, batch: RunningBatch) -> None:
