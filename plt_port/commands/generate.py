@@ -1,6 +1,8 @@
 """plt-port generate [--model DIR] [--backend NAME] [--loops N] [--decode clp|naive] PROMPT
 
-Streams the answer to stdout as it is decoded, then prints the stats on stderr.
+Streams the answer to stdout as it is decoded, then prints the stats on stderr. A model with a
+chat template gets the prompt as a user message (after --system-prompt's system message)
+unless --ignore-chat-template says to send it as plain text.
 """
 
 from __future__ import annotations
