@@ -225,7 +225,7 @@ class PLTConfig:
     def from_file(cls, path: str | os.PathLike) -> "PLTConfig":
         path = os.fspath(path)
         if not os.path.exists(path):
-            raise ConfigError(f"{path}: no such model directory")
+            raise ConfigError(f"{path}: no such model directory (no config.json)")
         if os.path.isdir(path):
             if not os.path.exists(os.path.join(path, "config.json")):
                 raise ConfigError(f"{path}: no config.json")

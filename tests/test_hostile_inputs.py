@@ -281,7 +281,7 @@ def test_undecodable_stdin_is_a_clean_error(make_model):
                              make_model(), "-"], input=b"\xff\xfe def", capture_output=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert result.returncode == 1
-    assert b"Traceback" not in result.stderr and b"not valid UTF-8" in result.stderr
+    assert b"Traceback" not in result.stderr and b"not valid" in result.stderr
 
 
 # ---- 7. damaged exports --------------------------------------------------------------------------

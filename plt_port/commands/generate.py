@@ -74,16 +74,23 @@ def format_stats(last, requested_mode: str) -> str:
             f"finish: {last.finish_reason}")
 
 
+def read_stdin() -> str:
+    """The prompt from stdin. Undecodable bytes: an error here, or (when Python's stdin
+    escapes them) lone surrogates that the tokenizer refuses, as for bad bytes in argv."""
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as exc:
+        raise PLTError(f"stdin is not valid {exc.encoding} text ({exc.reason} at byte "
+                       f"{exc.start})") from None
+
+
 def run(args):
     from plt_port.tokenizer import Tokenizer
     from runtimes import load_backend
     from runtimes.generate import stream_generate
     from runtimes.sampling import SamplingParams
 
-    # bad UTF-8 on stdin arrives as lone surrogates, like bad bytes in argv: the tokenizer
-    # names both in one error
-    prompt = sys.stdin.buffer.read().decode("utf-8", "surrogateescape") if args.prompt == "-" \
-        else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
     if not prompt:
         raise PLTError("the prompt is empty")
     if args.model is None:
