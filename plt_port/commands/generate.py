@@ -17,6 +17,9 @@ def add_backend_arguments(parser) -> None:
                         help="mlx backend: Metal G-SWA kernel (default auto: when Metal is there)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="torch backend: device (default cpu)")
+    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="onnx backend: execution provider (default auto: CUDA when "
+                             "onnxruntime-gpu finds a GPU)")
     parser.add_argument("--threads", type=positive_int, help="torch/onnx backends: CPU threads")
     parser.add_argument("--onnx-prepack", action="store_true",
                         help="onnx backend: pre-pack the decode graph's weights (faster CLP "
@@ -30,6 +33,8 @@ def backend_options(name: str, args) -> dict:
         options["kernel"] = args.kernel
     if name == "torch":
         options["device"] = args.device
+    if name == "onnx":
+        options["provider"] = args.provider
     if name == "onnx" and args.onnx_prepack:
         options["prepack"] = True
     if name in ("torch", "onnx") and args.threads is not None:
