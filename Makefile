@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS := torch,mlx,onnx,demo,serve,dev
 
-.PHONY: demo test test-fast browser-deps clean
+CUDA_VENV := .venv-cuda
+
+.PHONY: demo test test-fast check-cuda browser-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,5 +31,15 @@ test: $(STAMP) browser-deps
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow and not browser and not load"
 
+# On a machine with an NVIDIA GPU: onnxruntime-gpu and PyPI's (CUDA) torch in their own
+# environment, the accelerator tests (parity, caches on the device, node placement), then the
+# bench of both CUDA backends.
+check-cuda:
+	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install --quiet -c constraints.txt -e '.[torch,cuda,dev]'
+	$(CUDA_VENV)/bin/python -m pytest -q -ra -m accelerator tests/test_cuda.py
+	$(CUDA_VENV)/bin/plt-port bench --random 100m --backend torch,onnx --device cuda \
+	  --provider cuda --loops 1,2,4 --batch 1,4,16 --json cuda-bench.json
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(CUDA_VENV) .pytest_cache

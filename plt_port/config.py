@@ -20,6 +20,10 @@ PLT_TYPE = "iquestpltcoder"
 V1_TYPE = "iquestloopcoder"
 ARCHITECTURES = {PLT_TYPE: "IQuestPLTCoderForCausalLM", V1_TYPE: "IQuestLoopCoderForCausalLM"}
 MAX_LOOPS = 8
+# Far beyond any released model (80 layers, 131,072 positions, 76,800 tokens for the 40B):
+# larger values are typos or hostile, and would only reach the allocator.
+MAX_LAYERS = 1024
+MAX_DIM = 2**24
 
 
 class ConfigError(PLTError, ValueError):
@@ -162,8 +166,9 @@ class PLTConfig:
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "intermediate_size", "vocab_size",
                      "max_position_embeddings", "head_dim"):
-            if getattr(self, name) < 1:
-                fail(name, f"must be a positive integer, got {getattr(self, name)!r}")
+            limit = MAX_LAYERS if name == "num_hidden_layers" else MAX_DIM
+            if not 1 <= getattr(self, name) <= limit:
+                fail(name, f"must be an integer in 1..{limit}, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads",
                  f"{self.num_attention_heads} heads do not divide hidden_size {self.hidden_size}")
@@ -225,7 +230,7 @@ class PLTConfig:
     def from_file(cls, path: str | os.PathLike) -> "PLTConfig":
         path = os.fspath(path)
         if not os.path.exists(path):
-            raise ConfigError(f"{path}: no such model directory")
+            raise ConfigError(f"{path}: no such model directory (no config.json)")
         if os.path.isdir(path):
             if not os.path.exists(os.path.join(path, "config.json")):
                 raise ConfigError(f"{path}: no config.json")

@@ -1,9 +1,11 @@
-"""Decode and prefill speed, and cache memory, across backends, loop counts and decode modes.
+"""Decode and prefill speed, and cache memory, across backends, loop counts, decode modes
+and batch sizes.
 
 Every backend is driven through the same contract (`runtimes.load_backend`): prefill a batch
 of random prompts, then time single decode steps (after a warm-up) and report the median.
-The steps of all loop counts and modes of a backend are interleaved, so the ratios (clp vs
-naive, any loop count vs loops=1) come from one run under the same conditions.
+The steps of all loop counts, modes and batch sizes of a backend are interleaved, so the
+ratios (clp vs naive, any loop count vs loops=1) come from one run under the same conditions.
+Decode tok/s is the batch's: `batch` tokens per step.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class BenchSettings:
     backends: list[str] = field(default_factory=lambda: ["torch"])
     loops: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     modes: list[str] = field(default_factory=lambda: ["clp", "naive"])
-    batch: int = 1
+    batches: list[int] = field(default_factory=lambda: [1])
     steps: int = 32
     prompt_len: int = 128
     warmup: int = 4
@@ -47,12 +49,14 @@ class BenchSettings:
     backend_options: dict[str, dict] = field(default_factory=dict)  # backend name -> options
 
     def __post_init__(self):
-        for name, low in (("batch", 1), ("steps", 1), ("prompt_len", 1), ("warmup", 0)):
-            value = getattr(self, name)
+        checks = [("batch", b, 1) for b in self.batches] + [
+            ("steps", self.steps, 1), ("prompt_len", self.prompt_len, 1),
+            ("warmup", self.warmup, 0)]
+        for name, value, low in checks:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise BenchError(f"{name.replace('_', '-')} must be an integer >= {low}, "
                                  f"got {value!r}")
-        for name in ("backends", "loops", "modes"):
+        for name in ("backends", "loops", "modes", "batches"):
             if not getattr(self, name):
                 raise BenchError(f"no {name} given")
 
@@ -90,10 +94,11 @@ def random_model_dir(spec: str, root: str | None = None) -> str:
 
 @dataclass
 class _Run:
-    """One (backend, decode mode) configuration being timed."""
+    """One (backend, decode mode, batch size) configuration being timed."""
 
     backend: object
     mode: str
+    batch: int
     state: object
     logits: np.ndarray
     prefill_s: float
@@ -101,22 +106,23 @@ class _Run:
 
 
 def time_backends(backends: list, settings: BenchSettings, progress: bool = False) -> list[dict]:
-    """One row per (backend, decode mode actually run); a model without CLP runs naive only.
+    """One row per (backend, decode mode actually run, batch size); a model without CLP runs
+    naive only.
 
     Decode steps are interleaved: each round runs one step of every configuration, so a
     change of load on a shared machine hits all of them alike and the ratios stay fair.
     """
     runs = []
-    for backend in backends:
+    capacity = settings.prompt_len + settings.warmup + settings.steps + 1
+    for backend, batch in ((b, n) for b in backends for n in settings.batches):
         rng = np.random.default_rng(settings.seed)
         prompts = rng.integers(3, backend.config.vocab_size,
-                               (settings.batch, settings.prompt_len)).tolist()
-        capacity = settings.prompt_len + settings.warmup + settings.steps + 1
+                               (batch, settings.prompt_len)).tolist()
         backend.prefill(prompts, capacity)  # warm-up (first-call allocations, lazy compiles)
         for mode in dict.fromkeys(backend.mode_run(m) for m in settings.modes):
             start = time.perf_counter()
             state, logits = backend.prefill(prompts, capacity)
-            runs.append(_Run(backend, mode, state, logits, time.perf_counter() - start))
+            runs.append(_Run(backend, mode, batch, state, logits, time.perf_counter() - start))
     rounds = range(settings.warmup + settings.steps)
     for i in tqdm(rounds, desc=f"bench {backends[0].name}", disable=not progress):
         for run in runs:
@@ -130,21 +136,22 @@ def time_backends(backends: list, settings: BenchSettings, progress: bool = Fals
         step_ms = statistics.median(run.step_s) * 1e3
         rows.append(dict(
             backend=run.backend.name, loops=run.backend.loops, mode=run.mode,
-            batch=settings.batch, prompt_len=settings.prompt_len, steps=settings.steps,
-            prefill_tps=settings.batch * settings.prompt_len / run.prefill_s,
+            batch=run.batch, prompt_len=settings.prompt_len, steps=settings.steps,
+            prefill_tps=run.batch * settings.prompt_len / run.prefill_s,
             step_ms=step_ms, step_ms_min=min(run.step_s) * 1e3,
-            step_ms_max=max(run.step_s) * 1e3, decode_tps=settings.batch * 1e3 / step_ms,
+            step_ms_max=max(run.step_s) * 1e3, decode_tps=run.batch * 1e3 / step_ms,
             cache_bytes=run.backend.cache_bytes(run.state), capacity=run.state.capacity,
             peak_memory_bytes=run.backend.peak_memory_bytes()))
     return rows
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """vs_naive: step latency / naive's (same backend and loops); vs_loops1: / loops=1's."""
-    step = {(r["backend"], r["loops"], r["mode"]): r["step_ms"] for r in rows}
+    """vs_naive: step latency / naive's (same backend, loops and batch); vs_loops1: / that of
+    loops=1 (same backend and batch)."""
+    step = {(r["backend"], r["loops"], r["mode"], r["batch"]): r["step_ms"] for r in rows}
     for r in rows:
-        naive = step.get((r["backend"], r["loops"], "naive"))
-        single = step.get((r["backend"], 1, "naive"))
+        naive = step.get((r["backend"], r["loops"], "naive", r["batch"]))
+        single = step.get((r["backend"], 1, "naive", r["batch"]))
         r["vs_naive"] = r["step_ms"] / naive if naive else None
         r["vs_loops1"] = r["step_ms"] / single if single else None
 
@@ -180,10 +187,10 @@ def format_table(result: dict) -> str:
     lines = [f"model: {result['model_dir']} ({model['parameters'] / 1e6:.1f}M parameters, "
              f"{model['num_hidden_layers']} layers, d={model['hidden_size']}, "
              f"window={model['window']})",
-             f"batch={settings['batch']} prompt_len={settings['prompt_len']} "
+             f"prompt_len={settings['prompt_len']} "
              f"steps={settings['steps']} (median step latency after {settings['warmup']} "
              f"warm-up steps)", ""]
-    header = ["backend", "loops", "mode", "prefill tok/s", "step ms", "decode tok/s",
+    header = ["backend", "loops", "mode", "batch", "prefill tok/s", "step ms", "decode tok/s",
               "vs naive", "vs loops=1", "cache MiB"]
     table = [header]
 
@@ -191,7 +198,8 @@ def format_table(result: dict) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
     for r in result["rows"]:
-        table.append([r["backend"], str(r["loops"]), r["mode"], f"{r['prefill_tps']:.0f}",
+        table.append([r["backend"], str(r["loops"]), r["mode"], str(r["batch"]),
+                      f"{r['prefill_tps']:.0f}",
                       f"{r['step_ms']:.2f}", f"{r['decode_tps']:.1f}", ratio(r["vs_naive"]),
                       ratio(r["vs_loops1"]), f"{r['cache_bytes'] / 2**20:.3f}"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_error_fits_precision, greedy_run, random_prompts, reference_logits
+from plt_port.cache_layout import grown_capacity
 from runtimes import BACKENDS, BackendError, backend_unavailable_reason, load_backend
 
 TOL = 1e-4  # fp32 parity between backends and the reference
@@ -81,6 +82,19 @@ def test_growth_across_a_capacity_boundary(backend_name, make_model):
     assert state.capacity == 512
     assert_matches_reference(model_dir, prompts, sequences, history, 2)
     assert backend.cache_bytes(state) == backend.expected_cache_bytes(1, 512, 4)
+
+
+def test_growth_policy_rounds_up_to_the_next_multiple_of_256():
+    assert [grown_capacity(n, 2048) for n in (1, 255, 256, 257, 512, 513)] == \
+        [256, 256, 256, 512, 512, 768]
+    assert grown_capacity(300, 400) == 400
+
+
+def test_growth_to_an_exact_multiple_allocates_no_more(backend_name, make_model):
+    backend = load_backend(backend_name, make_model("plt"), loops=2)
+    _, _, state = greedy_run(backend, random_prompts([255], seed=4), 1, max_tokens=255)
+    assert state.capacity == 256
+    assert backend.cache_bytes(state) == backend.expected_cache_bytes(1, 256, 4)
 
 
 @pytest.mark.parametrize("limit,expected_capacity", [(20, 20), (2048, 256)])
@@ -217,8 +231,11 @@ def test_bad_requests_raise_one_clear_error(backend_name, make_model):
         backend.step(state, np.array([3, 4]))
     with pytest.raises(BackendError, match="outside the vocabulary"):
         backend.step(state, np.array([-1]))
-    with pytest.raises(BackendError, match="slot 2"):
-        backend.write_slot(state, 2, state)
+    for slot, source_slot in [(1, 0), (0, 1), (-1, 0)]:  # a batch of one: slot 0 only
+        with pytest.raises(BackendError, match="out of range"):
+            backend.write_slot(state, slot, state, source_slot)
+    with pytest.raises(BackendError, match="out of range"):
+        backend.free_slot(state, 1)
     state, _ = backend.prefill([[4] * 31], max_tokens=31)
     backend.step(state, np.array([3]))  # position 31: the last one the model supports
     with pytest.raises(BackendError, match="max_position_embeddings=32"):

@@ -15,23 +15,26 @@ from runtimes.benchmark import (BenchError, BenchSettings, parameter_count, rand
                                 random_model_dir, run_bench)
 
 
-def test_rows_cover_loops_and_modes_with_consistent_figures(make_model):
+def test_rows_cover_loops_modes_and_batches_with_consistent_figures(make_model):
     model_dir = make_model("plt")
-    settings = BenchSettings(loops=[1, 2, 3], batch=2, steps=3, prompt_len=9, warmup=1)
+    settings = BenchSettings(loops=[1, 2, 3], batches=[1, 2], steps=3, prompt_len=9, warmup=1)
     result = run_bench(model_dir, settings, progress=False)
     rows = result["rows"]
-    # loops=1 has no CLP: one naive row; loops 2 and 3 run both modes
-    assert [(r["loops"], r["mode"]) for r in rows] == [
-        (1, "naive"), (2, "clp"), (2, "naive"), (3, "clp"), (3, "naive")]
+    # loops=1 has no CLP: one naive row; loops 2 and 3 run both modes; each at both batches
+    assert [(r["loops"], r["batch"], r["mode"]) for r in rows] == [
+        (loops, batch, mode) for loops, modes in [(1, ["naive"]), (2, ["clp", "naive"]),
+                                                  (3, ["clp", "naive"])]
+        for batch in (1, 2) for mode in modes]
     for r in rows:
         backend = load_backend("torch", model_dir, loops=r["loops"])
         assert r["capacity"] == 9 + 1 + 3 + 1
-        assert r["cache_bytes"] == backend.expected_cache_bytes(2, r["capacity"], 4)
-        assert r["decode_tps"] == pytest.approx(2 * 1e3 / r["step_ms"])
+        assert r["cache_bytes"] == backend.expected_cache_bytes(r["batch"], r["capacity"], 4)
+        assert r["decode_tps"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
         assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
-        naive = next(n for n in rows if n["loops"] == r["loops"] and n["mode"] == "naive")
+        same_batch = [n for n in rows if n["batch"] == r["batch"]]
+        naive = next(n for n in same_batch if n["loops"] == r["loops"] and n["mode"] == "naive")
         assert r["vs_naive"] == pytest.approx(r["step_ms"] / naive["step_ms"])
-        assert r["vs_loops1"] == pytest.approx(r["step_ms"] / rows[0]["step_ms"])
+        assert r["vs_loops1"] == pytest.approx(r["step_ms"] / same_batch[0]["step_ms"])
     assert result["model"]["parameters"] == sum(v.size for v in load_tensors(model_dir).values())
 
 
@@ -61,12 +64,13 @@ def test_cli_table_and_json(make_model, tmp_path, capsys):
     model_dir = make_model("plt")
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", model_dir, "--loops", "1,2", "--modes", "clp,naive",
-                 "--steps", "2", "--prompt-len", "5", "--warmup", "0", "--threads", "1",
-                 "--json", str(out)]) == 0
+                 "--batch", "1,4", "--steps", "2", "--prompt-len", "5", "--warmup", "0",
+                 "--threads", "1", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert [(r["loops"], r["mode"]) for r in result["rows"]] == [(1, "naive"), (2, "clp"),
-                                                                 (2, "naive")]
+    assert [(r["loops"], r["batch"], r["mode"]) for r in result["rows"]] == [
+        (1, 1, "naive"), (1, 4, "naive"), (2, 1, "clp"), (2, 1, "naive"), (2, 4, "clp"),
+        (2, 4, "naive")]
     assert result["settings"]["backend_options"] == {"torch": {"device": "cpu", "threads": 1}}
     for r in result["rows"]:
         assert f"{r['step_ms']:.2f}" in table

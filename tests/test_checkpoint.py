@@ -214,6 +214,8 @@ def _raw_safetensors(path, header: dict, data: bytes):
      "does not hold"),
     ({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 8]}},
      "does not hold"),
+    ({"model.norm.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 24]}},
+     "does not hold"),
     ({"model.norm.weight": {"dtype": "Q4", "shape": [64], "data_offsets": [0, 256]}},
      "unsupported dtype"),
     ({"model.norm.weight": {"shape": [64]}}, "malformed entry"),

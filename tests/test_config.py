@@ -42,6 +42,7 @@ def test_other_format_keys_are_kept_verbatim():
     ("num_attention_heads", 5, "do not divide hidden_size"),
     ("num_key_value_heads", 3, "do not divide num_attention_heads"),
     ("plt_window_size", [64, 4], "right must be 0"),
+    ("plt_window_size", [64, -1], "right must be 0"),
     ("plt_window_size", [64], r"\[left, right\]"),
     ("plt_num_loops", 0, "plt_num_loops"),
     ("plt_num_loops", 9, "plt_num_loops"),

@@ -19,7 +19,7 @@ from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
 from plt_port.random_model import save_random_model
 
-FUZZ = settings(max_examples=1500, deadline=None, database=None,
+FUZZ = settings(max_examples=1500, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(

@@ -275,3 +275,20 @@ def test_agreement_report(make_model):
         assert 0 <= row["identical_greedy"] <= 1 and row["mean_kl"] >= 0
         assert 0 <= row["free_run_identical_prefix"] <= 6
     assert results["fp16"]["mean_kl"] < results["q4"]["mean_kl"]
+
+
+def test_quantization_skips_layers_whose_input_the_group_size_does_not_divide(make_model,
+                                                                             tmp_path):
+    """Group size 64 on the tiny model: down_proj (input 96) stays float, the other linears
+    (input 64) and the embedding are packed."""
+    import mlx.core as mx
+
+    from exporters.mlx_export import export
+
+    out = export(make_model("plt"), tmp_path / "q4", quantize=4, group_size=64)
+    weights = mx.load(os.path.join(out, "model.safetensors"))
+    layer = "model.layers.0"
+    assert f"{layer}.mlp.down_proj.scales" not in weights
+    assert weights[f"{layer}.mlp.down_proj.weight"].dtype == mx.float32
+    for name in (f"{layer}.mlp.up_proj", f"{layer}.self_attn.q_proj", "model.embed_tokens"):
+        assert weights[f"{name}.weight"].dtype == mx.uint32 and f"{name}.scales" in weights

@@ -1,6 +1,8 @@
 """Reference model vs independent computations: HF Llama (L = 1) and a per-position numpy
 re-implementation of SPEC sections 2-3 written from the spec, not from plt_port/model.py."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -233,3 +235,19 @@ def test_trains_and_checkpoint_round_trip(tmp_path):
         assert np.array_equal(array, model.state_dict()[name].detach().numpy())
     with torch.no_grad():
         assert torch.equal(loaded(ids), model.eval()(ids))
+
+
+def test_init_weights_follow_the_documented_scales():
+    """N(0, std) matrices, output projections at std / sqrt(2 * layers), unit norms, zero
+    gate biases (Llama-style init of `PLTForCausalLM.init_weights`)."""
+    config = tiny_config("plt", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=512)
+    model = PLTForCausalLM(config)
+    model.init_weights(std=0.02, seed=0)
+    layer = model.model.layers[0]
+    for weight, expected in [(layer.self_attn.q_proj.weight, 0.02),
+                             (layer.self_attn.o_proj.weight, 0.02 / math.sqrt(8)),
+                             (layer.mlp.down_proj.weight, 0.02 / math.sqrt(8))]:
+        assert float(weight.detach().std()) == pytest.approx(expected, rel=0.05)
+    assert torch.all(layer.input_layernorm.weight == 1)
+    assert torch.all(model.gate(0).bias == 0)

@@ -288,27 +288,6 @@ def test_provider_choice(make_model):
         onnx_backend(make_model("plt"), 2, provider="tpu")
 
 
-def cuda_unavailable_reason() -> str | None:
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return "needs onnxruntime-gpu (CUDAExecutionProvider is not in this onnxruntime)"
-    return None
-
-
-@pytest.mark.accelerator
-@pytest.mark.skipif(cuda_unavailable_reason() is not None, reason=str(cuda_unavailable_reason()))
-@pytest.mark.parametrize("fmt", ["plt", "v1"])
-def test_cuda_logits_match_reference(make_model, fmt):
-    model_dir = make_model(fmt, seed=9)
-    backend = onnx_backend(model_dir, 3, provider="cuda")
-    if backend.device != "cuda":
-        pytest.skip("onnxruntime-gpu is installed but found no usable GPU")
-    worst, _ = decode_and_compare(backend, model_dir, random_prompts([13, 5]), 32,
-                                  backend.mode_run("clp"))
-    assert worst <= TOL, worst
-
-
 def test_manifest_drives_another_runtime(make_model, tmp_path):
     """onnx.reference (the ONNX reference evaluator: no ORT, no kernels of ours) runs both
     graphs, the G-SWA function body included, driven only by plt_onnx.json, and matches the

@@ -48,6 +48,16 @@ def test_special_ids_from_config(tokenizer_dir, tmp_path):
     assert tok.decode(ids[1:]) == "<|im_start|>user\nhi<|im_end|>"
 
 
+def test_added_tokens_match_the_longest_first(tokenizer_dir, tmp_path):
+    shutil.copytree(tokenizer_dir, tmp_path / "t")
+    config = json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {"512": {"content": "<x>"}, "513": {"content": "<x>y"}}
+    (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_dir(tmp_path / "t")
+    assert tok.encode("a<x>y b") == tok.encode("a") + [513] + tok.encode(" b")
+    assert tok.encode("<x>z")[0] == 512
+
+
 def test_unknown_special_token_is_an_error(tokenizer_dir, tmp_path):
     shutil.copytree(tokenizer_dir, tmp_path / "t")
     (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from plt_port.config import ConfigError
-from conftest import random_prompts
 from runtimes import BackendError
 from runtimes.torch_backend import TorchBackend
 
@@ -42,13 +40,3 @@ def test_option_errors(make_model):
         TorchBackend(str(model_dir) + "-missing")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
-def test_cuda_matches_cpu(make_model):
-    model_dir = make_model("plt")
-    prompt = random_prompts([10])
-    cpu, cuda = TorchBackend(model_dir, loops=2), TorchBackend(model_dir, loops=2, device="cuda")
-    (cpu_state, cpu_logits), (cuda_state, cuda_logits) = (cpu.prefill(prompt, 16),
-                                                          cuda.prefill(prompt, 16))
-    np.testing.assert_allclose(cpu_logits, cuda_logits, atol=1e-3)
-    np.testing.assert_allclose(cpu.step(cpu_state, np.array([5])),
-                               cuda.step(cuda_state, np.array([5])), atol=1e-3)

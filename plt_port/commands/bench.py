@@ -1,7 +1,7 @@
 """plt-port bench [--model DIR | --random PRESET|key=value,...] [--backend torch,onnx,mlx]
 
-Decode step latency (median) and tok/s for each loop count and decode mode, prefill tok/s
-and cache bytes; prints a table and optionally writes the rows as JSON.
+Decode step latency (median) and tok/s for each loop count, decode mode and batch size,
+prefill tok/s and cache bytes; prints a table and optionally writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def add_arguments(parser):
                         help="inference loop counts (default 1,2,3,4)")
     parser.add_argument("--modes", type=comma_list(str), default=["clp", "naive"],
                         help="decode modes (default clp,naive)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--batch", type=comma_list(int), default=[1],
+                        help="sequences per step, comma-separated, e.g. 1,4,16 (default 1)")
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (default 4)")
@@ -55,7 +56,7 @@ def run(args):
     if bad_modes:
         raise BenchError(f"--modes: unknown {bad_modes}; choose from {', '.join(DECODE_MODES)}")
     settings = BenchSettings(
-        backends=args.backend, loops=args.loops, modes=args.modes, batch=args.batch,
+        backends=args.backend, loops=args.loops, modes=args.modes, batches=args.batch,
         steps=args.steps, prompt_len=args.prompt_len, warmup=args.warmup, seed=args.seed,
         backend_options={name: backend_options(name, args) for name in args.backend})
     model_dir = args.model or random_model_dir(args.random or "small")

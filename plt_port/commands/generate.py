@@ -19,6 +19,9 @@ def add_backend_arguments(parser) -> None:
                         help="mlx backend: Metal G-SWA kernel (default auto: when Metal is there)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="torch backend: device (default cpu)")
+    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="onnx backend: execution provider (default auto: CUDA when "
+                             "onnxruntime-gpu finds a GPU)")
     parser.add_argument("--threads", type=positive_int, help="torch/onnx backends: CPU threads")
     parser.add_argument("--onnx-prepack", action="store_true",
                         help="onnx backend: pre-pack the decode graph's weights (faster CLP "
@@ -32,6 +35,8 @@ def backend_options(name: str, args) -> dict:
         options["kernel"] = args.kernel
     if name == "torch":
         options["device"] = args.device
+    if name == "onnx":
+        options["provider"] = args.provider
     if name == "onnx" and args.onnx_prepack:
         options["prepack"] = True
     if name in ("torch", "onnx") and args.threads is not None:
@@ -120,13 +125,20 @@ def format_stats(last, requested_mode: str) -> str:
             f"finish: {last.finish_reason}")
 
 
+def read_stdin() -> str:
+    """The prompt from stdin. Undecodable bytes: an error here, or (when Python's stdin
+    escapes them) lone surrogates that the tokenizer refuses, as for bad bytes in argv."""
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as exc:
+        raise PLTError(f"stdin is not valid {exc.encoding} text ({exc.reason} at byte "
+                       f"{exc.start})") from None
+
+
 def run(args):
     from runtimes.generate import stream_generate
 
-    # bad UTF-8 on stdin arrives as lone surrogates, like bad bytes in argv: the tokenizer
-    # names both in one error
-    prompt = sys.stdin.buffer.read().decode("utf-8", "surrogateescape") if args.prompt == "-" \
-        else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
     if not prompt:
         raise PLTError("the prompt is empty")
     backend, tokenizer, sampling = load_model(args)
