@@ -27,6 +27,7 @@ import numpy as np
 
 from plt_port import cache_layout
 from plt_port.config import PLTConfig
+from plt_port.generation_config import GenerationConfig
 from plt_port.errors import PLTError
 
 DECODE_MODES = ("clp", "naive")
@@ -65,6 +66,7 @@ class Backend(abc.ABC):
     def __init__(self, model_dir: str, loops: int | None = None):
         self.model_dir = str(model_dir)
         self.config = PLTConfig.from_file(self.model_dir)
+        self.generation_config = GenerationConfig.from_dir(self.model_dir)
         self.loops = self.config.resolve_loops(loops)
 
     # ---- the hooks a backend implements --------------------------------------------------

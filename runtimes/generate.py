@@ -18,7 +18,7 @@ from plt_port.errors import PLTError
 from plt_port.memory import FP32, check_fits
 
 from .base import Backend
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, resolve_sampling
 
 
 class GenerateError(PLTError, ValueError):
@@ -92,6 +92,7 @@ def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
     mode = backend.mode_run(decode_mode)
     if add_bos is None:
         add_bos = tokenizer.add_bos_token
+    tokenizer.check_fits(backend.config.vocab_size)
     prompt_ids = encode_prompt(tokenizer, prompt, add_bos)
     limit = backend.config.max_position_embeddings
     # the last new token is returned, never fed back: P + N tokens need P + N - 1 positions
@@ -102,8 +103,9 @@ def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
                             f"max_position_embeddings={limit}")
     check_fits(backend.expected_cache_bytes(1, positions, FP32),
                f"a KV cache of {positions} positions")
-    sampler = Sampler(sampling)
-    eos_ids = set(tokenizer.eos_ids) | set(backend.config.eos_token_ids)
+    sampler = Sampler(sampling or resolve_sampling(backend.generation_config.sampling_defaults()))
+    eos_ids = (set(tokenizer.eos_ids) | set(backend.config.eos_token_ids)
+               | set(backend.generation_config.eos_token_ids))
     detokenizer = tokenizer.detokenizer()
     stop_matcher = StopMatcher(stop)
     history = list(prompt_ids)
