@@ -23,7 +23,7 @@ SOURCES = ("plt_port/errors.py", "plt_port/files.py", "plt_port/config.py",
            "plt_port/cache_layout.py", "metal_kernels/gswa.py", "runtimes/mlx_model.py")
 KERNEL = "metal_kernels/gswa_decode.metal"
 KERNEL_USER = "metal_kernels/gswa.py"  # reads KERNEL at import: the model file holds it as text
-PROJECT_PACKAGES = ("plt_port", "metal_kernels", "runtimes", "exporters")
+INLINED_PACKAGES = {path.split("/")[0] for path in SOURCES}  # their imports are dropped
 HEADER = '''"""Parallel Loop Transformer for mlx-lm, written by `plt-port export mlx`: the project's
 MLX model (runtimes/mlx_model.py) and what it uses, in one file that needs only mlx and numpy.
 Generated; edit the sources, not this file."""
@@ -42,9 +42,9 @@ def source_paths() -> list[str]:
 def _is_project_import(node: ast.stmt) -> bool:
     if isinstance(node, ast.ImportFrom):
         return (node.level > 0 or node.module == "__future__"
-                or node.module.split(".")[0] in PROJECT_PACKAGES)
+                or node.module.split(".")[0] in INLINED_PACKAGES)
     return isinstance(node, ast.Import) and any(
-        alias.name.split(".")[0] in PROJECT_PACKAGES for alias in node.names)
+        alias.name.split(".")[0] in INLINED_PACKAGES for alias in node.names)
 
 
 def _defined_names(tree: ast.Module) -> set[str]:
