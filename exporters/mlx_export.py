@@ -22,6 +22,7 @@ from plt_port import checkpoint
 from plt_port.atomic import atomic_dir
 from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
+from plt_port.quantization import QUANTIZABLE_SUFFIXES, quantizable
 
 from .mlx_model_file import MODEL_FILE, model_file_source
 
@@ -53,14 +54,6 @@ def check_options(dtype: str, quantize: int | None, group_size: int) -> None:
         raise ExportError(f"quantize must be one of {BITS} bits, got {quantize!r}")
     if group_size not in GROUP_SIZES:
         raise ExportError(f"group size must be one of {GROUP_SIZES}, got {group_size!r}")
-
-
-# The weights mlx-lm quantizes: those of nn.Linear (`*_proj`, `lm_head`) and nn.Embedding.
-QUANTIZABLE_SUFFIXES = ("_proj.weight", "lm_head.weight", "embed_tokens.weight")
-
-
-def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
-    return name.endswith(QUANTIZABLE_SUFFIXES) and shape[-1] % group_size == 0
 
 
 def convert(tensors: dict, dtype: str, quantize: int | None, group_size: int) -> dict:

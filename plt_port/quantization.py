@@ -20,6 +20,14 @@ GROUP_SIZES = (32, 64, 128)
 PARAMETER_KEYS = ("group_size", "bits", "mode")
 
 
+# The weights mlx-lm quantizes: those of nn.Linear (`*_proj`, `lm_head`) and nn.Embedding.
+QUANTIZABLE_SUFFIXES = ("_proj.weight", "lm_head.weight", "embed_tokens.weight")
+
+
+def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
+    return name.endswith(QUANTIZABLE_SUFFIXES) and shape[-1] % group_size == 0
+
+
 class QuantizationError(PLTError, ValueError):
     """A quantization entry or quantized tensor this project cannot load."""
 
