@@ -429,9 +429,9 @@ class Model(nn.Module):
             ring_k = self._ring_write(cache.ring_k, i, first_ring, k, pos, cache.window)
             ring_v = self._ring_write(cache.ring_v, i, first_ring, v, pos, cache.window)
             gate = self.gate(i)(x_res, q)
-            outputs.append(gswa_decode(q, cache.global_k[i], cache.global_v[i], ring_k,
-                                            ring_v, gate, pos + 1, attn.scale,
-                                            use_kernel=self.use_gswa_kernel))
+            outputs.append(gswa_decode(q, cache.global_k[i], cache.global_v[i], ring_k, ring_v,
+                                       gate, pos + 1, attn.scale,
+                                       use_kernel=self.use_gswa_kernel))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
 
     @staticmethod
