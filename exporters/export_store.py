@@ -3,7 +3,8 @@ PyTorch model dir).
 
 An export is kept under `$PLT_PORT_CACHE` (default `~/.cache/plt-port`) in a folder keyed by
 the source files (name, size, mtime), the export options and the code that decides an
-export's bytes (the exporters, and the checkpoint reader and config they build on), so a
+export's bytes (the exporters, the checkpoint reader and config they build on, and the
+sources inlined into the MLX model file), so a
 changed model, option or exporter makes a new export and an unchanged one is reused.
 """
 
@@ -17,6 +18,8 @@ from collections.abc import Callable
 
 from plt_port import checkpoint, config
 
+from . import mlx_model_file
+
 
 def export_root() -> str:
     return os.environ.get("PLT_PORT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
@@ -29,7 +32,8 @@ def code_digest() -> str:
     sources = sorted(os.path.join(package, name) for name in os.listdir(package)
                      if name.endswith(".py"))
     digest = hashlib.sha256()
-    for path in sources + [checkpoint.__file__, config.__file__]:
+    for path in sorted({*sources, checkpoint.__file__, config.__file__,
+                        *mlx_model_file.source_paths()}):
         with open(path, "rb") as f:
             digest.update(os.path.basename(path).encode() + b"\0" + f.read())
     return digest.hexdigest()

@@ -3,7 +3,10 @@
 The output is an HF-layout directory as mlx-lm writes them: `config.json` (the source config
 with `torch_dtype` set to the export dtype, an `mlx_export` marker entry and, when quantized,
 mlx-lm's `quantization` entry), `model.safetensors` under HF parameter names (quantized
-modules hold `weight` (packed uint32), `scales` and `biases`) and the tokenizer files.
+modules hold `weight` (packed uint32), `scales` and `biases`) and the tokenizer files. A PLT
+(`iquestpltcoder`) export also carries the self-contained model file of
+exporters/mlx_model_file.py, named by config.json's `model_file`, so stock mlx-lm loads it
+with `trust_remote_code`; a v1 export has none: mlx-lm's own `iquestloopcoder` loads it.
 Quantization is affine `mx.quantize` of the linear layers and the embedding whose input size
 the group size divides; norms and the small gate tensors stay in the export dtype. Tensors
 are converted one at a time, straight from the checkpoint: no model is built.
@@ -19,6 +22,9 @@ from plt_port import checkpoint
 from plt_port.atomic import atomic_dir
 from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
+from plt_port.quantization import QUANTIZABLE_SUFFIXES, quantizable
+
+from .mlx_model_file import MODEL_FILE, model_file_source
 
 DTYPES = ("float32", "float16", "bfloat16")
 BITS = (4, 8)
@@ -31,11 +37,14 @@ class ExportError(PLTError, ValueError):
 
 
 def is_mlx_dir(model_dir: str) -> bool:
+    """An MLX model dir loads as it is: a plt-port export, or a quantized checkpoint (an
+    mlx-community conversion: `quantization` or its `quantization_config` copy)."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         return False
     with open(path, encoding="utf-8") as f:
-        return MARKER in json.load(f)
+        config = json.load(f)
+    return any(key in config for key in (MARKER, "quantization", "quantization_config"))
 
 
 def check_options(dtype: str, quantize: int | None, group_size: int) -> None:
@@ -45,14 +54,6 @@ def check_options(dtype: str, quantize: int | None, group_size: int) -> None:
         raise ExportError(f"quantize must be one of {BITS} bits, got {quantize!r}")
     if group_size not in GROUP_SIZES:
         raise ExportError(f"group size must be one of {GROUP_SIZES}, got {group_size!r}")
-
-
-# The weights mlx-lm quantizes: those of nn.Linear (`*_proj`, `lm_head`) and nn.Embedding.
-QUANTIZABLE_SUFFIXES = ("_proj.weight", "lm_head.weight", "embed_tokens.weight")
-
-
-def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
-    return name.endswith(QUANTIZABLE_SUFFIXES) and shape[-1] % group_size == 0
 
 
 def convert(tensors: dict, dtype: str, quantize: int | None, group_size: int) -> dict:
@@ -100,7 +101,12 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
     data[MARKER] = {"format": 1, "source": os.path.abspath(model_dir)}
     if quantize is not None:
         data["quantization"] = {"group_size": group_size, "bits": quantize, "mode": "affine"}
+    if not config.is_v1:
+        data["model_file"] = MODEL_FILE
     with atomic_dir(out_dir, inputs=(model_dir,)) as tmp:
+        if not config.is_v1:
+            with open(os.path.join(tmp, MODEL_FILE), "w", encoding="utf-8") as f:
+                f.write(model_file_source())
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")

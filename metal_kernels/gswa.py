@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from plt_port.errors import PLTError
 
-KERNEL_SOURCE = Path(__file__).with_name("gswa_decode.metal")
+KERNEL_SOURCE = Path(__file__).with_name("gswa_decode.metal").read_text()
 INPUT_NAMES = ["q", "global_k", "global_v", "ring_k", "ring_v", "gate", "lengths", "scale"]
 SIMD_WIDTH = 32
 MAX_SIMDGROUPS = 8
@@ -86,7 +86,7 @@ def kernel_spec(source: str | None = None) -> dict:
     """Constructor arguments of `mx.fast.metal_kernel` (or of the CPU emulator) for the kernel."""
     # "safe" math (MLX's default): the online softmax needs exp(-inf) == 0
     return dict(name="gswa_decode", input_names=INPUT_NAMES, output_names=["out"],
-                source=KERNEL_SOURCE.read_text() if source is None else source,
+                source=KERNEL_SOURCE if source is None else source,
                 compile_options={"math_mode": "safe"})
 
 

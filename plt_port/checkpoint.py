@@ -19,13 +19,15 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from .atomic import atomic_dir
-from .config import PLTConfig
+from .config import PLTConfig, canonical_name
 from .errors import PLTError
 from .files import check_regular_file, parse_json, read_json_object
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+# copied into exports with the weights: what a generate request reads besides config.json
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "generation_config.json")
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
@@ -73,11 +75,6 @@ def expected_shapes(config: PLTConfig) -> dict[str, tuple[int, ...]]:
 
 def parameter_count(config: PLTConfig) -> int:
     return sum(math.prod(shape) for shape in expected_shapes(config).values())
-
-
-def canonical_name(name: str) -> str:
-    """Accepted aliases -> the names of `expected_shapes` (SPEC: loop_gate_proj == plt_gate)."""
-    return name.replace(".self_attn.loop_gate_proj.", ".self_attn.plt_gate.")
 
 
 # ---- reading ---------------------------------------------------------------------------
@@ -176,6 +173,26 @@ def weight_files(model_dir: str) -> list[str]:
     return [single]
 
 
+def check_shapes(model_dir: str, expected: dict[str, tuple[int, ...]],
+                 shapes: dict[str, tuple[int, ...]], problems: list[str] = ()) -> None:
+    """Raise one CheckpointError listing `problems` and every missing, unexpected and
+    mis-shaped tensor of `shapes` (canonical names) against `expected`."""
+    problems = list(problems)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing:
+        problems.append("missing: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected: " + ", ".join(unexpected))
+    for name in sorted(set(expected) & set(shapes)):
+        if tuple(shapes[name]) != tuple(expected[name]):
+            problems.append(f"mis-shaped: {name} is {list(shapes[name])}, expected "
+                            f"{list(expected[name])}")
+    if problems:
+        raise CheckpointError(f"{model_dir}: checkpoint does not match config.json\n  "
+                              + "\n  ".join(problems))
+
+
 def load_tensors(model_dir: str | os.PathLike, config: PLTConfig | None = None,
                  dtype: np.dtype | None = None) -> dict[str, np.ndarray]:
     """All tensors of a model directory, checked strictly against `config`'s expected set.
@@ -194,19 +211,9 @@ def load_tensors(model_dir: str | os.PathLike, config: PLTConfig | None = None,
                 problems.append(f"duplicate: {name} and {entries[canonical_name(name)][3]} "
                                 f"are the same tensor")
             entries[canonical_name(name)] = (path, info, offset, name)
-    missing = sorted(set(expected) - set(entries))
-    unexpected = sorted(set(entries) - set(expected))
-    if missing:
-        problems.append("missing: " + ", ".join(missing))
-    if unexpected:
-        problems.append("unexpected: " + ", ".join(unexpected))
-    for name in sorted(set(expected) & set(entries)):
-        shape = tuple(entries[name][1]["shape"])
-        if shape != expected[name]:
-            problems.append(f"mis-shaped: {name} is {list(shape)}, expected {list(expected[name])}")
-    if problems:
-        raise CheckpointError(f"{model_dir}: checkpoint does not match config.json\n  "
-                              + "\n  ".join(problems))
+    check_shapes(model_dir, expected,
+                 {name: tuple(info["shape"]) for name, (_, info, _, _) in entries.items()},
+                 problems)
     not_float = sorted(name for name, (_, info, _, _) in entries.items()
                        if info["dtype"] not in FLOAT_DTYPES)
     if not_float:

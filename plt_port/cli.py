@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "train a PLT model (tokenizer, corpus, training loop; single process or torchrun)",
     "eval": "held-out loss, perplexity and next-token accuracy across loop counts",
     "export": "export a model directory to ONNX or MLX",
+    "info": "parameters, weight and KV-cache bytes, peak memory per backend (from config.json)",
     "precision": "agreement of bf16/fp16/8-bit/4-bit MLX exports with fp32 (greedy tokens, KL)",
     "diagnose": "per-loop diagnostics (step size, logit-lens KL, effective rank, ...)",
     "study": "eval + diagnostics over the model family, written as a markdown report",

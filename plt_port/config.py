@@ -249,3 +249,9 @@ class PLTConfig:
 
     def replace(self, **changes) -> "PLTConfig":
         return dataclasses.replace(self, **changes)
+
+
+def canonical_name(name: str) -> str:
+    """Accepted tensor-name aliases -> the names of checkpoint.expected_shapes (SPEC section
+    5: loop_gate_proj == plt_gate)."""
+    return name.replace(".self_attn.loop_gate_proj.", ".self_attn.plt_gate.")

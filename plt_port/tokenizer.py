@@ -1,12 +1,16 @@
-"""Sentencepiece tokenizer with the special tokens of `tokenizer_config.json`.
+"""Tokenizers of a model directory with the special tokens of `tokenizer_config.json`.
 
-Code must round-trip exactly: the model is trained with identity normalisation, no
-whitespace folding, whitespace-only pieces, and byte fallback, and decoding goes through
-raw bytes, so indentation, blank lines, tabs and any unicode come back as they went in.
+Two engines behind one interface (`Tokenizer.from_dir`, encode/decode, the streaming
+detokenizer, `eos_ids`, chat templates): sentencepiece (`tokenizer.model`, preferred when
+present) and Hugging Face fast tokenizers (`tokenizer.json`, via the `tokenizers` library).
+Both decode through the exact bytes of each token, so code round-trips (indentation, blank
+lines, tabs, any unicode) and the streamer never splits a UTF-8 character: byte-fallback
+pieces (`<0xAB>`) and byte-level pieces (GPT-2's byte-to-unicode alphabet) are bytes.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,10 +18,12 @@ import re
 import sentencepiece as spm
 
 from .errors import PLTError
-from .files import check_regular_file, read_json_object
+from .files import check_regular_file, parse_json, read_json_object
 
 CONFIG_FILE = "tokenizer_config.json"
 MODEL_FILE = "tokenizer.model"
+FAST_FILE = "tokenizer.json"
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class TokenizerError(PLTError, ValueError):
@@ -37,14 +43,12 @@ def check_text(text: str) -> None:
 
 
 class Tokenizer:
-    def __init__(self, model_path: str, config: dict | None = None):
-        if not os.path.exists(model_path):
-            raise TokenizerError(f"{model_path}: no sentencepiece model")
-        check_regular_file(model_path, TokenizerError)
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=model_path)
-        except (RuntimeError, OSError) as exc:
-            raise TokenizerError(f"{model_path}: not a sentencepiece model ({exc})") from None
+    """The engine-independent part: added tokens, special ids, chat templates, decoding.
+
+    An engine subclass provides `_encode_plain`, `_piece_bytes`, `_piece_id`,
+    `_base_vocab_size` and the defaults of its special ids (`_default_ids`)."""
+
+    def __init__(self, config: dict | None = None):
         config = config or {}
         self.config = config
         try:
@@ -58,11 +62,12 @@ class Tokenizer:
         self._added_re = (re.compile("|".join(re.escape(t) for t in
                                               sorted(self._added_ids, key=len, reverse=True)))
                           if self._added_ids else None)
-        self.bos_id = self._token_id(config.get("bos_token"), self.sp.bos_id())
-        self.pad_id = self._token_id(config.get("pad_token"), self.sp.pad_id())
+        defaults = self._default_ids()
+        self.bos_id = self._token_id(config.get("bos_token"), defaults["bos"])
+        self.pad_id = self._token_id(config.get("pad_token"), defaults["pad"])
         eos = config.get("eos_token")
         eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = sorted({i for i in (self._token_id(e, self.sp.eos_id()) for e in eos)
+        self.eos_ids = sorted({i for i in (self._token_id(e, defaults["eos"]) for e in eos)
                                if i is not None})
         self.chat_template = config.get("chat_template")
         # HF's `add_bos_token` (default true): whether prompts start with BOS by default.
@@ -70,31 +75,42 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> "Tokenizer":
+        """The tokenizer of `model_dir`: tokenizer.model if present, else tokenizer.json."""
         model_dir = os.fspath(model_dir)
         config = {}
         config_path = os.path.join(model_dir, CONFIG_FILE)
         if os.path.exists(config_path):
             config = read_json_object(config_path, TokenizerError)
-        return cls(os.path.join(model_dir, MODEL_FILE), config)
+        sp_path, fast_path = (os.path.join(model_dir, name) for name in (MODEL_FILE, FAST_FILE))
+        if not os.path.exists(sp_path) and os.path.exists(fast_path):
+            return FastTokenizer(fast_path, config)
+        return SentencePieceTokenizer(sp_path, config)
 
-    def _token_id(self, token, default: int) -> int | None:
+    def _token_id(self, token, default: int | None) -> int | None:
         """An id from a config entry: an int, a token string, or {"content": ...}."""
         if isinstance(token, dict):
             token = token.get("content")
         if token is None:
-            return default if default >= 0 else None
+            return default
         if isinstance(token, int):
             return token
         if token in self._added_ids:
             return self._added_ids[token]
-        piece_id = self.sp.piece_to_id(token)
-        if piece_id == self.sp.unk_id() and token != self.sp.id_to_piece(self.sp.unk_id()):
+        piece_id = self._piece_id(token)
+        if piece_id is None:
             raise TokenizerError(f"{CONFIG_FILE}: special token {token!r} is not in the vocabulary")
         return piece_id
 
     @property
     def vocab_size(self) -> int:
-        return max(self.sp.get_piece_size(), max(self.added_tokens, default=-1) + 1)
+        return max(self._base_vocab_size, max(self.added_tokens, default=-1) + 1)
+
+    def check_fits(self, model_vocab_size: int) -> None:
+        """Every id this tokenizer can produce must be a row of the model's embedding."""
+        if self.vocab_size > model_vocab_size:
+            raise TokenizerError(f"the tokenizer has {self.vocab_size} tokens, more than the "
+                                 f"model's vocab_size {model_vocab_size}: it belongs to another "
+                                 f"model")
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         check_text(text)
@@ -106,21 +122,14 @@ class Tokenizer:
             pos = match.end()
         return ids + self._encode_plain(text[pos:])
 
-    def _encode_plain(self, text: str) -> list[int]:
-        return self.sp.encode(text) if text else []
-
     def token_bytes(self, token_id: int) -> bytes:
-        """The exact bytes one token stands for (control tokens: none)."""
+        """The exact bytes one token stands for (control tokens and ids past the vocabulary,
+        e.g. a model's padded rows: none)."""
         if token_id in self.added_tokens:
             return self.added_tokens[token_id].encode()
-        if not 0 <= token_id < self.sp.get_piece_size():  # e.g. a model's padded vocabulary
+        if not 0 <= token_id < self._base_vocab_size:
             return b""
-        if self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
-            return b""
-        piece = self.sp.id_to_piece(token_id)
-        if self.sp.is_byte(token_id):  # "<0xAB>"
-            return bytes([int(piece[3:5], 16)])
-        return piece.replace("\u2581", " ").encode()
+        return self._piece_bytes(token_id)
 
     def decode(self, ids) -> str:
         return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
@@ -153,6 +162,93 @@ class Tokenizer:
         if self.add_bos_token and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
         return ids
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_path: str, config: dict | None = None):
+        if not os.path.exists(model_path):
+            raise TokenizerError(f"{os.path.dirname(model_path) or '.'}: no {MODEL_FILE} "
+                                 f"and no {FAST_FILE}")
+        check_regular_file(model_path, TokenizerError)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as exc:
+            raise TokenizerError(f"{model_path}: not a sentencepiece model ({exc})") from None
+        self._base_vocab_size = self.sp.get_piece_size()
+        super().__init__(config)
+
+    def _default_ids(self) -> dict:
+        ids = {"bos": self.sp.bos_id(), "eos": self.sp.eos_id(), "pad": self.sp.pad_id()}
+        return {name: i if i >= 0 else None for name, i in ids.items()}
+
+    def _piece_id(self, piece: str) -> int | None:
+        piece_id = self.sp.piece_to_id(piece)
+        if piece_id == self.sp.unk_id() and piece != self.sp.id_to_piece(self.sp.unk_id()):
+            return None
+        return piece_id
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self.sp.encode(text) if text else []
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        if self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
+            return b""
+        piece = self.sp.id_to_piece(token_id)
+        if self.sp.is_byte(token_id):  # "<0xAB>"
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+
+@functools.cache
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level pieces: the character standing for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(shifted)}
+    return {char: byte for byte, char in chars.items()}
+
+
+class FastTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`. Its own added tokens are matched by the library;
+    those of tokenizer_config.json's `added_tokens_decoder` by the shared code above."""
+
+    def __init__(self, path: str, config: dict | None = None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        check_regular_file(path, TokenizerError)
+        with open(path, "rb") as f:
+            spec = parse_json(f.read(), path, TokenizerError)
+        try:
+            self.hf = HFTokenizer.from_str(json.dumps(spec))
+        except Exception as exc:  # the library raises bare Exceptions for a malformed spec
+            raise TokenizerError(f"{path}: not a tokenizers file ({exc})") from None
+        self._base_vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        self.byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        self.special_ids = {t["id"] for t in spec.get("added_tokens") or ()
+                            if isinstance(t, dict) and t.get("special")}
+        super().__init__(config)
+
+    def _default_ids(self) -> dict:
+        return {"bos": None, "eos": None, "pad": None}
+
+    def _piece_id(self, piece: str) -> int | None:
+        return self.hf.token_to_id(piece)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids if text else []
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        piece = self.hf.id_to_token(token_id)
+        byte = BYTE_PIECE.fullmatch(piece or "")
+        if byte:  # checked first: some files list the byte pieces as special added tokens
+            return bytes([int(byte.group(1), 16)])
+        if piece is None or token_id in self.special_ids:
+            return b""
+        if self.byte_level:
+            alphabet = byte_level_alphabet()
+            return b"".join(bytes([alphabet[c]]) if c in alphabet else c.encode() for c in piece)
+        return piece.replace("\u2581", " ").encode()
 
 
 MAX_TEMPLATE_STEPS = 100_000   # lookups, calls, range items and output pieces of one render

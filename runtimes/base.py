@@ -28,6 +28,7 @@ import numpy as np
 
 from plt_port import cache_layout
 from plt_port.config import PLTConfig
+from plt_port.generation_config import GenerationConfig
 from plt_port.errors import PLTError
 
 DECODE_MODES = ("clp", "naive")
@@ -68,6 +69,7 @@ class Backend(abc.ABC):
     def __init__(self, model_dir: str, loops: int | None = None):
         self.model_dir = str(model_dir)
         self.config = PLTConfig.from_file(self.model_dir)
+        self.generation_config = GenerationConfig.from_dir(self.model_dir)
         self.loops = self.config.resolve_loops(loops)
 
     # ---- the hooks a backend implements --------------------------------------------------
@@ -100,6 +102,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def cache_nbytes(self, caches) -> int:
         """Bytes held by the caches (global KV + ring KV + CLP carry)."""
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Token ids that end a sequence: config.json's and generation_config.json's."""
+        return sorted(set(self.config.eos_token_ids) | set(self.generation_config.eos_token_ids))
 
     def peak_memory_bytes(self) -> int | None:
         """Peak memory from the framework's own counters, if it has them."""

@@ -297,7 +297,7 @@ class BatchEngine:
                                         allocated_positions(backend, positions))
         sequence = RunningSequence(
             request, SequenceText(self.tokenizer, request.prompt_ids, request.max_new_tokens,
-                                  request.stop, backend.config.eos_token_ids),
+                                  request.stop, backend.eos_token_ids),
             Sampler(request.sampling), positions)
         if self._emit(sequence, logits[0]):
             batch = self.batches.setdefault(backend.loops, RunningBatch(backend, self.max_batch))

@@ -18,7 +18,7 @@ from plt_port.errors import PLTError
 from plt_port.memory import FP32, check_fits
 
 from .base import Backend
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, resolve_sampling
 
 
 class GenerateError(PLTError, ValueError):
@@ -154,11 +154,12 @@ def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
     mode = backend.mode_run(decode_mode)
     if add_bos is None:
         add_bos = tokenizer.add_bos_token
+    tokenizer.check_fits(backend.config.vocab_size)
     prompt_ids = encode_prompt(tokenizer, prompt, add_bos)
     positions = check_request(backend, prompt_ids, max_new_tokens)
-    sampler = Sampler(sampling)
+    sampler = Sampler(sampling or resolve_sampling(backend.generation_config.sampling_defaults()))
     sequence = SequenceText(tokenizer, prompt_ids, max_new_tokens, stop,
-                            backend.config.eos_token_ids)
+                            backend.eos_token_ids)
 
     start = time.perf_counter()
     # Positions for the whole answer are allocated up front (no growth while decoding).

@@ -1,18 +1,23 @@
 """MLX backend over runtimes/mlx_model.py (the mlx-lm style model file). Imports MLX, not torch.
 
 `model_dir` is either a PyTorch (HF layout) model directory, exported on first use into the
-export store (with `dtype`/`quantize`/`group_size`), or a directory written by
-`plt-port export mlx` (its config.json has an `mlx_export` entry).
+export store (with `dtype`/`quantize`/`group_size`), or an MLX model directory loaded as it
+is: one written by `plt-port export mlx` (its config.json has an `mlx_export` entry) or an
+mlx-lm quantized checkpoint (a `quantization` entry; plt_port/quantization.py).
 """
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from exporters import mlx_export
 from exporters.export_store import ensure_exported
 from plt_port import checkpoint
+from plt_port.quantization import Quantization, quantized_shapes
 
 from . import mlx_model
 from .base import Backend, BackendError
@@ -44,7 +49,7 @@ class MLXBackend(Backend):
                                         group_size=group_size)
         super().__init__(model_dir, loops)
         self.kernel = kernel
-        self.model = mlx_model.load_model(model_dir, dtype=getattr(mx, dtype) if dtype else None)
+        self.model = load_model(model_dir, dtype=getattr(mx, dtype) if dtype else None)
         self.model.use_gswa_kernel = KERNEL_CHOICES[kernel]
         self.run_dtype = str(self.model.model.norm.weight.dtype).removeprefix("mlx.core.")
 
@@ -56,7 +61,7 @@ class MLXBackend(Backend):
 
     # ---- caches ------------------------------------------------------------------------
     def new_caches(self, batch, capacity):
-        return self.model.make_cache(batch, capacity, self.loops)
+        return self.model.allocate_cache(batch, capacity, self.loops)
 
     def grow_caches(self, caches, capacity):
         caches.grow(capacity)
@@ -94,3 +99,34 @@ class MLXBackend(Backend):
     @staticmethod
     def _numpy(logits: mx.array) -> np.ndarray:
         return np.array(logits.astype(mx.float32))
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def load_weights(model_dir: str) -> dict[str, mx.array]:
+    weights = {}
+    for path in checkpoint.weight_files(model_dir):
+        weights.update(mx.load(path))
+    return weights
+
+
+def load_model(model_dir: str | os.PathLike, dtype=None) -> mlx_model.Model:
+    """An MLX model directory -> evaluated Model; its tensors are checked against config.json
+    (quantized modules: packed shapes of their quantization parameters) in one error."""
+    model_dir = os.fspath(model_dir)
+    args = mlx_model.ModelArgs.from_file(model_dir)
+    model = mlx_model.Model(args)
+    weights = model.sanitize(load_weights(model_dir))
+    expected = checkpoint.expected_shapes(args)
+    quantization = Quantization.from_config(args.extra)
+    modules = quantization.plan(expected, set(weights)) if quantization else {}
+    checkpoint.check_shapes(model_dir, quantized_shapes(expected, modules),
+                            {name: tuple(w.shape) for name, w in weights.items()})
+    if modules:
+        nn.quantize(model, class_predicate=lambda path, _: path in modules
+                    and modules[path].as_dict())
+    model.load_weights(list(weights.items()), strict=True)
+    if dtype is not None:
+        model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    model.eval()
+    return model

@@ -20,26 +20,20 @@ are the cache layouts here); a Metal kernel may back it.
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from metal_kernels import gswa
-from plt_port.cache_layout import ring_slot_positions
-from plt_port.checkpoint import canonical_name, weight_files
-from plt_port.config import PLTConfig
+from metal_kernels.gswa import gswa_decode
+from plt_port.cache_layout import grown_capacity, ring_slot_positions
+from plt_port.config import PLTConfig, canonical_name
 
 
 class ModelArgs(PLTConfig):
-    """config.json: the PLTConfig fields and derived views, plus the MLX export entries."""
-
-    @property
-    def quantization(self) -> dict | None:
-        """{"group_size", "bits", "mode"} when the exported weights are quantized."""
-        return self.extra.get("quantization")
+    """config.json: the PLTConfig fields and derived views (MLX entries such as
+    `quantization` are kept in `extra`)."""
 
 
 class PLTGate(nn.Module):
@@ -209,6 +203,19 @@ class PLTCache:
         return sum(a.nbytes for a in self.arrays())
 
 
+class PromptCache:
+    """A PLTCache in mlx-lm's cache protocol: `offset` tokens seen, `state` the arrays
+    generate_step evaluates; the PLTCache is allocated by the first call and grows after."""
+
+    def __init__(self):
+        self.offset = 0
+        self.cache: PLTCache | None = None
+
+    @property
+    def state(self) -> list[mx.array]:
+        return self.cache.arrays() if self.cache is not None else []
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -252,16 +259,40 @@ class Model(nn.Module):
             weights.pop("lm_head.weight", None)
         return weights
 
-    def make_cache(self, batch: int, capacity: int, loops: int | None = None) -> PLTCache:
+    def allocate_cache(self, batch: int, capacity: int, loops: int | None = None) -> PLTCache:
         loops = self.args.resolve_loops(loops)
         return PLTCache.zeros(self.args, loops, batch, capacity, self.model.norm.weight.dtype)
 
-    # ---- full forward (no cache kept), mlx-lm's Model.__call__ -------------------------
-    def __call__(self, inputs: mx.array, loops: int | None = None) -> mx.array:
-        """Logits [B, T, V] of loop L at every position of `inputs` [B, T]."""
+    def make_cache(self) -> list[PromptCache]:
+        """mlx-lm's cache protocol (`make_prompt_cache`): one entry, filled by __call__."""
+        return [PromptCache()]
+
+    # ---- mlx-lm's Model.__call__ ---------------------------------------------------------
+    def __call__(self, inputs: mx.array, cache: list[PromptCache] | None = None,
+                 loops: int | None = None) -> mx.array:
+        """Logits [B, T, V] of loop L at every position of `inputs` [B, T]: a full forward,
+        or with `cache` (from make_cache) the next T tokens of the cached sequences, as
+        mlx-lm's generate_step feeds them (a prompt chunk, then one token per step)."""
         B, T = inputs.shape
-        cache = self.make_cache(B, T, loops)
-        return self.lm_logits(self.prefill(inputs, cache, 0, np.full(B, T)))
+        if cache is None:
+            return self.lm_logits(self.prefill(inputs, self.allocate_cache(B, T, loops), 0,
+                                               np.full(B, T)))
+        (entry,) = cache
+        start = entry.offset
+        if start + T > self.args.max_position_embeddings:
+            raise ValueError(f"{start + T} positions are more than the model's "
+                             f"max_position_embeddings={self.args.max_position_embeddings}")
+        capacity = grown_capacity(start + T, self.args.max_position_embeddings)
+        if entry.cache is None:
+            entry.cache = self.allocate_cache(B, capacity, loops)
+        entry.cache.grow(capacity)
+        if T == 1 and start > 0:
+            logits = self.step(inputs[:, 0], entry.cache, np.full(B, start))[:, None]
+        else:
+            logits = self.lm_logits(self.prefill(inputs, entry.cache, start,
+                                                 np.full(B, start + T)))
+        entry.offset += T
+        return logits
 
     # ---- prefill ---------------------------------------------------------------------------
     def prefill(self, tokens: mx.array, cache: PLTCache, start: int, ends: np.ndarray) -> mx.array:
@@ -398,9 +429,9 @@ class Model(nn.Module):
             ring_k = self._ring_write(cache.ring_k, i, first_ring, k, pos, cache.window)
             ring_v = self._ring_write(cache.ring_v, i, first_ring, v, pos, cache.window)
             gate = self.gate(i)(x_res, q)
-            outputs.append(gswa.gswa_decode(q, cache.global_k[i], cache.global_v[i], ring_k,
-                                            ring_v, gate, pos + 1, attn.scale,
-                                            use_kernel=self.use_gswa_kernel))
+            outputs.append(gswa_decode(q, cache.global_k[i], cache.global_v[i], ring_k, ring_v,
+                                       gate, pos + 1, attn.scale,
+                                       use_kernel=self.use_gswa_kernel))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
 
     @staticmethod
@@ -416,30 +447,3 @@ class Model(nn.Module):
         rows = mx.put_along_axis(ring[first_ring:first_ring + R], slot, new, axis=3)
         ring[first_ring:first_ring + R] = rows
         return rows
-
-
-# ---- loading ---------------------------------------------------------------------------------
-def load_weights(model_dir: str) -> dict[str, mx.array]:
-    weights = {}
-    for path in weight_files(model_dir):
-        weights.update(mx.load(path))
-    return weights
-
-
-def load_model(model_dir: str | os.PathLike, dtype=None) -> Model:
-    """An exported MLX model directory (see exporters/mlx_export.py) -> evaluated Model."""
-    model_dir = os.fspath(model_dir)
-    args = ModelArgs.from_file(model_dir)
-    model = Model(args)
-    weights = model.sanitize(load_weights(model_dir))
-    if args.quantization:
-        quant = args.quantization
-        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
-                    mode=quant.get("mode", "affine"),
-                    class_predicate=lambda path, m: f"{path}.scales" in weights)
-    model.load_weights(list(weights.items()), strict=True)
-    if dtype is not None:
-        model.set_dtype(dtype)
-    mx.eval(model.parameters())
-    model.eval()
-    return model

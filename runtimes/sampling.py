@@ -110,6 +110,12 @@ def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
     return np.where(log_probs >= np.log(min_p), logits, -np.inf)
 
 
+def resolve_sampling(defaults: dict, **chosen) -> SamplingParams:
+    """The user's values (None: not chosen) over a model's `defaults` (its
+    generation_config.json, `GenerationConfig.sampling_defaults()`) over SamplingParams'."""
+    return SamplingParams(**{**defaults, **{k: v for k, v in chosen.items() if v is not None}})
+
+
 class Sampler:
     """`sampler(logits [B, V], history) -> tokens [B]`; `history[b]` = row b's tokens so far."""
 

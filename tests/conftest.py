@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import sysconfig
@@ -189,3 +190,37 @@ def requires(module: str):
 
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+def write_fast_tokenizer(out_dir, vocab_size: int = 512, added: dict[int, str] | None = None,
+                         byte_level: bool = True) -> str:
+    """A Hugging Face tokenizer.json (BPE on a few stdlib files, byte-level or sentencepiece
+    style with byte fallback) and a tokenizer_config.json with `added` tokens (id -> content)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = [os.path.join(stdlib, name) for name in ("textwrap.py", "bisect.py", "heapq.py")]
+    specials = ["<unk>", "<s>", "</s>"]
+    if byte_level:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
+        alphabet = []
+        specials += [f"<0x{b:02X}>" for b in range(256)]
+    tok.train(files, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                         initial_alphabet=alphabet, show_progress=False))
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "tokenizer_class": "PreTrainedTokenizerFast",
+              "added_tokens_decoder": {str(i): {"content": c, "special": True}
+                                       for i, c in (added or {}).items()}}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    return str(out_dir)

@@ -350,10 +350,11 @@ def test_mlx_backend_decodes_the_same_through_the_emulated_kernel(make_model, mo
     """The MLX backend's decode with G-SWA routed through the emulated kernel gives the
     logits of its composed-ops path: real cache layouts, 3 loops, rings that wrap."""
     from runtimes import backend_unavailable_reason, load_backend
-    from metal_kernels import gswa
 
     if backend_unavailable_reason("mlx"):
         pytest.skip(backend_unavailable_reason("mlx"))
+    from runtimes import mlx_model  # the module whose gswa_decode the model calls
+
     model_dir = make_model(plt_num_loops=3)
     prompts = [[5, 9, 23, 7, 41, 3], [8, 2]]
     steps = np.array([[11, 12], [13, 14], [15, 16], [17, 18], [19, 20], [21, 22], [23, 24],
@@ -378,7 +379,7 @@ def test_mlx_backend_decodes_the_same_through_the_emulated_kernel(make_model, mo
         for mode in ("clp", "naive"):
             with_ops = decode(mode)
             with monkeypatch.context() as patch:
-                patch.setattr(gswa, "gswa_decode", gswa_via_emulator)
+                patch.setattr(mlx_model, "gswa_decode", gswa_via_emulator)
                 with_kernel = decode(mode)
             assert calls, "the model never called gswa_decode"
             assert np.abs(with_kernel - with_ops).max() <= TOL, mode

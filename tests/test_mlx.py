@@ -33,7 +33,7 @@ def export_cache(tmp_path, monkeypatch):
 def test_full_forward_matches_pytorch(make_model):
     import mlx.core as mx
 
-    from runtimes.mlx_model import load_model
+    from runtimes.mlx_backend import load_model
     from exporters.mlx_export import export
 
     path = make_model("plt", plt_num_loops=3)

@@ -66,7 +66,7 @@ def test_unknown_special_token_is_an_error(tokenizer_dir, tmp_path):
 
 
 def test_missing_model_file(tmp_path):
-    with pytest.raises(TokenizerError, match="no sentencepiece model"):
+    with pytest.raises(TokenizerError, match="no tokenizer.model and no tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
 
 

@@ -53,12 +53,13 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--decode", choices=["clp", "naive"], default="clp",
                         help="clp: all loops in one pass per token; naive: one pass per loop")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", "--temp", type=float, default=0.0,
-                        help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    model_default = "default: the model's generation_config.json, else "
+    parser.add_argument("--temperature", "--temp", type=float,
+                        help=f"0 = greedy ({model_default}0)")
+    parser.add_argument("--top-k", type=int, help=f"0 = off ({model_default}0)")
+    parser.add_argument("--top-p", type=float, help=f"1 = off ({model_default}1)")
+    parser.add_argument("--min-p", type=float, help=f"0 = off ({model_default}0)")
+    parser.add_argument("--repetition-penalty", type=float, help=f"1 = off ({model_default}1)")
     parser.add_argument("--seed", type=int, help="sampling seed")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop string (repeatable; not printed)")
@@ -84,17 +85,18 @@ def load_model(args):
     """(backend, tokenizer, sampling parameters) the model options ask for."""
     from plt_port.tokenizer import Tokenizer
     from runtimes import load_backend
-    from runtimes.sampling import SamplingParams
+    from runtimes.sampling import resolve_sampling
 
     if args.model is None:
         from plt_port.family import default_model_dir
 
         args.model = default_model_dir()
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                              seed=args.seed)
     backend = load_backend(args.backend, args.model, loops=args.loops,
                            **backend_options(args.backend, args))
+    sampling = resolve_sampling(backend.generation_config.sampling_defaults(),
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                seed=args.seed)
     return backend, Tokenizer.from_dir(args.model), sampling
 
 
