@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,11 +162,23 @@ class Backend(abc.ABC):
     def step(self, state: DecodeState, tokens, mode: str = "clp") -> np.ndarray:
         """Append one token per slot; return fp32 logits [B, V] of those tokens. Free slots
         run too (the batch keeps its shape) but stay at position 0 and keep no length."""
+        return self.step_async(state, tokens, mode)()
+
+    def step_async(self, state: DecodeState, tokens, mode: str = "clp") -> Callable[[], np.ndarray]:
+        """`step`, started: returns a function that waits for the logits. A backend with an
+        asynchronous device computes the step while the caller does host work (mlx-lm's
+        generate_step overlap); the state may take further steps only after the wait."""
         mode, tokens = self.check_step(state, tokens, mode)
         self.ensure_capacity(state, int(state.lengths.max()) + 1)
-        logits = self.decode_rows(state.caches, tokens, state.lengths.copy(), mode)
+        logits = self.start_decode_rows(state.caches, tokens, state.lengths.copy(), mode)
         state.lengths = state.lengths + state.active
         return logits
+
+    def start_decode_rows(self, caches, tokens: np.ndarray, positions: np.ndarray,
+                          mode: str) -> Callable[[], np.ndarray]:
+        """`decode_rows` started; a synchronous backend has finished when it returns."""
+        logits = self.decode_rows(caches, tokens, positions, mode)
+        return lambda: logits
 
     def write_slot(self, state: DecodeState, slot: int, source: DecodeState,
                    source_slot: int = 0) -> None:

@@ -113,6 +113,10 @@ class SequenceText:
             self.finish_reason = "stop" if stopped else "length"
         return text
 
+    def ends_at(self, token: int) -> bool:
+        """Whether `token` ends the sequence whatever its text (eos, or the last one allowed)."""
+        return token in self.eos_ids or self.generated + 1 >= self.max_new_tokens
+
     def _final_text(self) -> tuple[str, bool]:
         """The rest of the stream: incomplete UTF-8 bytes, then text held back for stop strings."""
         text, stopped = self.stop_matcher.add(self.detokenizer.flush())
@@ -184,12 +188,15 @@ def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
             decode_mode=mode)
 
     while True:
+        # the next step runs while this token's text is made and consumed (mlx-lm's overlap);
+        # a token that ends the sequence is never fed
+        next_logits = None if sequence.ends_at(token) else \
+            backend.step_async(state, np.array([token], dtype=np.int64), mode)
         text = sequence.add(token)
         yield response(text)
         if sequence.finish_reason is not None:
             return
-        logits = backend.step(state, np.array([token], dtype=np.int64), mode)
-        token = int(sampler(logits, [sequence.history])[0])
+        token = int(sampler(next_logits(), [sequence.history])[0])
 
 
 def generate(backend: Backend, tokenizer, prompt: str | list[int],

@@ -92,9 +92,12 @@ class MLXBackend(Backend):
         return self._numpy(logits)
 
     def decode_rows(self, caches, tokens, positions, mode):
+        return self.start_decode_rows(caches, tokens, positions, mode)()
+
+    def start_decode_rows(self, caches, tokens, positions, mode):
         logits = self.model.step(mx.array(tokens.astype(np.int32)), caches, positions, mode)
-        mx.eval(logits, caches.arrays())
-        return self._numpy(logits)
+        mx.async_eval(logits, caches.arrays())
+        return lambda: self._numpy(logits)
 
     @staticmethod
     def _numpy(logits: mx.array) -> np.ndarray:
