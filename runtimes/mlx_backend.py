@@ -1,7 +1,7 @@
 """MLX backend over runtimes/mlx_model.py (the mlx-lm style model file). Imports MLX, not torch.
 
 `model_dir` is either a PyTorch (HF layout) model directory, exported on first use into the
-export store (with `dtype`/`quantize`/`group_size`), or a directory written by
+export store (with `dtype` (default: the stored precision)/`quantize`/`group_size`), or a directory written by
 `plt-port export mlx` (its config.json has an `mlx_export` entry).
 """
 
@@ -40,7 +40,7 @@ class MLXBackend(Backend):
                                    f"PyTorch model directory")
         else:
             model_dir = ensure_exported(model_dir, "mlx", mlx_export.export,
-                                        dtype=dtype or "float32", quantize=quantize,
+                                        dtype=dtype, quantize=quantize,
                                         group_size=group_size)
         super().__init__(model_dir, loops)
         self.kernel = kernel

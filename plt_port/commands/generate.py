@@ -11,8 +11,15 @@ from plt_port.cli import positive_int
 from plt_port.errors import PLTError
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_HELP = ("weights and caches precision (default: the checkpoint's stored precision, "
+              "config.json torch_dtype; on the CPU float16 runs as float32 with torch and "
+              "ONNX Runtime, whose CPU fp16 kernels are slow or missing; logits are fp32)")
+
+
 def add_backend_arguments(parser) -> None:
     """Options each backend takes (shared with `plt-port bench`)."""
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     parser.add_argument("--kernel", choices=["auto", "on", "off"], default="auto",
                         help="mlx backend: Metal G-SWA kernel (default auto: when Metal is there)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -25,7 +32,7 @@ def add_backend_arguments(parser) -> None:
 
 def backend_options(name: str, args) -> dict:
     """The subset of the backend flags that backend `name` understands."""
-    options = {}
+    options = {} if args.dtype is None else {"dtype": args.dtype}
     if name == "mlx":
         options["kernel"] = args.kernel
     if name == "torch":
