@@ -25,9 +25,6 @@ def add_backend_arguments(parser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="torch backend: device (default cpu)")
     parser.add_argument("--threads", type=positive_int, help="torch/onnx backends: CPU threads")
-    parser.add_argument("--onnx-prepack", action="store_true",
-                        help="onnx backend: pre-pack the decode graph's weights (faster CLP "
-                             "on CPU, but the weights are then held twice)")
 
 
 def backend_options(name: str, args) -> dict:
@@ -37,8 +34,6 @@ def backend_options(name: str, args) -> dict:
         options["kernel"] = args.kernel
     if name == "torch":
         options["device"] = args.device
-    if name == "onnx" and args.onnx_prepack:
-        options["prepack"] = True
     if name in ("torch", "onnx") and args.threads is not None:
         options["threads"] = args.threads
     return options
