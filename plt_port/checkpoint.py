@@ -35,10 +35,20 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
            "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
            "BOOL": np.bool_}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# precisions by the names of config.json's torch_dtype (and of every --dtype option)
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                "float16": np.dtype(np.float16)}
 
 
 class CheckpointError(PLTError, ValueError):
     """A model directory that does not match its config."""
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a precision name (bf16: `ml_dtypes.bfloat16`)."""
+    if name not in NUMPY_DTYPES:
+        raise CheckpointError(f"precision must be one of {', '.join(NUMPY_DTYPES)}, got {name!r}")
+    return NUMPY_DTYPES[name]
 
 
 def expected_shapes(config: PLTConfig) -> dict[str, tuple[int, ...]]:

@@ -40,7 +40,6 @@ from .errors import PLTError
 
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def run_dtype(stored: str, device: str = "cpu") -> str:
@@ -356,7 +355,7 @@ class PLTForCausalLM(nn.Module):
         dtype = dtype or run_dtype(config.torch_dtype)
         if dtype not in TORCH_DTYPES:
             raise PLTError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
-        tensors = checkpoint.open_tensors(model_dir, config, NUMPY_DTYPES[dtype])
+        tensors = checkpoint.open_tensors(model_dir, config, checkpoint.numpy_dtype(dtype))
         return cls.from_tensors(config, tensors, TORCH_DTYPES[dtype]).eval()
 
     def save_pretrained(self, out_dir: str | os.PathLike, dtype=np.float32,

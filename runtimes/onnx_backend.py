@@ -23,7 +23,7 @@ import onnxruntime as ort
 from plt_port.config import PLTConfig
 
 from exporters.export_store import ensure_exported
-from exporters.onnx_export import MANIFEST, check_export, export
+from exporters.onnx_export import MANIFEST, check_export, export, quantization
 
 from .base import Backend, BackendError
 
@@ -37,17 +37,21 @@ def default_dtype(stored: str, device: str) -> str:
     return "float16" if device == "cuda" and stored in ("float16", "bfloat16") else "float32"
 
 
-def resolve_export(model_dir: str, loops: int | None, dtype: str | None,
-                   device: str = "cpu") -> tuple[str, dict]:
+def resolve_export(model_dir: str, loops: int | None, dtype: str | None, device: str = "cpu",
+                   quant=None) -> tuple[str, dict]:
     """(export dir, manifest): `model_dir` itself when it is an export, else a cached export
-    of the PyTorch model directory at `loops` and `dtype` (default: `default_dtype`), made on
-    first use."""
+    of the PyTorch model directory at `loops`, `dtype` (default: `default_dtype`) and `quant`
+    (an `exporters.onnx_graph.Quantization` or None), made on first use."""
     model_dir = os.fspath(model_dir)
     if not os.path.exists(os.path.join(model_dir, MANIFEST)):
         config = PLTConfig.from_file(model_dir)
         loops = config.resolve_loops(loops)
-        model_dir = ensure_exported(model_dir, "onnx", export, loops=loops,
-                                    dtype=dtype or default_dtype(config.torch_dtype, device))
+        dtype = dtype or ("float32" if quant else default_dtype(config.torch_dtype, device))
+        model_dir = ensure_exported(model_dir, "onnx", export, loops=loops, dtype=dtype,
+                                    quant=quant)
+    elif quant is not None:
+        raise BackendError(f"{model_dir} is already an ONNX export; quantize from the PyTorch "
+                           f"model directory")
     check_export(model_dir, BackendError)
     try:
         with open(os.path.join(model_dir, MANIFEST), encoding="utf-8") as f:
@@ -85,11 +89,13 @@ class ONNXBackend(Backend):
     name = "onnx"
 
     def __init__(self, model_dir: str, loops: int | None = None, provider: str = "auto",
-                 dtype: str | None = None, threads: int | None = None):
+                 dtype: str | None = None, threads: int | None = None,
+                 quantize: int | None = None, block_size: int = 32):
         self.check_threads(threads)
         self.source_dir = os.fspath(model_dir)
         self.device = choose_device(provider)
-        export_dir, self.manifest = resolve_export(model_dir, loops, dtype, self.device)
+        quant = None if quantize is None else quantization(quantize, block_size)
+        export_dir, self.manifest = resolve_export(model_dir, loops, dtype, self.device, quant)
         super().__init__(export_dir, loops=self.manifest["loops"])
         self.np_dtype = np.dtype(self.manifest["dtype"])
         self.run_dtype = self.np_dtype.name
