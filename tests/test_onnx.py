@@ -370,3 +370,17 @@ def test_quantized_exports_stay_close_to_float(make_model, tmp_path, bits, symme
     full = export(model_dir, tmp_path / "f", loops=2)
     assert os.path.getsize(os.path.join(out, "weights.bin")) < 0.6 * os.path.getsize(
         os.path.join(full, "weights.bin"))
+
+
+def test_agreement_report_of_onnx_variants(make_model):
+    from runtimes.precision import agreement
+
+    results = agreement(make_model("plt"), random_prompts([6], seed=10)[0], steps=6,
+                        variants=("fp16", "int8", "int4"), backend="onnx")
+    assert set(results) == {"fp16", "int8", "int4"}
+    for row in results.values():
+        assert 0 <= row["identical_greedy"] <= 1 and row["mean_kl"] >= 0
+        assert 0 <= row["free_run_identical_prefix"] <= 6
+    assert results["fp16"]["mean_kl"] < results["int8"]["mean_kl"] < results["int4"]["mean_kl"]
+    with pytest.raises(BackendError, match="no precision variant 'q4' for backend 'onnx'"):
+        agreement(make_model("plt"), [5, 6], steps=2, variants=("q4",), backend="onnx")
