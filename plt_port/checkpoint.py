@@ -161,8 +161,8 @@ FINITE_CHECK_ELEMENTS = 1 << 24  # elements checked at a time: the bool mask sta
 
 
 def _all_finite(array: np.ndarray) -> bool:
-    rows = max(1, FINITE_CHECK_ELEMENTS // max(1, array[:1].size))
-    flat = array.reshape(len(array), -1) if array.ndim else array.reshape(1, 1)
+    flat = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
+    rows = max(1, FINITE_CHECK_ELEMENTS // flat.shape[1])
     return all(np.isfinite(flat[i:i + rows]).all() for i in range(0, len(flat), rows))
 
 

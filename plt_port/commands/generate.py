@@ -13,8 +13,9 @@ from plt_port.errors import PLTError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_HELP = ("weights and caches precision (default: the checkpoint's stored precision, "
-              "config.json torch_dtype; on the CPU float16 runs as float32 with torch and "
-              "ONNX Runtime, whose CPU fp16 kernels are slow or missing; logits are fp32)")
+              "config.json torch_dtype, except on the CPU: torch runs float16 checkpoints in "
+              "float32 and ONNX Runtime runs float32, their CPU 16-bit kernels being slow or "
+              "missing; logits are always fp32)")
 
 
 def add_backend_arguments(parser) -> None:
