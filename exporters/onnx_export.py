@@ -178,7 +178,7 @@ def export(model_dir: str, out_dir: str, dtype: str = "float32", loops: int | No
     with atomic_dir(out_dir, inputs=(model_dir,)) as tmp:
         weights = WeightsFile(os.path.join(tmp, WEIGHTS), WEIGHTS)
         weights.write(tqdm(onnx_weights(config, tensors, GRAPH_DTYPES[dtype][0], quant),
-                           total=weight_count(config), desc="export onnx", unit="tensor"))
+                           total=weight_count(config, quant), desc="export onnx", unit="tensor"))
         model = build_step(GraphBuilder(config, loops, dtype, weights, quant))
         path = os.path.join(tmp, GRAPH)
         onnx.save_model(model, path)

@@ -2,8 +2,8 @@
 onnxruntime-genai model builder.
 
 The graph runs the layer stack once over a set of rows: `loops` (one loop number per row
-group) times the T tokens of `input_ids`. Every weight feeds exactly one node, so a runtime
-that pre-packs weights (ONNX Runtime on the CPU) holds each weight once, packed, in one
+group) times the T tokens of `input_ids`. Every MatMul weight feeds exactly one node, so a
+runtime that pre-packs weights (ONNX Runtime on the CPU) holds each once, packed, in one
 session that serves every call:
 - prefill of a chunk: one call per loop in turn, loops=[r], each call taking the previous
   loop's outputs over the chunk (`past_hidden` <- `present_hidden`); the last call's logits;
@@ -171,10 +171,11 @@ def onnx_weights(config: PLTConfig, tensors, dtype, quant: Quantization | None =
             yield f"layers.{i}.gate_bias", plain(gate + "bias", (1, H, 1))
 
 
-def weight_count(config: PLTConfig) -> int:
+def weight_count(config: PLTConfig, quant: Quantization | None = None) -> int:
     """How many (name, weight) pairs `onnx_weights` yields, for a progress bar."""
     per_layer = 9 if config.gate_uses_hidden else 8
-    return 3 + per_layer * config.num_hidden_layers
+    has_head = quant is not None or not config.tie_word_embeddings
+    return 2 + has_head + per_layer * config.num_hidden_layers
 
 
 class WeightsFile:

@@ -2,10 +2,11 @@
 
 - Provider: CUDAExecutionProvider when onnxruntime-gpu and a GPU are present, else CPU.
 - One session serves prefill (one call per loop), the CLP step (one call, all loops) and the
-  naive step, so each weight feeds one node: ORT loads weights.bin itself (memory-mapped),
-  pre-packs each MatMul / MatMulNBits weight once for the CPU kernels and drops the unpacked
-  copy. Weights are held once, packed: CLP steps of 2-4 rows stay close to one-row ones (no
-  per-call packing), and MatMulNBits runs its fast int8-compute path (accuracy_level 4).
+  naive step, and each MatMul weight feeds one node: ORT loads weights.bin itself, pre-packs
+  each MatMul / MatMulNBits weight once for the CPU kernels and frees the unpacked copy (a
+  float32 export is held at about its weights.bin size). Packed weights keep fp32 CLP steps
+  of 2-4 rows close to one-row ones (no packing per call), and MatMulNBits needs them for its
+  fast int8-compute path (accuracy_level 4).
 - Caches live in OrtValues bound with IO binding; the global KV is bound as an output to its
   own input buffer, so the graph's ScatterND writes the new slots in place. Rings, the carry
   and the hidden hand-over are fresh outputs of each call, fed to the next one as they are.
@@ -147,15 +148,15 @@ class ONNXBackend(Backend):
                 array = value.numpy()
                 array[slot, :, :length] = source_layer[kv].numpy()[source_slot, :, :length]
                 value.update_inplace(array)
-        per_loop = [(layer, kv, s) for layer, source_layer in zip(caches.get("ring", []),
-                                                                  source_caches.get("ring", []))
-                    for kv, s in source_layer.items()]
+        per_loop = [(v, s) for layer, source_layer in zip(caches.get("ring", []),
+                                                          source_caches.get("ring", []))
+                    for v, s in zip(layer.values(), source_layer.values())]
         if "carry" in caches:
-            per_loop.append((caches, "carry", source_caches["carry"]))
-        for holder, key, source in per_loop:  # [R, B, ...]: the batch is axis 1
-            array = holder[key].numpy()
+            per_loop.append((caches["carry"], source_caches["carry"]))
+        for value, source in per_loop:  # [R, B, ...]: the batch is axis 1
+            array = value.numpy()
             array[:, slot] = source.numpy()[:, source_slot]
-            holder[key] = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+            value.update_inplace(array)
         return caches
 
     def cache_nbytes(self, caches) -> int:
