@@ -164,7 +164,8 @@ def export(model_dir: str, out_dir: str, dtype: str = "float32", loops: int | No
     from .onnx_graph import GraphBuilder, WeightsFile, build_step, onnx_weights, weight_count
 
     if dtype not in GRAPH_DTYPES:
-        raise ExportError(f"dtype must be one of {sorted(GRAPH_DTYPES)}, got {dtype!r}")
+        raise ExportError(f"dtype must be one of {sorted(GRAPH_DTYPES)} (ONNX Runtime has almost "
+                          f"no bfloat16 CPU kernels), got {dtype!r}")
     if quant is not None and dtype != "float32":
         raise ExportError(f"a quantized export runs float32 activations; dtype {dtype} asked")
     model_dir = os.fspath(model_dir)
