@@ -17,6 +17,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
+
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
 
 from plt_port import checkpoint
 from plt_port.atomic import atomic_dir
@@ -56,15 +61,25 @@ def check_options(dtype: str, quantize: int | None, group_size: int) -> None:
         raise ExportError(f"group size must be one of {GROUP_SIZES}, got {group_size!r}")
 
 
-def convert(tensors: dict, dtype: str, quantize: int | None, group_size: int) -> dict:
+def mx_array(array: np.ndarray):
+    """A numpy array as an mx.array of the same dtype (bf16 arrives as ml_dtypes')."""
+    import mlx.core as mx
+
+    if array.dtype == ml_dtypes.bfloat16:
+        return mx.array(array.view(np.uint16)).view(mx.bfloat16)
+    return mx.array(array)
+
+
+def convert(tensors: Mapping[str, np.ndarray], dtype: str, quantize: int | None,
+            group_size: int) -> dict:
     """{HF name: numpy array} -> {name: mx.array} in `dtype`, quantized modules as
-    `weight`/`scales`/`biases`. Pops `tensors` one at a time and evaluates each result, so
-    a source tensor is freed as soon as it is converted."""
+    `weight`/`scales`/`biases`. Reads `tensors` one at a time (a checkpoint's tensors are
+    read on lookup) and evaluates each result, so only the converted weights stay."""
     import mlx.core as mx
 
     weights, skipped = {}, []
-    for name in sorted(tensors):
-        value = mx.array(tensors.pop(name)).astype(getattr(mx, dtype))
+    for name in tqdm(sorted(tensors), desc="export mlx", unit="tensor"):
+        value = mx_array(tensors[name]).astype(getattr(mx, dtype))
         module = name.removesuffix(".weight")
         if quantize is not None and quantizable(name, value.shape, group_size):
             packed, scales, biases = mx.quantize(value, group_size=group_size, bits=quantize,
@@ -95,7 +110,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
     config = PLTConfig.from_file(model_dir)
     dtype = dtype or config.torch_dtype
     check_options(dtype, quantize, group_size)
-    weights = convert(checkpoint.load_tensors(model_dir, config), dtype, quantize, group_size)
+    weights = convert(checkpoint.open_tensors(model_dir, config), dtype, quantize, group_size)
     data = config.to_dict()
     data["torch_dtype"] = dtype
     data[MARKER] = {"format": 1, "source": os.path.abspath(model_dir)}

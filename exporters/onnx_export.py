@@ -1,12 +1,15 @@
-"""`plt-port export onnx MODEL_DIR OUT_DIR [--dtype float32|float16] [--loops N]`.
+"""`plt-port export onnx MODEL_DIR OUT_DIR [--dtype float32|float16] [--loops N]
+[--quantize 4|8 --block-size 32|64|128 --asymmetric --accuracy-level N]`.
 
 Writes, atomically:
-  prefill.onnx   T tokens per sequence (also the naive decode step with T = 1)
-  decode.onnx    the CLP decode step (PLT checkpoints with loops > 1 only)
-  weights.bin    the external data of both graphs, every tensor stored once
-  plt_onnx.json  inputs, outputs, dims, loop settings and in-place aliases, for any runtime
+  model.onnx     one graph for prefill, CLP decode and naive decode (see exporters/onnx_graph.py)
+  weights.bin    its external data, every tensor stored once
+  plt_onnx.json  inputs, outputs, dims, loop settings, the call protocol and in-place
+                 aliases, for any runtime
   config.json and the tokenizer files of the source model
-Needs only `onnx` and numpy (no torch).
+The checkpoint is read, converted (and quantized) and written tensor by tensor: the export
+holds about one layer's weights at a time. Needs `onnx` and numpy (no torch); quantizing
+also needs onnxruntime (its block quantizer).
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ from plt_port.files import check_regular_file, read_json_object
 
 MANIFEST = "plt_onnx.json"
 WEIGHTS = "weights.bin"
-GRAPHS = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
-FORMAT_VERSION = 2  # 2: "files" (size and sha256 of every file) for check_export
+GRAPH = "model.onnx"
+FORMAT_VERSION = 3  # 3: one graph called per loop group; 2: "files" for check_export
+DTYPES = ("float32", "float16")
+BITS = (4, 8)
+BLOCK_SIZES = (32, 64, 128)
 
 
 class ExportError(PLTError):
@@ -34,15 +40,42 @@ class ExportError(PLTError):
 
 
 def add_arguments(parser):
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                        help="weights, activations and caches dtype (logits are always fp32)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="activations and caches dtype, and weights unless quantized "
+                             "(default float32: ONNX Runtime's CPU provider has few float16 "
+                             "kernels and none for bfloat16; logits are always fp32)")
     parser.add_argument("--loops", type=int, default=None,
-                        help="loop count baked into the graphs (default: the checkpoint's)")
+                        help="loop count baked into the graph (default: the checkpoint's)")
+    parser.add_argument("--quantize", type=int, choices=BITS, default=None,
+                        help="weight-only int4/int8 MatMul weights (com.microsoft MatMulNBits, "
+                             "float32 activations; the embedding is kept in float16)")
+    parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=32,
+                        help="quantization block size (default 32)")
+    parser.add_argument("--asymmetric", action="store_true",
+                        help="quantize with zero points (default: symmetric)")
+    parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
+                        help="MatMulNBits compute precision on the CPU (default 4: int8, which "
+                             "keeps multi-row CLP steps cheap)")
 
 
 def run(args):
-    out_dir = export(args.model_dir, args.out_dir, dtype=args.dtype, loops=args.loops)
-    print(f"exported ONNX graphs to {out_dir}")
+    quant = None if args.quantize is None else quantization(
+        args.quantize, args.block_size, not args.asymmetric, args.accuracy_level)
+    out_dir = export(args.model_dir, args.out_dir, dtype=args.dtype, loops=args.loops,
+                     quant=quant)
+    print(f"exported ONNX graph to {out_dir}")
+
+
+def quantization(bits: int, block_size: int = 32, symmetric: bool = True,
+                 accuracy_level: int = 4):
+    """The checked `onnx_graph.Quantization` of these options."""
+    from .onnx_graph import Quantization
+
+    if bits not in BITS or block_size not in BLOCK_SIZES or accuracy_level not in range(5):
+        raise ExportError(f"quantization: bits must be one of {BITS}, block size one of "
+                          f"{BLOCK_SIZES} and accuracy level 0..4; got {bits}, {block_size}, "
+                          f"{accuracy_level}")
+    return Quantization(bits, block_size, bool(symmetric), accuracy_level)
 
 
 def _value_info(values) -> list[dict]:
@@ -55,14 +88,15 @@ def _value_info(values) -> list[dict]:
              "shape": [dim(d) for d in v.type.tensor_type.shape.dim]} for v in values]
 
 
-def manifest(config: PLTConfig, loops: int, dtype: str, models: dict, weights,
+def manifest(config: PLTConfig, loops: int, dtype: str, quant, model, weights,
              files: dict) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "model_type": config.model_type,
         "dtype": dtype,
+        "quantization": quant.manifest() if quant else None,
         "loops": loops,
-        "clp": "decode" in models,
+        "clp": not config.is_v1 and loops > 1,
         "window": config.window,
         "num_layers": config.num_hidden_layers,
         "num_attention_heads": config.num_attention_heads,
@@ -77,18 +111,33 @@ def manifest(config: PLTConfig, loops: int, dtype: str, models: dict, weights,
                       "body": "model-local function (standard opset-23 ops)"},
         "dims": {
             "batch": "sequences in the batch",
-            "chunk": "tokens per sequence in this prefill call (right-padded)",
+            "chunk": "tokens per sequence in this call (right-padded)",
+            "groups": "loop groups in this call (1, or `loops` for a CLP step)",
             "capacity": "global KV slots per sequence (slot = position); "
                         "keep start + chunk <= capacity",
         },
         "inputs_meaning": {
             "input_ids": "token ids",
             "start": "tokens already in each sequence's caches (= position of its first new token)",
-            "num_new": "valid tokens of each sequence in this chunk (prefill only)",
+            "num_new": "valid tokens of each sequence in this chunk",
+            "loops": "the loop number (1-based) of each row group",
             "past_key_values.{i}.key/value": "loop-1 K/V of layer i, slot = position",
             "past_ring.{i}.key/value": "K/V of loop r >= 2 (index r-2), "
                                        "position p in slot p % window",
             "past_carry": "n(h) of loop r < loops (index r-1) at each sequence's last position",
+            "past_hidden": "the previous loop's output over this chunk, as the previous call's "
+                           "present_hidden gives it (PLT: n(h) shifted one token, the first "
+                           "taking the carry from before the chunk); zeros for loop 1 and "
+                           "CLP steps",
+        },
+        # how prefill and decode are run with the one graph (logits: of the last call)
+        "calls": {
+            "prefill": {"loops": "[r] for r = 1..loops in turn", "chunk": "the prompt chunk",
+                        "past_hidden": "present_hidden of the previous call (zeros for r = 1)"},
+            "clp_step": {"loops": "[1, ..., loops] at once", "chunk": 1,
+                         "past_hidden": "zeros [batch, 1, hidden_size]"},
+            "naive_step": {"loops": "[r] for r = 1..loops in turn", "chunk": 1,
+                           "past_hidden": "present_hidden of the previous call (zeros for r = 1)"},
         },
         # "state": each present output is the next call's past input; "in_place": outputs a
         # runtime may bind to their past input's buffer (the graph only scatters into them)
@@ -96,57 +145,51 @@ def manifest(config: PLTConfig, loops: int, dtype: str, models: dict, weights,
                   "present.{i}.value": "past_key_values.{i}.value",
                   "present_ring.{i}.key": "past_ring.{i}.key",
                   "present_ring.{i}.value": "past_ring.{i}.value",
-                  "present_carry": "past_carry"},
-        "in_place": {"prefill": ["present.{i}.key", "present.{i}.value"],
-                     "decode": ["present.{i}.key", "present.{i}.value",
-                                "present_ring.{i}.key", "present_ring.{i}.value"]},
-        "graphs": {kind: {"file": GRAPHS[kind], "inputs": _value_info(m.graph.input),
-                          "outputs": _value_info(m.graph.output)} for kind, m in models.items()},
+                  "present_carry": "past_carry",
+                  "present_hidden": "past_hidden"},
+        "in_place": ["present.{i}.key", "present.{i}.value"],
+        "graph": {"file": GRAPH, "inputs": _value_info(model.graph.input),
+                  "outputs": _value_info(model.graph.output)},
     }
 
 
-def export(model_dir: str, out_dir: str, dtype: str = "float32", loops: int | None = None) -> str:
-    """Export a PyTorch (HF layout) PLT model directory to ONNX graphs in `out_dir`."""
+def export(model_dir: str, out_dir: str, dtype: str = "float32", loops: int | None = None,
+           quant=None) -> str:
+    """Export a PyTorch (HF layout) PLT model directory to the ONNX graph in `out_dir`;
+    `quant`: an `onnx_graph.Quantization` (see `quantization`) or None."""
     import onnx
     from tqdm import tqdm
 
+    from .onnx_graph import DTYPES as GRAPH_DTYPES
+    from .onnx_graph import GraphBuilder, WeightsFile, build_step, onnx_weights, weight_count
 
-    from .onnx_graph import (DTYPES, GraphBuilder, WeightsFile, build_decode, build_prefill,
-                             onnx_weights)
-
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in GRAPH_DTYPES:
+        raise ExportError(f"dtype must be one of {sorted(GRAPH_DTYPES)} (ONNX Runtime has almost "
+                          f"no bfloat16 CPU kernels), got {dtype!r}")
+    if quant is not None and dtype != "float32":
+        raise ExportError(f"a quantized export runs float32 activations; dtype {dtype} asked")
     model_dir = os.fspath(model_dir)
     if os.path.exists(os.path.join(model_dir, MANIFEST)):
         raise ExportError(f"{model_dir} is already an ONNX export; "
                           "give the PyTorch model directory")
     config = PLTConfig.from_file(model_dir)
     loops = config.resolve_loops(loops)
-    np_dtype = DTYPES[dtype][0]
-    builders = {"prefill": build_prefill}
-    if not config.is_v1 and loops > 1:
-        builders["decode"] = build_decode
+    tensors = checkpoint.open_tensors(model_dir, config)
 
-    with atomic_dir(out_dir, inputs=(model_dir,)) as tmp, \
-            tqdm(total=2 + 2 * len(builders), desc="export onnx", unit="step") as bar:
+    with atomic_dir(out_dir, inputs=(model_dir,)) as tmp:
         weights = WeightsFile(os.path.join(tmp, WEIGHTS), WEIGHTS)
-        weights.write(onnx_weights(config, checkpoint.load_tensors(model_dir, config), np_dtype))
-        bar.update(1)
-        models = {}
-        for kind, build in builders.items():
-            models[kind] = build(GraphBuilder(config, loops, dtype, weights))
-            path = os.path.join(tmp, GRAPHS[kind])
-            onnx.save_model(models[kind], path)
-            bar.update(1)
-            onnx.checker.check_model(path, full_check=True)
-            bar.update(1)
+        weights.write(tqdm(onnx_weights(config, tensors, GRAPH_DTYPES[dtype][0], quant),
+                           total=weight_count(config, quant), desc="export onnx", unit="tensor"))
+        model = build_step(GraphBuilder(config, loops, dtype, weights, quant))
+        path = os.path.join(tmp, GRAPH)
+        onnx.save_model(model, path)
+        onnx.checker.check_model(path, full_check=True)
         checkpoint.copy_model_file(model_dir, "config.json", tmp)
         checkpoint.copy_tokenizer(model_dir, tmp)
         files = {name: file_record(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))
                  if name != OUTPUT_MARKER}
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest(config, loops, dtype, models, weights, files), f, indent=1)
-        bar.update(1)
+            json.dump(manifest(config, loops, dtype, quant, model, weights, files), f, indent=1)
     return os.fspath(out_dir)
 
 
@@ -178,17 +221,16 @@ def check_export(export_dir: str | os.PathLike, error: type[PLTError] = ExportEr
     if data.get("format_version") != FORMAT_VERSION:
         fail(f"format_version {data.get('format_version')!r}, this version reads "
              f"{FORMAT_VERSION}")
-    if data.get("dtype") not in ("float32", "float16"):
+    if data.get("dtype") not in DTYPES:
         fail(f"dtype must be float32 or float16, got {data.get('dtype')!r}")
     if type(data.get("loops")) is not int:
         fail(f"loops must be an integer, got {data.get('loops')!r}")
-    files, graphs, weights = data.get("files"), data.get("graphs"), data.get("weights")
+    files, graph, weights = data.get("files"), data.get("graph"), data.get("weights")
     if not isinstance(files, dict) or not all(
             isinstance(r, dict) and is_int(r.get("bytes")) for r in files.values()):
         fail("'files' must map file names to {bytes, sha256}")
-    if not isinstance(graphs, dict) or not graphs or "prefill" not in graphs or not all(
-            isinstance(g, dict) and g.get("file") in files for g in graphs.values()):
-        fail("'graphs' must list the prefill graph (and decode) among 'files'")
+    if not isinstance(graph, dict) or graph.get("file") not in files:
+        fail("'graph' must name the graph file among 'files'")
     if data.get("weights_file") not in files or not isinstance(weights, dict):
         fail("'weights_file' must be among 'files' and 'weights' a table")
     for name, record in files.items():
@@ -197,10 +239,9 @@ def check_export(export_dir: str | os.PathLike, error: type[PLTError] = ExportEr
         size = check_regular_file(os.path.join(export_dir, name), error)
         if size != record["bytes"]:
             fail(f"{name} has {size} bytes, {record['bytes']} expected (damaged or replaced)")
-    for graph in graphs.values():
-        if file_record(os.path.join(export_dir, graph["file"]))["sha256"] != \
-                files[graph["file"]].get("sha256"):
-            fail(f"{graph['file']} differs from the exported graph")
+    if file_record(os.path.join(export_dir, graph["file"]))["sha256"] != \
+            files[graph["file"]].get("sha256"):
+        fail(f"{graph['file']} differs from the exported graph")
     weights_bytes = files[data["weights_file"]]["bytes"]
     for name, entry in weights.items():
         try:

@@ -1,23 +1,36 @@
-"""PLT as hand-built ONNX graphs (onnx.helper only, no torch), in the manner of the
+"""PLT as one hand-built ONNX graph (onnx.helper only, no torch), in the manner of the
 onnxruntime-genai model builder.
 
-Two graphs share one weights file:
-- prefill: T tokens per sequence, loop by loop over the chunk (SPEC section 4). With T = 1
-  it is also the naive (sequential) decode step.
-- decode:  the CLP step of PLT checkpoints (L > 1): L rows [E, a E + b carry_1, ...] at one
-  position through the stack in one pass.
+The graph runs the layer stack once over a set of rows: `loops` (one loop number per row
+group) times the T tokens of `input_ids`. Every MatMul weight feeds exactly one node, so a
+runtime that pre-packs weights (ONNX Runtime on the CPU) holds each once, packed, in one
+session that serves every call:
+- prefill of a chunk: one call per loop in turn, loops=[r], each call taking the previous
+  loop's outputs over the chunk (`past_hidden` <- `present_hidden`); the last call's logits;
+- CLP decode step (PLT, L > 1): one call with loops=[1, ..., L] and T = 1 (the L rows of
+  SPEC section 4 in one pass);
+- naive decode step: the prefill calls with T = 1.
+Row groups of several loops need T = 1 (loop r's input is loop r-1's output one token
+earlier).
 
 Cache layouts (inputs `past*`, outputs `present*`; G = KV heads, D = head dim, R = L - 1):
   past_key_values.{i}.key/value  [B, G, S, D]     loop-1 post-RoPE K/V, slot = position
   past_ring.{i}.key/value        [R, B, G, W, D]  loop r >= 2 K/V, position p in slot p % W
   past_carry                     [R, B, d]        n(h^(r)) of the last position, r < L
-Every sequence has its own position: `start[b]` = tokens already in its caches. A prefill
-chunk holds `num_new[b]` valid tokens of sequence b (right-padded to T); padded tokens write
-global slots >= the sequence's new length, which are never read before being overwritten, so
-the caller keeps start[b] + T <= S. Ring slots and the carry take only valid tokens.
+  past_hidden                    [B, T, d]        the previous loop's output over the chunk
+                                                  (PLT: n(h) shifted one token, the first
+                                                  token taking the carry before the chunk)
+Every sequence has its own position: `start[b]` = tokens already in its caches. A chunk holds
+`num_new[b]` valid tokens of sequence b (right-padded to T); padded tokens write global slots
+>= the sequence's new length, which are never read before being overwritten, so the caller
+keeps start[b] + T <= S. Ring slots and the carry take only valid tokens.
 
 G-SWA is the custom op `plt::GatedSlidingWindowAttention` (SPEC section 7); its body, a
-model-local function, is two opset-23 `Attention` ops and the gate mix.
+model-local function, is two opset-23 `Attention` ops and the gate mix. Every row runs it:
+a loop-1 row's gate is 1 (its local branch, over its own loop's keys, is weighted 0).
+
+MatMul weights may be stored quantized (int4/int8, `com.microsoft::MatMulNBits`), with
+float32 activations; the embedding table is then kept in float16 and its rows cast.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from plt_port.config import PLTConfig
 
 OPSET = 23
 PLT_DOMAIN = "plt"
+MS_DOMAIN = "com.microsoft"
 GSWA_OP = "GatedSlidingWindowAttention"
 DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 
@@ -69,64 +83,142 @@ def gswa_function() -> onnx.FunctionProto:
 
 
 # ---- weights ----------------------------------------------------------------------------
-def onnx_weights(config: PLTConfig, tensors: dict[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
-    """Checkpoint tensors in the layouts the graphs use: MatMul weights as [in, out], q/k/v
-    and gate/up fused; the LM head keeps [V, d] (Gemm transB) so a tied head is the embedding."""
-    out = {"embed_tokens": tensors["model.embed_tokens.weight"],
-           "norm": tensors["model.norm.weight"]}
-    if not config.tie_word_embeddings:
-        out["lm_head"] = tensors["lm_head.weight"]
+@dataclass(frozen=True)
+class Quantization:
+    """Weight-only quantization of the MatMul weights (MatMulNBits): `bits` 4 or 8, blocks of
+    `block_size` input rows, symmetric or with zero points; `accuracy_level` 4 lets ORT's CPU
+    kernel compute in int8 (the fast path for 2-16 rows: CLP steps)."""
+
+    bits: int
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4
+
+    def manifest(self) -> dict:
+        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
+                "accuracy_level": self.accuracy_level, "op": f"{MS_DOMAIN}::MatMulNBits"}
+
+
+@dataclass
+class QuantizedMatMul:
+    """A [K, N] MatMul weight as MatMulNBits stores it."""
+
+    packed: np.ndarray                  # uint8 [N, K blocks, block bytes]
+    scales: np.ndarray                  # float32 [N, K blocks]
+    zero_points: np.ndarray | None      # uint8, None when symmetric
+    k: int
+    n: int
+
+
+def quantize_matmul(weight: np.ndarray, quant: Quantization) -> QuantizedMatMul:
+    """Quantize a [K, N] weight with ORT's own block quantizer (what ORT GenAI's builder uses)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    k, n = weight.shape
+    blocks = -(-k // quant.block_size)
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    if blocks * quant.block_size != k:
+        weight = np.pad(weight, ((0, blocks * quant.block_size - k), (0, 0)))
+    block_bytes = quant.block_size * quant.bits // 8
+    packed = np.zeros((n, blocks, block_bytes), np.uint8)
+    scales = np.zeros(n * blocks, np.float32)
+    zero_bytes = n * (-(-blocks // 2) if quant.bits == 4 else blocks)
+    zero_points = np.zeros(zero_bytes, np.uint8)
+    quantizer = quantize_matmul_4bits if quant.bits == 4 else quantize_matmul_8bits
+    quantizer(packed, weight, scales, zero_points, quant.block_size, n, k, quant.symmetric)
+    return QuantizedMatMul(packed, scales.reshape(n, blocks),
+                           None if quant.symmetric else zero_points.reshape(n, -1), k, n)
+
+
+def onnx_weights(config: PLTConfig, tensors, dtype, quant: Quantization | None = None):
+    """Yield (name, array or QuantizedMatMul) one at a time, in the layouts the graph uses:
+    MatMul weights as [in, out] with q/k/v and gate/up fused; the LM head [V, d] (Gemm
+    transB, so a tied head is the embedding) or, quantized, [d, V]. `tensors` is read one
+    tensor (one fused group) at a time, so a lazy checkpoint is held a layer at most."""
     H, D = config.num_attention_heads, config.head_dim
+
+    def matmul(*names):  # [out, in] checkpoint tensors -> one [in, sum(out)] weight
+        fused = np.concatenate([tensors[n].T for n in names], axis=1)
+        return quantize_matmul(fused, quant) if quant else fused.astype(dtype)
+
+    def plain(name, shape=None):
+        array = np.ascontiguousarray(tensors[name], dtype)
+        return array if shape is None else array.reshape(shape)
+
+    yield "embed_tokens", np.asarray(tensors["model.embed_tokens.weight"],
+                                     np.float16 if quant else dtype)
+    yield "norm", plain("model.norm.weight")
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    if quant:
+        yield "lm_head", matmul(head)
+    elif not config.tie_word_embeddings:
+        yield "lm_head", plain(head)
     for i in range(config.num_hidden_layers):
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-        out[f"layers.{i}.qkv_proj"] = np.concatenate(
-            [tensors[a + f"{n}_proj.weight"].T for n in "qkv"], axis=1)
-        out[f"layers.{i}.o_proj"] = tensors[a + "o_proj.weight"].T
-        out[f"layers.{i}.gate_up_proj"] = np.concatenate(
-            [tensors[p + "mlp.gate_proj.weight"].T, tensors[p + "mlp.up_proj.weight"].T], axis=1)
-        out[f"layers.{i}.down_proj"] = tensors[p + "mlp.down_proj.weight"].T
-        out[f"layers.{i}.input_layernorm"] = tensors[p + "input_layernorm.weight"]
-        out[f"layers.{i}.post_attention_layernorm"] = tensors[p + "post_attention_layernorm.weight"]
+        yield f"layers.{i}.qkv_proj", matmul(*(a + f"{n}_proj.weight" for n in "qkv"))
+        yield f"layers.{i}.o_proj", matmul(a + "o_proj.weight")
+        yield f"layers.{i}.gate_up_proj", matmul(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+        yield f"layers.{i}.down_proj", matmul(p + "mlp.down_proj.weight")
+        yield f"layers.{i}.input_layernorm", plain(p + "input_layernorm.weight")
+        yield f"layers.{i}.post_attention_layernorm", plain(p + "post_attention_layernorm.weight")
         gate = f"model.gate_projections.{i}." if config.is_v1 else a + "plt_gate."
         if config.gate_uses_hidden:
-            out[f"layers.{i}.gate_proj"] = tensors[gate + "weight"].T            # [d, H]
-            out[f"layers.{i}.gate_bias"] = tensors[gate + "bias"]                 # [H]
-            out[f"layers.{i}.gate_norm"] = tensors[gate + "gate_norm.weight"]
+            yield f"layers.{i}.gate_proj", plain(gate + "weight").T.copy()        # [d, H]
+            yield f"layers.{i}.gate_bias", plain(gate + "bias")                    # [H]
+            yield f"layers.{i}.gate_norm", plain(gate + "gate_norm.weight")
         else:
-            out[f"layers.{i}.gate_proj"] = tensors[gate + "weight"].reshape(1, H, 1, D)
-            out[f"layers.{i}.gate_bias"] = tensors[gate + "bias"].reshape(1, H, 1)
-    return {k: np.ascontiguousarray(v, dtype=dtype) for k, v in out.items()}
+            yield f"layers.{i}.gate_proj", plain(gate + "weight", (1, H, 1, D))
+            yield f"layers.{i}.gate_bias", plain(gate + "bias", (1, H, 1))
+
+
+def weight_count(config: PLTConfig, quant: Quantization | None = None) -> int:
+    """How many (name, weight) pairs `onnx_weights` yields, for a progress bar."""
+    per_layer = 9 if config.gate_uses_hidden else 8
+    has_head = quant is not None or not config.tie_word_embeddings
+    return 2 + has_head + per_layer * config.num_hidden_layers
 
 
 class WeightsFile:
-    """One external-data file shared by every graph: each tensor stored once, page-aligned."""
+    """One external-data file for the graph: each tensor written as it comes, page-aligned,
+    and only its place remembered (the file is never held in memory)."""
 
     ALIGN = 4096
 
     def __init__(self, path: str, location: str):
         self.path, self.location = path, location
-        self.entries: dict[str, tuple[int, int, np.ndarray]] = {}
+        self.entries: dict[str, tuple[int, int, np.dtype, tuple]] = {}
+        self.matmul_shapes: dict[str, tuple[int, int]] = {}  # quantized weight -> (K, N)
 
-    def write(self, weights: dict[str, np.ndarray]) -> None:
+    def write(self, weights) -> None:
+        """`weights`: (name, array or QuantizedMatMul) pairs, as `onnx_weights` yields them."""
         offset = 0
         with open(self.path, "wb") as f:
-            for name, array in weights.items():
-                offset = -(-offset // self.ALIGN) * self.ALIGN
-                f.seek(offset)
-                f.write(array.tobytes())
-                self.entries[name] = (offset, array.nbytes, array)
-                offset += array.nbytes
+            for name, value in weights:
+                if isinstance(value, QuantizedMatMul):
+                    self.matmul_shapes[name] = (value.k, value.n)
+                    arrays = {name: value.packed, f"{name}.scales": value.scales}
+                    if value.zero_points is not None:
+                        arrays[f"{name}.zero_points"] = value.zero_points
+                else:
+                    arrays = {name: value}
+                for key, array in arrays.items():
+                    array = np.ascontiguousarray(array)
+                    offset = -(-offset // self.ALIGN) * self.ALIGN
+                    f.seek(offset)
+                    f.write(memoryview(array.reshape(-1).view(np.uint8)))
+                    self.entries[key] = (offset, array.nbytes, array.dtype, array.shape)
+                    offset += array.nbytes
 
     def table(self) -> dict[str, dict]:
         """name -> offset, length, dtype, shape: enough for a runtime to map the file itself."""
-        return {name: {"offset": offset, "length": length, "dtype": array.dtype.name,
-                       "shape": list(array.shape)}
-                for name, (offset, length, array) in self.entries.items()}
+        return {name: {"offset": offset, "length": length, "dtype": dtype.name,
+                       "shape": list(shape)}
+                for name, (offset, length, dtype, shape) in self.entries.items()}
 
     def tensor(self, name: str) -> TensorProto:
-        offset, length, array = self.entries[name]
-        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                            dims=array.shape, data_location=TensorProto.EXTERNAL)
+        offset, length, dtype, shape = self.entries[name]
+        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype),
+                            dims=shape, data_location=TensorProto.EXTERNAL)
         for key, value in (("location", self.location), ("offset", offset), ("length", length)):
             proto.external_data.add(key=key, value=str(value))
         return proto
@@ -136,8 +228,9 @@ class WeightsFile:
 class GraphBuilder:
     """Nodes with generated names; constants as Constant nodes; weights as external initializers."""
 
-    def __init__(self, config: PLTConfig, loops: int, dtype: str, weights: WeightsFile):
-        self.cfg, self.loops = config, loops
+    def __init__(self, config: PLTConfig, loops: int, dtype: str, weights: WeightsFile,
+                 quant: Quantization | None = None):
+        self.cfg, self.loops, self.quant = config, loops, quant
         self.np_dtype, self.onnx_dtype = DTYPES[dtype]
         self.weights = weights
         self.nodes, self.inputs, self.outputs = [], [], []
@@ -175,6 +268,18 @@ class GraphBuilder:
             self.initializers[name] = self.weights.tensor(name)
         return name
 
+    def matmul(self, x: str, name: str) -> str:
+        """x @ weight `name` ([in, out]): MatMul, or MatMulNBits for a quantized weight."""
+        if name not in self.weights.matmul_shapes:
+            return self.op("MatMul", x, self.weight(name))
+        k, n = self.weights.matmul_shapes[name]
+        inputs = [x, self.weight(name), self.weight(f"{name}.scales")]
+        if not self.quant.symmetric:
+            inputs.append(self.weight(f"{name}.zero_points"))
+        return self.op("MatMulNBits", *inputs, domain=MS_DOMAIN, K=k, N=n, bits=self.quant.bits,
+                       block_size=self.quant.block_size,
+                       accuracy_level=self.quant.accuracy_level)
+
     def input(self, name: str, elem_type: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
@@ -188,10 +293,10 @@ class GraphBuilder:
     def model(self, graph_name: str) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs,
                                   initializer=list(self.initializers.values()))
+        domains = [("", OPSET), (PLT_DOMAIN, 1)] + ([(MS_DOMAIN, 1)] if self.quant else [])
         return helper.make_model(graph, functions=[gswa_function()], ir_version=10,
                                  producer_name="plt-port",
-                                 opset_imports=[helper.make_opsetid("", OPSET),
-                                                helper.make_opsetid(PLT_DOMAIN, 1)])
+                                 opset_imports=[helper.make_opsetid(*d) for d in domains])
 
     # ---- small pieces -----------------------------------------------------------------
     def dim(self, tensor: str, axis: int) -> str:
@@ -214,16 +319,16 @@ class GraphBuilder:
         return x if factor == 1.0 else self.op("Mul", x, self.scalar(factor))
 
 
-# ---- model pieces shared by both graphs -------------------------------------------------
+# ---- model pieces -------------------------------------------------------------------------
 @dataclass
 class Heads:
-    q: str      # [B, H, T, D] post-RoPE
-    k: str      # [B, G, T, D] post-RoPE
-    v: str      # [B, G, T, D]
+    q: str      # [B, H, N, D] post-RoPE
+    k: str      # [B, G, N, D] post-RoPE
+    v: str      # [B, G, N, D]
 
 
 def rope_tables(b: GraphBuilder, positions: str) -> tuple[str, str]:
-    """cos, sin [B, T, D/2] of HF RoPE at int64 `positions` [B, T] (computed in fp32)."""
+    """cos, sin [B, N, D/2] of HF RoPE at int64 `positions` [B, N] (computed in fp32)."""
     cfg = b.cfg
     D = cfg.head_dim
     inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, D, 2, dtype=np.float32)
@@ -239,10 +344,10 @@ def rope_tables(b: GraphBuilder, positions: str) -> tuple[str, str]:
 def project(b: GraphBuilder, layer: int, x: str, cos: str, sin: str) -> Heads:
     cfg = b.cfg
     H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    qkv = b.op("MatMul", x, b.weight(f"layers.{layer}.qkv_proj"))
+    qkv = b.matmul(x, f"layers.{layer}.qkv_proj")
     q, k, v = b.op("Split", qkv, b.ints(H * D, G * D, G * D), axis=-1, n_out=3)
 
-    def heads(t, n):  # [B, T, n*D] -> [B, n, T, D]
+    def heads(t, n):  # [B, N, n*D] -> [B, n, N, D]
         return b.op("Transpose", b.op("Reshape", t, b.ints(0, 0, n, D)), perm=[0, 2, 1, 3])
 
     q, k, v = heads(q, H), heads(k, G), heads(v, G)
@@ -250,7 +355,7 @@ def project(b: GraphBuilder, layer: int, x: str, cos: str, sin: str) -> Heads:
 
 
 def gate(b: GraphBuilder, layer: int, x_res: str, q: str) -> str:
-    """g = sigmoid(gate_logit) [B, H, T]; hidden form from RMSNorm_g(block input), else from q."""
+    """g = sigmoid(gate_logit) [B, H, N]; hidden form from RMSNorm_g(block input), else from q."""
     if b.cfg.gate_uses_hidden:
         normed = b.rms_norm(x_res, f"layers.{layer}.gate_norm")
         logit = b.op("Add", b.op("MatMul", normed, b.weight(f"layers.{layer}.gate_proj")),
@@ -269,18 +374,18 @@ def gswa(b: GraphBuilder, q, global_kv, global_mask, local_kv, local_mask, g) ->
 
 
 def decoder_layer(b: GraphBuilder, layer: int, h: str, cos: str, sin: str, attention) -> str:
-    """Pre-norm Llama block; `attention(heads, x_res) -> y [B, H, T, D]` owns the K/V."""
+    """Pre-norm Llama block; `attention(heads, x_res) -> y [B, H, N, D]` owns the K/V."""
     cfg = b.cfg
     H, D, inter = cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
     heads = project(b, layer, b.rms_norm(h, f"layers.{layer}.input_layernorm"), cos, sin)
     y = attention(heads, h)
     y = b.op("Reshape", b.op("Transpose", y, perm=[0, 2, 1, 3]), b.ints(0, 0, H * D))
-    h = b.op("Add", h, b.op("MatMul", y, b.weight(f"layers.{layer}.o_proj")))
+    h = b.op("Add", h, b.matmul(y, f"layers.{layer}.o_proj"))
     x = b.rms_norm(h, f"layers.{layer}.post_attention_layernorm")
-    gate_up = b.op("MatMul", x, b.weight(f"layers.{layer}.gate_up_proj"))
+    gate_up = b.matmul(x, f"layers.{layer}.gate_up_proj")
     gate_part, up = b.op("Split", gate_up, b.ints(inter, inter), axis=-1, n_out=2)
     act = b.op("Mul", b.op("Mul", gate_part, b.op("Sigmoid", gate_part)), up)
-    return b.op("Add", h, b.op("MatMul", act, b.weight(f"layers.{layer}.down_proj")))
+    return b.op("Add", h, b.matmul(act, f"layers.{layer}.down_proj"))
 
 
 def loop_carry(b: GraphBuilder, h: str) -> str:
@@ -294,127 +399,32 @@ def next_loop_input(b: GraphBuilder, embeddings: str, shifted_carry: str) -> str
                 b.scaled(shifted_carry, b.cfg.hidden_scale))
 
 
+def embed(b: GraphBuilder, ids: str) -> str:
+    rows = b.op("Gather", b.weight("embed_tokens"), ids)
+    stored = b.weights.entries["embed_tokens"][2]
+    return rows if stored == b.np_dtype else b.op("Cast", rows, to=b.onnx_dtype)
+
+
 def lm_logits(b: GraphBuilder, h_last: str) -> str:
     """[B, d] -> fp32 logits [B, V]."""
-    head = "embed_tokens" if b.cfg.tie_word_embeddings else "lm_head"
-    logits = b.op("Gemm", b.rms_norm(h_last, "norm"), b.weight(head), transB=1)
+    normed = b.rms_norm(h_last, "norm")
+    if "lm_head" in b.weights.matmul_shapes:
+        logits = b.matmul(normed, "lm_head")
+    else:
+        head = "embed_tokens" if b.cfg.tie_word_embeddings else "lm_head"
+        logits = b.op("Gemm", normed, b.weight(head), transB=1)
     return logits if b.onnx_dtype == TensorProto.FLOAT else b.op("Cast", logits,
                                                                    to=TensorProto.FLOAT)
 
 
-def kv_slot_indices(b: GraphBuilder, batch: str, slots: str, leading: list[str] | None = None):
-    """ScatterND indices [*lead, B, G, T, k] addressing (lead..., b, g, slots[b, t]).
-
-    `slots` [B, T] int64; `leading` are int64 index ranges [n] prepended (the ring's loop axis).
-    """
+def kv_slot_indices(b: GraphBuilder, batch: str, slots: str) -> str:
+    """ScatterND/GatherND indices [B, G, T, 3] addressing (b, g, slots[b, t]); slots [B, T]."""
     G = b.cfg.num_key_value_heads
-    T = b.dim(slots, 1)
-    lead = leading or []
-    rank = len(lead) + 3
-    shape = b.op("Concat", *[b.dim(x, 0) for x in lead], batch, b.ints(G), T, axis=0)
-    axes = []
-    for k, index in enumerate([*lead, b.arange(batch), b.arange(b.ints(G))]):
-        axes.append(b.op("Reshape", index, b.ints(*[-1 if j == k else 1 for j in range(rank)])))
-    axes.append(b.unsqueeze(slots, *range(len(lead)), len(lead) + 1))     # [.., B, 1, T]
+    shape = b.op("Concat", batch, b.ints(G), b.dim(slots, 1), axis=0)
+    axes = [b.op("Reshape", b.arange(batch), b.ints(-1, 1, 1)),
+            b.op("Reshape", b.arange(b.ints(G)), b.ints(1, -1, 1)),
+            b.unsqueeze(slots, 1)]
     return b.op("Concat", *[b.unsqueeze(b.op("Expand", a, shape), -1) for a in axes], axis=-1)
-
-
-def io_dims(cfg: PLTConfig, loops: int):
-    G, D, W, d = cfg.num_key_value_heads, cfg.head_dim, cfg.window, cfg.hidden_size
-    return {"global": ["batch", G, "capacity", D], "ring": [loops - 1, "batch", G, W, D],
-            "carry": [loops - 1, "batch", d]}
-
-
-def cache_io(b: GraphBuilder, has_carry: bool):
-    """Declare the cache inputs; returns per-layer names."""
-    dims = io_dims(b.cfg, b.loops)
-    layers = []
-    for i in range(b.cfg.num_hidden_layers):
-        entry = {kv: b.input(f"past_key_values.{i}.{kv}", b.onnx_dtype, dims["global"])
-                 for kv in ("key", "value")}
-        if b.loops > 1:
-            entry.update({f"ring_{kv}": b.input(f"past_ring.{i}.{kv}", b.onnx_dtype, dims["ring"])
-                          for kv in ("key", "value")})
-        layers.append(entry)
-    carry = b.input("past_carry", b.onnx_dtype, dims["carry"]) if has_carry else None
-    return layers, carry, dims
-
-
-# ---- prefill / naive-step graph ---------------------------------------------------------
-def build_prefill(b: GraphBuilder) -> onnx.ModelProto:
-    cfg, L = b.cfg, b.loops
-    has_carry = not cfg.is_v1 and L > 1
-    ids = b.input("input_ids", TensorProto.INT64, ["batch", "chunk"])
-    start = b.input("start", TensorProto.INT64, ["batch"])
-    num_new = b.input("num_new", TensorProto.INT64, ["batch"])
-    past, past_carry, dims = cache_io(b, has_carry)
-
-    batch, T = b.dim(ids, 0), b.dim(ids, 1)
-    steps = b.arange(T)                                                  # [T]
-    positions = b.op("Add", b.unsqueeze(start, 1), b.unsqueeze(steps, 0))  # [B, T]
-    cos, sin = rope_tables(b, positions)
-    embeddings = b.op("Gather", b.weight("embed_tokens"), ids)           # [B, T, d]
-
-    global_slots = kv_slot_indices(b, batch, positions)
-    global_mask = causal_global_mask(b, past[0]["key"], positions)
-    if L > 1:
-        local_mask, ring_source = prefill_window(b, start, num_new, positions, steps, batch, T)
-
-    global_kv = []
-    h = embeddings
-    last = b.op("Max", b.op("Sub", num_new, b.ints(1)), b.ints(0))   # last valid token
-    new_carries = []
-    present = [dict() for _ in range(cfg.num_hidden_layers)]
-    for r in range(1, L + 1):
-        for i in range(cfg.num_hidden_layers):
-            if r == 1:
-                def attention(heads, x_res, i=i):
-                    kv = [b.op("ScatterND", past[i][n], global_slots, t, name=f"present.{i}.{n}")
-                          for n, t in (("key", heads.k), ("value", heads.v))]
-                    global_kv.append(kv)
-                    return b.op("Attention", heads.q, *kv, global_mask)
-            else:
-                def attention(heads, x_res, i=i, r=r):
-                    local_kv = []
-                    for n, t in (("ring_key", heads.k), ("ring_value", heads.v)):
-                        ring_old = b.op("Gather", past[i][n], b.const(r - 2, np.int64), axis=0)
-                        window_kv = b.op("Concat", ring_old, t, axis=2)      # [B, G, W+T, D]
-                        local_kv.append(window_kv)
-                        present[i].setdefault(n, []).append(b.unsqueeze(
-                            b.op("GatherElements", window_kv, ring_source, axis=2), 0))
-                    g = gate(b, i, x_res, heads.q)
-                    return gswa(b, heads.q, global_kv[i], global_mask, local_kv, local_mask, g)
-            h = decoder_layer(b, i, h, cos, sin, attention)
-        if r < L and not cfg.is_v1:
-            shifted, carry = shift_chunk(b, h, past_carry, r, T, num_new, last)
-            new_carries.append(b.unsqueeze(carry, 0))
-            h = next_loop_input(b, embeddings, shifted)
-
-    b.output(lm_logits(b, take_position(b, h, last)), "logits", TensorProto.FLOAT,
-             ["batch", cfg.vocab_size])
-    for i in range(cfg.num_hidden_layers):
-        for kv, t in zip(("key", "value"), global_kv[i]):
-            b.output(t, f"present.{i}.{kv}", b.onnx_dtype, dims["global"])
-        for kv in ("key", "value") if L > 1 else ():
-            b.output(b.op("Concat", *present[i][f"ring_{kv}"], axis=0), f"present_ring.{i}.{kv}",
-                     b.onnx_dtype, dims["ring"])
-    if has_carry:
-        b.output(b.op("Concat", *new_carries, axis=0), "present_carry", b.onnx_dtype,
-                 dims["carry"])
-    return b.model("plt_prefill")
-
-
-def shift_chunk(b: GraphBuilder, h: str, past_carry: str, r: int, T: str, num_new: str,
-                last: str) -> tuple[str, str]:
-    """CLP shift of loop r's output over a chunk: n(h) moved one token later, the chunk's first
-    position taking the carry [B, T, d]; and the new carry, n(h) of the last valid token [B, d]
-    (the old one for a sequence without tokens in this chunk)."""
-    carry = loop_carry(b, h)                                                # [B, T, d]
-    old = b.op("Gather", past_carry, b.const(r - 1, np.int64), axis=0)      # [B, d]
-    head = b.op("Slice", carry, b.ints(0), b.op("Sub", T, b.ints(1)), b.ints(1))
-    shifted = b.op("Concat", b.unsqueeze(old, 1), head, axis=1)
-    has_tokens = b.unsqueeze(b.op("Greater", num_new, b.ints(0)), 1)
-    return shifted, b.op("Where", has_tokens, take_position(b, carry, last), old)
 
 
 def take_position(b: GraphBuilder, x: str, index: str) -> str:
@@ -434,105 +444,202 @@ def ring_positions(b: GraphBuilder, newest: str) -> str:
     return b.op("Sub", newest, b.op("Mod", b.op("Sub", newest, slots), b.ints(W)))
 
 
-def prefill_window(b: GraphBuilder, start, num_new, positions, steps, batch, T):
-    """Local mask [B, 1, T, W + T] over [ring before the chunk ; chunk keys], and the
-    GatherElements source [B, G, W, D] of the ring after the chunk in that concatenation."""
-    W = b.cfg.window
-    G, D = b.cfg.num_key_value_heads, b.cfg.head_dim
-    held = ring_positions(b, b.op("Sub", start, b.ints(1)))                 # [B, W]
-    held_q = b.unsqueeze(held, 1)                                           # [B, 1, W]
-    distance = b.op("Sub", b.unsqueeze(positions, 2), held_q)              # [B, T, W]
-    ring_visible = b.op("And", b.op("GreaterOrEqual", held_q, b.ints(0)),
-                        b.op("Less", distance, b.ints(W)))
-    chunk_distance = b.op("Sub", b.unsqueeze(steps, 1), b.unsqueeze(steps, 0))  # [T, T]
-    chunk_visible = b.op("And", b.op("GreaterOrEqual", chunk_distance, b.ints(0)),
-                         b.op("Less", chunk_distance, b.ints(W)))
-    chunk_visible = b.op("Expand", chunk_visible, b.op("Concat", batch, T, T, axis=0))
-    local_mask = b.unsqueeze(b.op("Concat", ring_visible, chunk_visible, axis=2), 1)
-
-    newest = b.op("Sub", b.op("Add", start, num_new), b.ints(1))
-    latest = ring_positions(b, newest)                                       # [B, W]
-    from_chunk = b.op("GreaterOrEqual", latest, b.unsqueeze(start, 1))
-    chunk_index = b.op("Add", b.op("Sub", latest, b.unsqueeze(start, 1)), b.ints(W))
-    source = b.op("Where", from_chunk, chunk_index, b.const(np.arange(W, dtype=np.int64)))
-    source = b.op("Expand", b.op("Reshape", source, b.ints(0, 1, W, 1)),
-                  b.op("Concat", batch, b.ints(G, W, D), axis=0))
-    return local_mask, source
-
-
 def causal_global_mask(b: GraphBuilder, global_key: str, positions: str) -> str:
-    """[B, 1, T, S]: global slot s visible to the query at positions[b, t] iff s <= it."""
+    """[B, 1, N, S]: global slot s visible to the row at positions[b, n] iff s <= it."""
     capacity_slots = b.arange(b.dim(global_key, 2))
     return b.op("LessOrEqual", b.op("Reshape", capacity_slots, b.ints(1, 1, 1, -1)),
                 b.op("Reshape", positions, b.ints(0, 1, -1, 1)))
 
 
-# ---- CLP decode step --------------------------------------------------------------------
-def decode_window(b: GraphBuilder, newest: str) -> str:
-    """Local mask [B, 1, R, R*W] over the R rings side by side, `newest` [B] the position
-    just written: the row of loop r + 2 sees the written slots of its own ring r only."""
+def io_dims(cfg: PLTConfig, loops: int) -> dict[str, list]:
+    G, D, W, d = cfg.num_key_value_heads, cfg.head_dim, cfg.window, cfg.hidden_size
+    return {"global": ["batch", G, "capacity", D], "ring": [loops - 1, "batch", G, W, D],
+            "carry": [loops - 1, "batch", d], "hidden": ["batch", "chunk", d]}
+
+
+# ---- the graph ------------------------------------------------------------------------------
+@dataclass
+class Rows:
+    """The rows of one call: group k (loop loops[k]) holds the T tokens; N = K * T rows."""
+
+    loops: str          # [K] loop number of each group
+    row_loops: str      # [N]
+    positions: str      # [B, N]
+    valid: str          # [B, N] a real (not padding) token
+    is_loop1: str       # [N] bool
+
+
+def call_rows(b: GraphBuilder, loops: str, start: str, num_new: str, steps: str) -> Rows:
+    K, T = b.dim(loops, 0), b.dim(steps, 0)
+    positions = b.op("Add", b.unsqueeze(start, 1), b.unsqueeze(steps, 0))           # [B, T]
+    valid = b.op("Less", b.unsqueeze(steps, 0), b.unsqueeze(num_new, 1))             # [B, T]
+    tile = b.op("Concat", b.ints(1), K, axis=0)
+    row_loops = b.op("Reshape", b.op("Expand", b.unsqueeze(loops, 1),
+                                     b.op("Concat", K, T, axis=0)), b.ints(-1))
+    return Rows(loops, row_loops, b.op("Tile", positions, tile), b.op("Tile", valid, tile),
+                b.op("Equal", row_loops, b.ints(1)))
+
+
+def row_inputs(b: GraphBuilder, rows: Rows, embeddings: str, past_carry, past_hidden) -> str:
+    """[B, N, d]: loop 1's rows take E; PLT loop r >= 2 rows take a E + b s, s being carry[r-1]
+    in a CLP step (several groups, T = 1) and past_hidden (loop r-1's output already shifted
+    one token by the previous call) otherwise; v1 loop r >= 2 rows take past_hidden."""
+    if past_hidden is None:
+        return embeddings
+    d = b.cfg.hidden_size
+    if past_carry is None:  # v1
+        later = b.unsqueeze(past_hidden, 0)
+    else:
+        carry_index = b.op("Max", b.op("Sub", rows.loops, b.ints(2)), b.ints(0))
+        carry_rows = b.unsqueeze(b.op("Gather", past_carry, carry_index, axis=0), 2)  # [K, B, 1, d]
+        one_group = b.op("Squeeze", b.op("Equal", b.dim(rows.loops, 0), b.ints(1)))
+        shifted = b.op("Where", one_group, b.unsqueeze(past_hidden, 0), carry_rows)
+        later = next_loop_input(b, embeddings, shifted)                                # [K, B, T, d]
+    first_loop = b.op("Reshape", b.op("Equal", rows.loops, b.ints(1)), b.ints(-1, 1, 1, 1))
+    grouped = b.op("Where", first_loop, embeddings, later)                             # [K, B, T, d]
+    return b.op("Reshape", b.op("Transpose", grouped, perm=[1, 0, 2, 3]), b.ints(0, -1, d))
+
+
+def shifted_handover(b: GraphBuilder, rows: Rows, outputs: str, past_carry: str) -> str:
+    """[B, T, d]: the last group's n(h) over the chunk moved one token later, its first token
+    taking that loop's carry from before this call: the next loop's shifted input."""
+    R = b.loops - 1
+    loop = b.op("Gather", rows.loops, b.op("Sub", b.dim(rows.loops, 0), b.ints(1)))   # [1]
+    carry = b.op("Gather", past_carry, b.op("Min", b.op("Sub", loop, b.ints(1)), b.ints(R - 1)),
+                 axis=0)                                                              # [1, B, d]
+    T = b.dim(outputs, 1)
+    earlier = b.op("Slice", outputs, b.ints(0), b.op("Sub", T, b.ints(1)), b.ints(1))
+    return b.op("Concat", b.op("Transpose", carry, perm=[1, 0, 2]), earlier, axis=1)
+
+
+def ring_window(b: GraphBuilder, rows: Rows, start: str, batch: str) -> tuple[str, str]:
+    """Local keys are [the R rings side by side ; the call's rows]. Returns the local mask
+    [B, 1, N, R*W + N] (a row sees keys of its own loop within the window, itself included)
+    and the GatherElements source [B, G, R*W, D] of each ring slot after the call: the
+    latest valid row of that loop and slot, else the slot's old entry."""
     R, W = b.loops - 1, b.cfg.window
-    written = b.op("GreaterOrEqual", ring_positions(b, newest), b.ints(0))          # [B, W]
-    written = b.op("Reshape", b.op("Tile", written, b.ints(1, R)), b.ints(-1, 1, 1, R * W))
-    own_ring = np.zeros((1, 1, R, R * W), dtype=bool)
-    for row in range(R):
-        own_ring[..., row, row * W:(row + 1) * W] = True
-    return b.op("And", written, b.const(own_ring))
+    G, D = b.cfg.num_key_value_heads, b.cfg.head_dim
+    ring_slots = np.arange(R * W, dtype=np.int64)
+    ring_loops = b.const(2 + ring_slots // W)
+    held = b.op("Tile", ring_positions(b, b.op("Sub", start, b.ints(1))), b.ints(1, R))  # [B, RW]
+    key_loops = b.op("Concat", ring_loops, rows.row_loops, axis=0)
+    key_positions = b.unsqueeze(b.op("Concat", held, rows.positions, axis=1), 1)    # [B, 1, RW+N]
+    distance = b.op("Sub", b.unsqueeze(rows.positions, 2), key_positions)          # [B, N, RW+N]
+    same_loop = b.op("Equal", b.unsqueeze(rows.row_loops, 1), b.unsqueeze(key_loops, 0))
+    visible = b.op("And", b.op("And", b.op("GreaterOrEqual", distance, b.ints(0)),
+                               b.op("Less", distance, b.ints(W))),
+                   b.op("And", b.op("GreaterOrEqual", key_positions, b.ints(0)), same_loop))
+
+    slot_of_row = b.unsqueeze(b.op("Mod", rows.positions, b.ints(W)), 1)           # [B, 1, N]
+    writes = b.op("And", b.op("And", b.op("Equal", slot_of_row,
+                                          b.const((ring_slots % W)[None, :, None])),
+                              b.op("Equal", b.unsqueeze(ring_loops, 1),
+                                   b.unsqueeze(rows.row_loops, 0))),
+                  b.unsqueeze(rows.valid, 1))                                        # [B, RW, N]
+    score = b.op("Where", writes, b.unsqueeze(rows.positions, 1), b.ints(-1))
+    newest = b.op("ReduceMax", score, b.ints(2), keepdims=0)                        # [B, RW]
+    source = b.op("Where", b.op("GreaterOrEqual", newest, b.ints(0)),
+                  b.op("Add", b.op("ArgMax", score, axis=2, keepdims=0), b.ints(R * W)),
+                  b.const(ring_slots))
+    source = b.op("Expand", b.op("Reshape", source, b.ints(0, 1, R * W, 1)),
+                  b.op("Concat", batch, b.ints(G, R * W, D), axis=0))
+    return b.unsqueeze(visible, 1), source
 
 
-def build_decode(b: GraphBuilder) -> onnx.ModelProto:
+def new_carry(b: GraphBuilder, rows: Rows, outputs: str, past_carry: str, num_new: str) -> str:
+    """[R, B, d]: carry[r-1] <- loop r's output at each sequence's last valid token when loop
+    r < L ran in this call (and the sequence had tokens), else kept."""
+    R, d = b.loops - 1, b.cfg.hidden_size
+    last = b.op("Max", b.op("Sub", num_new, b.ints(1)), b.ints(0))
+    index = b.op("Expand", b.op("Reshape", last, b.ints(-1, 1, 1, 1)),
+                 b.op("Concat", b.dim(outputs, 0), b.dim(outputs, 1), b.ints(1, d), axis=0))
+    per_group = b.op("Transpose", b.op("Squeeze", b.op("GatherElements", outputs, index, axis=2),
+                                       b.ints(2)), perm=[1, 0, 2])                   # [K, B, d]
+    ran = b.op("Cast", b.op("Equal", b.const(np.arange(1, R + 1, dtype=np.int64)[:, None]),
+                            b.unsqueeze(rows.loops, 0)), to=TensorProto.INT64)      # [R, K]
+    picked = b.op("Gather", per_group, b.op("ArgMax", ran, axis=1, keepdims=0), axis=0)
+    take = b.op("And", b.op("Reshape", b.op("Cast", b.op("ReduceMax", ran, b.ints(1), keepdims=0),
+                                            to=TensorProto.BOOL), b.ints(-1, 1, 1)),
+                b.op("Reshape", b.op("Greater", num_new, b.ints(0)), b.ints(1, -1, 1)))
+    return b.op("Where", take, picked, past_carry)
+
+
+def build_step(b: GraphBuilder) -> onnx.ModelProto:
     cfg, L, W = b.cfg, b.loops, b.cfg.window
-    R = L - 1
-    ids = b.input("input_ids", TensorProto.INT64, ["batch"])
+    R, D, d = L - 1, cfg.head_dim, cfg.hidden_size
+    dims = io_dims(cfg, L)
+    ids = b.input("input_ids", TensorProto.INT64, ["batch", "chunk"])
     start = b.input("start", TensorProto.INT64, ["batch"])
-    past, past_carry, dims = cache_io(b, has_carry=True)
+    num_new = b.input("num_new", TensorProto.INT64, ["batch"])
+    loops = b.input("loops", TensorProto.INT64, ["groups"])
+    past = [{kv: b.input(f"past_key_values.{i}.{kv}", b.onnx_dtype, dims["global"])
+             for kv in ("key", "value")} for i in range(cfg.num_hidden_layers)]
+    if L > 1:
+        for i, layer in enumerate(past):
+            layer.update({f"ring_{kv}": b.input(f"past_ring.{i}.{kv}", b.onnx_dtype, dims["ring"])
+                          for kv in ("key", "value")})
+    has_carry = L > 1 and not cfg.is_v1
+    past_carry = b.input("past_carry", b.onnx_dtype, dims["carry"]) if has_carry else None
+    past_hidden = b.input("past_hidden", b.onnx_dtype, dims["hidden"]) if L > 1 else None
 
-    batch = b.dim(ids, 0)
-    embeddings = b.unsqueeze(b.op("Gather", b.weight("embed_tokens"), ids), 1)   # [B, 1, d]
-    carry_rows = b.op("Transpose", past_carry, perm=[1, 0, 2])                    # [B, R, d]
-    h = b.op("Concat", embeddings, next_loop_input(b, embeddings, carry_rows), axis=1)
-    positions = b.op("Expand", b.unsqueeze(start, 1), b.op("Concat", batch, b.ints(L), axis=0))
-    cos, sin = rope_tables(b, positions)
-
-    start_col = b.unsqueeze(start, 1)                                               # [B, 1]
-    global_slots = kv_slot_indices(b, batch, start_col)
-    ring_slots = kv_slot_indices(b, batch, b.op("Mod", start_col, b.ints(W)),
-                                 leading=[b.const(np.arange(R, dtype=np.int64))])
-    ring_slots = b.op("Squeeze", ring_slots, b.ints(3))                             # [R, B, G, 4]
-    local_mask = decode_window(b, start)
-
-    def rows(x: str, first: int, last: int, axis: int) -> str:
-        return b.op("Slice", x, b.ints(first), b.ints(last), b.ints(axis))
-
-    global_mask = causal_global_mask(b, past[0]["key"], positions)                 # [B, 1, L, S]
-    loop1_mask, later_mask = rows(global_mask, 0, 1, 2), rows(global_mask, 1, L, 2)
+    batch, T = b.dim(ids, 0), b.dim(ids, 1)
+    rows = call_rows(b, loops, start, num_new, b.arange(T))
+    h = row_inputs(b, rows, embed(b, ids), past_carry, past_hidden)                  # [B, N, d]
+    cos, sin = rope_tables(b, rows.positions)
+    global_slots = kv_slot_indices(b, batch, b.op("Slice", rows.positions, b.ints(0), T,
+                                                  b.ints(1)))
+    global_mask = causal_global_mask(b, past[0]["key"], rows.positions)
+    writes_global = b.op("Equal", b.op("Gather", loops, b.const(0, np.int64)),
+                         b.const(1, np.int64))
+    if L > 1:
+        local_mask, ring_source = ring_window(b, rows, start, batch)
+        loop1_rows = b.op("Reshape", rows.is_loop1, b.ints(1, 1, -1))
+    present_ring = [{} for _ in range(cfg.num_hidden_layers)]
 
     for i in range(cfg.num_hidden_layers):
         def attention(heads, x_res, i=i):
-            global_kv, local_kv = [], []
+            # group 0's rows write their global slots when they are loop 1's; otherwise the
+            # slots are rewritten with what they hold
+            global_kv = []
             for n, t in (("key", heads.k), ("value", heads.v)):
-                global_kv.append(b.op("ScatterND", past[i][n], global_slots, rows(t, 0, 1, 2),
+                kept = b.op("GatherND", past[i][n], global_slots)
+                update = b.op("Where", writes_global,
+                              b.op("Slice", t, b.ints(0), T, b.ints(2)), kept)
+                global_kv.append(b.op("ScatterND", past[i][n], global_slots, update,
                                       name=f"present.{i}.{n}"))
-                later = b.op("Transpose", rows(t, 1, L, 2), perm=[2, 0, 1, 3])       # [R, B, G, D]
-                ring = b.op("ScatterND", past[i][f"ring_{n}"], ring_slots, later,
-                            name=f"present_ring.{i}.{n}")
-                local_kv.append(b.op("Reshape", b.op("Transpose", ring, perm=[1, 2, 0, 3, 4]),
-                                     b.ints(0, 0, R * W, cfg.head_dim)))
-            # loop 1's row: causal attention over the global cache; rows >= 2: G-SWA
-            q_later = rows(heads.q, 1, L, 2)
-            y_loop1 = b.op("Attention", rows(heads.q, 0, 1, 2), *global_kv, loop1_mask)
-            y_later = gswa(b, q_later, global_kv, later_mask, local_kv, local_mask,
-                           gate(b, i, rows(x_res, 1, L, 1), q_later))
-            return b.op("Concat", y_loop1, y_later, axis=2)
+            if L == 1:
+                return b.op("Attention", heads.q, *global_kv, global_mask)
+            local_kv = []
+            for n, t in (("key", heads.k), ("value", heads.v)):
+                rings = b.op("Reshape", b.op("Transpose", past[i][f"ring_{n}"],
+                                             perm=[1, 2, 0, 3, 4]), b.ints(0, 0, R * W, D))
+                keys = b.op("Concat", rings, t, axis=2)                             # [B, G, RW+N, D]
+                local_kv.append(keys)
+                kept = b.op("GatherElements", keys, ring_source, axis=2)
+                present_ring[i][n] = b.op("Transpose", b.op("Reshape", kept,
+                                                            b.ints(0, 0, R, W, D)),
+                                          perm=[2, 0, 1, 3, 4])
+            g = b.op("Where", loop1_rows, b.scalar(1.0), gate(b, i, x_res, heads.q))
+            return gswa(b, heads.q, global_kv, global_mask, local_kv, local_mask, g)
         h = decoder_layer(b, i, h, cos, sin, attention)
 
-    carries = loop_carry(b, b.op("Slice", h, b.ints(0), b.ints(R), b.ints(1)))     # [B, R, d]
-    last_row = b.op("Gather", h, b.const(L - 1, np.int64), axis=1)                  # [B, d]
-    b.output(lm_logits(b, last_row), "logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])
+    group_shape = b.op("Concat", batch, b.dim(loops, 0), T, b.ints(d), axis=0)
+    last_group = b.op("Squeeze", b.op("Sub", b.dim(loops, 0), b.ints(1)))
+    last = b.op("Max", b.op("Sub", num_new, b.ints(1)), b.ints(0))
+    h_last = b.op("Gather", b.op("Reshape", h, group_shape), last_group, axis=1)       # [B, T, d]
+    b.output(lm_logits(b, take_position(b, h_last, last)), "logits", TensorProto.FLOAT,
+             ["batch", cfg.vocab_size])
     for i in range(cfg.num_hidden_layers):
         for n in ("key", "value"):
             b.output(f"present.{i}.{n}", f"present.{i}.{n}", b.onnx_dtype, dims["global"])
-            b.output(f"present_ring.{i}.{n}", f"present_ring.{i}.{n}", b.onnx_dtype, dims["ring"])
-    b.output(b.op("Transpose", carries, perm=[1, 0, 2]), "present_carry", b.onnx_dtype,
-             dims["carry"])
-    return b.model("plt_decode_clp")
+        for n in present_ring[i]:
+            b.output(present_ring[i][n], f"present_ring.{i}.{n}", b.onnx_dtype, dims["ring"])
+    if L > 1:
+        outputs = b.op("Reshape", h if cfg.is_v1 else loop_carry(b, h), group_shape)  # [B, K, T, d]
+        handover = b.op("Gather", outputs, last_group, axis=1)                          # [B, T, d]
+        if has_carry:
+            b.output(new_carry(b, rows, outputs, past_carry, num_new), "present_carry",
+                     b.onnx_dtype, dims["carry"])
+            handover = shifted_handover(b, rows, handover, past_carry)
+        b.output(handover, "present_hidden", b.onnx_dtype, dims["hidden"])
+    return b.model("plt_step")

@@ -1,8 +1,10 @@
 """Model directories in the Hugging Face layout (SPEC section 5), framework-free.
 
-Tensors travel as numpy arrays: every backend converts from there. The safetensors header
-is read directly, so shapes are checked before any data is read and bf16 (which numpy lacks)
-is widened to fp32. Nothing here can execute code from a file: no pickle, ever.
+Tensors travel as numpy arrays (bf16 as `ml_dtypes.bfloat16`): every backend converts from
+there. The safetensors header is read directly, so shapes are checked before any data is read;
+each tensor is then materialised once, in the precision asked for, from a read-only memory map
+of its bytes (no whole-model copy in another precision). Nothing here can execute code from a
+file: no pickle, ever.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import os
 import shutil
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -29,15 +32,25 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "generation_config.json")
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
            "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
            "BOOL": np.bool_}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# precisions by the names of config.json's torch_dtype (and of every --dtype option)
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                "float16": np.dtype(np.float16)}
 
 
 class CheckpointError(PLTError, ValueError):
     """A model directory that does not match its config."""
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a precision name (bf16: `ml_dtypes.bfloat16`)."""
+    if name not in NUMPY_DTYPES:
+        raise CheckpointError(f"precision must be one of {', '.join(NUMPY_DTYPES)}, got {name!r}")
+    return NUMPY_DTYPES[name]
 
 
 def expected_shapes(config: PLTConfig) -> dict[str, tuple[int, ...]]:
@@ -141,13 +154,27 @@ def check_tiling(header: dict, data_size: int) -> None:
         raise ValueError(f"the tensors end at byte {position} of a {data_size}-byte data section")
 
 
-def _read_tensor(path: str, info: dict, data_offset: int) -> np.ndarray:
+FINITE_CHECK_ELEMENTS = 1 << 24  # elements checked at a time: the bool mask stays small
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    flat = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
+    rows = max(1, FINITE_CHECK_ELEMENTS // flat.shape[1])
+    return all(np.isfinite(flat[i:i + rows]).all() for i in range(0, len(flat), rows))
+
+
+def _read_tensor(path: str, info: dict, data_offset: int, dtype=None) -> np.ndarray:
+    """The tensor as an array of its own, in `dtype` (None: as stored), converted straight
+    from a read-only map of its bytes; the map is gone when this returns."""
     start, end = info["data_offsets"]
-    raw = np.fromfile(path, dtype=np.uint8, count=end - start, offset=data_offset + start)
-    array = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-    if info["dtype"] == "BF16":  # bf16 is the top half of an fp32
-        array = (array.astype(np.uint32) << 16).view(np.float32)
-    return array
+    stored = np.dtype(_DTYPES[info["dtype"]])
+    shape = tuple(info["shape"])
+    if end == start:  # mmap cannot map zero bytes
+        return np.zeros(shape, dtype or stored)
+    mapped = np.memmap(path, stored, mode="r", offset=data_offset + start, shape=shape)
+    if not _all_finite(mapped):  # NaN/inf weights make every logit NaN
+        raise ValueError("holds NaN or infinite values")
+    return np.array(mapped, dtype=dtype or stored)
 
 
 def weight_files(model_dir: str) -> list[str]:
@@ -193,13 +220,34 @@ def check_shapes(model_dir: str, expected: dict[str, tuple[int, ...]],
                               + "\n  ".join(problems))
 
 
-def load_tensors(model_dir: str | os.PathLike, config: PLTConfig | None = None,
-                 dtype: np.dtype | None = None) -> dict[str, np.ndarray]:
-    """All tensors of a model directory, checked strictly against `config`'s expected set.
+class CheckpointTensors(Mapping):
+    """The tensors of a checked model directory, each read (and checked finite) when it is
+    looked up, in `dtype` (None: as stored). Nothing is cached: a consumer that converts
+    tensor by tensor holds one at a time."""
 
-    Missing, unexpected and mis-shaped tensors are collected and reported in one error.
-    `dtype` casts floating tensors (bf16 always arrives as fp32).
-    """
+    def __init__(self, model_dir: str, entries: dict, dtype=None):
+        self.model_dir, self._entries, self.dtype = model_dir, entries, dtype
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path, info, offset, stored_name = self._entries[name]
+        try:
+            return _read_tensor(path, info, offset, self.dtype)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: tensor {stored_name} {exc}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def open_tensors(model_dir: str | os.PathLike, config: PLTConfig | None = None,
+                 dtype=None) -> CheckpointTensors:
+    """The tensors of a model directory, checked strictly against `config`'s expected set
+    before any is read. Missing, unexpected, mis-shaped and non-float tensors are collected
+    and reported in one error. `dtype` (a numpy dtype, `ml_dtypes.bfloat16` for bf16)
+    converts every tensor as it is read; None keeps the stored precision."""
     model_dir = os.fspath(model_dir)
     config = config or PLTConfig.from_file(model_dir)
     expected = expected_shapes(config)
@@ -219,16 +267,14 @@ def load_tensors(model_dir: str | os.PathLike, config: PLTConfig | None = None,
     if not_float:
         raise CheckpointError(f"{model_dir}: weights must be floating point "
                               f"({', '.join(FLOAT_DTYPES)}); not: {', '.join(not_float)}")
-    tensors = {}
-    for name, (path, info, offset, _) in entries.items():
-        array = _read_tensor(path, info, offset)
-        if not np.isfinite(array).all():  # NaN/inf weights make every logit NaN
-            raise CheckpointError(f"{path}: tensor {entries[name][3]} holds NaN or infinite "
-                                  f"values")
-        if dtype is not None and np.issubdtype(array.dtype, np.floating):
-            array = array.astype(dtype, copy=False)
-        tensors[name] = array
-    return tensors
+    return CheckpointTensors(model_dir, entries, dtype)
+
+
+def load_tensors(model_dir: str | os.PathLike, config: PLTConfig | None = None,
+                 dtype=None) -> dict[str, np.ndarray]:
+    """Every tensor of a model directory at once (see `open_tensors`): for small models and
+    tests; converters go tensor by tensor through `open_tensors`."""
+    return dict(open_tensors(model_dir, config, dtype).items())
 
 
 # ---- writing ---------------------------------------------------------------------------

@@ -55,17 +55,19 @@ def evaluate_windows(model, windows: np.ndarray, loops: int | None = None,
 
 
 def evaluate(model_dir: str, loops: int | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS,
-             batch_size: int = 8, seq_len: int = DEFAULT_SEQ_LEN) -> dict:
+             batch_size: int = 8, seq_len: int = DEFAULT_SEQ_LEN,
+             dtype: str | None = None) -> dict:
     """{loss, perplexity, accuracy, tokens} of the model in `model_dir` on the held-out split.
 
     `loops`: inference loop count (default: the checkpoint's). `max_tokens`: cap on the
-    predicted tokens (None: the whole split).
+    predicted tokens (None: the whole split). `dtype`: run precision (default: stored, see
+    `plt_port.model.run_dtype`).
     """
     from .model import PLTForCausalLM
 
     if batch_size < 1 or seq_len < 1:
         raise EvalError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
-    model = PLTForCausalLM.from_pretrained(model_dir)
+    model = PLTForCausalLM.from_pretrained(model_dir, dtype)
     loops = model.config.resolve_loops(loops)
     check_forward(model.config, batch_size, seq_len, loops)
     windows = data.sequential_windows(validation_tokens(Tokenizer.from_dir(model_dir)),

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .checkpoint import expected_shapes, save_model_dir
+from .checkpoint import expected_shapes, numpy_dtype, save_model_dir
 from .config import PLTConfig
 
 # Random PLT models (LoopCoder-v2 form: hidden-state gate, window [64, 0]) by size: the sizes
@@ -27,14 +27,17 @@ PRESETS = {
                  num_key_value_heads=4, intermediate_size=2816, vocab_size=32000),  # ~340M
 }
 RANDOM_BASE = dict(model_type="iquestpltcoder", plt_num_loops=2, plt_window_size=[64, 0],
-                   plt_gate_use_hidden_states=True, max_position_embeddings=4096)
+                   plt_gate_use_hidden_states=True, max_position_embeddings=4096,
+                   torch_dtype="bfloat16")  # stored like the released checkpoints
 
 
 def random_tensors(config: PLTConfig, seed: int = 0, std: float = 0.02,
-                   gate_std: float = 0.5, dtype=np.float32) -> dict[str, np.ndarray]:
+                   gate_std: float = 0.5, dtype=None) -> dict[str, np.ndarray]:
     """Weights ~ N(0, std); norm weights ~ 1 + N(0, 0.1); gate weights and bias ~ N(0, gate_std)
-    so that the gate takes clearly different values per token and head."""
+    so that the gate takes clearly different values per token and head. `dtype` None: the
+    config's torch_dtype."""
     rng = np.random.default_rng(seed)
+    dtype = dtype or numpy_dtype(config.torch_dtype)
     tensors = {}
     for name, shape in expected_shapes(config).items():
         if name.endswith("norm.weight") or name.endswith("layernorm.weight"):

@@ -50,30 +50,37 @@ class Estimate:
         return max(self.weights + self.cache, self.load_peak)
 
 
+def largest_tensor_bytes(config: PLTConfig, itemsize: int = 4) -> int:
+    return max(math.prod(shape) for shape in expected_shapes(config).values()) * itemsize
+
+
 def peak_estimates(config: PLTConfig, context: int, loops: int, batch: int) -> list[Estimate]:
     f32, bf16 = (weight_bytes(config, p) for p in ("float32", "bfloat16"))
     kv = {dtype: kv_cache_bytes(config, context, loops, batch, dtype)
           for dtype in ("float32", "bfloat16")}
+    one_tensor = largest_tensor_bytes(config)
     rows = [
         Estimate("torch backend, float32", f32, kv["float32"],
-                 "weights widened to fp32 on read (bf16 checkpoints too), fp32 caches"),
-        Estimate("torch backend, bfloat16", bf16, kv["bfloat16"],
-                 "bf16 weights and caches; the load reads every tensor as fp32 first",
-                 load_peak=f32 + bf16),
+                 "each tensor read from a memory map and converted once, fp32 caches"),
+        Estimate("torch backend, bfloat16 (a bf16 checkpoint's default)", bf16, kv["bfloat16"],
+                 "bf16 weights kept as stored, bf16 caches"),
     ]
     for precision in ("bfloat16", "4-bit"):
         rows.append(Estimate(f"export mlx, {precision}", weight_bytes(config, precision), 0,
-                             "every source tensor read as fp32, converted one at a time",
-                             load_peak=f32 + weight_bytes(config, precision)))
+                             "source tensors read one at a time; the converted weights are "
+                             "held until written",
+                             load_peak=weight_bytes(config, precision) + one_tensor))
     for precision in ("bfloat16", "8-bit", "4-bit"):
         rows.append(Estimate(f"mlx backend, {precision}", weight_bytes(config, precision),
                              kv["bfloat16"], "weights as stored, caches in bf16"))
     rows += [
-        Estimate("export onnx, float32", f32, 0,
-                 "the fp32 PyTorch model plus its serialized weights.bin", load_peak=2 * f32),
+        Estimate("export onnx, float32 or int4", 0, 0,
+                 "tensor by tensor into weights.bin: one tensor in memory at a time",
+                 load_peak=one_tensor),
         Estimate("onnx backend, float32", f32, kv["float32"],
-                 "weights.bin mapped once for both sessions, fp32 caches (--onnx-prepack: "
-                 "weights twice)"),
+                 "one session pre-packs weights.bin once, fp32 caches"),
+        Estimate("onnx backend, int4", weight_bytes(config, "4-bit"), kv["float32"],
+                 "MatMulNBits int4 weights, fp32 activations and caches"),
     ]
     return rows
 

@@ -224,7 +224,8 @@ def load_checkpoint(ckpt_dir: str, recipe: Recipe, device) -> tuple:
         changed = sorted(k for k, v in dataclasses.asdict(recipe).items() if saved[k] != v)
         raise TrainError(f"{ckpt_dir}: cannot resume with a different recipe (changed: "
                          f"{', '.join(changed)}); use a new output directory")
-    model = PLTForCausalLM.from_pretrained(os.path.join(ckpt_dir, "model")).to(device).train()
+    model = PLTForCausalLM.from_pretrained(os.path.join(ckpt_dir, "model"),
+                                           "float32").to(device).train()
     optimizer = make_optimizer(model, recipe)
     load_optimizer_tensors(model, optimizer,
                            load_file(os.path.join(ckpt_dir, "optimizer.safetensors")))

@@ -1,9 +1,10 @@
 """MLX backend over runtimes/mlx_model.py (the mlx-lm style model file). Imports MLX, not torch.
 
 `model_dir` is either a PyTorch (HF layout) model directory, exported on first use into the
-export store (with `dtype`/`quantize`/`group_size`), or an MLX model directory loaded as it
-is: one written by `plt-port export mlx` (its config.json has an `mlx_export` entry) or an
-mlx-lm quantized checkpoint (a `quantization` entry; plt_port/quantization.py).
+export store (with `dtype` (default: the stored precision)/`quantize`/`group_size`), or an
+MLX model directory loaded as it is: one written by `plt-port export mlx` (its config.json has
+an `mlx_export` entry) or an mlx-lm quantized checkpoint (a `quantization` entry;
+plt_port/quantization.py).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class MLXBackend(Backend):
                                    f"PyTorch model directory")
         else:
             model_dir = ensure_exported(model_dir, "mlx", mlx_export.export,
-                                        dtype=dtype or "float32", quantize=quantize,
+                                        dtype=dtype, quantize=quantize,
                                         group_size=group_size)
         super().__init__(model_dir, loops)
         self.kernel = kernel

@@ -1,17 +1,15 @@
-"""ONNX Runtime backend: runs the graphs of `exporters.onnx_export` behind `runtimes.base.Backend`.
+"""ONNX Runtime backend: runs the graph of `exporters.onnx_export` behind `runtimes.base.Backend`.
 
 - Provider: CUDAExecutionProvider when onnxruntime-gpu and a GPU are present, else CPU.
-- Weights once in memory: `weights.bin` is memory-mapped once, each tensor is one OrtValue
-  (a view, no copy) handed to both sessions with `SessionOptions.add_initializer`, so the
-  prefill and decode graphs share them. ORT's CPU pre-packing would add a packed copy of a
-  weight per MatMul node that uses it (the prefill graph unrolls the loops: L copies), so it
-  is off. Without it MLAS packs B on every MatMul with more than one row, so on CPU a CLP
-  step (L rows) costs about as much as the naive one. `prepack=True` turns it on for the CLP
-  decode graph only: one packed copy more (2x weight memory) for a faster CLP step on CPU
-  (`--onnx-prepack` on generate). The CUDA provider does not pre-pack.
-- Caches live in OrtValues bound with IO binding; the global KV (both graphs) and the rings
-  (decode graph) are bound as outputs to their own input buffers, so the graphs' ScatterND
-  writes the new slot in place and nothing is copied between steps.
+- One session serves prefill (one call per loop), the CLP step (one call, all loops) and the
+  naive step, and each MatMul weight feeds one node: ORT loads weights.bin itself, pre-packs
+  each MatMul / MatMulNBits weight once for the CPU kernels and frees the unpacked copy (a
+  float32 export is held at about its weights.bin size). Packed weights keep fp32 CLP steps
+  of 2-4 rows close to one-row ones (no packing per call), and MatMulNBits needs them for its
+  fast int8-compute path (accuracy_level 4).
+- Caches live in OrtValues bound with IO binding; the global KV is bound as an output to its
+  own input buffer, so the graph's ScatterND writes the new slots in place. Rings, the carry
+  and the hidden hand-over are fresh outputs of each call, fed to the next one as they are.
 Imports neither torch nor onnx (the export on first use needs onnx).
 """
 
@@ -26,21 +24,35 @@ import onnxruntime as ort
 from plt_port.config import PLTConfig
 
 from exporters.export_store import ensure_exported
-from exporters.onnx_export import MANIFEST, check_export, export
+from exporters.onnx_export import MANIFEST, check_export, export, quantization
 
 from .base import Backend, BackendError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def resolve_export(model_dir: str, loops: int | None, dtype: str | None) -> tuple[str, dict]:
+def default_dtype(stored: str, device: str) -> str:
+    """The export precision of a checkpoint stored in `stored` when none is asked: float32
+    on the CPU (its provider lacks most float16 kernels, so float16 graphs run through
+    inserted Casts and fp32 copies of the weights), float16 on a GPU for 16-bit checkpoints."""
+    return "float16" if device == "cuda" and stored in ("float16", "bfloat16") else "float32"
+
+
+def resolve_export(model_dir: str, loops: int | None, dtype: str | None, device: str = "cpu",
+                   quant=None) -> tuple[str, dict]:
     """(export dir, manifest): `model_dir` itself when it is an export, else a cached export
-    of the PyTorch model directory at `loops` and `dtype` (default float32), made on first use."""
+    of the PyTorch model directory at `loops`, `dtype` (default: `default_dtype`) and `quant`
+    (an `exporters.onnx_graph.Quantization` or None), made on first use."""
     model_dir = os.fspath(model_dir)
     if not os.path.exists(os.path.join(model_dir, MANIFEST)):
-        loops = PLTConfig.from_file(model_dir).resolve_loops(loops)
-        model_dir = ensure_exported(model_dir, "onnx", export, loops=loops,
-                                    dtype=dtype or "float32")
+        config = PLTConfig.from_file(model_dir)
+        loops = config.resolve_loops(loops)
+        dtype = dtype or ("float32" if quant else default_dtype(config.torch_dtype, device))
+        model_dir = ensure_exported(model_dir, "onnx", export, loops=loops, dtype=dtype,
+                                    quant=quant)
+    elif quant is not None:
+        raise BackendError(f"{model_dir} is already an ONNX export; quantize from the PyTorch "
+                           f"model directory")
     check_export(model_dir, BackendError)
     try:
         with open(os.path.join(model_dir, MANIFEST), encoding="utf-8") as f:
@@ -79,44 +91,27 @@ class ONNXBackend(Backend):
     loops_share_weights = False  # one export (graphs and weights) per loop count
 
     def __init__(self, model_dir: str, loops: int | None = None, provider: str = "auto",
-                 dtype: str | None = None, threads: int | None = None, prepack: bool = False):
+                 dtype: str | None = None, threads: int | None = None,
+                 quantize: int | None = None, block_size: int = 32):
         self.check_threads(threads)
         self.source_dir = os.fspath(model_dir)
         self.device = choose_device(provider)
-        export_dir, self.manifest = resolve_export(model_dir, loops, dtype)
+        quant = None if quantize is None else quantization(quantize, block_size)
+        export_dir, self.manifest = resolve_export(model_dir, loops, dtype, self.device, quant)
         super().__init__(export_dir, loops=self.manifest["loops"])
         self.np_dtype = np.dtype(self.manifest["dtype"])
         self.run_dtype = self.np_dtype.name
-        self.weights = self._load_weights()
-        self.sessions = {kind: self._session(graph["file"], threads, prepack and kind == "decode")
-                         for kind, graph in self.manifest["graphs"].items()}
+        self.session = self._session(threads)
 
-    # ---- loading ----------------------------------------------------------------------
-    def _load_weights(self) -> dict[str, ort.OrtValue]:
-        """One read-only mapping of the file; every tensor an OrtValue over its slice (no copy,
-        and the pages are the OS file cache: shared with any other process using this export)."""
-        path = os.path.join(self.model_dir, self.manifest["weights_file"])
-        self._weights_buffer = np.memmap(path, np.uint8, mode="r")
-        values = {}
-        for name, entry in self.manifest["weights"].items():
-            raw = self._weights_buffer[entry["offset"]:entry["offset"] + entry["length"]]
-            array = raw.view(entry["dtype"]).reshape(entry["shape"])
-            values[name] = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
-        return values
-
-    def _session(self, graph_file: str, threads: int | None, prepack: bool):
+    def _session(self, threads: int | None) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        if not prepack:
-            options.add_session_config_entry("session.disable_prepacking", "1")
-        for name, value in self.weights.items():
-            options.add_initializer(name, value)
         providers = [PROVIDERS["cuda"], PROVIDERS["cpu"]] if self.device == "cuda" \
             else [PROVIDERS["cpu"]]
-        return ort.InferenceSession(os.path.join(self.model_dir, graph_file), options,
-                                    providers=providers)
+        return ort.InferenceSession(os.path.join(self.model_dir, self.manifest["graph"]["file"]),
+                                    options, providers=providers)
 
     # ---- caches -----------------------------------------------------------------------
     def _zeros(self, shape) -> ort.OrtValue:
@@ -169,49 +164,57 @@ class ONNXBackend(Backend):
         return sum(int(np.prod(v.shape())) * self.np_dtype.itemsize for v in self._values(caches))
 
     # ---- running ----------------------------------------------------------------------
-    def _run(self, kind: str, caches: dict, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """One graph run with the caches bound; updates `caches` and returns fp32 logits."""
-        session = self.sessions[kind]
-        binding = session.io_binding()
+    def _run(self, caches: dict, ids: np.ndarray, start: np.ndarray, num_new: np.ndarray,
+             loops: list[int], hidden):
+        """One call over the row groups `loops` (see exporters/onnx_graph.py); updates
+        `caches` and returns (fp32 logits, present_hidden or None)."""
+        binding = self.session.io_binding()
+        feeds = {"input_ids": ids, "start": start, "num_new": num_new,
+                 "loops": np.array(loops, np.int64)}
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
-        fresh = []  # outputs ORT allocates: prefill rings (a Concat), the carry
+        fresh = []  # outputs ORT allocates: the rings, the carry, the hidden hand-over
         for i, layer in enumerate(caches["global"]):
             for kv, value in layer.items():
                 binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
                 binding.bind_ortvalue_output(f"present.{i}.{kv}", value)  # written in place
             for kv, value in caches["ring"][i].items() if "ring" in caches else ():
                 binding.bind_ortvalue_input(f"past_ring.{i}.{kv}", value)
-                if kind == "decode":
-                    binding.bind_ortvalue_output(f"present_ring.{i}.{kv}", value)
-                else:
-                    fresh.append((f"present_ring.{i}.{kv}", ("ring", i, kv)))
+                fresh.append((f"present_ring.{i}.{kv}", caches["ring"][i], kv))
         if "carry" in caches:
             binding.bind_ortvalue_input("past_carry", caches["carry"])
-            fresh.append(("present_carry", ("carry", None, None)))
-        logits = np.empty((len(feeds["start"]), self.config.vocab_size), np.float32)
+            fresh.append(("present_carry", caches, "carry"))
+        handover = {}
+        if self.loops > 1:
+            binding.bind_ortvalue_input("past_hidden", hidden)
+            fresh.append(("present_hidden", handover, "hidden"))
+        logits = np.empty((len(ids), self.config.vocab_size), np.float32)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        for name, _ in fresh:
+        for name, _, _ in fresh:
             binding.bind_output(name, self.device)
-        session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding)
         # get_outputs() lists outputs in binding order: the in-place ones, logits, then `fresh`
         values = binding.get_outputs()
-        for (_, (group, i, kv)), value in zip(fresh, values[len(values) - len(fresh):]):
-            if group == "carry":
-                caches["carry"] = value
-            else:
-                caches["ring"][i][kv] = value
+        for (_, holder, key), value in zip(fresh, values[len(values) - len(fresh):]):
+            holder[key] = value
+        return logits, handover.get("hidden")
+
+    def _loops_in_turn(self, caches, ids, start, num_new) -> np.ndarray:
+        """Loop 1, 2, ... L over the chunk, each call handing its outputs to the next."""
+        hidden = self._zeros((*ids.shape, self.config.hidden_size)) if self.loops > 1 else None
+        for r in range(1, self.loops + 1):
+            logits, hidden = self._run(caches, ids, start, num_new, [r], hidden)
         return logits
 
     def prefill_chunk(self, caches, ids, start, num_new):
         # Every chunk is as wide as the longest remaining prompt, so padded writes stay below
         # the longest prompt length <= capacity.
-        return self._run("prefill", caches, {
-            "input_ids": ids, "start": np.full(len(ids), start, np.int64), "num_new": num_new})
+        return self._loops_in_turn(caches, ids, np.full(len(ids), start, np.int64), num_new)
 
     def decode_rows(self, caches, tokens, positions, mode):
-        if mode == "clp":
-            return self._run("decode", caches, {"input_ids": tokens, "start": positions})
-        # the prefill graph with one token runs the loops one after another
-        return self._run("prefill", caches, {"input_ids": tokens[:, None], "start": positions,
-                                             "num_new": np.ones(len(tokens), np.int64)})
+        ids, num_new = tokens[:, None], np.ones(len(tokens), np.int64)
+        if mode == "naive":
+            return self._loops_in_turn(caches, ids, positions, num_new)
+        hidden = self._zeros((len(tokens), 1, self.config.hidden_size))
+        return self._run(caches, ids, positions, num_new, list(range(1, self.loops + 1)),
+                         hidden)[0]

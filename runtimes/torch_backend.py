@@ -13,7 +13,9 @@ naive passes one row at a time. Inside a layer, loop 1's row writes global slot 
 attends causally over the global cache; rows of loops >= 2 write their ring slot and run
 G-SWA over the global cache and their own ring block (a block-diagonal mask over the rings).
 
-Options: dtype ("float32", "bfloat16", "float16"; logits are always returned in fp32),
+Options: dtype ("float32", "bfloat16", "float16"; default: the checkpoint's stored precision,
+except float16 on the CPU runs in float32, see `plt_port.model.run_dtype`; logits are always
+returned in fp32),
 device ("cpu", "cuda"), threads (sets torch's intra-op threads for the whole process).
 """
 
@@ -25,11 +27,10 @@ import numpy as np
 import torch
 
 from plt_port.cache_layout import ring_slot_positions
-from plt_port.model import PLTForCausalLM, attend, causal_mask, gated_swa
+from plt_port.model import (TORCH_DTYPES, PLTForCausalLM, attend, causal_mask, gated_swa,
+                            run_dtype)
 
 from .base import Backend, BackendError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -46,11 +47,12 @@ class TorchCaches:
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, model_dir: str, loops: int | None = None, dtype: str = "float32",
+    def __init__(self, model_dir: str, loops: int | None = None, dtype: str | None = None,
                  device: str = "cpu", threads: int | None = None):
         super().__init__(model_dir, loops)
-        if dtype not in DTYPES:
-            raise BackendError(f"torch backend: dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        if dtype is not None and dtype not in TORCH_DTYPES:
+            raise BackendError(f"torch backend: dtype must be one of {list(TORCH_DTYPES)}, "
+                               f"got {dtype!r}")
         if device not in ("cpu", "cuda"):
             raise BackendError(f"torch backend: device must be 'cpu' or 'cuda', got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
@@ -58,11 +60,11 @@ class TorchBackend(Backend):
                                "sees no CUDA device")
         if self.check_threads(threads):
             torch.set_num_threads(threads)
-        self.dtype = DTYPES[dtype]
+        self.run_dtype = dtype or run_dtype(self.config.torch_dtype, device)
+        self.dtype = TORCH_DTYPES[self.run_dtype]
         self.device = torch.device(device)
-        self.model = PLTForCausalLM.from_pretrained(self.model_dir, self.dtype,
+        self.model = PLTForCausalLM.from_pretrained(self.model_dir, self.run_dtype,
                                                     self.config).to(self.device)
-        self.run_dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.window = self.config.window
 
     def peak_memory_bytes(self) -> int | None:

@@ -1,10 +1,10 @@
 """The three backends side by side: `make test` installs all three, and on the same model and
-prompt they generate the same greedy text and report the same cache bytes."""
+prompt they generate the same greedy text and report the same cache elements."""
 
 import numpy as np
 import pytest
 
-from plt_port import family
+from plt_port import checkpoint, family
 from plt_port.tokenizer import Tokenizer
 from runtimes import BACKENDS, BackendError, backend_unavailable_reason, load_backend
 from runtimes.generate import GenerateError, generate
@@ -22,10 +22,12 @@ def test_same_greedy_text_and_cache_bytes_on_the_embedded_model(loops):
     model_dir = family.default_model_dir()
     tokenizer = Tokenizer.from_dir(model_dir)
     runs = {}
-    for name in BACKENDS:
-        text, stats = generate(load_backend(name, model_dir, loops=loops), tokenizer,
-                               "def binary_search(items, target):\n    ", max_new_tokens=24)
-        runs[name] = (text, stats.generation_tokens, stats.cache_bytes)
+    for name in BACKENDS:  # each in its default precision for this fp16 checkpoint
+        backend = load_backend(name, model_dir, loops=loops)
+        text, stats = generate(backend, tokenizer, "def binary_search(items, target):\n    ",
+                               max_new_tokens=24)
+        itemsize = np.dtype(checkpoint.numpy_dtype(backend.run_dtype)).itemsize
+        runs[name] = (text, stats.generation_tokens, stats.cache_bytes // itemsize)
     assert len(set(runs.values())) == 1, runs
     assert runs["torch"][1] == 24 and len(runs["torch"][0]) > 24
 

@@ -1,6 +1,7 @@
 import json
 import os
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -26,7 +27,7 @@ def test_round_trip_is_bit_exact(tmp_path, fmt, shard, dtype):
         assert loaded[name].dtype == dtype and np.array_equal(loaded[name], tensors[name])
 
 
-def test_bf16_is_widened_exactly(tmp_path):
+def test_bf16_is_kept_as_stored_and_widened_exactly_on_request(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
@@ -37,8 +38,12 @@ def test_bf16_is_widened_exactly(tmp_path):
     (tmp_path / "m" / "config.json").write_text(config.to_json())
     save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
     loaded = load_tensors(tmp_path / "m")
+    widened = load_tensors(tmp_path / "m", dtype=np.float32)
     for name, t in tensors.items():
-        assert np.array_equal(loaded[name], t.float().numpy())
+        assert loaded[name].dtype == ml_dtypes.bfloat16
+        assert np.array_equal(loaded[name].view(np.uint16), t.view(torch.int16).numpy().view(np.uint16))
+        assert widened[name].dtype == np.float32
+        assert np.array_equal(widened[name], t.float().numpy())
 
 
 def test_gate_alias_is_accepted(tmp_path):

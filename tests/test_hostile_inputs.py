@@ -300,11 +300,11 @@ def test_undecodable_stdin_is_a_clean_error(make_model):
 # ---- 7. damaged exports --------------------------------------------------------------------------
 @requires("onnx")
 @pytest.mark.parametrize("damage,message", [
-    ("delete decode.onnx", "decode.onnx: no such file"),
+    ("delete tokenizer.model", "tokenizer.model: no such file"),
     ("truncate weights.bin", "weights.bin has 1000 bytes"),
     ("drop manifest key", "loops must be an integer"),
-    ("random prefill.onnx", "prefill.onnx has"),
-    ("same-size prefill.onnx", "prefill.onnx differs"),
+    ("random model.onnx", "model.onnx has"),
+    ("same-size model.onnx", "model.onnx differs"),
     ("weight outside the file", "does not lie inside"),
     ("deep manifest", "nested too deeply"),
 ])
@@ -316,19 +316,19 @@ def test_damaged_onnx_exports_are_named(make_model, tmp_path, damage, message):
     manifest_path = os.path.join(out, "plt_onnx.json")
     with open(manifest_path) as f:
         manifest = json.load(f)
-    prefill = os.path.join(out, "prefill.onnx")
-    if damage == "delete decode.onnx":
-        os.remove(os.path.join(out, "decode.onnx"))
+    graph = os.path.join(out, "model.onnx")
+    if damage == "delete tokenizer.model":
+        os.remove(os.path.join(out, "tokenizer.model"))
     elif damage == "truncate weights.bin":
         os.truncate(os.path.join(out, "weights.bin"), 1000)
     elif damage == "drop manifest key":
         del manifest["loops"]
-    elif damage == "random prefill.onnx":
-        with open(prefill, "wb") as f:
+    elif damage == "random model.onnx":
+        with open(graph, "wb") as f:
             f.write(np.random.default_rng(0).bytes(5000))
-    elif damage == "same-size prefill.onnx":
-        size = os.path.getsize(prefill)
-        with open(prefill, "wb") as f:
+    elif damage == "same-size model.onnx":
+        size = os.path.getsize(graph)
+        with open(graph, "wb") as f:
             f.write(np.random.default_rng(0).bytes(size))
     elif damage == "weight outside the file":
         next(iter(manifest["weights"].values()))["offset"] = 10**9

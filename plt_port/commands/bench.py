@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from plt_port.errors import PLTError
+
 from .generate import add_backend_arguments, backend_options
 
 
@@ -44,7 +46,19 @@ def add_arguments(parser):
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--quantize", type=int, choices=(4, 8), default=None,
+                        help="onnx and mlx backends: weight-only quantization of an export "
+                             "made on first use (onnx: MatMulNBits, block 32, accuracy level 4; "
+                             "mlx: affine, group 64)")
     add_backend_arguments(parser)
+
+
+def quantize_option(name: str, args) -> dict:
+    if args.quantize is None:
+        return {}
+    if name not in ("onnx", "mlx"):
+        raise PLTError(f"--quantize: the {name} backend does not quantize (onnx and mlx do)")
+    return {"quantize": args.quantize}
 
 
 def run(args):
@@ -58,7 +72,8 @@ def run(args):
     settings = BenchSettings(
         backends=args.backend, loops=args.loops, modes=args.modes, batches=args.batch,
         steps=args.steps, prompt_len=args.prompt_len, warmup=args.warmup, seed=args.seed,
-        backend_options={name: backend_options(name, args) for name in args.backend})
+        backend_options={name: {**backend_options(name, args), **quantize_option(name, args)}
+                         for name in args.backend})
     model_dir = args.model or random_model_dir(args.random or "small")
     result = run_bench(model_dir, settings)
     print(format_table(result))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from plt_port.commands.generate import DTYPE_HELP, DTYPES
 from plt_port.errors import PLTError
 
 NO_MODELS = ("no models to serve: the embedded model family is not in this installation "
@@ -35,6 +36,7 @@ def add_arguments(parser):
                         help="intra-op threads of the PyTorch and ONNX Runtime backends "
                              "(default 1: small models decode fastest on one thread, and the "
                              "columns share the CPU)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
 
 
 def family_dirs() -> list[str]:
@@ -66,7 +68,10 @@ def run(args):
     limits = Limits(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                     concurrency=args.concurrency, queue_size=args.queue_size)
     threads = {"threads": args.threads}
-    app = build_app(model_dirs, limits, backend_options={"torch": threads, "onnx": threads})
+    dtype = {} if args.dtype is None else {"dtype": args.dtype}
+    app = build_app(model_dirs, limits, backend_options={"torch": {**threads, **dtype},
+                                                         "onnx": {**threads, **dtype},
+                                                         "mlx": dtype})
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"plt-port demo: serving on {args.host}: reachable from other machines", flush=True)
     launch(app, host=args.host, port=args.port)

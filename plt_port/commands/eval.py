@@ -12,6 +12,7 @@ import os
 from plt_port import family
 from plt_port.atomic import atomic_write_text
 from plt_port.cli import positive_int
+from plt_port.commands.generate import DTYPE_HELP, DTYPES
 
 
 def add_arguments(parser):
@@ -29,6 +30,7 @@ def add_arguments(parser):
     parser.add_argument("--seq-len", type=int, default=256, help="window length (default: 256)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 
 
@@ -58,7 +60,7 @@ def run(args):
             for loops in (args.loops or [None])]
     rows = []
     for name, path, loops in tqdm(jobs, desc="eval", disable=len(jobs) < 2):
-        result = evaluate(path, loops, max_tokens, args.batch_size, args.seq_len)
+        result = evaluate(path, loops, max_tokens, args.batch_size, args.seq_len, args.dtype)
         rows.append({"model": name, **result})
     if args.baseline:
         tokenizer_dir = next(iter(model_dirs.values()))

@@ -13,8 +13,16 @@ from plt_port.cli import positive_int
 from plt_port.errors import PLTError
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_HELP = ("weights and caches precision (default: the checkpoint's stored precision, "
+              "config.json torch_dtype, except on the CPU: torch runs float16 checkpoints in "
+              "float32 and ONNX Runtime runs float32, their CPU 16-bit kernels being slow or "
+              "missing; logits are always fp32)")
+
+
 def add_backend_arguments(parser) -> None:
     """Options each backend takes (shared with `plt-port bench`)."""
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     parser.add_argument("--kernel", choices=["auto", "on", "off"], default="auto",
                         help="mlx backend: Metal G-SWA kernel (default auto: when Metal is there)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -23,22 +31,17 @@ def add_backend_arguments(parser) -> None:
                         help="onnx backend: execution provider (default auto: CUDA when "
                              "onnxruntime-gpu finds a GPU)")
     parser.add_argument("--threads", type=positive_int, help="torch/onnx backends: CPU threads")
-    parser.add_argument("--onnx-prepack", action="store_true",
-                        help="onnx backend: pre-pack the decode graph's weights (faster CLP "
-                             "on CPU, but the weights are then held twice)")
 
 
 def backend_options(name: str, args) -> dict:
     """The subset of the backend flags that backend `name` understands."""
-    options = {}
+    options = {} if args.dtype is None else {"dtype": args.dtype}
     if name == "mlx":
         options["kernel"] = args.kernel
     if name == "torch":
         options["device"] = args.device
     if name == "onnx":
         options["provider"] = args.provider
-    if name == "onnx" and args.onnx_prepack:
-        options["prepack"] = True
     if name in ("torch", "onnx") and args.threads is not None:
         options["threads"] = args.threads
     return options
