@@ -96,7 +96,7 @@ def reference_logits(model_dir, sequences, loops) -> list[np.ndarray]:
 
     from plt_port.model import PLTForCausalLM
 
-    model = PLTForCausalLM.from_pretrained(model_dir)
+    model = PLTForCausalLM.from_pretrained(model_dir, "float32")
     with torch.no_grad():
         return [model(torch.tensor([seq]), loops=loops)[0].numpy() for seq in sequences]
 
@@ -134,7 +134,7 @@ def reference_greedy(model_dir, prompt_ids, loops, steps):
 
     from plt_port.model import PLTForCausalLM
 
-    model = PLTForCausalLM.from_pretrained(model_dir)
+    model = PLTForCausalLM.from_pretrained(model_dir, "float32")
     ids = list(prompt_ids)
     with torch.no_grad():
         for _ in range(steps):

@@ -15,6 +15,7 @@ import gc
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import greedy_run, random_prompts, reference_greedy, write_fast_tokenizer
@@ -36,8 +37,8 @@ ADDED = {75864: "<|im_end|>", 75869: "<|endoftext|>", 76799: "<|last|>"}
 
 
 def save_bf16_sharded(out_dir, config: PLTConfig, seed: int = 0) -> str:
-    """A bf16 checkpoint in two shards plus model.safetensors.index.json (written with torch:
-    numpy has no bf16)."""
+    """A bf16 checkpoint in two shards plus model.safetensors.index.json, written by torch's
+    safetensors writer (not the project's)."""
     import torch
     from safetensors.torch import save_file
 
@@ -47,7 +48,8 @@ def save_bf16_sharded(out_dir, config: PLTConfig, seed: int = 0) -> str:
               "model-00002-of-00002.safetensors": names[len(names) // 2:]}
     os.makedirs(out_dir)
     for file, shard in shards.items():
-        save_file({n: torch.from_numpy(tensors.pop(n)).to(torch.bfloat16) for n in shard},
+        save_file({n: torch.from_numpy(tensors.pop(n).astype(np.float32)).to(torch.bfloat16)
+                   for n in shard},
                   os.path.join(out_dir, file), metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {n: f for f, shard in shards.items() for n in shard}}
     for name, data in (("model.safetensors.index.json", index), ("config.json", config.to_dict()),
@@ -72,7 +74,7 @@ def test_real_widths_decode_the_reference_tokens_on_every_backend(tmp_path, fmt)
     prompt = random_prompts([70], seed=7, vocab=76800)[0]  # past the 64-key window
     steps = 6
     expected = reference_greedy(model_dir, prompt, 2, steps)
-    options = {"torch": {}, "onnx": {"dtype": "float32"}, "mlx": {"dtype": "float32"}}
+    options = {name: {"dtype": "float32"} for name in ("torch", "onnx", "mlx")}
     for name, opts in options.items():
         backend = load_backend(name, model_dir, **opts)
         assert backend.generation_config.eos_token_ids == EOS
