@@ -156,13 +156,77 @@ def add_ratios(rows: list[dict]) -> None:
         r["vs_loops1"] = r["step_ms"] / single if single else None
 
 
+@dataclass
+class _MLXLMState:
+    cache: list
+    capacity: int | None = None  # mlx-lm's caches grow in steps of their own
+
+
+class MLXLMReference:
+    """mlx-lm's own model class and prompt cache on the MLX backend's weights, stepped the way
+    the bench steps a backend: how plt-port's MLX decode compares with stock mlx-lm. mlx-lm's
+    `iquestloopcoder` runs v1 checkpoints at their trained loop count only."""
+
+    name = "mlx-lm"
+
+    def __init__(self, mlx_backend):
+        from pathlib import Path
+
+        from mlx_lm.utils import load_model
+
+        if not mlx_backend.config.is_v1 or mlx_backend.loops != mlx_backend.config.num_loops:
+            raise BenchError("--backend mlx-lm: mlx-lm's own model class runs v1 "
+                             "(iquestloopcoder) checkpoints at their trained loop count only")
+        self.model, _ = load_model(Path(mlx_backend.model_dir))
+        self.config, self.loops = mlx_backend.config, mlx_backend.loops
+
+    def mode_run(self, mode: str) -> str:
+        return "naive"
+
+    def prefill(self, prompts, capacity):
+        from mlx_lm.models.cache import make_prompt_cache
+
+        state = _MLXLMState(make_prompt_cache(self.model))
+        return state, self._logits(prompts, state.cache)
+
+    def step(self, state, tokens, mode):
+        return self._logits(np.asarray(tokens)[:, None], state.cache)
+
+    def _logits(self, ids, cache) -> np.ndarray:
+        import mlx.core as mx
+
+        logits = self.model(mx.array(np.asarray(ids, dtype=np.int32)), cache=cache)[:, -1]
+        return np.array(logits.astype(mx.float32))
+
+    def cache_bytes(self, state) -> int:
+        return sum(c.nbytes for c in state.cache)
+
+    def peak_memory_bytes(self):
+        return None
+
+
+def load_for_bench(name: str, model_dir: str, loops: int, options: dict):
+    if name == MLXLMReference.name:
+        return MLXLMReference(load_backend("mlx", model_dir, loops=loops, **options))
+    return load_backend(name, model_dir, loops=loops, **options)
+
+
+def interleaved_groups(names: list[str]) -> list[list[str]]:
+    """Backends timed together: each alone, except mlx-lm with mlx (their ratio is the point)."""
+    groups = [[name] for name in names if name != MLXLMReference.name]
+    if MLXLMReference.name in names:
+        mlx = next((g for g in groups if g == ["mlx"]), None)
+        (mlx if mlx is not None else groups).append(
+            MLXLMReference.name if mlx is not None else [MLXLMReference.name])
+    return groups
+
+
 def run_bench(model_dir: str, settings: BenchSettings, progress: bool = True) -> dict:
     rows = []
-    for name in settings.backends:
-        # every loop count of one backend is loaded at once so that their steps interleave
-        backends = [load_backend(name, model_dir, loops=loops,
-                                 **settings.backend_options.get(name, {}))
-                    for loops in settings.loops]
+    for names in interleaved_groups(settings.backends):
+        # every loop count of a group is loaded at once so that their steps interleave
+        backends = [load_for_bench(name, model_dir, loops, settings.backend_options.get(name, {}))
+                    for name in names for loops in settings.loops]
         rows += time_backends(backends, settings, progress)
         del backends
     add_ratios(rows)

@@ -77,3 +77,17 @@ def test_cli_table_and_json(make_model, tmp_path, capsys):
     assert main(["bench", "--model", model_dir, "--modes", "fast"]) == 1
     assert main(["bench", "--model", model_dir, "--backend", "nope", "--steps", "1"]) == 1
     assert "unknown backend 'nope'" in capsys.readouterr().err
+
+
+def test_mlx_lm_rows_run_on_the_mlx_weights_interleaved_with_mlx(make_model):
+    pytest.importorskip("mlx_lm")
+    model_dir = make_model("v1")
+    settings = BenchSettings(backends=["mlx", "mlx-lm"], loops=[2], batches=[1, 2], steps=2,
+                             prompt_len=5, warmup=1)
+    rows = run_bench(model_dir, settings, progress=False)["rows"]
+    assert [(r["backend"], r["batch"]) for r in rows] == [("mlx", 1), ("mlx", 2), ("mlx-lm", 1),
+                                                           ("mlx-lm", 2)]
+    assert all(r["cache_bytes"] > 0 and r["mode"] == "naive" for r in rows)
+    with pytest.raises(BenchError, match="v1"):
+        run_bench(make_model("plt"), BenchSettings(backends=["mlx-lm"], loops=[2], steps=1,
+                                                   prompt_len=3, warmup=0), progress=False)

@@ -34,7 +34,8 @@ def add_arguments(parser):
                              "~340M parameters) or config fields, e.g. "
                              "hidden_size=512,num_hidden_layers=8 (over 'small'); default small")
     parser.add_argument("--backend", type=comma_list(str), default=["torch"],
-                        help="backends, comma-separated (default torch)")
+                        help="backends, comma-separated (default torch); mlx-lm: stock "
+                             "mlx-lm's model class on the MLX weights (v1 checkpoints)")
     parser.add_argument("--loops", type=comma_list(int), default=[1, 2, 3, 4],
                         help="inference loop counts (default 1,2,3,4)")
     parser.add_argument("--modes", type=comma_list(str), default=["clp", "naive"],
@@ -61,6 +62,11 @@ def quantize_option(name: str, args) -> dict:
     return {"quantize": args.quantize}
 
 
+def mlx_weights(name: str) -> str:
+    """The backend whose options a bench backend takes: mlx-lm runs on the MLX export."""
+    return "mlx" if name == "mlx-lm" else name
+
+
 def run(args):
     from runtimes.base import DECODE_MODES
     from runtimes.benchmark import BenchError, BenchSettings, format_table, random_model_dir, \
@@ -72,7 +78,8 @@ def run(args):
     settings = BenchSettings(
         backends=args.backend, loops=args.loops, modes=args.modes, batches=args.batch,
         steps=args.steps, prompt_len=args.prompt_len, warmup=args.warmup, seed=args.seed,
-        backend_options={name: {**backend_options(name, args), **quantize_option(name, args)}
+        backend_options={name: {**backend_options(mlx_weights(name), args),
+                                **quantize_option(mlx_weights(name), args)}
                          for name in args.backend})
     model_dir = args.model or random_model_dir(args.random or "small")
     result = run_bench(model_dir, settings)
