@@ -1,0 +1,42 @@
+"""vLLM plugin (entry point group `vllm.general_plugins`, installed with `plt-port[vllm]`).
+
+vLLM calls `register` in every process it starts. It makes both checkpoint formats loadable
+as they are, without remote code: transformers learns the two model types (it knows neither),
+and vLLM's model registry maps their architectures to `runtimes.vllm_model`, which it imports
+only when it builds a model. The loop count is the config's (`plt_num_loops`, v1 `loop_num`),
+so one engine serves one loop count: `--hf-overrides '{"plt_num_loops": 3}'`.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+
+from plt_port.config import ARCHITECTURES, PLT_TYPE, V1_TYPE
+
+
+class PLTHFConfig(PretrainedConfig):
+    """config.json as transformers holds it; plt_port.config.PLTConfig checks it when the
+    model is built. Keys are kept as they are; RoPE is plain (no scaling)."""
+
+    def __init__(self, rope_theta: float = 500000.0, **kwargs):
+        self.rope_theta = rope_theta
+        self.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+        super().__init__(**kwargs)
+
+
+class IQuestPLTCoderConfig(PLTHFConfig):
+    model_type = PLT_TYPE
+
+
+class IQuestLoopCoderConfig(PLTHFConfig):
+    model_type = V1_TYPE
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    for config_class in (IQuestPLTCoderConfig, IQuestLoopCoderConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        # Also replaces vLLM's own v1 model (two loops, no CLP) for `iquestloopcoder`.
+        ModelRegistry.register_model(ARCHITECTURES[config_class.model_type],
+                                     f"runtimes.vllm_model:{ARCHITECTURES[config_class.model_type]}")
