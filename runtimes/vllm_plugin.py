@@ -9,9 +9,13 @@ so one engine serves one loop count: `--hf-overrides '{"plt_num_loops": 3}'`.
 
 from __future__ import annotations
 
+import logging
+
 from transformers import AutoConfig, PretrainedConfig
 
 from plt_port.config import ARCHITECTURES, PLT_TYPE, V1_TYPE
+
+logger = logging.getLogger(__name__)
 
 
 class PLTHFConfig(PretrainedConfig):
@@ -32,8 +36,27 @@ class IQuestLoopCoderConfig(PLTHFConfig):
     model_type = V1_TYPE
 
 
+class PLTEngineConfig:
+    """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`) for LoopCoder-v2: the loop
+    carry is per request and is not cached with a prefix, so prefix caching is turned off."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        if vllm_config.cache_config.enable_prefix_caching:
+            logger.info("%s: prefix caching turned off (the loop carry is per request)",
+                        ARCHITECTURES[PLT_TYPE])
+            vllm_config.cache_config.enable_prefix_caching = False
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return
+
+
 def register() -> None:
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    MODELS_CONFIG_MAP[ARCHITECTURES[PLT_TYPE]] = PLTEngineConfig
 
     for config_class in (IQuestPLTCoderConfig, IQuestLoopCoderConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
