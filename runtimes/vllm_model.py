@@ -58,8 +58,16 @@ STACKED = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj"
 
 
 def plt_config(vllm_config: VllmConfig) -> PLTConfig:
-    """The checkpoint's config (with the engine's overrides), checked by plt_port."""
-    return PLTConfig.from_dict(vllm_config.model_config.hf_config.to_dict())
+    """The checkpoint's config (with the engine's overrides), checked by plt_port. Fields that
+    transformers leaves unset (None) take PLTConfig's defaults; transformers versions move
+    `rope_theta`/`rope_scaling` into `rope_parameters` or not, so both places are read."""
+    data = {k: v for k, v in vllm_config.model_config.hf_config.to_dict().items() if v is not None}
+    rope = data.pop("rope_parameters", None) or data.get("rope_scaling") or {}
+    if "rope_theta" in rope:
+        data.setdefault("rope_theta", rope["rope_theta"])
+    plain = rope.get("rope_type", rope.get("type", "default")) == "default"
+    data["rope_scaling"] = None if plain else rope
+    return PLTConfig.from_dict(data)
 
 
 def decode_mode(vllm_config: VllmConfig) -> str:
@@ -204,8 +212,10 @@ class LoopCarry(MambaBase):
             return None
         decodes = torch.arange(metadata.num_decodes, device=positions.device)
         starts, ends, slots = [decodes], [decodes], []
-        if metadata.num_decodes:
-            slots.append(metadata.state_indices_tensor_d.reshape(metadata.num_decodes, -1)[:, 0])
+        if metadata.num_decodes:  # [decodes] or [decodes, 1 + speculative tokens], maybe padded
+            decode_slots = metadata.state_indices_tensor_d
+            decode_slots = decode_slots[:, 0] if decode_slots.dim() > 1 else decode_slots
+            slots.append(decode_slots[:metadata.num_decodes])
         if metadata.num_prefills:
             bounds = metadata.query_start_loc_p.to(positions.device) + metadata.num_decode_tokens
             starts.append(bounds[:-1])

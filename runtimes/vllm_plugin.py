@@ -19,13 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 class PLTHFConfig(PretrainedConfig):
-    """config.json as transformers holds it; plt_port.config.PLTConfig checks it when the
-    model is built. Keys are kept as they are; RoPE is plain (no scaling)."""
-
-    def __init__(self, rope_theta: float = 500000.0, **kwargs):
-        self.rope_theta = rope_theta
-        self.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
-        super().__init__(**kwargs)
+    """config.json as transformers holds it; `runtimes.vllm_model.plt_config` checks it with
+    plt_port's PLTConfig when the model is built."""
 
 
 class IQuestPLTCoderConfig(PLTHFConfig):

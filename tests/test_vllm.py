@@ -100,6 +100,30 @@ def test_bad_decode_mode_is_one_clear_error(model_dirs):
                            "engine": {"hf_overrides": {"plt_decode": "fast"}}})
 
 
+@pytest.mark.parametrize("rope", [{"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+                                  {"rope_scaling": {"type": "linear", "factor": 2.0}}])
+def test_rope_scaling_is_refused_as_plt_port_refuses_it(tmp_path, rope):
+    import json
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from plt_port.config import ConfigError
+    from runtimes.vllm_model import plt_config
+    from runtimes.vllm_plugin import register
+
+    register()
+    config = {**tiny_config("plt", **SIZES).to_dict(), **rope}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf_config = AutoConfig.from_pretrained(tmp_path)
+    hf_config.update({"plt_num_loops": 3})
+    engine_config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config))
+    with pytest.raises(ConfigError, match="RoPE scaling is not implemented"):
+        plt_config(engine_config)
+    hf_config.update({"rope_scaling": None, "rope_parameters": None})
+    assert plt_config(engine_config).num_loops == 3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
