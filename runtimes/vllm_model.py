@@ -300,7 +300,7 @@ class PLTModel(nn.Module):
             for loop in range(1, self.loops + 1):
                 h = self.stack(positions, h, [loop])
             return self.norm(h)
-        requests = self.carry.requests(positions)
+        requests = self.carry.requests(positions) if self.loops > 1 else None
         if self.clp and requests is not None and requests.only_decodes:
             return self.norm(self.clp_decode(embeddings, positions, requests))
         return self.norm(self.loops_in_sequence(embeddings, positions, requests))

@@ -79,7 +79,11 @@ def assert_matches_reference(result, model_dir, loops):
 @pytest.mark.parametrize("loops", [1, 2, 3, 4])
 @pytest.mark.parametrize("fmt", ["plt", "v1"])
 def test_greedy_tokens_and_logprobs_match_the_reference(engine_runs, model_dirs, fmt, loops):
-    assert_matches_reference(engine_runs(fmt, loops), model_dirs[fmt], loops)
+    result = engine_runs(fmt, loops)
+    assert_matches_reference(result, model_dirs[fmt], loops)
+    assert result["repeat_tokens"] == result["tokens"]  # no state left from earlier requests
+    # v2's loop carry is not cached with prefixes: the plugin turns prefix caching off
+    assert result["prefix_caching"] is (fmt == "v1")
 
 
 def test_clp_decode_equals_naive_loops(engine_runs):

@@ -25,22 +25,24 @@ ENGINE = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batche
 
 def run_job(job: dict) -> dict:
     """job: model, engine (LLM kwargs over ENGINE), prompts (token ids), max_tokens ->
-    tokens and the logprob of each chosen token, per prompt; seconds of a second, warm run."""
+    tokens and the logprob of each chosen token, per prompt; the tokens and seconds of a
+    second, warm run of the same prompts (new requests in reused state slots); whether the
+    engine ended up with prefix caching."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(job["model"], **{**ENGINE, **job.get("engine", {})})
     params = SamplingParams(temperature=0, max_tokens=job["max_tokens"], logprobs=0,
                             ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    completions = [output.outputs[0] for output in llm.generate(prompts, params, use_tqdm=False)]
     start = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
+    repeats = [output.outputs[0] for output in llm.generate(prompts, params, use_tqdm=False)]
     seconds = time.perf_counter() - start
-    completions = [output.outputs[0] for output in outputs]
     return {"tokens": [list(c.token_ids) for c in completions],
             "logprobs": [[step[token].logprob for step, token in zip(c.logprobs, c.token_ids)]
                          for c in completions],
-            "seconds": seconds}
+            "repeat_tokens": [list(c.token_ids) for c in repeats], "seconds": seconds,
+            "prefix_caching": llm.llm_engine.vllm_config.cache_config.enable_prefix_caching}
 
 
 def run_in_subprocess(job: dict, timeout: float = 600) -> dict:
