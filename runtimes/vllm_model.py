@@ -26,30 +26,39 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-
-from plt_port.checkpoint import canonical_name
-from plt_port.config import PLTConfig
 from vllm.config import CacheConfig, VllmConfig, get_current_vllm_config
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import (ColumnParallelLinear, QKVParallelLinear,
-                                               RowParallelLinear)
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.mamba.abstract import MambaBase
-from vllm.model_executor.layers.mamba.mamba_utils import (MambaStateCopyFuncCalculator,
-                                                          MambaStateDtypeCalculator)
+from vllm.model_executor.layers.mamba.mamba_utils import (
+    MambaStateCopyFuncCalculator,
+    MambaStateDtypeCalculator,
+)
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
-                                                                 VocabParallelEmbedding)
-from vllm.model_executor.model_loader.weight_utils import (default_weight_loader,
-                                                           sharded_weight_loader)
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import (
+    default_weight_loader,
+    sharded_weight_loader,
+)
 from vllm.model_executor.models.interfaces import IsHybrid
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+from plt_port.checkpoint import canonical_name
+from plt_port.config import PLTConfig
 
 DECODE_MODES = ("clp", "naive")
 # HF names -> this module's parameters (q/k/v and gate/up are fused shards).
@@ -271,10 +280,7 @@ class PLTModel(nn.Module):
                 QueryGate(config.num_attention_heads // tp, config.head_dim)
                 for _ in range(config.num_hidden_layers))
         else:
-            model_config = vllm_config.model_config
-            dtype = MambaStateDtypeCalculator.short_conv_state_dtype(
-                model_config.dtype, cache_config.mamba_cache_dtype)[0]
-            self.carry = LoopCarry(carry_shape(config), dtype,
+            self.carry = LoopCarry(carry_shape(config), carry_dtype(vllm_config),
                                    f"{prefix}.layers.{self.loops * config.num_hidden_layers}.carry")
 
     def gate(self, layer: int):
@@ -333,6 +339,12 @@ class PLTModel(nn.Module):
 def carry_shape(config: PLTConfig) -> tuple[int, int]:
     """[L-1, d]; one unused row at L = 1 (vLLM has no empty states)."""
     return max(config.num_loops - 1, 1), config.hidden_size
+
+
+def carry_dtype(vllm_config: VllmConfig) -> torch.dtype:
+    """The model's dtype unless `--mamba-cache-dtype` says otherwise."""
+    return MambaStateDtypeCalculator.short_conv_state_dtype(
+        vllm_config.model_config.dtype, vllm_config.cache_config.mamba_cache_dtype)[0]
 
 
 class PLTForCausalLM(nn.Module):
@@ -396,8 +408,7 @@ class IQuestPLTCoderForCausalLM(PLTForCausalLM, IsHybrid):
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
-        return MambaStateDtypeCalculator.short_conv_state_dtype(
-            vllm_config.model_config.dtype, vllm_config.cache_config.mamba_cache_dtype)
+        return (carry_dtype(vllm_config),)
 
     @classmethod
     def get_mamba_state_copy_func(cls):

@@ -1,4 +1,4 @@
-"""vLLM plugin (entry point group `vllm.general_plugins`, installed with `plt-port[vllm]`).
+"""vLLM plugin: entry point group `vllm.general_plugins` (`pip install 'plt-port[vllm]'`).
 
 vLLM calls `register` in every process it starts. It makes both checkpoint formats loadable
 as they are, without remote code: transformers learns the two model types (it knows neither),
@@ -18,16 +18,14 @@ from plt_port.config import ARCHITECTURES, PLT_TYPE, V1_TYPE
 logger = logging.getLogger(__name__)
 
 
-class PLTHFConfig(PretrainedConfig):
+class IQuestPLTCoderConfig(PretrainedConfig):
     """config.json as transformers holds it; `runtimes.vllm_model.plt_config` checks it with
     plt_port's PLTConfig when the model is built."""
 
-
-class IQuestPLTCoderConfig(PLTHFConfig):
     model_type = PLT_TYPE
 
 
-class IQuestLoopCoderConfig(PLTHFConfig):
+class IQuestLoopCoderConfig(PretrainedConfig):
     model_type = V1_TYPE
 
 
@@ -55,6 +53,7 @@ def register() -> None:
 
     for config_class in (IQuestPLTCoderConfig, IQuestLoopCoderConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        # Also replaces vLLM's own v1 model (two loops, no CLP) for `iquestloopcoder`.
-        ModelRegistry.register_model(ARCHITECTURES[config_class.model_type],
-                                     f"runtimes.vllm_model:{ARCHITECTURES[config_class.model_type]}")
+        # For `iquestloopcoder` this replaces vLLM's own model: one implementation, checked
+        # against plt_port's reference, runs both formats.
+        architecture = ARCHITECTURES[config_class.model_type]
+        ModelRegistry.register_model(architecture, f"runtimes.vllm_model:{architecture}")
