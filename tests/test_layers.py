@@ -23,7 +23,7 @@ APP_MODULES = ("plt_port.cli", "plt_port.commands", "plt_port.server")
 LAYERS = [
     (0, ("plt_port",)),
     (1, ("metal_kernels",)),
-    (2, ("runtimes.mlx_model",)),
+    (2, ("runtimes.mlx_model", "runtimes.vllm_model")),
     (3, ("exporters",)),
     (4, ("runtimes",)),
     (5, APP_MODULES + ("demo",)),
