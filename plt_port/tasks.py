@@ -1,0 +1,195 @@
+"""Variable chains: a synthetic code task whose answer needs serial steps.
+
+A program assigns a digit to a root variable, then derives a chain of `depth` variables,
+each from the one before (`b = a + 3`), interleaved with a distractor chain of the same
+shape; it ends by printing the last variable of the chain modulo 10, with the printed
+value written after `# ->`:
+
+    k = 7
+    q = 2
+    b = k + 3
+    x = q + 5
+    m = b + 9
+    print(m % 10)  # -> 9
+
+Every line is valid Python and exec'ing the program prints the answer. Finding it means
+following the chain link by link (which variable feeds which is only known by reading the
+previous link), so a model needs about one pass of attention per link: the number of
+links (`depth`) is the knob that a shallow stack cannot take in one pass.
+
+Programs are fixed by (seed, index); train and validation are disjoint by construction: a
+program belongs to the validation split iff a hash of its text says so, and each split's
+generator skips the other split's programs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import PLTError
+
+NAMES = "abcdefghjkmnpqrstuvwxyz"  # single letters, without the easily confused i, l, o
+MAX_DEPTH = (len(NAMES) - 2) // 2  # two chains of depth + 1 distinct names each
+ANSWER_MARK = "# ->"
+VALIDATION_PERCENT = 10
+CHAINS_EVAL_DEPTHS = range(1, 9)  # the shipped chains family is trained and scored on these
+SPLITS = ("train", "validation")
+
+
+class TaskError(PLTError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ChainProgram:
+    prompt: str  # the program up to and including "# ->"
+    answer: str  # the printed value
+    depth: int
+
+    @property
+    def text(self) -> str:
+        """The whole program: valid Python that prints `answer`."""
+        return f"{self.prompt} {self.answer}\n"
+
+
+def check_depths(depths) -> list[int]:
+    depths = list(depths)
+    if not depths or any(not 1 <= d <= MAX_DEPTH for d in depths):
+        raise TaskError(f"chain depths must be in 1..{MAX_DEPTH}, got {depths}")
+    return depths
+
+
+def _chain(rng: random.Random, names: list[str], depth: int) -> tuple[list[str], int]:
+    """Lines of one chain (root + `depth` links) and the value of its last variable."""
+    value = rng.randrange(10)
+    lines = [f"{names[0]} = {value}"]
+    for previous, name in zip(names, names[1:depth + 1]):
+        step = rng.randrange(1, 10)
+        lines.append(f"{name} = {previous} + {step}")
+        value += step
+    return lines, value
+
+
+def _interleave(rng: random.Random, first: list[str], second: list[str]) -> list[str]:
+    """A random merge of two line lists that keeps the order within each."""
+    slots = [0] * len(first) + [1] * len(second)
+    rng.shuffle(slots)
+    sources = (iter(first), iter(second))
+    return [next(sources[s]) for s in slots]
+
+
+def generate_program(rng: random.Random, depth: int) -> ChainProgram:
+    names = rng.sample(NAMES, 2 * (depth + 1))
+    chain, value = _chain(rng, names[:depth + 1], depth)
+    distractor, _ = _chain(rng, names[depth + 1:], depth)
+    lines = _interleave(rng, chain, distractor)
+    prompt = "\n".join(lines) + f"\nprint({names[depth]} % 10)  {ANSWER_MARK}"
+    return ChainProgram(prompt, str(value % 10), depth)
+
+
+def split_of(program: ChainProgram) -> str:
+    digest = hashlib.sha256(program.text.encode()).digest()
+    return "validation" if int.from_bytes(digest[:8], "little") % 100 < VALIDATION_PERCENT \
+        else "train"
+
+
+def programs(split: str, seed: int | str, count: int, depths) -> list[ChainProgram]:
+    """`count` programs of `split`, fixed by `seed`; depths drawn uniformly from `depths`."""
+    if split not in SPLITS:
+        raise TaskError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
+    depths = check_depths(depths)
+    rng = random.Random(f"chains/{split}/{seed}")
+    found = []
+    while len(found) < count:
+        program = generate_program(rng, rng.choice(depths))
+        if split_of(program) == split:
+            found.append(program)
+    return found
+
+
+def answer_of(prompt: str) -> str | None:
+    """The value a chain prompt (a program up to "# ->") prints, by running its assignments
+    in a namespace without builtins; None when the text is not such a program."""
+    body, mark, rest = prompt.rpartition(ANSWER_MARK)
+    lines = body.rstrip().splitlines()
+    if not mark or rest.strip() or not lines or not lines[-1].startswith("print("):
+        return None
+    namespace: dict = {"__builtins__": {}}
+    try:
+        for line in lines[:-1]:
+            target, equals, expression = line.partition(" = ")
+            if not equals or not target.isidentifier():
+                return None
+            namespace[target] = _arithmetic(expression, namespace)
+        return str(_arithmetic(lines[-1].strip()[len("print("):-1], namespace))
+    except (KeyError, ValueError):
+        return None
+
+
+def _arithmetic(expression: str, namespace: dict) -> int:
+    """`NAME|DIGITS [+ NAME|DIGITS]...` or `NAME % 10`, evaluated without eval()."""
+    left, percent, modulus = expression.partition(" % ")
+    total = sum(_operand(term, namespace) for term in left.split(" + "))
+    return total % _operand(modulus, namespace) if percent else total
+
+
+def _operand(term: str, namespace: dict) -> int:
+    term = term.strip()
+    if term.isdigit():
+        return int(term)
+    if term.isidentifier():
+        return namespace[term]
+    raise ValueError(term)
+
+
+# ---- token windows: one whole program per row, the loss on the answer only -------------------
+IGNORE_INDEX = -100  # torch cross_entropy's default: targets that carry no loss
+
+
+def encode_program(tokenizer, program: ChainProgram) -> tuple[list[int], int]:
+    """(token ids of the program ending in eos, index of the first answer token). The prompt
+    is encoded on its own, so a prompt typed into a generator yields exactly these ids."""
+    prompt = tokenizer.encode(program.prompt)
+    return prompt + tokenizer.encode(f" {program.answer}") + [tokenizer.eos_ids[0]], len(prompt)
+
+
+def program_windows(tokenizer, batch: list[ChainProgram], seq_len: int | None = None):
+    """(inputs, targets) [len(batch), seq_len] int64 arrays: each row one program, padded;
+    targets are the answer tokens and the closing eos, IGNORE_INDEX elsewhere. seq_len None:
+    the longest program's."""
+    if seq_len is None:
+        seq_len = max(len(encode_program(tokenizer, p)[0]) for p in batch) - 1
+    inputs = np.full((len(batch), seq_len), tokenizer.pad_id, dtype=np.int64)
+    targets = np.full((len(batch), seq_len), IGNORE_INDEX, dtype=np.int64)
+    for row, program in enumerate(batch):
+        ids, answer_start = encode_program(tokenizer, program)
+        if len(ids) > seq_len + 1:
+            raise TaskError(f"a depth-{program.depth} program is {len(ids)} tokens, longer than "
+                            f"seq_len + 1 = {seq_len + 1}: raise seq_len or lower the depths")
+        inputs[row, :len(ids) - 1] = ids[:-1]
+        targets[row, answer_start - 1:len(ids) - 1] = ids[answer_start:]
+    return inputs, targets
+
+
+@dataclass
+class ChainBatches:
+    """Training batches of chain programs; the programs of step s are fixed by (seed, step)."""
+
+    tokenizer: object
+    depths: list[int]
+    seq_len: int
+    batch_size: int  # global batch (all ranks together)
+    seed: int
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1):
+        if self.batch_size % world_size:
+            raise TaskError(f"batch size {self.batch_size} is not divisible by "
+                            f"{world_size} processes")
+        per_rank = self.batch_size // world_size
+        batch = programs("train", f"{self.seed}/{step}", self.batch_size, self.depths)
+        return program_windows(self.tokenizer, batch[rank * per_rank:(rank + 1) * per_rank],
+                               self.seq_len)

@@ -1,0 +1,146 @@
+"""The variable-chain task: generated programs, their accuracy by depth, and training on them."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from plt_port import tasks
+from plt_port.errors import PLTError
+from plt_port.evaluate import binomial, chain_accuracy
+from plt_port.tokenizer import Tokenizer
+
+
+def printed(program_text: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(program_text, {})  # noqa: S102 (the generator's own programs)
+    return out.getvalue().strip()
+
+
+def test_programs_run_and_print_their_stated_answer():
+    for program in tasks.programs("train", 0, 300, range(1, tasks.MAX_DEPTH + 1)):
+        assert printed(program.text) == program.answer
+        assert program.prompt.endswith("  # ->") and tasks.answer_of(program.prompt) == program.answer
+
+
+def test_depth_is_the_number_of_links_from_the_root_to_the_printed_variable():
+    for depth in (1, 4, 9):
+        for program in tasks.programs("validation", 1, 20, [depth]):
+            lines = program.prompt.splitlines()
+            defined = dict(line.split(" = ") for line in lines[:-1])
+            name, links = lines[-1][len("print("):].split(" % ")[0], 0
+            while not defined[name].isdigit():
+                name, links = defined[name].split(" + ")[0], links + 1
+            assert links == program.depth == depth
+            assert len(lines) == 2 * (depth + 1) + 1  # the distractor chain is as long
+
+
+def test_programs_are_fixed_by_seed_and_the_splits_are_disjoint():
+    depths = [1, 2, 3]
+    assert tasks.programs("train", 5, 50, depths) == tasks.programs("train", 5, 50, depths)
+    assert tasks.programs("train", 5, 50, depths) != tasks.programs("train", 6, 50, depths)
+    train = {p.text for p in tasks.programs("train", 0, 4000, [1])}
+    validation = {p.text for p in tasks.programs("validation", 0, 400, [1])}
+    assert not train & validation
+    assert {tasks.split_of(p) for p in tasks.programs("validation", 0, 50, depths)} == {"validation"}
+    assert {len(p.prompt.splitlines()) for p in tasks.programs("train", 0, 200, depths)} == {5, 7, 9}
+
+
+def test_bad_depths_and_splits_are_clear_errors():
+    with pytest.raises(PLTError, match="depths"):
+        tasks.programs("train", 0, 1, [0])
+    with pytest.raises(PLTError, match="depths"):
+        tasks.programs("train", 0, 1, [tasks.MAX_DEPTH + 1])
+    with pytest.raises(PLTError, match="split"):
+        tasks.programs("test", 0, 1, [1])
+
+
+def test_answer_of_rejects_text_that_is_not_a_chain_prompt():
+    assert tasks.answer_of("a = 3\nb = a + 9\nprint(b % 10)  # ->") == "2"
+    for text in ("def f(x):\n    ", "a = 3\nprint(b % 10)  # ->", "print(1)  # -> 1",
+                 "a = 3\nb = a + 9\nprint(b % 10)", "import os\nprint(os)  # ->"):
+        assert tasks.answer_of(text) is None
+
+
+def test_program_windows_score_the_answer_and_eos_only(tokenizer_dir):
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    batch = tasks.programs("train", 0, 3, [1, 2])
+    inputs, targets = tasks.program_windows(tokenizer, batch)
+    for row, program in enumerate(batch):
+        ids, answer_start = tasks.encode_program(tokenizer, program)
+        assert ids[:answer_start] == tokenizer.encode(program.prompt)
+        assert inputs[row, :len(ids) - 1].tolist() == ids[:-1]
+        scored = targets[row][targets[row] != tasks.IGNORE_INDEX].tolist()
+        assert scored == ids[answer_start:] and tokenizer.decode(scored[:-1]).strip() == program.answer
+    with pytest.raises(PLTError, match="seq_len"):
+        tasks.program_windows(tokenizer, batch, seq_len=10)
+
+
+def test_chain_accuracy_rows_by_depth_with_binomial_standard_errors(make_model):
+    model_dir = make_model()
+    rows = chain_accuracy(model_dir, [1, 3], 7, loops=3, batch_size=4)
+    assert [r["depth"] for r in rows] == [1, 3] and all(r["count"] == 7 for r in rows)
+    for r in rows:
+        assert r["accuracy"] == r["correct"] / 7
+        assert r["stderr"] == pytest.approx(math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / 7))
+    assert chain_accuracy(model_dir, [1, 3], 7, loops=3, batch_size=3) == rows  # batching
+    assert binomial(3, 12) == {"correct": 3, "count": 12, "accuracy": 0.25,
+                               "stderr": pytest.approx(0.125)}
+    with pytest.raises(PLTError, match="depths"):
+        chain_accuracy(model_dir, [0], 7)
+
+
+def test_chain_accuracy_counts_exactly_the_programs_greedy_decoding_answers(make_model):
+    from conftest import reference_greedy
+
+    model_dir = make_model(seed=3)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    [row] = chain_accuracy(model_dir, [1], 12, loops=2)
+    right = 0
+    for program in tasks.programs("validation", "eval/0/1", 12, [1]):
+        ids, answer_start = tasks.encode_program(tokenizer, program)
+        decoded = reference_greedy(model_dir, ids[:answer_start], 2, len(ids) - answer_start)
+        right += decoded == ids[answer_start:]
+    assert row["correct"] == right
+
+
+def test_eval_command_task_chains_writes_rows_per_loop_and_depth(make_model, tmp_path, capsys):
+    from plt_port.cli import main
+
+    model_dir = make_model()
+    out = tmp_path / "rows.json"
+    assert main(["eval", "--task", "chains", "--model", model_dir, "--loops", "1", "2",
+                 "--depths", "1", "2", "--programs", "5", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "depth 1 | depth 2" in table and table.count("| model-plt") == 2
+    rows = json.loads(out.read_text())
+    assert [(r["loops"], r["depth"], r["trained_loops"]) for r in rows] == [
+        (1, 1, 2), (1, 2, 2), (2, 1, 2), (2, 2, 2)]
+
+
+def test_train_on_the_chains_corpus(tmp_path):
+    from plt_port.cli import main
+
+    args = ["train", "--out", str(tmp_path), "--corpus", "chains", "--loops", "2",
+            "--vocab-size", "320", "--hidden-size", "32", "--num-hidden-layers", "2",
+            "--intermediate-size", "64", "--seq-len", "64", "--window-left", "64",
+            "--batch-size", "4", "--steps", "3", "--eval-every", "3", "--eval-tokens", "256",
+            "--min-depth", "1", "--max-depth", "2", "--threads", "1"]
+    assert main(args) == 0
+    state = json.load(open(tmp_path / "plt-chains-L2" / "checkpoint" / "trainer_state.json"))
+    assert state["recipe"]["corpus"] == "chains" and len(state["train_loss"]) == 3
+    assert state["validation"][0][0] == 3 and np.isfinite(state["validation"][0][1])
+    assert Tokenizer.from_dir(tmp_path / "tokenizer").vocab_size == 320
+    assert os.path.exists(tmp_path / "plt-chains-L2" / "final" / "config.json")
+    rows = chain_accuracy(str(tmp_path / "plt-chains-L2" / "final"), [1, 3], 4)
+    assert [r["depth"] for r in rows] == [1, 3]
+    assert main(args[:-4] + ["--max-depth", "9", "--out", str(tmp_path / "long")]) == 1
+    with pytest.raises(SystemExit):  # argparse: not a corpus
+        main(args + ["--corpus", "tweets"])
