@@ -46,9 +46,24 @@ class TaskError(PLTError, ValueError):
 
 @dataclass(frozen=True)
 class ChainProgram:
-    prompt: str  # the program up to and including "# ->"
-    answer: str  # the printed value
-    depth: int
+    lines: tuple[str, ...]  # the assignments
+    values: tuple[int, ...]  # the value each assignment leaves in its variable, modulo 10
+    question: str  # the printed variable
+    depth: int  # links from its chain's root to the printed variable
+
+    @property
+    def body(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def prompt(self) -> str:
+        """The assignments and the print, up to and including "# ->"."""
+        return f"{self.body}\nprint({self.question} % 10)  {ANSWER_MARK}"
+
+    @property
+    def answer(self) -> str:
+        target = f"{self.question} = "
+        return str(next(v for line, v in zip(self.lines, self.values) if line.startswith(target)))
 
     @property
     def text(self) -> str:
@@ -63,19 +78,19 @@ def check_depths(depths) -> list[int]:
     return depths
 
 
-def _chain(rng: random.Random, names: list[str], depth: int) -> tuple[list[str], int]:
-    """Lines of one chain (root + `depth` links) and the value of its last variable."""
+def _chain(rng: random.Random, names: list[str]) -> list[tuple[str, int]]:
+    """(line, value mod 10) of one chain: a root, then one link per further name."""
     value = rng.randrange(10)
-    lines = [f"{names[0]} = {value}"]
-    for previous, name in zip(names, names[1:depth + 1]):
+    lines = [(f"{names[0]} = {value}", value)]
+    for previous, name in zip(names, names[1:]):
         step = rng.randrange(1, 10)
-        lines.append(f"{name} = {previous} + {step}")
-        value += step
-    return lines, value
+        value = (value + step) % 10
+        lines.append((f"{name} = {previous} + {step}", value))
+    return lines
 
 
-def _interleave(rng: random.Random, first: list[str], second: list[str]) -> list[str]:
-    """A random merge of two line lists that keeps the order within each."""
+def _interleave(rng: random.Random, first: list, second: list) -> list:
+    """A random merge of two lists that keeps the order within each."""
     slots = [0] * len(first) + [1] * len(second)
     rng.shuffle(slots)
     sources = (iter(first), iter(second))
@@ -83,12 +98,12 @@ def _interleave(rng: random.Random, first: list[str], second: list[str]) -> list
 
 
 def generate_program(rng: random.Random, depth: int) -> ChainProgram:
+    """A chain of `depth` links and a distractor chain as long; the print asks for the
+    chain's last variable."""
     names = rng.sample(NAMES, 2 * (depth + 1))
-    chain, value = _chain(rng, names[:depth + 1], depth)
-    distractor, _ = _chain(rng, names[depth + 1:], depth)
-    lines = _interleave(rng, chain, distractor)
-    prompt = "\n".join(lines) + f"\nprint({names[depth]} % 10)  {ANSWER_MARK}"
-    return ChainProgram(prompt, str(value % 10), depth)
+    merged = _interleave(rng, _chain(rng, names[:depth + 1]), _chain(rng, names[depth + 1:]))
+    lines, values = zip(*merged)
+    return ChainProgram(lines, values, names[depth], depth)
 
 
 def split_of(program: ChainProgram) -> str:
@@ -146,38 +161,54 @@ def _operand(term: str, namespace: dict) -> int:
     raise ValueError(term)
 
 
-# ---- token windows: one whole program per row, the loss on the answer only -------------------
+# ---- token windows: one whole program per row ------------------------------------------------
 IGNORE_INDEX = -100  # torch cross_entropy's default: targets that carry no loss
 
 
-def encode_program(tokenizer, program: ChainProgram) -> tuple[list[int], int]:
-    """(token ids of the program ending in eos, index of the first answer token). The prompt
-    is encoded on its own, so a prompt typed into a generator yields exactly these ids."""
+def encode_program(tokenizer, program: ChainProgram,
+                   line_values: bool = False) -> tuple[list[int], list[int]]:
+    """(token ids of the program ending in eos, the target of each id's position).
+
+    Targets are the answer tokens and the closing eos (IGNORE_INDEX elsewhere); with
+    `line_values`, also the value of each assignment at its newline, in place of the next
+    line's first token: deep supervision of intermediate results that the input never shows.
+    The prompt is encoded on its own, so a prompt typed into a generator yields exactly the
+    ids before the answer.
+    """
     prompt = tokenizer.encode(program.prompt)
-    return prompt + tokenizer.encode(f" {program.answer}") + [tokenizer.eos_ids[0]], len(prompt)
+    answer = tokenizer.encode(f" {program.answer}") + [tokenizer.eos_ids[0]]
+    ids = prompt + answer
+    targets = [IGNORE_INDEX] * (len(prompt) - 1) + answer + [IGNORE_INDEX]
+    if line_values:
+        newline = tokenizer.encode("\n")[-1]
+        ends = [i for i, token in enumerate(prompt) if token == newline]
+        for position, value in zip(ends, program.values, strict=True):
+            targets[position] = tokenizer.encode(str(value))[-1]
+    return ids, targets
 
 
-def program_windows(tokenizer, batch: list[ChainProgram], seq_len: int | None = None):
-    """(inputs, targets) [len(batch), seq_len] int64 arrays: each row one program, padded;
-    targets are the answer tokens and the closing eos, IGNORE_INDEX elsewhere. seq_len None:
-    the longest program's."""
+def program_windows(tokenizer, batch: list[ChainProgram], seq_len: int | None = None,
+                    line_values: bool = False):
+    """(inputs, targets) [len(batch), seq_len] int64 arrays, each row one program, padded
+    (targets: `encode_program`'s). seq_len None: the longest program's."""
+    encoded = [encode_program(tokenizer, p, line_values) for p in batch]
     if seq_len is None:
-        seq_len = max(len(encode_program(tokenizer, p)[0]) for p in batch) - 1
+        seq_len = max(len(ids) for ids, _ in encoded) - 1
     inputs = np.full((len(batch), seq_len), tokenizer.pad_id, dtype=np.int64)
     targets = np.full((len(batch), seq_len), IGNORE_INDEX, dtype=np.int64)
-    for row, program in enumerate(batch):
-        ids, answer_start = encode_program(tokenizer, program)
+    for row, (program, (ids, program_targets)) in enumerate(zip(batch, encoded)):
         if len(ids) > seq_len + 1:
             raise TaskError(f"a depth-{program.depth} program is {len(ids)} tokens, longer than "
                             f"seq_len + 1 = {seq_len + 1}: raise seq_len or lower the depths")
         inputs[row, :len(ids) - 1] = ids[:-1]
-        targets[row, answer_start - 1:len(ids) - 1] = ids[answer_start:]
+        targets[row, :len(ids) - 1] = program_targets[:-1]
     return inputs, targets
 
 
 @dataclass
 class ChainBatches:
-    """Training batches of chain programs; the programs of step s are fixed by (seed, step)."""
+    """Training batches of chain programs (targets with the line values); the programs of
+    step s are fixed by (seed, step)."""
 
     tokenizer: object
     depths: list[int]
@@ -192,4 +223,4 @@ class ChainBatches:
         per_rank = self.batch_size // world_size
         batch = programs("train", f"{self.seed}/{step}", self.batch_size, self.depths)
         return program_windows(self.tokenizer, batch[rank * per_rank:(rank + 1) * per_rank],
-                               self.seq_len)
+                               self.seq_len, line_values=True)

@@ -24,10 +24,15 @@ def printed(program_text: str) -> str:
     return out.getvalue().strip()
 
 
-def test_programs_run_and_print_their_stated_answer():
+def test_programs_run_and_print_their_stated_answer_and_values():
     for program in tasks.programs("train", 0, 300, range(1, tasks.MAX_DEPTH + 1)):
         assert printed(program.text) == program.answer
+        assert program.text == program.prompt + " " + program.answer + "\n"
         assert program.prompt.endswith("  # ->") and tasks.answer_of(program.prompt) == program.answer
+        namespace = {}
+        for line, value in zip(program.lines, program.values, strict=True):
+            exec(line, namespace)  # noqa: S102
+            assert namespace[line.split(" = ")[0]] % 10 == value
 
 
 def test_depth_is_the_number_of_links_from_the_root_to_the_printed_variable():
@@ -62,6 +67,7 @@ def test_bad_depths_and_splits_are_clear_errors():
         tasks.programs("test", 0, 1, [1])
 
 
+
 def test_answer_of_rejects_text_that_is_not_a_chain_prompt():
     assert tasks.answer_of("a = 3\nb = a + 9\nprint(b % 10)  # ->") == "2"
     for text in ("def f(x):\n    ", "a = 3\nprint(b % 10)  # ->", "print(1)  # -> 1",
@@ -69,16 +75,25 @@ def test_answer_of_rejects_text_that_is_not_a_chain_prompt():
         assert tasks.answer_of(text) is None
 
 
-def test_program_windows_score_the_answer_and_eos_only(tokenizer_dir):
+def test_program_windows_score_the_answer_and_optionally_each_line_value(tokenizer_dir):
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     batch = tasks.programs("train", 0, 3, [1, 2])
     inputs, targets = tasks.program_windows(tokenizer, batch)
+    _, with_values = tasks.program_windows(tokenizer, batch, line_values=True)
     for row, program in enumerate(batch):
-        ids, answer_start = tasks.encode_program(tokenizer, program)
-        assert ids[:answer_start] == tokenizer.encode(program.prompt)
+        ids, _ = tasks.encode_program(tokenizer, program)
+        prompt = tokenizer.encode(program.prompt)
+        assert ids[:len(prompt)] == prompt and tokenizer.decode(ids[:-1]) == program.text.rstrip()
         assert inputs[row, :len(ids) - 1].tolist() == ids[:-1]
-        scored = targets[row][targets[row] != tasks.IGNORE_INDEX].tolist()
-        assert scored == ids[answer_start:] and tokenizer.decode(scored[:-1]).strip() == program.answer
+        answer = targets[row][targets[row] != tasks.IGNORE_INDEX].tolist()
+        assert answer == ids[len(prompt):] and answer[-1] == tokenizer.eos_ids[0]
+        assert tokenizer.decode(answer[:-1]) == " " + program.answer
+        scored = with_values[row] != tasks.IGNORE_INDEX
+        newlines = inputs[row] == tokenizer.encode("\n")[-1]
+        assert (scored[:len(prompt) - 1] == newlines[:len(prompt) - 1]).all()
+        assert tokenizer.decode(with_values[row][newlines].tolist()) == "".join(
+            map(str, program.values))
+        assert (with_values[row][len(prompt) - 1:] == targets[row][len(prompt) - 1:]).all()
     with pytest.raises(PLTError, match="seq_len"):
         tasks.program_windows(tokenizer, batch, seq_len=10)
 
@@ -97,18 +112,29 @@ def test_chain_accuracy_rows_by_depth_with_binomial_standard_errors(make_model):
         chain_accuracy(model_dir, [0], 7)
 
 
-def test_chain_accuracy_counts_exactly_the_programs_greedy_decoding_answers(make_model):
-    from conftest import reference_greedy
+def test_chain_accuracy_counts_a_program_right_only_when_every_answer_token_is(make_model,
+                                                                              monkeypatch):
+    """An oracle that predicts each next token of the program, but says 4 where a 3 is due:
+    exactly the programs whose answer has no 3 are right."""
+    import torch
 
-    model_dir = make_model(seed=3)
+    from plt_port.model import PLTForCausalLM
+
+    model_dir = make_model()
     tokenizer = Tokenizer.from_dir(model_dir)
-    [row] = chain_accuracy(model_dir, [1], 12, loops=2)
-    right = 0
-    for program in tasks.programs("validation", "eval/0/1", 12, [1]):
-        ids, answer_start = tasks.encode_program(tokenizer, program)
-        decoded = reference_greedy(model_dir, ids[:answer_start], 2, len(ids) - answer_start)
-        right += decoded == ids[answer_start:]
-    assert row["correct"] == right
+    three, four = tokenizer.encode("3")[-1], tokenizer.encode("4")[-1]
+
+    def oracle(self, input_ids, loops=None):
+        following = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1],
+                                                                  tokenizer.eos_ids[0])], dim=1)
+        following[following == tokenizer.pad_id] = tokenizer.eos_ids[0]
+        following[following == three] = four
+        return 10.0 * torch.nn.functional.one_hot(following, self.config.vocab_size).float()
+
+    monkeypatch.setattr(PLTForCausalLM, "forward", oracle)
+    [row] = chain_accuracy(model_dir, [2], 40, batch_size=16)
+    programs = tasks.programs("validation", "eval/0/2", 40, [2])
+    assert row["correct"] == sum(p.answer != "3" for p in programs) < 40
 
 
 def test_eval_command_task_chains_writes_rows_per_loop_and_depth(make_model, tmp_path, capsys):
