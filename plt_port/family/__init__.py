@@ -18,6 +18,7 @@ DEFAULT_MODEL = "plt-stdlib-L2"  # two loops, like the released LoopCoder-v2
 MODEL_CARD = os.path.join(FAMILY_DIR, "MODEL_CARD.md")
 CHAINS_MODEL_CARD = os.path.join(FAMILY_DIR, "MODEL_CARD_CHAINS.md")
 CHAINS_ACCURACY_JSON = os.path.join(FAMILY_DIR, "chains_accuracy.json")  # its eval rows as data
+CHAINS_EXAMPLES_JSON = os.path.join(FAMILY_DIR, "chains_examples.json")  # the demo's examples
 HELDOUT_JSON = os.path.join(FAMILY_DIR, "heldout.json")  # the card's held-out rows as data
 
 
