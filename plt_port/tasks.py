@@ -1,21 +1,21 @@
 """Variable chains: a synthetic code task whose answer needs serial steps.
 
 A program assigns a digit to a root variable, then derives a chain of `depth` variables,
-each from the one before (`b = a + 3`), interleaved with a distractor chain of the same
-shape; it ends by printing the last variable of the chain modulo 10, with the printed
-value written after `# ->`:
+each from the one before (`b = a + 3`), with as many distractor assignments of digits to
+other variables scattered in between; it ends by printing the last variable of the chain
+modulo 10, with the printed value written after `# ->`:
 
     k = 7
     q = 2
     b = k + 3
-    x = q + 5
     m = b + 9
+    x = 5
     print(m % 10)  # -> 9
 
-Every line is valid Python and exec'ing the program prints the answer. Finding it means
-following the chain link by link (which variable feeds which is only known by reading the
-previous link), so a model needs about one pass of attention per link: the number of
-links (`depth`) is the knob that a shallow stack cannot take in one pass.
+Every line is valid Python and exec'ing the program prints the answer. Each link's value
+needs the value of the link before it, so a model that is never shown intermediate values
+needs about one pass of attention per link: the number of links (`depth`) is the knob that a
+shallow stack cannot take in one pass.
 
 Programs are fixed by (seed, index); train and validation are disjoint by construction: a
 program belongs to the validation split iff a hash of its text says so, and each split's
@@ -33,8 +33,11 @@ import numpy as np
 from .errors import PLTError
 
 NAMES = "abcdefghjkmnpqrstuvwxyz"  # single letters, without the easily confused i, l, o
-MAX_DEPTH = (len(NAMES) - 2) // 2  # two chains of depth + 1 distinct names each
+MAX_DEPTH = (len(NAMES) - 1) // 2  # a chain of depth + 1 names and depth distractors
 ANSWER_MARK = "# ->"
+# small increments: a 3 x 10 addition table is learnt at once, where the full table modulo 10
+# is a slow-to-learn (grokking) problem of its own that hid the chain task in pilots
+STEPS = (1, 2, 3)
 VALIDATION_PERCENT = 10
 CHAINS_EVAL_DEPTHS = range(1, 9)  # the shipped chains family is trained and scored on these
 SPLITS = ("train", "validation")
@@ -83,7 +86,7 @@ def _chain(rng: random.Random, names: list[str]) -> list[tuple[str, int]]:
     value = rng.randrange(10)
     lines = [(f"{names[0]} = {value}", value)]
     for previous, name in zip(names, names[1:]):
-        step = rng.randrange(1, 10)
+        step = rng.choice(STEPS)
         value = (value + step) % 10
         lines.append((f"{name} = {previous} + {step}", value))
     return lines
@@ -98,11 +101,12 @@ def _interleave(rng: random.Random, first: list, second: list) -> list:
 
 
 def generate_program(rng: random.Random, depth: int) -> ChainProgram:
-    """A chain of `depth` links and a distractor chain as long; the print asks for the
-    chain's last variable."""
-    names = rng.sample(NAMES, 2 * (depth + 1))
-    merged = _interleave(rng, _chain(rng, names[:depth + 1]), _chain(rng, names[depth + 1:]))
-    lines, values = zip(*merged)
+    """A chain of `depth` links and `depth` distractor digit assignments; the print asks for
+    the chain's last variable."""
+    names = rng.sample(NAMES, 2 * depth + 1)
+    distractors = [(f"{name} = {value}", value)
+                   for name, value in zip(names[depth + 1:], rng.choices(range(10), k=depth))]
+    lines, values = zip(*_interleave(rng, _chain(rng, names[:depth + 1]), distractors))
     return ChainProgram(lines, values, names[depth], depth)
 
 

@@ -44,7 +44,7 @@ def test_depth_is_the_number_of_links_from_the_root_to_the_printed_variable():
             while not defined[name].isdigit():
                 name, links = defined[name].split(" + ")[0], links + 1
             assert links == program.depth == depth
-            assert len(lines) == 2 * (depth + 1) + 1  # the distractor chain is as long
+            assert len(lines) == 2 * depth + 2  # root, links, as many distractors, print
 
 
 def test_programs_are_fixed_by_seed_and_the_splits_are_disjoint():
@@ -55,7 +55,7 @@ def test_programs_are_fixed_by_seed_and_the_splits_are_disjoint():
     validation = {p.text for p in tasks.programs("validation", 0, 400, [1])}
     assert not train & validation
     assert {tasks.split_of(p) for p in tasks.programs("validation", 0, 50, depths)} == {"validation"}
-    assert {len(p.prompt.splitlines()) for p in tasks.programs("train", 0, 200, depths)} == {5, 7, 9}
+    assert {len(p.prompt.splitlines()) for p in tasks.programs("train", 0, 200, depths)} == {4, 6, 8}
 
 
 def test_bad_depths_and_splits_are_clear_errors():
