@@ -24,6 +24,7 @@ from .config import PLTConfig
 from .errors import PLTError
 from .evaluate import evaluate
 from .family import family_model_dirs
+from .tasks import CHAINS_EVAL_PROGRAMS
 
 PROBE_LOOPS = 2          # the family member run at inference loop counts 1..MAX_INFERENCE_LOOPS
 MAX_INFERENCE_LOOPS = 4
@@ -60,7 +61,7 @@ def family_from_args(specs: list[str], corpus: str = "stdlib") -> dict[str, str]
 def run_study(family: dict[str, str], max_tokens: int = 16384, eval_tokens: int | None = 16384,
               seq_len: int = 256, progress: bool = True, previous: dict | None = None,
               chains_family: dict[str, str] | None = None, chains_depths=(),
-              chains_programs: int = 200) -> dict:
+              chains_programs: int = CHAINS_EVAL_PROGRAMS) -> dict:
     """All numbers of the report, as one JSON-able dict.
 
     `previous`: an earlier study.json; a model whose weights and settings match its entry

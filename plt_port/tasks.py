@@ -40,6 +40,7 @@ ANSWER_MARK = "# ->"
 STEPS = (1, 2, 3)
 VALIDATION_PERCENT = 10
 CHAINS_EVAL_DEPTHS = range(1, 9)  # the shipped chains family is trained and scored on these
+CHAINS_EVAL_PROGRAMS = 200  # held-out programs per depth of `plt-port eval --task chains`
 SPLITS = ("train", "validation")
 
 

@@ -435,6 +435,16 @@ def served_demo(make_model):
     app.pool.close()
 
 
+def run_two_columns(page) -> list[str]:
+    """Press Run, wait until both columns finish; their stats."""
+    page.locator("#run").click()
+    for i in range(2):
+        page.wait_for_function(
+            f"document.querySelector('#stats-{i}')?.innerText.includes('finish:')",
+            timeout=60_000)
+    return [page.locator(f"#stats-{i}").inner_text() for i in range(2)]
+
+
 @requires("torch")
 @requires("playwright")
 @pytest.mark.browser
@@ -449,13 +459,8 @@ def test_browser_two_column_comparison(served_demo, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(served_demo, wait_until="networkidle")
             page.locator("#prompt textarea").fill("def fibonacci(n):\n")
-            page.locator("#run").click()
-            for i in range(2):
-                page.wait_for_function(
-                    f"document.querySelector('#stats-{i}')?.innerText.includes('finish:')",
-                    timeout=60_000)
+            stats = run_two_columns(page)
             texts = [page.locator(f"#output-{i} .cm-content").inner_text() for i in range(2)]
-            stats = [page.locator(f"#stats-{i}").inner_text() for i in range(2)]
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
         finally:
             browser.close()
@@ -537,12 +542,7 @@ def test_browser_chain_example_shows_the_answer_next_to_the_columns(served_chain
             prompt = page.locator("#prompt textarea").input_value()
             models = [page.locator(f"#model-{i} input").input_value() for i in range(2)]
             loops = [page.locator(f"#loops-{i} input").input_value() for i in range(2)]
-            page.locator("#run").click()
-            for i in range(2):
-                page.wait_for_function(
-                    f"document.querySelector('#stats-{i}')?.innerText.includes('finish:')",
-                    timeout=60_000)
-            stats = [page.locator(f"#stats-{i}").inner_text() for i in range(2)]
+            stats = run_two_columns(page)
         finally:
             browser.close()
     assert prompt == example["prompt"]

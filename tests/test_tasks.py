@@ -170,3 +170,56 @@ def test_train_on_the_chains_corpus(tmp_path):
     assert main(args[:-4] + ["--max-depth", "9", "--out", str(tmp_path / "long")]) == 1
     with pytest.raises(SystemExit):  # argparse: not a corpus
         main(args + ["--corpus", "tweets"])
+
+
+# ---- the chains family's card and examples ------------------------------------------------
+def accuracy_rows(accuracy_by_loops: dict[int, dict[int, float]], count: int = 100) -> list[dict]:
+    return [{"model": f"plt-chains-L{loops}", "trained_loops": loops, "loops": loops,
+             "depth": depth, **binomial(round(accuracy * count), count)}
+            for loops, by_depth in accuracy_by_loops.items()
+            for depth, accuracy in by_depth.items()]
+
+
+def test_examples_come_from_depths_where_more_loops_measurably_win():
+    from plt_port.family import card_chains
+
+    rows = accuracy_rows({1: {1: 0.9, 2: 0.3, 3: 0.1}, 2: {1: 0.92, 2: 0.8, 3: 0.2},
+                          4: {1: 0.9, 2: 0.8, 3: 0.6}})
+    assert card_chains.separated_depths(rows, 1, 2) == [2]  # depth 3: 0.1 vs 0.2 is noise
+    assert card_chains.separated_depths(rows, 2, 4) == [3]
+    assert card_chains.separated_depths(rows, 2, 3) == []  # no L3 model
+
+    def answer(model, loops, prompt):  # L1 never right, L2 up to depth 2, L4 always
+        depth = (len(prompt.splitlines()) - 2) // 2
+        return tasks.answer_of(prompt) if loops == 4 or (loops == 2 and depth <= 2) else "x"
+
+    examples = card_chains.pick_examples(rows, answer, 5)
+    assert [(e["depth"], e["columns"]) for e in examples] == [
+        (2, [["plt-chains-L1", 1], ["plt-chains-L2", 2]]),
+        (3, [["plt-chains-L2", 2], ["plt-chains-L4", 4]])]
+    first = tasks.programs("validation", "eval/0/2", 5, [2])[0]  # the eval's own programs
+    assert examples[0]["prompt"] == first.prompt and examples[0]["answer"] == first.answer
+    assert examples[0]["answers"] == {"plt-chains-L1": "x", "plt-chains-L2": first.answer}
+
+
+CHAINS = __import__("plt_port.family", fromlist=["x"]).family_model_dirs("chains")
+
+
+def test_the_shipped_chains_family_is_small_fp16_and_its_card_matches_its_rows():
+    from plt_port import family
+
+    assert list(CHAINS) == list(family.CHAINS_FAMILY)
+    total, configs = 0, []
+    for name, path in CHAINS.items():
+        configs.append(json.load(open(os.path.join(path, "config.json"))))
+        total += sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    assert [c["plt_num_loops"] for c in configs] == [1, 2, 3, 4]
+    assert {c["torch_dtype"] for c in configs} == {"float16"} and total < 16e6
+    card = open(family.CHAINS_MODEL_CARD).read()
+    rows = json.load(open(family.CHAINS_ACCURACY_JSON))
+    for row in rows:
+        assert f"{100 * row['accuracy']:.1f} ± {100 * row['stderr']:.1f}" in card
+    for example in json.load(open(family.CHAINS_EXAMPLES_JSON))["examples"]:
+        assert tasks.answer_of(example["prompt"]) == example["answer"]
+        (low, _), (high, _) = example["columns"]
+        assert example["answers"][low] != example["answer"] == example["answers"][high]

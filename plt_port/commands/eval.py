@@ -16,7 +16,7 @@ from plt_port import family
 from plt_port.atomic import atomic_write_text
 from plt_port.cli import positive_int
 from plt_port.errors import PLTError
-from plt_port.tasks import CHAINS_EVAL_DEPTHS
+from plt_port.tasks import CHAINS_EVAL_DEPTHS, CHAINS_EVAL_PROGRAMS
 
 
 def add_arguments(parser):
@@ -28,12 +28,7 @@ def add_arguments(parser):
     parser.add_argument("--task", choices=["lm", "chains"], default="lm",
                         help="lm: held-out language modelling (default); chains: accuracy on "
                              "variable-chain programs by depth")
-    parser.add_argument("--depths", type=positive_int, nargs="+",
-                        default=list(CHAINS_EVAL_DEPTHS),
-                        help="--task chains: chain depths (default: "
-                             f"{' '.join(map(str, CHAINS_EVAL_DEPTHS))})")
-    parser.add_argument("--programs", type=positive_int, default=200,
-                        help="--task chains: held-out programs per depth (default: 200)")
+    add_chain_options(parser, "--")
     parser.add_argument("--loops", type=int, nargs="+",
                         help="inference loop counts (default: each model's trained count)")
     parser.add_argument("--baseline", action="store_true",
@@ -45,6 +40,17 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+def add_chain_options(parser, prefix: str) -> None:
+    """--depths and --programs of the chains accuracy (`prefix` "--" or "--chains-")."""
+    parser.add_argument(f"{prefix}depths", type=positive_int, nargs="+",
+                        default=list(CHAINS_EVAL_DEPTHS),
+                        help="variable chains: the depths scored (default: "
+                             f"{' '.join(map(str, CHAINS_EVAL_DEPTHS))})")
+    parser.add_argument(f"{prefix}programs", type=positive_int, default=CHAINS_EVAL_PROGRAMS,
+                        help="variable chains: held-out programs per depth (default: "
+                             f"{CHAINS_EVAL_PROGRAMS})")
 
 
 def run(args):

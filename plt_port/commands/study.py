@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 
-from plt_port.cli import positive_int
-from plt_port.tasks import CHAINS_EVAL_DEPTHS
+from plt_port.commands.eval import add_chain_options
 
 def add_arguments(parser):
     parser.add_argument("--out", default=os.path.join("docs", "study"),
@@ -28,12 +27,7 @@ def add_arguments(parser):
     parser.add_argument("--chains-model", action="append", default=[], metavar="NAME=DIR",
                         help="variable-chain models for the task-accuracy section (repeatable; "
                              "default without --model: the packaged chains family, when present)")
-    parser.add_argument("--chains-depths", type=positive_int, nargs="+",
-                        default=list(CHAINS_EVAL_DEPTHS),
-                        help="chain depths scored (default: "
-                             f"{' '.join(map(str, CHAINS_EVAL_DEPTHS))})")
-    parser.add_argument("--chains-programs", type=positive_int, default=200,
-                        help="held-out programs per depth (default 200)")
+    add_chain_options(parser, "--chains-")
     parser.add_argument("--from-json", metavar="STUDY_JSON",
                         help="only re-render the report from an existing study.json")
 
