@@ -8,9 +8,9 @@ modulo 10, with the printed value written after `# ->`:
     k = 7
     q = 2
     b = k + 3
-    m = b + 9
+    m = b + 2
     x = 5
-    print(m % 10)  # -> 9
+    print(m % 10)  # -> 2
 
 Every line is valid Python and exec'ing the program prints the answer. Each link's value
 needs the value of the link before it, so a model that is never shown intermediate values

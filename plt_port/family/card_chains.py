@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from . import CHAINS_FAMILY, FAMILY_DIR
+from . import CHAINS_FAMILY, FAMILY_DIR, family_model_dirs
 from .. import tasks
 from ..errors import PLTError
 from ..evaluate import chain_markdown_table
@@ -109,8 +109,8 @@ def build_card(run_dir: str, rows: list[dict], examples: list[dict]) -> str:
         config = json.load(f)
     recipe_args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items()
                            if k not in ("loops", "corpus", "max_corpus_bytes"))
-    weights = sum(os.path.getsize(os.path.join(FAMILY_DIR, name, "model.safetensors"))
-                  for name in states)
+    weights = sum(os.path.getsize(os.path.join(path, "model.safetensors"))
+                  for path in family_model_dirs("chains").values())
     total_s = sum(s["train_seconds"] for s in states.values())
     programs = rows[0]["count"] if rows else "?"
     lines = [
@@ -119,22 +119,28 @@ def build_card(run_dir: str, rows: list[dict], examples: list[dict]) -> str:
         "variable-chain programs (`plt_port/tasks.py`) with the same data, tokenizer, width, "
         "depth, steps and seed; they differ only in the loop count used in training, and "
         f"have the same {states[next(iter(states))]['parameters']:,} parameters. The task "
-        "needs serial steps: the printed value is found by following a chain of "
-        "assignments link by link past a distractor chain, so a shallow stack cannot answer "
-        f"deep chains in one pass. Weights: fp16 safetensors, {weights / 1e6:.2f} MB together.",
+        "needs serial steps: each link's value needs the value of the link before it, "
+        "never shown in the program, so a shallow stack cannot answer deep chains in one "
+        f"pass. Weights: fp16 safetensors, {weights / 1e6:.2f} MB together.",
         "",
         "## Task", "",
         "```python", tasks.programs("validation", "card", 1, [3])[0].text.rstrip(), "```", "",
-        "Depth = dependent assignments from the chain's root to the printed variable; a "
-        "distractor chain of the same depth is interleaved at random. Values are digits "
-        "(`% 10`), so answers are one token. Train and validation are disjoint by a hash of the "
+        "Depth = dependent assignments (links) from the chain's root to the printed "
+        "variable; as many distractor assignments of digits to other variables are scattered "
+        f"in between. Links add {', '.join(map(str, tasks.STEPS))}; the printed value is taken "
+        "`% 10`, so answers are one digit. Train and validation are disjoint by a hash of the "
         "program text (`tasks.split_of`).", "",
         "## Recipe", "",
         "```", f"{RECIPE_COMMAND} \\", f"    {recipe_args}", "```", "",
+        "(The shipped run trained the models as two processes side by side, `--loops 2 3` and "
+        "`--loops 1 4`; each model depends only on its own recipe, and a rerun resumes from "
+        f"the checkpoints in `{RUN_DIR}`.)", "",
         "Loss: cross-entropy on the answer and, at each assignment's newline, on the value "
         "that assignment computes (deep supervision: the value never appears in the input, so "
         "the model still has to carry it through the chain). Everything else in a program is "
-        "random by construction. Pilots that scored the answer alone stayed at chance. "
+        "random by construction. Pilots that scored the answer alone stayed at chance, and so "
+        "did pilots whose links added any digit 1..9 (the full addition table modulo 10 is a "
+        "slow-to-learn problem of its own). "
         f"Tokenizer: sentencepiece, {recipe['vocab_size']} pieces (single characters: every "
         "variable name is one and the same token wherever it appears), trained on "
         f"{TOKENIZER_PROGRAMS:,} generated train programs. Window: the "
