@@ -7,6 +7,7 @@ streamed side by side, and a Loop analysis tab. `plt-port demo` launches it.
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -15,12 +16,13 @@ import gradio as gr  # noqa: E402
 
 from plt_port.config import MAX_LOOPS, PLTConfig  # noqa: E402
 from plt_port.errors import PLTError  # noqa: E402
-from plt_port.family import display_names  # noqa: E402
+from plt_port.family import CHAINS_EXAMPLES_JSON, display_names  # noqa: E402
+from plt_port.tasks import answer_of  # noqa: E402
 from runtimes.base import DECODE_MODES  # noqa: E402
 
 from .engine import (BACKEND_LABELS, MAX_COLUMNS, BackendPool, ColumnSpec,  # noqa: E402
-                     ColumnView, Comparison, DemoInputError, Limits, as_int, error_view,
-                     make_request, make_spec, run_column)
+                     ColumnView, Comparison, DemoInputError, Limits, answer_note, as_int,
+                     error_view, make_request, make_spec, run_column)
 from .loop_analysis import heldout_fallback, loop_analysis  # noqa: E402
 
 EXAMPLE_PROMPTS = [
@@ -45,6 +47,11 @@ The same prompt runs in every column at once: pick a model, a backend, how many 
 shared layer stack loops, and the decode mode (**clp**: all loops of a token in one pass;
 **naive**: one pass per loop). Tokens/s and time to first token count only each column's own
 backend time, so the columns do not slow each other's figures."""
+
+CHAIN_EXAMPLES_NOTE = ("**Variable chains**: programs from the held-out split where the model "
+                       "trained with fewer loops answers wrong and the one with more loops right "
+                       "(picked by `plt-port card --family chains` from measured greedy answers). "
+                       "A click sets the prompt and the two columns.")
 
 ANALYSE_HINT = ("Press **Analyse** to measure this model loop by loop (step size, output shift, "
                 "effective rank, gate mean, ...) on held-out text; it takes a while on a CPU.")
@@ -73,16 +80,45 @@ def default_columns(trained_loops: dict[str, int], offered: list[str]) -> list[C
     return [ColumnSpec(model, backend, loops, "clp") for model, loops in picks]
 
 
+def expected_answer_text(prompt) -> str:
+    """The line under the prompt: the answer of a variable-chain program, else nothing."""
+    expected = answer_of(prompt) if isinstance(prompt, str) else None
+    return "" if expected is None else (f"Expected answer: **{expected}** (what the program "
+                                        "prints, computed by running its assignments)")
+
+
+def chain_example_rows(examples: list[dict], models: dict[str, str]) -> tuple[list, list]:
+    """([prompt, model, loops, model, loops] rows, labels) of the examples whose two models
+    are offered; a label says the depth and what each model answered when they were picked."""
+    offered = [e for e in examples if all(model in models for model, _ in e["columns"])]
+    labels = [f"depth {e['depth']}: " + ", ".join(
+        f"L={loops} says {e['answers'][model]}" for model, loops in e["columns"])
+        + f" (answer {e['answer']})" for e in offered]
+    return [[e["prompt"], *[v for column in e["columns"] for v in column]] for e in offered], labels
+
+
+def load_chain_examples(path: str = CHAINS_EXAMPLES_JSON) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["examples"]
+
+
 def compare_handler(pool: BackendPool, limits: Limits, reasons: dict[str, str | None]):
     """The Run button: validate, then stream every column (round-robin) until all finish.
-    Yields MAX_COLUMNS (text, stats) pairs; columns past the chosen count stay empty."""
-
-    def outputs(views: list[ColumnView]) -> list[str]:
-        views = views + [ColumnView()] * (MAX_COLUMNS - len(views))
-        return [value for view in views for value in (view.text, view.stats)]
+    Yields MAX_COLUMNS (text, stats) pairs; columns past the chosen count stay empty. Under a
+    variable-chain prompt each column's stats say the right answer and whether it gave it."""
 
     def compare(prompt, n_columns, max_new_tokens, temperature, top_p, top_k,
                 repetition_penalty, seed, use_chat_template, *column_inputs):
+        expected = answer_of(prompt) if isinstance(prompt, str) else None
+
+        def outputs(views: list[ColumnView]) -> list[str]:
+            views = views + [ColumnView()] * (MAX_COLUMNS - len(views))
+            return [value for view in views for value in (
+                view.text, "\n\n".join(filter(None, [view.stats, answer_note(
+                    expected, prompt, view.text) if view.stats else ""])))]
+
         try:
             n = as_int(n_columns, "columns", 1, MAX_COLUMNS)
             if len(column_inputs) < 4 * n:
@@ -133,10 +169,12 @@ def analysis_handler(pool: BackendPool):
 
 
 def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | None = None,
-              backends: dict | None = None, loader=None) -> gr.Blocks:
+              backends: dict | None = None, loader=None,
+              chain_examples: list[dict] | None = None) -> gr.Blocks:
     """The demo page. `backend_options`: {backend name: load_backend options}. `backends`
     ({name: unavailable reason or None}) and `loader` (like runtimes.load_backend) default
-    to the real ones; tests pass their own."""
+    to the real ones; tests pass their own. `chain_examples` (default: the packaged
+    chains_examples.json) are offered when their models are."""
     models = display_names(model_dirs)
     if not models:
         raise DemoInputError("no model directories given")
@@ -146,6 +184,8 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
     reasons = backend_reasons(backends)
     offered = [name for name, reason in reasons.items() if reason is None]
     columns = default_columns(trained_loops, offered)
+    chain_rows, chain_labels = chain_example_rows(
+        load_chain_examples() if chain_examples is None else chain_examples, models)
     backend_choices = [(BACKEND_LABELS.get(name, name), name) for name in offered]
     model_choices = list(models)
 
@@ -163,6 +203,8 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
                         run = gr.Button("Run", variant="primary", elem_id="run",
                                         interactive=bool(offered))
                         stop = gr.Button("Stop", elem_id="stop")
+            expected_answer = gr.Markdown(expected_answer_text(EXAMPLE_PROMPTS[0]),
+                                          elem_id="expected-answer")
             gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts")
             with gr.Accordion("Sampling and limits", open=False):
                 with gr.Row():
@@ -201,6 +243,12 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
                     boxes.append(box)
                     column_inputs += [model, backend, loops, mode]
                     column_outputs += [output, stats]
+            if chain_rows:
+                gr.Markdown(CHAIN_EXAMPLES_NOTE)
+                gr.Examples(chain_rows, inputs=[prompt, *column_inputs[0:3:2],
+                                                *column_inputs[4:7:2]],
+                            label="Variable-chain examples", elem_id="chain-examples",
+                            example_labels=chain_labels)
             missing = [f"**{BACKEND_LABELS.get(n, n)}**: {r}" for n, r in reasons.items() if r]
             if missing:
                 gr.Markdown("Backends not offered here: " + "; ".join(missing),
@@ -219,6 +267,8 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
                                     visible=False)
                 analysis_note = gr.Markdown()
 
+        prompt.change(expected_answer_text, prompt, expected_answer, queue=False,
+                      api_visibility="private")
         n_columns.change(lambda n: [gr.Column(visible=i < int(n)) for i in range(MAX_COLUMNS)],
                          n_columns, boxes, queue=False, api_visibility="private")
         run_event = run.click(compare_handler(pool, limits, reasons),

@@ -400,3 +400,15 @@ class Comparison:
     def close(self) -> None:
         for column in self.columns:
             column.close()
+
+
+def answer_note(expected: str | None, prompt: str, text: str) -> str:
+    """For a prompt whose answer is known (a variable-chain program): the answer, and whether
+    the column's continuation gave it."""
+    if expected is None:
+        return ""
+    given = text[len(prompt):].split()[:1] if text.startswith(prompt) else []
+    if not given:
+        return f"expected answer **{expected}**"
+    verdict = "✓ right" if given[0] == expected else f"✗ wrong (gave {given[0]})"
+    return f"expected answer **{expected}** · {verdict}"

@@ -140,6 +140,11 @@ class TokenBatches:
         starts = starts[rank * per_rank:(rank + 1) * per_rank]
         return np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts])
 
+    def batch(self, step: int, rank: int = 0, world_size: int = 1):
+        """(inputs, targets): the windows of `step` and the same shifted by one token."""
+        windows = self.windows(step, rank, world_size)
+        return windows[:, :-1], windows[:, 1:]
+
 
 def sequential_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None):
     """Non-overlapping [n, seq_len + 1] windows (consecutive windows share one token) covering

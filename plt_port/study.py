@@ -4,6 +4,8 @@ Runs, on the held-out split:
 - every family model at its trained loop count (held-out eval and diagnostics);
 - the model trained with 2 loops at inference loop counts 1..4 (eval at each count; one
   diagnostics forward at 4 loops covers loops 1..4, since loop r never reads a later loop).
+- when given the chains family, its task accuracy by depth at inference loop counts 1..4
+  (`plt_port.study_chains`).
 `write_study` writes <out>/README.md (tables and plots, all generated from <out>/study.json),
 <out>/study.json and <out>/figures/*.png. The comparison with the published LoopCoder-v2
 pattern is computed from the numbers: each claim is checked and worded by `compare_with_loopcoder`.
@@ -16,12 +18,13 @@ import json
 import os
 import sys
 
-from . import checkpoint, diagnostics
+from . import checkpoint, diagnostics, study_chains
 from .atomic import atomic_dir
 from .config import PLTConfig
 from .errors import PLTError
 from .evaluate import evaluate
 from .family import family_model_dirs
+from .tasks import CHAINS_EVAL_PROGRAMS
 
 PROBE_LOOPS = 2          # the family member run at inference loop counts 1..MAX_INFERENCE_LOOPS
 MAX_INFERENCE_LOOPS = 4
@@ -35,12 +38,14 @@ class StudyError(PLTError, ValueError):
 
 # ---- running the models -------------------------------------------------------------------
 
-def family_from_args(specs: list[str]) -> dict[str, str]:
+def family_from_args(specs: list[str], corpus: str = "stdlib") -> dict[str, str]:
+    """{name: dir} of NAME=DIR specs, or of the packaged family of `corpus` (may be empty for
+    the chains family: the study then has no chains section)."""
     if not specs:
         # paths relative to the working directory when under it: study.json stays portable
         family = {name: os.path.relpath(d) if os.path.abspath(d).startswith(os.getcwd() + os.sep)
-                  else d for name, d in family_model_dirs().items()}
-        if not family:
+                  else d for name, d in family_model_dirs(corpus).items()}
+        if not family and corpus == "stdlib":
             raise StudyError("the packaged model family is empty (train it first, or pass "
                              "--model NAME=DIR)")
         return family
@@ -54,7 +59,9 @@ def family_from_args(specs: list[str]) -> dict[str, str]:
 
 
 def run_study(family: dict[str, str], max_tokens: int = 16384, eval_tokens: int | None = 16384,
-              seq_len: int = 256, progress: bool = True, previous: dict | None = None) -> dict:
+              seq_len: int = 256, progress: bool = True, previous: dict | None = None,
+              chains_family: dict[str, str] | None = None, chains_depths=(),
+              chains_programs: int = CHAINS_EVAL_PROGRAMS) -> dict:
     """All numbers of the report, as one JSON-able dict.
 
     `previous`: an earlier study.json; a model whose weights and settings match its entry
@@ -89,11 +96,15 @@ def run_study(family: dict[str, str], max_tokens: int = 16384, eval_tokens: int 
             "settings": settings,
             **_measure(model_dir, settings, name == probe, config.num_loops, progress),
         }
-    return {"probe": probe, "max_inference_loops": MAX_INFERENCE_LOOPS,
-            "diagnostic_tokens": max_tokens, "eval_tokens": eval_tokens, "seq_len": seq_len,
-            "command": "plt-port " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"]
-            else "plt-port study",
-            "models": models}
+    study = {"probe": probe, "max_inference_loops": MAX_INFERENCE_LOOPS,
+             "diagnostic_tokens": max_tokens, "eval_tokens": eval_tokens, "seq_len": seq_len,
+             "command": "plt-port " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"]
+             else "plt-port study",
+             "models": models}
+    if chains_family:
+        study["chains"] = study_chains.run_chains(chains_family, chains_depths, chains_programs,
+                                                  weights_digest, (previous or {}).get("chains"))
+    return study
 
 
 def _measure(model_dir: str, settings: dict, is_probe: bool, trained_loops: int,
@@ -360,6 +371,10 @@ def render_report(study: dict, figure_names: list[str]) -> str:
         f"{study['diagnostic_tokens']} held-out tokens in windows of {study['seq_len']} "
         "(definitions: `plt_port/diagnostics.py`, SPEC section 8).",
         "",
+        *(["Sections: held-out evaluation and the comparison with LoopCoder-v2 on the "
+           "stdlib family; [variable chains](#variable-chains-task-accuracy-by-depth): task "
+           "accuracy by depth on the chains family; per-loop diagnostics.", ""]
+          if "chains" in study else []),
         "## Held-out evaluation",
         "",
         "Each family model at the loop count it was trained with:",
@@ -395,6 +410,9 @@ def render_report(study: dict, figure_names: list[str]) -> str:
         lines += [f"  - {e}" for e in item["evidence"]]
     lines += [""]
 
+    if "chains" in study:
+        lines += study_chains.report(study["chains"])
+
     lines += ["## Per-loop diagnostics", "",
               "Solid lines: each model at its trained loop count; dashed: "
               f"`{probe_name}` run at 1..{probe['diagnostics']['loops']} loops.", ""]
@@ -428,7 +446,8 @@ def write_study(study: dict, out_dir: str) -> str:
             json.dump(study, f, indent=1)
             f.write("\n")
         names = []
-        for name, fig in study_figures(study):
+        chain_figures = study_chains.figures(study["chains"]) if "chains" in study else []
+        for name, fig in study_figures(study) + chain_figures:
             fig.savefig(os.path.join(tmp, FIGURE_DIR, f"{name}.png"), dpi=110)
             names.append(name)
         os.makedirs(os.path.join(tmp, FIGURE_DIR, PER_LAYER_DIR))

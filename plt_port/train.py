@@ -6,13 +6,23 @@ the cross-entropy of loop L's logits (SPEC section 2).
 
 A run directory holds:
   tokenizer/            sentencepiece model shared by every model of the run
-  tokens-{split}.npy    the encoded corpus (int32, no pickle)
+  tokens-{split}.npy    the encoded corpus (int32, no pickle; corpus "stdlib")
+  chains-train.txt      the programs the tokenizer was trained on (corpus "chains")
   {name}/checkpoint/    latest state: model/ (HF layout, fp32), optimizer.safetensors,
                         trainer_state.json (step, loss log, validation log, recipe)
   {name}/final/         the trained model in the HF layout of SPEC section 5 (fp32)
 Every write is atomic. Re-running the same command resumes from the checkpoint and
 continues bit-for-bit as if never interrupted: the data of step s depends only on
 (seed, step), and model and optimizer state are saved exactly.
+
+Corpora: "stdlib" (language modelling on the standard library, `plt_port.data`) or
+"chains" (`plt_port.tasks`: one variable-chain program per window, of a depth drawn from
+min_depth..max_depth). Its loss is not on every token: names, constants and line order are
+random by construction, an entropy floor that would dwarf the answer's loss. It is on the
+answer and, at each assignment's newline, on the value that assignment computes (never shown
+in the input, so the model must still carry it through the chain itself): with the answer
+alone, small models stayed at chance for 400 steps. The validation loss is on the answer
+alone, what `plt-port eval --task chains` scores.
 """
 
 from __future__ import annotations
@@ -30,17 +40,21 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from . import data
-from .atomic import atomic_dir
+from . import data, tasks
+from .atomic import atomic_dir, atomic_write_text
 from .config import PLTConfig
 from .errors import PLTError
-from .evaluate import evaluate_windows
+from .evaluate import evaluate_targets
 from .model import PLTForCausalLM
 from .tokenizer import Tokenizer, train_tokenizer
 
 
 class TrainError(PLTError, ValueError):
     pass
+
+
+CORPORA = ("stdlib", "chains")
+TOKENIZER_PROGRAMS = 4000  # chain programs the tokenizer of a "chains" run is trained on
 
 
 @dataclass
@@ -71,6 +85,9 @@ class Recipe:
     eval_every: int = 100
     eval_tokens: int = 16384
     max_corpus_bytes: int = data.MAX_TOTAL_BYTES
+    corpus: str = "stdlib"
+    min_depth: int = 1  # chain depths of the "chains" corpus
+    max_depth: int = 8
 
     def validate(self) -> None:
         positive = ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -88,6 +105,14 @@ class Recipe:
             raise TrainError(f"learning rates: need 0 < min_lr <= lr, got {self.min_lr}, {self.lr}")
         if self.warmup_steps < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
             raise TrainError("warmup_steps, weight_decay must be >= 0 and grad_clip > 0")
+        if self.corpus not in CORPORA:
+            raise TrainError(f"corpus: expected one of {', '.join(CORPORA)}, got {self.corpus!r}")
+        if self.corpus == "chains":
+            tasks.check_depths(self.depths)
+
+    @property
+    def depths(self) -> range:
+        return range(self.min_depth, self.max_depth + 1)
 
     def model_config(self, tokenizer: Tokenizer) -> PLTConfig:
         return PLTConfig(
@@ -146,9 +171,55 @@ def barrier(dist_info: Dist) -> None:
 
 
 # ---- corpus preparation (rank 0 writes, others wait) -------------------------------------
-def prepare_corpus(run_dir: str, recipe: Recipe, dist_info: Dist, tokenizer_dir: str | None = None):
-    """(tokenizer, train tokens, validation tokens), trained/encoded once per run dir."""
+@dataclass
+class TrainingData:
+    tokenizer: Tokenizer
+    tokenizer_dir: str
+    batches: object  # .batch(step, rank, world_size) -> (inputs, targets)
+    validation: tuple[np.ndarray, np.ndarray]  # (inputs, targets) of the validation loss
+
+
+def prepare_data(run_dir: str, recipe: Recipe, dist_info: Dist,
+                 tokenizer_dir: str | None = None) -> TrainingData:
     tokenizer_dir = tokenizer_dir or os.path.join(run_dir, "tokenizer")
+    if recipe.corpus == "chains":
+        tokenizer = prepare_chains_tokenizer(run_dir, recipe, dist_info, tokenizer_dir)
+        validation = tasks.program_windows(
+            tokenizer, tasks.programs("validation", recipe.seed, validation_windows(recipe),
+                                      recipe.depths), recipe.seq_len)
+        batches = tasks.ChainBatches(tokenizer, list(recipe.depths), recipe.seq_len,
+                                     recipe.batch_size, recipe.seed)
+        return TrainingData(tokenizer, tokenizer_dir, batches, validation)
+    tokenizer, tokenizer_dir, train_tokens, val_tokens = prepare_corpus(
+        run_dir, recipe, dist_info, tokenizer_dir)
+    windows = data.sequential_windows(val_tokens, recipe.seq_len, recipe.eval_tokens)
+    batches = data.TokenBatches(train_tokens, recipe.seq_len, recipe.batch_size, recipe.seed)
+    return TrainingData(tokenizer, tokenizer_dir, batches, (windows[:, :-1], windows[:, 1:]))
+
+
+def validation_windows(recipe: Recipe) -> int:
+    """Windows of the validation loss: as many as the stdlib corpus's eval_tokens fill."""
+    return max(1, recipe.eval_tokens // recipe.seq_len)
+
+
+def prepare_chains_tokenizer(run_dir: str, recipe: Recipe, dist_info: Dist,
+                             tokenizer_dir: str) -> Tokenizer:
+    """A small-vocabulary tokenizer trained on chain programs of the train split."""
+    if dist_info.is_main and not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.model")):
+        text_path = os.path.join(run_dir, "chains-train.txt")
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_write_text(text_path, "".join(
+            p.text + "\n" for p in tasks.programs("train", recipe.seed, TOKENIZER_PROGRAMS,
+                                                   recipe.depths)))
+        with atomic_dir(tokenizer_dir) as tmp:
+            train_tokenizer([text_path], tmp, recipe.vocab_size, {"add_bos_token": False})
+    barrier(dist_info)
+    return Tokenizer.from_dir(tokenizer_dir)
+
+
+def prepare_corpus(run_dir: str, recipe: Recipe, dist_info: Dist, tokenizer_dir: str):
+    """(tokenizer, train tokens, validation tokens) of the stdlib corpus, trained/encoded once
+    per run dir."""
     paths = {split: os.path.join(run_dir, f"tokens-{split}.npy") for split in ("train", "validation")}
     if dist_info.is_main:
         os.makedirs(run_dir, exist_ok=True)
@@ -233,15 +304,17 @@ def load_checkpoint(ckpt_dir: str, recipe: Recipe, device) -> tuple:
 
 
 # ---- the loop ------------------------------------------------------------------------------
-def language_model_loss(model, windows: torch.Tensor, loops: int) -> torch.Tensor:
-    logits = model(windows[:, :-1], loops=loops)
-    return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
+def language_model_loss(model, inputs: torch.Tensor, targets: torch.Tensor,
+                        loops: int) -> torch.Tensor:
+    """Cross-entropy of loop L's logits; targets equal to tasks.IGNORE_INDEX carry no loss."""
+    logits = model(inputs, loops=loops)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                           ignore_index=tasks.IGNORE_INDEX)
 
 
-def validation_loss(model: PLTForCausalLM, tokens: np.ndarray, recipe: Recipe) -> float:
-    windows = data.sequential_windows(tokens, recipe.seq_len, recipe.eval_tokens)
+def validation_loss(model: PLTForCausalLM, validation, recipe: Recipe) -> float:
     was_training = model.training
-    loss = evaluate_windows(model.eval(), windows, recipe.loops)["loss"]
+    loss = evaluate_targets(model.eval(), *validation, recipe.loops)["loss"]
     model.train(was_training)
     return loss
 
@@ -256,8 +329,8 @@ def train_model(run_dir: str, name: str, recipe: Recipe, dist_info: Dist | None 
     """
     recipe.validate()
     dist_info = dist_info or Dist()
-    tokenizer, tokenizer_dir, train_tokens, val_tokens = prepare_corpus(
-        run_dir, recipe, dist_info, tokenizer_dir)
+    training_data = prepare_data(run_dir, recipe, dist_info, tokenizer_dir)
+    tokenizer, tokenizer_dir = training_data.tokenizer, training_data.tokenizer_dir
     ckpt_dir = os.path.join(run_dir, name, "checkpoint")
     final_dir = os.path.join(run_dir, name, "final")
     if os.path.exists(os.path.join(ckpt_dir, "trainer_state.json")):
@@ -284,7 +357,6 @@ def train_model(run_dir: str, name: str, recipe: Recipe, dist_info: Dist | None 
 
         # loop 1 alone never uses the gate parameters
         net = DistributedDataParallel(model, find_unused_parameters=recipe.loops == 1)
-    batches = data.TokenBatches(train_tokens, recipe.seq_len, recipe.batch_size, recipe.seed)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist_info.device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     tokens_per_step = recipe.batch_size * recipe.seq_len
@@ -295,12 +367,12 @@ def train_model(run_dir: str, name: str, recipe: Recipe, dist_info: Dist | None 
     while state["step"] < end_step:
         step = state["step"]
         t0 = time.perf_counter()
-        windows = batches.windows(step, dist_info.rank, dist_info.world_size)
-        windows = torch.from_numpy(windows).long().to(dist_info.device)
+        inputs, targets = (torch.from_numpy(a).long().to(dist_info.device) for a in
+                           training_data.batches.batch(step, dist_info.rank, dist_info.world_size))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe)
         with autocast:
-            loss = language_model_loss(net, windows, recipe.loops)
+            loss = language_model_loss(net, inputs, targets, recipe.loops)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -318,7 +390,7 @@ def train_model(run_dir: str, name: str, recipe: Recipe, dist_info: Dist | None 
         bar.set_postfix(loss=f"{float(loss_value):.3f}", tok_s=f"{tokens_per_step / elapsed:.0f}")
         done = state["step"] == recipe.steps
         if dist_info.is_main and (state["step"] % recipe.eval_every == 0 or done):
-            val = validation_loss(model, val_tokens, recipe)
+            val = validation_loss(model, training_data.validation, recipe)
             state["validation"].append([state["step"], val])
             bar.write(f"{name} step {state['step']}: train {float(loss_value):.4f} "
                       f"validation {val:.4f} lr {lr_at(step, recipe):.2e}")

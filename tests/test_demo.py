@@ -435,6 +435,16 @@ def served_demo(make_model):
     app.pool.close()
 
 
+def run_two_columns(page) -> list[str]:
+    """Press Run, wait until both columns finish; their stats."""
+    page.locator("#run").click()
+    for i in range(2):
+        page.wait_for_function(
+            f"document.querySelector('#stats-{i}')?.innerText.includes('finish:')",
+            timeout=60_000)
+    return [page.locator(f"#stats-{i}").inner_text() for i in range(2)]
+
+
 @requires("torch")
 @requires("playwright")
 @pytest.mark.browser
@@ -449,13 +459,8 @@ def test_browser_two_column_comparison(served_demo, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(served_demo, wait_until="networkidle")
             page.locator("#prompt textarea").fill("def fibonacci(n):\n")
-            page.locator("#run").click()
-            for i in range(2):
-                page.wait_for_function(
-                    f"document.querySelector('#stats-{i}')?.innerText.includes('finish:')",
-                    timeout=60_000)
+            stats = run_two_columns(page)
             texts = [page.locator(f"#output-{i} .cm-content").inner_text() for i in range(2)]
-            stats = [page.locator(f"#stats-{i}").inner_text() for i in range(2)]
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
         finally:
             browser.close()
@@ -466,6 +471,85 @@ def test_browser_two_column_comparison(served_demo, tmp_path):
         assert "tok/s" in stat and "TTFT" in stat and "cache" in stat and "finish:" in stat
     assert "decode naive" in stats[0] and "decode clp" in stats[1]  # 1 loop has no CLP
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def chain_family(tmp_path, tokenizer_dir) -> tuple[list[str], list[dict]]:
+    """Two tiny random models named like the chains family, and one chain example for them."""
+    from conftest import LOUD_STD, tiny_config
+    from plt_port import tasks
+    from plt_port.random_model import save_random_model
+
+    dirs = [save_random_model(tmp_path / f"plt-chains-L{loops}", tiny_config(plt_num_loops=loops),
+                              seed=loops, tokenizer_dir=tokenizer_dir, std=LOUD_STD)
+            for loops in (1, 2)]
+    program = tasks.programs("validation", "demo-test", 1, [2])[0]
+    example = {"prompt": program.prompt, "answer": program.answer, "depth": 2,
+               "columns": [["plt-chains-L1", 1], ["plt-chains-L2", 2]],
+               "answers": {"plt-chains-L1": "x", "plt-chains-L2": program.answer}}
+    return dirs, [example]
+
+
+def test_chain_prompts_show_the_expected_answer(chain_setup, tmp_path, tokenizer_dir):
+    from demo.app import chain_example_rows, expected_answer_text
+
+    pool, _, _, _ = chain_setup
+    dirs, [example] = chain_family(tmp_path, tokenizer_dir)
+    assert f"**{example['answer']}**" in expected_answer_text(example["prompt"])
+    assert expected_answer_text("def f(x):\n") == ""
+    rows, labels = chain_example_rows([example], {"plt-chains-L1": dirs[0], "plt-chains-L2": dirs[1]})
+    assert rows == [[example["prompt"], "plt-chains-L1", 1, "plt-chains-L2", 2]]
+    assert labels == [f"depth 2: L=1 says x, L=2 says {example['answer']} "
+                      f"(answer {example['answer']})"]
+    assert chain_example_rows([example], {"plt-chains-L1": dirs[0]}) == ([], [])
+    # each column's stats name the answer and whether the column gave it
+    (text, stats), *empty = run_compare(compare_handler(pool, Limits(), {"torch": None}),
+                                  example["prompt"], 1, [("tiny", "torch", 1, "clp")])
+    given = text[len(example["prompt"]):].split()[0]
+    verdict = "✓ right" if given == example["answer"] else f"✗ wrong (gave {given})"
+    assert stats.endswith(f"expected answer **{example['answer']}** · {verdict}")
+    assert all(column == ("", "") for column in empty)
+
+
+@pytest.fixture
+def served_chain_demo(tmp_path, tokenizer_dir):
+    dirs, examples = chain_family(tmp_path, tokenizer_dir)
+    app = build_app(dirs, Limits(max_new_tokens=8), backend_options={"torch": {"threads": 1}},
+                    backends={"torch": None}, chain_examples=examples)
+    _, url, _ = launch(app, host="127.0.0.1", port=free_port(), prevent_thread_lock=True,
+                       quiet=True)
+    yield url, examples[0]
+    app.close()
+    app.pool.close()
+
+
+@requires("torch")
+@requires("playwright")
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's chromium at {CHROMIUM}")
+def test_browser_chain_example_shows_the_answer_next_to_the_columns(served_chain_demo):
+    from playwright.sync_api import sync_playwright
+
+    url, example = served_chain_demo
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="networkidle")
+            page.locator("#chain-examples").get_by_text("depth 2:").click()
+            page.wait_for_function(
+                f"document.querySelector('#expected-answer')?.innerText.includes("
+                f"'Expected answer: {example['answer']}')", timeout=30_000)
+            prompt = page.locator("#prompt textarea").input_value()
+            models = [page.locator(f"#model-{i} input").input_value() for i in range(2)]
+            loops = [page.locator(f"#loops-{i} input").input_value() for i in range(2)]
+            stats = run_two_columns(page)
+        finally:
+            browser.close()
+    assert prompt == example["prompt"]
+    assert models == ["plt-chains-L1", "plt-chains-L2"] and loops == ["1", "2"]
+    for stat in stats:
+        assert f"expected answer {example['answer']} · " in stat
+        assert "✓ right" in stat or "✗ wrong" in stat
 
 
 @requires("torch")

@@ -368,7 +368,9 @@ def test_study_command_writes_report_from_its_own_numbers(make_model, tmp_path, 
     family = {f"tiny-l{loops}": make_model(seed=loops, plt_num_loops=loops) for loops in (2, 3)}
     out = tmp_path / "study"
     args = ["study", "--out", str(out), "--max-tokens", "64", "--seq-len", "32",
-            "--eval-tokens", "64"] + [f"--model={name}={d}" for name, d in family.items()]
+            "--eval-tokens", "64", "--chains-depths", "1", "2", "--chains-programs", "4"]
+    args += [f"--{kind}={name}={d}" for name, d in family.items() for kind in ("model",
+                                                                             "chains-model")]
     assert main(args) == 0
     study = json.loads((out / "study.json").read_text())
     report = (out / "README.md").read_text()
@@ -379,10 +381,21 @@ def test_study_command_writes_report_from_its_own_numbers(make_model, tmp_path, 
     assert (out / "figures" / "loss_vs_loops.png").exists()
     assert "figures/effective_rank.png" in report and (out / "figures" / "effective_rank.png").exists()
     assert "Small models: **" in report
+    # the chains section: accuracy by depth at inference loops 1..4, with standard errors
+    chains = study["chains"]["models"]
+    assert [(r["loops"], r["depth"]) for r in chains["tiny-l3"]["rows"]] == [
+        (loops, depth) for loops in (1, 2, 3, 4) for depth in (1, 2)]
+    row = chains["tiny-l3"]["rows"][5]
+    assert f"| tiny-l3 | 3 | 3 | " in report
+    assert f"{100 * row['accuracy']:.1f} ± {100 * row['stderr']:.1f}" in report
+    assert (out / "figures" / "chains_accuracy_by_depth.png").exists()
+    assert "tiny-l3 (L=3) vs tiny-l2 (L=2): **" in report
     # unchanged weights and settings: --reuse takes the numbers from study.json
     capsys.readouterr()
     assert main(args + ["--reuse"]) == 0
-    assert capsys.readouterr().out.count("reusing the earlier numbers") == 2
+    printed = capsys.readouterr().out
+    assert printed.count("reusing the earlier numbers") == 2
+    assert printed.count("reusing the earlier chain accuracy") == 2
     assert (out / "README.md").read_text() == report
     # re-rendering from the JSON gives the same report
     again = tmp_path / "again"

@@ -1,6 +1,6 @@
 """plt-port demo [--model DIR ...] [--host 127.0.0.1] [--port 7860]: the Gradio comparison page.
 
-Without --model it serves the embedded family (plt_port.family). The ONNX and MLX versions
+Without --model it serves the embedded families (plt_port.family). The ONNX and MLX versions
 of a model are exported on first use into the export cache ($PLT_PORT_CACHE).
 """
 
@@ -40,10 +40,11 @@ def add_arguments(parser):
 
 
 def family_dirs() -> list[str]:
-    """The embedded family's model dirs present here, in loop order."""
-    from plt_port.family import family_model_dirs
+    """The embedded families' model dirs present here: stdlib first (its L1, L2 are the
+    default columns), then chains, each in loop order."""
+    from plt_port.family import FAMILIES, family_model_dirs
 
-    return list(family_model_dirs().values())
+    return [d for corpus in FAMILIES for d in family_model_dirs(corpus).values()]
 
 
 def run(args):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from plt_port.commands.eval import add_chain_options
+
 def add_arguments(parser):
     parser.add_argument("--out", default=os.path.join("docs", "study"),
                         help="report folder (default docs/study; written atomically)")
@@ -22,6 +24,10 @@ def add_arguments(parser):
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the numbers in <out>/study.json of models whose weights and "
                              "settings have not changed")
+    parser.add_argument("--chains-model", action="append", default=[], metavar="NAME=DIR",
+                        help="variable-chain models for the task-accuracy section (repeatable; "
+                             "default without --model: the packaged chains family, when present)")
+    add_chain_options(parser, "--chains-")
     parser.add_argument("--from-json", metavar="STUDY_JSON",
                         help="only re-render the report from an existing study.json")
 
@@ -37,9 +43,21 @@ def run(args):
         previous = load_study(previous_path) if args.reuse and os.path.exists(previous_path) \
             else None
         study = run_study(family_from_args(args.model), max_tokens=args.max_tokens,
-                          eval_tokens=args.eval_tokens, seq_len=args.seq_len, previous=previous)
+                          eval_tokens=args.eval_tokens, seq_len=args.seq_len, previous=previous,
+                          chains_family=chains_family(args),
+                          chains_depths=args.chains_depths, chains_programs=args.chains_programs)
     write_study(study, args.out)
     for item in compare_with_loopcoder(study):
         print(f"{item['verdict']:>14}: {item['claim']}")
     print(f"wrote {os.path.join(args.out, 'README.md')}, study.json and {FIGURE_DIR}/")
     return 0
+
+
+def chains_family(args) -> dict[str, str]:
+    """The models of the chains section: --chains-model, else the packaged family unless
+    --model chose other models than the packaged ones."""
+    from plt_port.study import family_from_args
+
+    if args.chains_model or not args.model:
+        return family_from_args(args.chains_model, "chains")
+    return {}

@@ -1,7 +1,8 @@
 """plt-port train --out RUN_DIR --loops 1 2 3 4 [recipe options]
 
 Trains one model per loop count with the same data, tokenizer, width, depth, steps and
-seed, one after another. Re-running the same command resumes where it stopped. Works
+seed, one after another. `--corpus chains` trains on variable-chain programs
+(plt_port/tasks.py) instead of the standard library. Re-running the same command resumes where it stopped. Works
 under `torchrun --nproc_per_node N -m plt_port.cli train ...` (DDP; rank 0 writes).
 """
 
@@ -13,13 +14,13 @@ from plt_port.cli import positive_int
 
 
 def add_arguments(parser):
-    from plt_port.train import Recipe
+    from plt_port.train import CORPORA, Recipe
 
     parser.add_argument("--out", required=True, help="run directory (checkpoints, final models)")
     parser.add_argument("--loops", type=int, nargs="+", default=[2],
                         help="loop counts to train, one model each (default: 2)")
-    parser.add_argument("--name-prefix", default="plt-stdlib-L",
-                        help="model name = prefix + loop count (default: plt-stdlib-L)")
+    parser.add_argument("--name-prefix",
+                        help="model name = prefix + loop count (default: plt-CORPUS-L)")
     parser.add_argument("--tokenizer", help="reuse this tokenizer dir instead of training one")
     parser.add_argument("--threads", type=positive_int,
                         help="torch CPU threads (default: torch's choice)")
@@ -35,7 +36,8 @@ def add_arguments(parser):
         if field.name == "loops":
             continue
         recipe.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
-                            default=field.default, help=f"(default: {field.default})")
+                            default=field.default, help=f"(default: {field.default})",
+                            choices=CORPORA if field.name == "corpus" else None)
 
 
 def run(args):
@@ -54,7 +56,7 @@ def run(args):
         if not 1 <= loops <= 8:
             raise PLTError(f"--loops: each loop count must be in 1..8, got {loops}")
     for loops in args.loops:
-        name = f"{args.name_prefix}{loops}"
+        name = f"{args.name_prefix or f'plt-{args.corpus}-L'}{loops}"
         recipe = Recipe(**{**fields, "loops": loops})
         state = train_model(args.out, name, recipe, dist_info, args.tokenizer,
                             args.stop_after, args.checkpoint_every)

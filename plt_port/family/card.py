@@ -34,9 +34,9 @@ def load_rows(eval_dir: str) -> list[dict]:
     return rows
 
 
-def trainer_states(run_dir: str) -> dict[str, dict]:
+def trainer_states(run_dir: str, names=FAMILY) -> dict[str, dict]:
     states = {}
-    for name in FAMILY:
+    for name in names:
         path = os.path.join(run_dir, name, "checkpoint", "trainer_state.json")
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
