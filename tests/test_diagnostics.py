@@ -386,7 +386,7 @@ def test_study_command_writes_report_from_its_own_numbers(make_model, tmp_path, 
     assert [(r["loops"], r["depth"]) for r in chains["tiny-l3"]["rows"]] == [
         (loops, depth) for loops in (1, 2, 3, 4) for depth in (1, 2)]
     row = chains["tiny-l3"]["rows"][5]
-    assert f"| tiny-l3 | 3 | 3 | " in report
+    assert "| tiny-l3 | 3 | 3 | " in report
     assert f"{100 * row['accuracy']:.1f} ± {100 * row['stderr']:.1f}" in report
     assert (out / "figures" / "chains_accuracy_by_depth.png").exists()
     assert "tiny-l3 (L=3) vs tiny-l2 (L=2): **" in report
