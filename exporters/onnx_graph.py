@@ -436,8 +436,9 @@ def take_position(b: GraphBuilder, x: str, index: str) -> str:
 
 
 def ring_positions(b: GraphBuilder, newest: str) -> str:
-    """Position held by each ring slot j when `newest` [B] is the latest position written:
-    newest - ((newest - j) mod W) -> [B, W] (negative: slot never written)."""
+    """`plt_port.cache_layout.ring_slot_positions` as graph ops: the position ring slot j
+    holds when `newest` [B] is the latest written, newest - ((newest - j) mod W) -> [B, W]
+    (negative: slot never written)."""
     W = b.cfg.window
     slots = b.const(np.arange(W, dtype=np.int64)[None, :])
     newest = b.unsqueeze(newest, 1)
