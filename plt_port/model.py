@@ -112,8 +112,13 @@ def gated_swa(q, global_kv, global_mask, local_kv, local_mask, gate, return_prob
     """
     y_glob, p_glob = attend(q, *global_kv, global_mask, return_probs)
     y_loc, p_loc = attend(q, *local_kv, local_mask, return_probs)
+    return gate_mix(y_glob, y_loc, gate), (p_glob, p_loc)
+
+
+def gate_mix(y_glob, y_loc, gate):
+    """gate * y_glob + (1 - gate) * y_loc, gate [B, H, Tq] the global branch's share."""
     g = gate[..., None].to(y_glob.dtype)
-    return g * y_glob + (1 - g) * y_loc, (p_glob, p_loc)
+    return g * y_glob + (1 - g) * y_loc
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None):

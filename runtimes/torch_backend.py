@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from plt_port.cache_layout import ring_slot_positions
-from plt_port.model import (TORCH_DTYPES, PLTForCausalLM, attend, causal_mask, gated_swa,
-                            run_dtype)
+from plt_port.model import (TORCH_DTYPES, PLTForCausalLM, attend, causal_mask, gate_mix,
+                            gated_swa, run_dtype)
 
 from .base import Backend, BackendError
 
@@ -212,7 +212,10 @@ class TorchBackend(Backend):
         positions = t[:, None].expand(B, R)
         cos, sin = model.rope(positions)
         kv_len = int(t.max()) + 1
-        global_mask = causal_mask(positions, torch.arange(kv_len, device=self.device))[:, None]
+        # every row of a step attends to the same global slots 0..t: with one length in the
+        # batch that is the whole slice, and SDPA runs without a mask
+        global_mask = None if bool((t == t[0]).all()) else \
+            causal_mask(positions, torch.arange(kv_len, device=self.device))[:, None]
         batch_index = torch.arange(B, device=self.device)
         plain_rows = 1 if first_loop == 1 else 0  # loop 1's row: causal attention only
         ring_loops = torch.arange(first_loop + plain_rows, first_loop + R, device=self.device)
@@ -227,24 +230,22 @@ class TorchBackend(Backend):
             global_k, global_v = caches.global_kv[i]
 
             def attention(q, k, v, x_res):
-                outputs = []
                 if plain_rows:  # loop 1 writes slot t before any row reads the global cache
                     global_k[batch_index, :, t] = k[:, :, 0]
                     global_v[batch_index, :, t] = v[:, :, 0]
-                global_kv = (global_k[:, :, :kv_len], global_v[:, :, :kv_len])
-                if plain_rows:
-                    outputs.append(attend(q[:, :, :1], *global_kv, global_mask[:, :, :1])[0])
-                if len(ring_loops):
-                    q, k, v, x_res = (q[:, :, plain_rows:], k[:, :, plain_rows:],
-                                      v[:, :, plain_rows:], x_res[:, plain_rows:])
-                    ring_k, ring_v = caches.ring_kv[i]
-                    ring_k[batch_index[:, None], :, write_slots] = k.transpose(1, 2)
-                    ring_v[batch_index[:, None], :, write_slots] = v.transpose(1, 2)
-                    y, _ = gated_swa(q, global_kv, global_mask[:, :, plain_rows:],
-                                     (ring_k[:, :, ring], ring_v[:, :, ring]), local_mask,
-                                     model.gate(i)(x_res, q))
-                    outputs.append(y)
-                return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+                # one call for every row's global branch (loop 1's row uses only that)
+                y = attend(q, global_k[:, :, :kv_len], global_v[:, :, :kv_len], global_mask)[0]
+                if not len(ring_loops):
+                    return y
+                rows = slice(plain_rows, R)
+                ring_k, ring_v = caches.ring_kv[i]
+                ring_k[batch_index[:, None], :, write_slots] = k[:, :, rows].transpose(1, 2)
+                ring_v[batch_index[:, None], :, write_slots] = v[:, :, rows].transpose(1, 2)
+                y_local = attend(q[:, :, rows], ring_k[:, :, ring], ring_v[:, :, ring],
+                                 local_mask)[0]
+                gate = model.gate(i)(x_res[:, rows], q[:, :, rows])
+                return torch.cat([y[:, :, :plain_rows], gate_mix(y[:, :, rows], y_local, gate)],
+                                 dim=2)
 
             return attention
 
