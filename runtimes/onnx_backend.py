@@ -15,7 +15,6 @@ Imports neither torch nor onnx (the export on first use needs onnx).
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -53,12 +52,7 @@ def resolve_export(model_dir: str, loops: int | None, dtype: str | None, device:
     elif quant is not None:
         raise BackendError(f"{model_dir} is already an ONNX export; quantize from the PyTorch "
                            f"model directory")
-    check_export(model_dir, BackendError)
-    try:
-        with open(os.path.join(model_dir, MANIFEST), encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BackendError(f"{model_dir}: unreadable {MANIFEST} ({exc}); export again") from None
+    manifest = check_export(model_dir, BackendError)
     for name, asked in (("loops", loops), ("dtype", dtype)):
         if asked is not None and asked != manifest[name]:
             raise BackendError(f"{model_dir} was exported with {name}={manifest[name]}, "
