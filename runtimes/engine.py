@@ -37,7 +37,7 @@ from plt_port.errors import PLTError
 
 from .base import Backend, DecodeState
 from .generate import SequenceText, check_request
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, log_softmax
 
 log = logging.getLogger("plt_port.engine")
 
@@ -114,8 +114,7 @@ def allocated_positions(backend: Backend, positions: int) -> int:
 
 def token_logprobs(logits: np.ndarray, token: int, k: int) -> TokenLogprobs:
     """Log-probabilities under the model's own distribution (before any sampling filter)."""
-    shifted = logits.astype(np.float64) - logits.max()
-    logprobs = shifted - np.log(np.exp(shifted).sum())
+    logprobs = log_softmax(logits)
     top = np.argsort(-logprobs, kind="stable")[:k]
     return TokenLogprobs(float(logprobs[token]), [(int(t), float(logprobs[t])) for t in top])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import BackendError, load_backend
+from .sampling import log_softmax
 
 VARIANTS = {
     "mlx": {"bf16": dict(dtype="bfloat16"), "fp16": dict(dtype="float16"),
@@ -19,11 +20,6 @@ VARIANTS = {
 }
 GROUP_SIZE_OPTION = {"mlx": "group_size", "onnx": "block_size"}
 DEFAULT_GROUP_SIZE = {"mlx": 64, "onnx": 32}
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
 def variant_options(backend: str, name: str, group_size: int | None = None) -> dict:
@@ -57,12 +53,12 @@ def agreement(model_dir: str, prompt: list[int], steps: int = 64, loops: int | N
 
     reference = load_backend(backend, model_dir, loops=loops, dtype="float32")
     ref_tokens, ref_logits = run(reference)
-    ref_logp = _log_softmax(ref_logits.astype(np.float64))
+    ref_logp = log_softmax(ref_logits)
     results = {}
     for name in variants:
         variant = load_backend(backend, model_dir, loops=loops, **options[name])
         tokens, logits = run(variant, forced=ref_tokens)
-        logp = _log_softmax(logits.astype(np.float64))
+        logp = log_softmax(logits)
         free_tokens, _ = run(variant)
         prefix = next((i for i, (a, b) in enumerate(zip(free_tokens, ref_tokens)) if a != b),
                       steps)

@@ -89,6 +89,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, in float64 (exact differences, e.g. for KL)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
 def apply_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
     """Keep the most probable tokens whose mass reaches `top_p` (the one crossing it included)."""
     if top_p >= 1.0:
