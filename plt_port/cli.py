@@ -30,6 +30,12 @@ COMMANDS = {
 }
 
 
+def check_port(port: int) -> None:
+    """A TCP port to listen on (the commands that serve: demo, serve)."""
+    if port > 65535:
+        raise PLTError(f"--port must be at most 65535, got {port}")
+
+
 def positive_int(text: str) -> int:
     """argparse type of counts and sizes: an integer >= 1 (a bad value is a usage error)."""
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from plt_port.commands.generate import DTYPE_HELP, DTYPES
+from plt_port.cli import check_port
 from plt_port.errors import PLTError
 
 NO_MODELS = ("no models to serve: the embedded model family is not in this installation "
@@ -55,8 +56,7 @@ def run(args):
         if getattr(args, name) < 1:
             raise PLTError(f"--{name.replace('_', '-')} must be at least 1, "
                            f"got {getattr(args, name)}")
-    if args.port > 65535:
-        raise PLTError(f"--port must be at most 65535, got {args.port}")
+    check_port(args.port)
     model_dirs = args.model or family_dirs()
     if not model_dirs:
         raise PLTError(NO_MODELS)

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from plt_port.cli import positive_int
+from plt_port.cli import check_port, positive_int
 from plt_port.commands.generate import add_backend_arguments, backend_options
 from plt_port.errors import PLTError
 
@@ -100,8 +100,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def run(args):
-    if args.port > 65535:
-        raise PLTError(f"--port must be at most 65535, got {args.port}")
+    check_port(args.port)
     if args.model is None:
         from plt_port.family import default_model_dir
 
