@@ -18,7 +18,7 @@ from plt_port.config import MAX_LOOPS, PLTConfig  # noqa: E402
 from plt_port.errors import PLTError  # noqa: E402
 from plt_port.family import CHAINS_EXAMPLES_JSON, display_names  # noqa: E402
 from plt_port.tasks import answer_of  # noqa: E402
-from runtimes.base import DECODE_MODES  # noqa: E402
+from runtimes.backends.base import DECODE_MODES  # noqa: E402
 
 from .engine import (BACKEND_LABELS, MAX_COLUMNS, BackendPool, ColumnSpec,  # noqa: E402
                      ColumnView, Comparison, DemoInputError, Limits, answer_note, as_int,
@@ -61,7 +61,7 @@ def backend_reasons(backends: dict[str, str | None] | None = None) -> dict[str, 
     """{backend: None if it runs here, else why not (with the install hint)}."""
     if backends is not None:
         return dict(backends)
-    from runtimes import BACKENDS, backend_unavailable_reason
+    from runtimes.backends import BACKENDS, backend_unavailable_reason
 
     return {name: backend_unavailable_reason(name) for name in BACKENDS}
 

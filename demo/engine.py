@@ -28,7 +28,7 @@ from plt_port.config import MAX_LOOPS, PLTConfig
 from plt_port.errors import PLTError
 from plt_port.memory import FP32, available_memory_bytes
 from plt_port.tokenizer import Tokenizer
-from runtimes.base import DECODE_MODES
+from runtimes.backends.base import DECODE_MODES
 
 log = logging.getLogger("plt_port.demo")
 
@@ -169,7 +169,7 @@ class BackendPool:
         options = self._options.get(backend, {})
         if self._loader is not None:
             return self._loader(backend, model_dir, loops=loops, **options)
-        from runtimes import load_backend
+        from runtimes.backends import load_backend
 
         return load_backend(backend, model_dir, loops=loops, **options)
 

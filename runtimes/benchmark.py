@@ -30,7 +30,7 @@ from plt_port.random_model import PRESETS, RANDOM_BASE, save_random_model
 from plt_port.files import parse_json
 from plt_port.memory import FP32, check_fits
 
-from . import load_backend
+from .backends import load_backend
 
 class BenchError(PLTError, ValueError):
     """A bench request that cannot run."""

@@ -35,7 +35,7 @@ import numpy as np
 from plt_port import cache_layout
 from plt_port.errors import PLTError
 
-from .base import Backend, DecodeState
+from .backends.base import Backend, DecodeState
 from .generate import SequenceText, check_request
 from .sampling import Sampler, SamplingParams, log_softmax
 

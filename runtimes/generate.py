@@ -17,7 +17,7 @@ import numpy as np
 from plt_port.errors import PLTError
 from plt_port.memory import FP32, check_fits
 
-from .base import Backend
+from .backends.base import Backend
 from .sampling import Sampler, SamplingParams, resolve_sampling
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import BackendError, load_backend
+from .backends import BackendError, load_backend
 from .sampling import log_softmax
 
 VARIANTS = {

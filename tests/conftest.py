@@ -14,7 +14,7 @@ import pytest
 
 from plt_port.config import PLTConfig
 from plt_port.random_model import save_random_model
-from runtimes.base import Backend
+from runtimes.backends.base import Backend
 
 # Loud on purpose: rms_norm_eps away from the ops' default 1e-5 and weights of std 0.1 (not
 # 0.02, where attention is nearly uniform), so that the loop count, the gate, the window and

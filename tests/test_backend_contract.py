@@ -1,4 +1,4 @@
-"""The backend contract (runtimes/base.py), tested once for every backend against the
+"""The backend contract (runtimes/backends/base.py), tested once for every backend against the
 reference full forward of plt_port/model.py: prefill and decode, chunking, growth past the
 allocated capacity, batches of different lengths, clp == naive, writing and freeing slots of a
 running batch, cache bytes and input errors.
@@ -14,7 +14,7 @@ import pytest
 
 from conftest import assert_error_fits_precision, greedy_run, random_prompts, reference_logits
 from plt_port.cache_layout import grown_capacity
-from runtimes import BACKENDS, BackendError, backend_unavailable_reason, load_backend
+from runtimes.backends import BACKENDS, BackendError, backend_unavailable_reason, load_backend
 
 TOL = 1e-4  # fp32 parity between backends and the reference
 

@@ -6,7 +6,7 @@ import pytest
 
 from plt_port import checkpoint, family
 from plt_port.tokenizer import Tokenizer
-from runtimes import BACKENDS, BackendError, backend_unavailable_reason, load_backend
+from runtimes.backends import BACKENDS, BackendError, backend_unavailable_reason, load_backend
 from runtimes.generate import GenerateError, generate
 
 

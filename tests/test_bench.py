@@ -7,10 +7,10 @@ import json
 import pytest
 
 from plt_port.checkpoint import load_tensors
-from plt_port.cli import main
+from plt_port.app.cli import main
 from plt_port.config import PLTConfig
 from plt_port.random_model import PRESETS
-from runtimes import load_backend
+from runtimes.backends import load_backend
 from runtimes.benchmark import (BenchError, BenchSettings, parameter_count, random_config,
                                 random_model_dir, run_bench)
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from plt_port.cli import main
+from plt_port.app.cli import main
 from plt_port.tokenizer import Tokenizer
 
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from plt_port.cli import main
+from plt_port.app.cli import main
 from plt_port.tokenizer import Tokenizer
-from runtimes import load_backend
+from runtimes.backends import load_backend
 from runtimes.generate import generate
 from runtimes.sampling import SamplingParams
 

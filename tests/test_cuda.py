@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_error_fits_precision, greedy_run, random_prompts, reference_logits
-from runtimes import backend_unavailable_reason, load_backend
+from runtimes.backends import backend_unavailable_reason, load_backend
 
 TOL = 1e-4
 pytestmark = pytest.mark.accelerator

@@ -363,8 +363,8 @@ def test_loop_analysis_shows_the_diagnostics_figures(make_model, monkeypatch):
 
 # ---- the command ---------------------------------------------------------------------------------
 def test_demo_command_defaults_and_missing_models(monkeypatch, capsys):
-    from plt_port import cli
-    from plt_port.commands import demo as demo_command
+    from plt_port.app import cli
+    from plt_port.app.commands import demo as demo_command
 
     args = cli.build_parser("demo").parse_args(["demo"])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 7860, None)
@@ -396,7 +396,7 @@ def test_demo_command_serves_the_page_on_loopback(make_model, tmp_path):
     port = free_port()
     log_path = tmp_path / "demo.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "plt_port.cli", "demo", "--model",
+        server = subprocess.Popen([sys.executable, "-m", "plt_port.app.cli", "demo", "--model",
                                    make_model("plt"), "--port", str(port)],
                                   stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "PLT_PORT_CACHE": str(tmp_path / "cache")})

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from plt_port import checkpoint, diagnostics
-from plt_port.cli import main
+from plt_port.app.cli import main
 from plt_port.config import ConfigError, PLTConfig
 from plt_port.model import PLTForCausalLM
 from plt_port.tokenizer import Tokenizer

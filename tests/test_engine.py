@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ConstantBackend, greedy_run, random_prompts, requires
 from plt_port.tokenizer import Tokenizer
-from runtimes import load_backend
+from runtimes.backends import load_backend
 from runtimes.engine import (BatchEngine, EngineClosedError, QueueFullError, Request,
                              RunningBatch, RunningSequence, TokenEvent, batch_width)
 from runtimes.generate import SequenceText
@@ -127,7 +127,7 @@ def test_an_mlx_engine_exits_cleanly(make_model):
     script = f"""
 import queue
 from plt_port.tokenizer import Tokenizer
-from runtimes import load_backend
+from runtimes.backends import load_backend
 from runtimes.engine import BatchEngine, Request
 model_dir = {make_model()!r}
 engine = BatchEngine(lambda loops: load_backend("mlx", model_dir, loops=loops),

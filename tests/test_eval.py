@@ -75,7 +75,7 @@ def test_unigram_baseline_matches_counting(tokenizer_dir, monkeypatch):
 
 
 def test_eval_command_prints_a_table_and_writes_json(make_model, tmp_path, capsys):
-    from plt_port.cli import main
+    from plt_port.app.cli import main
 
     model_dir = make_model()
     out = tmp_path / "rows.json"
@@ -122,7 +122,7 @@ def test_embedded_family_is_complete_small_fp16_and_consistent():
 
 @pytest.mark.parametrize("backend", ["torch", "mlx", "onnx"])
 def test_default_model_runs_on_every_runtime(backend, monkeypatch, tmp_path):
-    from runtimes import backend_unavailable_reason, load_backend
+    from runtimes.backends import backend_unavailable_reason, load_backend
     from runtimes.generate import generate
 
     if backend_unavailable_reason(backend):
@@ -139,7 +139,7 @@ def test_default_model_runs_on_every_runtime(backend, monkeypatch, tmp_path):
 
 
 def test_default_model_beats_the_unigram_baseline_and_writes_python_shaped_text():
-    from runtimes import load_backend
+    from runtimes.backends import load_backend
     from runtimes.generate import generate
     from runtimes.sampling import SamplingParams
 

@@ -25,7 +25,7 @@ TEXT = "x = '🐍中文é'  # ✓\n\tdone\n<|im_end|> ok"
 
 def cli(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run([sys.executable, "-m", "plt_port.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "plt_port.app.cli", *args], capture_output=True,
                           env=env, cwd=cwd, timeout=300)
 
 
@@ -89,7 +89,7 @@ def test_tokenizer_json_model_and_generation_config_eos_through_cli(make_model, 
     write_fast_tokenizer(model_dir, vocab_size=400)
     prompt = "def f(x):\n    "
     tok = Tokenizer.from_dir(model_dir)
-    from runtimes import load_backend
+    from runtimes.backends import load_backend
     from runtimes.generate import generate
 
     _, last = generate(load_backend("torch", model_dir), tok, prompt, max_new_tokens=1)
@@ -109,7 +109,7 @@ def test_tokenizer_json_model_and_generation_config_eos_through_cli(make_model, 
 
 # ---- mlx-lm quantized checkpoints and stock mlx-lm -----------------------------------------
 def greedy_plt_port(model_dir, prompt, steps):
-    from runtimes.mlx_backend import MLXBackend
+    from runtimes.backends.mlx_backend import MLXBackend
 
     backend = MLXBackend(str(model_dir))
     state, logits = backend.prefill([prompt], len(prompt) + steps)
@@ -205,7 +205,7 @@ def test_mis_shaped_quantized_tensor_is_one_error(make_model, tmp_path):
 
     from exporters.mlx_export import export
     from plt_port.checkpoint import CheckpointError
-    from runtimes.mlx_backend import MLXBackend
+    from runtimes.backends.mlx_backend import MLXBackend
 
     out = export(make_model("plt"), tmp_path / "q", quantize=4, group_size=32)
     path = os.path.join(out, "model.safetensors")

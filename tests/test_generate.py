@@ -7,7 +7,7 @@ import pytest
 
 from conftest import CachelessBackend, reference_greedy
 from plt_port.tokenizer import Tokenizer
-from runtimes import load_backend
+from runtimes.backends import load_backend
 from runtimes.generate import GenerateError, StopMatcher, generate, stream_generate
 from runtimes.sampling import (Sampler, SamplingError, SamplingParams, apply_min_p,
                                apply_repetition_penalty, apply_top_k, apply_top_p, softmax)

@@ -17,7 +17,7 @@ import pytest
 from conftest import requires, tiny_config
 from plt_port import atomic, checkpoint, memory
 from plt_port.checkpoint import CheckpointError, load_tensors
-from plt_port.cli import main
+from plt_port.app.cli import main
 from plt_port.config import ConfigError, PLTConfig
 from plt_port.errors import PLTError
 from plt_port.tokenizer import Tokenizer, TokenizerError
@@ -290,7 +290,7 @@ def test_undecodable_prompt_bytes_are_a_clean_error(make_model, capsys):
 
 
 def test_undecodable_stdin_is_a_clean_error(make_model):
-    result = subprocess.run([sys.executable, "-m", "plt_port.cli", "generate", "--model",
+    result = subprocess.run([sys.executable, "-m", "plt_port.app.cli", "generate", "--model",
                              make_model(), "-"], input=b"\xff\xfe def", capture_output=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert result.returncode == 1
@@ -310,7 +310,7 @@ def test_undecodable_stdin_is_a_clean_error(make_model):
 ])
 def test_damaged_onnx_exports_are_named(make_model, tmp_path, damage, message):
     from exporters.onnx_export import ExportError, check_export, export
-    from runtimes import BackendError, load_backend
+    from runtimes.backends import BackendError, load_backend
 
     out = export(make_model(), tmp_path / "export")
     manifest_path = os.path.join(out, "plt_onnx.json")
@@ -347,7 +347,7 @@ def test_damaged_onnx_exports_are_named(make_model, tmp_path, damage, message):
 @requires("onnxruntime")
 def test_onnx_provider_is_checked_before_exporting(make_model):
     from exporters.export_store import export_root
-    from runtimes import BackendError, load_backend
+    from runtimes.backends import BackendError, load_backend
 
     exports = os.path.join(export_root(), "exports", "onnx")
     before = sorted(os.listdir(exports)) if os.path.isdir(exports) else []

@@ -16,17 +16,18 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("plt_port", "metal_kernels", "runtimes", "exporters", "demo")
-APP_MODULES = ("plt_port.cli", "plt_port.commands", "plt_port.server")
+APP_MODULES = ("plt_port.app",)
 
-# (layer, module prefixes): the longest matching prefix decides; lower layers may not import
-# higher ones.
+# (layer, name, module prefixes): the longest matching prefix decides; lower layers may not
+# import higher ones. Each prefix is one folder (README, "Layers").
 LAYERS = [
-    (0, ("plt_port",)),
-    (1, ("metal_kernels",)),
-    (2, ("runtimes.mlx_model", "runtimes.vllm_model")),
-    (3, ("exporters",)),
-    (4, ("runtimes",)),
-    (5, APP_MODULES + ("demo",)),
+    (0, "core", ("plt_port",)),
+    (1, "kernels", ("metal_kernels",)),
+    (2, "framework models", ("runtimes.models",)),
+    (3, "exporters", ("exporters",)),
+    (4, "backends", ("runtimes.backends",)),
+    (5, "engine", ("runtimes",)),
+    (6, "app", APP_MODULES + ("demo",)),
 ]
 # The MLX export converts tensors itself: the exporters never import the backends' package.
 FORBIDDEN_PACKAGE_IMPORTS = {("exporters", "runtimes")}
@@ -50,7 +51,7 @@ MODULES = project_modules()
 
 
 def layer_of(module: str) -> int:
-    matches = [(len(prefix), layer) for layer, prefixes in LAYERS for prefix in prefixes
+    matches = [(len(prefix), layer) for layer, _, prefixes in LAYERS for prefix in prefixes
                if module == prefix or module.startswith(prefix + ".")]
     return max(matches)[1]
 
@@ -79,7 +80,7 @@ def _project_module(name: str) -> str | None:
 
 
 def _string_imports(tree: ast.AST) -> set[str]:
-    """Module names in strings: "runtimes.torch_backend", and f"plt_port.commands.{name}"
+    """Module names in strings: "runtimes.backends.torch_backend", and f"plt_port.app.commands.{name}"
     (every module of that package)."""
     found = set()
     for node in ast.walk(tree):
@@ -153,19 +154,57 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_walk_sees_every_kind_of_import():
-    assert ("plt_port.config", True) in IMPORTS["runtimes.mlx_model"]
-    assert ("runtimes.torch_backend", False) in IMPORTS["runtimes"]       # importlib by string
-    assert ("plt_port.commands.generate", False) in IMPORTS["plt_port.cli"]  # f-string
+    assert ("plt_port.config", True) in IMPORTS["runtimes.models.mlx_model"]
+    assert ("runtimes.backends.torch_backend", False) in IMPORTS["runtimes.backends"]  # importlib
+    assert ("plt_port.app.commands.generate", False) in IMPORTS["plt_port.app.cli"]  # f-string
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def upward_imports(imports: dict[str, list[tuple[str, bool]]]) -> list[str]:
+    return sorted(f"{module} (layer {layer_of(module)}) imports {target} "
+                  f"(layer {layer_of(target)})"
+                  for module, found in imports.items() for target, _ in found
+                  if layer_of(target) > layer_of(module))
+
+
 def test_no_module_imports_a_higher_layer():
-    upward = sorted(f"{module} (layer {layer_of(module)}) imports {target} "
-                    f"(layer {layer_of(target)})"
-                    for module, imports in IMPORTS.items() for target, _ in imports
-                    if layer_of(target) > layer_of(module))
+    upward = upward_imports(IMPORTS)
     assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+@pytest.mark.parametrize("importer, imported", [
+    ("runtimes.backends.torch_backend", "runtimes.engine"),     # a backend using the engine
+    ("runtimes.models.mlx_model", "runtimes.backends.base"),    # a model file using a backend
+    ("runtimes.engine", "plt_port.app.server"),                 # the engine using the app
+    ("exporters.onnx_export", "runtimes.backends.onnx_backend"),
+    ("plt_port.tokenizer", "runtimes.sampling"),
+])
+def test_a_planted_upward_import_is_caught(importer, imported):
+    planted = {**IMPORTS, importer: IMPORTS[importer] + [(imported, False)]}
+    assert upward_imports(planted) == [f"{importer} (layer {layer_of(importer)}) imports "
+                                       f"{imported} (layer {layer_of(imported)})"]
+
+
+def project_folders() -> set[str]:
+    """Every folder of the project's packages that holds a module, as a dotted name."""
+    return {module if path.endswith("__init__.py") else module.rpartition(".")[0]
+            for module, path in MODULES.items()}
+
+
+def test_every_folder_is_one_layer_and_the_readme_table_says_so():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    table = readme[readme.index("## Layers"):].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == \
+        [f"{layer} {name}" for layer, name, _ in LAYERS]
+    for (layer, _, prefixes), row in zip(LAYERS, rows):
+        folders = row.split("|")[2]
+        for prefix in prefixes:
+            assert f"`{prefix.replace('.', '/')}/`" in folders, (layer, prefix)
+    layer_roots = {prefix for _, _, prefixes in LAYERS for prefix in prefixes}
+    assert layer_roots <= project_folders()
 
 
 def test_no_module_level_import_cycle():

@@ -349,11 +349,11 @@ def test_metal_kernel_matches_ops_on_gpu(name):
 def test_mlx_backend_decodes_the_same_through_the_emulated_kernel(make_model, monkeypatch):
     """The MLX backend's decode with G-SWA routed through the emulated kernel gives the
     logits of its composed-ops path: real cache layouts, 3 loops, rings that wrap."""
-    from runtimes import backend_unavailable_reason, load_backend
+    from runtimes.backends import backend_unavailable_reason, load_backend
 
     if backend_unavailable_reason("mlx"):
         pytest.skip(backend_unavailable_reason("mlx"))
-    from runtimes import mlx_model  # the module whose gswa_decode the model calls
+    from runtimes.models import mlx_model  # the module whose gswa_decode the model calls
 
     model_dir = make_model(plt_num_loops=3)
     prompts = [[5, 9, 23, 7, 41, 3], [8, 2]]

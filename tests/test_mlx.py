@@ -33,7 +33,7 @@ def export_cache(tmp_path, monkeypatch):
 def test_full_forward_matches_pytorch(make_model):
     import mlx.core as mx
 
-    from runtimes.mlx_backend import load_model
+    from runtimes.backends.mlx_backend import load_model
     from exporters.mlx_export import export
 
     path = make_model("plt", plt_num_loops=3)
@@ -45,7 +45,7 @@ def test_full_forward_matches_pytorch(make_model):
 
 
 def test_clp_naive_compiled_and_eager_agree_and_cache_grows_past_capacity(make_model):
-    from runtimes.mlx_backend import MLXBackend
+    from runtimes.backends.mlx_backend import MLXBackend
 
     backend = MLXBackend(make_model("plt", plt_num_loops=3))
     prompts = random_prompts([6, 3], seed=4)
@@ -69,7 +69,7 @@ def test_clp_naive_compiled_and_eager_agree_and_cache_grows_past_capacity(make_m
 def assert_64_greedy_tokens_identical(model_dir, prompt, loops=None):
     """MLX's 64 greedy tokens are PyTorch's: each is the argmax of the reference logits after
     the tokens before it (so a PyTorch greedy run would pick the same sequence)."""
-    from runtimes.mlx_backend import MLXBackend
+    from runtimes.backends.mlx_backend import MLXBackend
 
     sequences, _, _ = greedy_run(MLXBackend(model_dir, loops=loops), [prompt], 64)
     generated = sequences[0][len(prompt):]
@@ -117,7 +117,7 @@ def test_quantized_export_matches_pytorch_on_dequantized_weights(make_model, tmp
     from exporters.mlx_export import export
     from plt_port.config import PLTConfig
     from plt_port.model import PLTForCausalLM
-    from runtimes.mlx_backend import MLXBackend
+    from runtimes.backends.mlx_backend import MLXBackend
 
     path = make_model("plt", tie_word_embeddings=True)
     out = export(path, tmp_path / f"q{bits}", quantize=bits, group_size=32)
@@ -147,7 +147,7 @@ def test_export_bfloat16_stores_bfloat16(make_model, tmp_path):
     import mlx.core as mx
 
     from exporters.mlx_export import export
-    from runtimes.mlx_backend import MLXBackend
+    from runtimes.backends.mlx_backend import MLXBackend
 
     out = export(make_model("v1"), tmp_path / "bf16", dtype="bfloat16")
     assert mx.load(os.path.join(out, "model.safetensors"))["model.norm.weight"].dtype == mx.bfloat16
@@ -156,7 +156,7 @@ def test_export_bfloat16_stores_bfloat16(make_model, tmp_path):
 
 def test_export_cli_and_bad_options(make_model, tmp_path, capsys):
     from exporters.mlx_export import ExportError, export
-    from plt_port.cli import main
+    from plt_port.app.cli import main
 
     path = make_model("plt")
     out = tmp_path / "cli-out"
@@ -192,8 +192,8 @@ def test_failed_export_leaves_target_untouched(make_model, tmp_path):
 
 # ---- backend surface ---------------------------------------------------------------------
 def test_backend_errors(make_model):
-    from runtimes import load_backend
-    from runtimes.base import BackendError
+    from runtimes.backends import load_backend
+    from runtimes.backends.base import BackendError
 
     import mlx.core as mx
 
@@ -218,7 +218,7 @@ def test_backend_imports_and_runs_without_torch(make_model):
     path = make_model("plt")
     code = (
         "import sys\n"
-        "from runtimes.mlx_backend import MLXBackend\n"
+        "from runtimes.backends.mlx_backend import MLXBackend\n"
         "import numpy as np\n"
         f"b = MLXBackend({path!r}, loops=3)\n"
         "state, logits = b.prefill([[1, 2, 3]], 8)\n"
@@ -233,7 +233,7 @@ def test_backend_imports_and_runs_without_torch(make_model):
 def test_generate_api_runs_mlx(make_model, tokenizer_dir):
     generate = pytest.importorskip("runtimes.generate")
     from plt_port.tokenizer import Tokenizer
-    from runtimes.mlx_backend import MLXBackend
+    from runtimes.backends.mlx_backend import MLXBackend
 
     path = make_model("plt")
     backend = MLXBackend(path)
@@ -256,7 +256,7 @@ def metal_available() -> bool:
                     reason="the Metal G-SWA kernel needs an Apple GPU (mx.metal.is_available() "
                            "is False here)")
 def test_metal_kernel_matches_composed_ops(make_model):
-    from runtimes.mlx_backend import MLXBackend
+    from runtimes.backends.mlx_backend import MLXBackend
 
     path = make_model("plt", plt_num_loops=3)
     prompts = random_prompts([21, 13], seed=8)

@@ -25,7 +25,7 @@ import onnx  # noqa: E402
 from exporters.onnx_export import ExportError, export, quantization  # noqa: E402
 from conftest import random_prompts, reference_logits  # noqa: E402
 from plt_port import family as models  # noqa: E402
-from runtimes import BackendError, load_backend  # noqa: E402
+from runtimes.backends import BackendError, load_backend  # noqa: E402
 
 TOL = 1e-4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +133,7 @@ def test_export_errors(make_model, tmp_path):
 
 
 def test_cli_export(make_model, tmp_path):
-    from plt_port.cli import main
+    from plt_port.app.cli import main
 
     assert main(["export", "onnx", make_model("plt"), str(tmp_path / "cli"), "--loops", "1"]) == 0
     manifest = json.load(open(tmp_path / "cli" / "plt_onnx.json"))
@@ -217,7 +217,7 @@ def test_export_and_run_without_torch(make_model, tmp_path):
     # the base dependencies (numpy, safetensors, sentencepiece, tqdm) are always there
     run_blocked(("torch", "transformers", "mlx", "onnx"), f"""
         import numpy as np
-        from runtimes import load_backend
+        from runtimes.backends import load_backend
         backend = load_backend("onnx", {out!r})
         state, logits = backend.prefill([[5, 6, 7, 8], [9, 10]], 16)
         logits = backend.step(state, np.array([9, 11]), "clp")
@@ -240,8 +240,8 @@ def test_weights_held_once_in_process_memory(tmp_path):
     out = export(model_dir, tmp_path / "mid-onnx")
     script = textwrap.dedent(f"""
         import numpy as np
-        import runtimes.onnx_backend  # the library's own code pages are not weights
-        from runtimes import load_backend
+        import runtimes.backends.onnx_backend  # the library's own code pages are not weights
+        from runtimes.backends import load_backend
         def rss():
             return int(open("/proc/self/statm").read().split()[1]) * 4096
         before = rss()

@@ -62,7 +62,7 @@ def save_bf16_sharded(out_dir, config: PLTConfig, seed: int = 0) -> str:
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_real_widths_decode_the_reference_tokens_on_every_backend(tmp_path, fmt):
     from plt_port.tokenizer import Tokenizer
-    from runtimes import load_backend
+    from runtimes.backends import load_backend
 
     config = PLTConfig(**REAL, **FORMATS[fmt])
     model_dir = save_bf16_sharded(tmp_path / fmt, config)

@@ -53,7 +53,7 @@ class Running:
     def __init__(self, engine, app):
         import openai
 
-        from plt_port.commands.serve import start_in_thread
+        from plt_port.app.commands.serve import start_in_thread
 
         self.engine = engine
         self.server, self.thread, self.url = start_in_thread(app)
@@ -73,7 +73,7 @@ class Running:
 
 
 def serve(model_dir, backend="torch", **options) -> Running:
-    from plt_port.commands.serve import open_server
+    from plt_port.app.commands.serve import open_server
 
     return Running(*open_server(model_dir, backend, **options))
 
@@ -91,7 +91,7 @@ def running_count(server) -> float:
 
 
 def cli_generate(capsys, *args) -> str:
-    from plt_port.cli import main
+    from plt_port.app.cli import main
 
     assert main(["generate", *args]) == 0
     return capsys.readouterr().out.removesuffix("\n")
@@ -265,7 +265,7 @@ def concurrent_texts(client, requests: list[dict]) -> list[str]:
 def test_16_concurrent_streams_each_get_their_text_alone(backend):
     """Greedy and seeded sampling, two loop counts (two batches), prompts of different
     lengths, answers of different lengths: joined and left at different steps."""
-    from runtimes import backend_unavailable_reason
+    from runtimes.backends import backend_unavailable_reason
 
     if backend_unavailable_reason(backend):
         pytest.skip(backend_unavailable_reason(backend))
@@ -286,7 +286,7 @@ def test_a_full_queue_gets_429(make_model):
     """One running sequence, one waiting: the next request is turned away."""
     import openai
 
-    from plt_port.server import create_app
+    from plt_port.app.server import create_app
     from plt_port.tokenizer import Tokenizer
     from runtimes.engine import BatchEngine
 
@@ -320,7 +320,7 @@ def test_a_full_queue_gets_429(make_model):
 def test_an_internal_error_is_a_500_without_traceback(make_model):
     import openai
 
-    from plt_port.server import create_app
+    from plt_port.app.server import create_app
     from plt_port.tokenizer import Tokenizer
     from runtimes.engine import BatchEngine
 
@@ -349,10 +349,10 @@ def test_an_internal_error_is_a_500_without_traceback(make_model):
 def test_plt_port_serve_starts_prints_its_url_and_stops_on_ctrl_c():
     import httpx
 
-    from plt_port.commands.serve import free_port
+    from plt_port.app.commands.serve import free_port
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "plt_port.cli", "serve", "--port",
+    process = subprocess.Popen([sys.executable, "-m", "plt_port.app.cli", "serve", "--port",
                                 str(port), "--threads", "1"], cwd=ROOT, stderr=subprocess.PIPE,
                                text=True, env=os.environ | {"PYTHONPATH": ROOT})
     try:

@@ -56,7 +56,7 @@ def test_tensors_arrive_in_their_stored_precision(bf16_model):
 
 def test_default_run_precision_is_the_stored_one(bf16_model, make_model):
     from plt_port.model import run_dtype
-    from runtimes import load_backend
+    from runtimes.backends import load_backend
 
     assert run_dtype("bfloat16") == "bfloat16" and run_dtype("float32") == "float32"
     assert run_dtype("float16", "cpu") == "float32"   # torch's CPU fp16 matmuls are slow
@@ -70,8 +70,8 @@ def test_default_run_precision_is_the_stored_one(bf16_model, make_model):
 def test_torch_load_holds_one_copy(bf16_model):
     warm_up = """
         import torch
-        import runtimes.torch_backend
-        from runtimes import load_backend
+        import runtimes.backends.torch_backend
+        from runtimes.backends import load_backend
         with torch.device("meta"):  # the first nn.Embedding sets up ~70 MB of torch itself
             torch.nn.Embedding(8, 8)
     """

@@ -138,7 +138,7 @@ def test_chain_accuracy_counts_a_program_right_only_when_every_answer_token_is(m
 
 
 def test_eval_command_task_chains_writes_rows_per_loop_and_depth(make_model, tmp_path, capsys):
-    from plt_port.cli import main
+    from plt_port.app.cli import main
 
     model_dir = make_model()
     out = tmp_path / "rows.json"
@@ -152,7 +152,7 @@ def test_eval_command_task_chains_writes_rows_per_loop_and_depth(make_model, tmp
 
 
 def test_train_on_the_chains_corpus(tmp_path):
-    from plt_port.cli import main
+    from plt_port.app.cli import main
 
     args = ["train", "--out", str(tmp_path), "--corpus", "chains", "--loops", "2",
             "--vocab-size", "320", "--hidden-size", "32", "--num-hidden-layers", "2",

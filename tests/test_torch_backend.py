@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from plt_port.config import ConfigError
-from runtimes import BackendError
-from runtimes.torch_backend import TorchBackend
+from runtimes.backends import BackendError
+from runtimes.backends.torch_backend import TorchBackend
 
 TOL = 1e-4
 

@@ -93,8 +93,8 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tokenizer_dir):
 
 
 def run_cli(args, env=None, launcher=()):
-    cmd = [*launcher, "-m", "plt_port.cli", "train", *args] if launcher else \
-        [sys.executable, "-m", "plt_port.cli", "train", *args]
+    cmd = [*launcher, "-m", "plt_port.app.cli", "train", *args] if launcher else \
+        [sys.executable, "-m", "plt_port.app.cli", "train", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})},
                           cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -122,7 +122,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, tokenizer_dir):
 
 
 def test_cli_rejects_bad_loop_counts(tmp_path, capsys):
-    from plt_port.cli import main
+    from plt_port.app.cli import main
 
     assert main(["train", "--out", str(tmp_path), "--loops", "0"]) == 1
     assert "--loops" in capsys.readouterr().err

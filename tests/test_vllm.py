@@ -1,4 +1,4 @@
-"""The vLLM plugin (`runtimes.vllm_plugin`, `runtimes.vllm_model`) against the reference model.
+"""The vLLM plugin (`runtimes.models.vllm_plugin`, `runtimes.models.vllm_model`) against the reference model.
 
 Needs vLLM, which cannot share the project's environment: `make test-vllm` builds its own
 (.venv-vllm) and runs this file; elsewhere it is skipped. Each engine runs in its own process
@@ -113,8 +113,8 @@ def test_rope_scaling_is_refused_as_plt_port_refuses_it(tmp_path, rope):
     from transformers import AutoConfig
 
     from plt_port.config import ConfigError
-    from runtimes.vllm_model import plt_config
-    from runtimes.vllm_plugin import register
+    from runtimes.models.vllm_model import plt_config
+    from runtimes.models.vllm_plugin import register
 
     register()
     config = {**tiny_config("plt", **SIZES).to_dict(), **rope}

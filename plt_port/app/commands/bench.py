@@ -68,7 +68,7 @@ def mlx_weights(name: str) -> str:
 
 
 def run(args):
-    from runtimes.base import DECODE_MODES
+    from runtimes.backends.base import DECODE_MODES
     from runtimes.benchmark import BenchError, BenchSettings, format_table, random_model_dir, \
         run_bench, write_json
 

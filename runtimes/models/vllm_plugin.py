@@ -2,7 +2,7 @@
 
 vLLM calls `register` in every process it starts. It makes both checkpoint formats loadable
 as they are, without remote code: transformers learns the two model types (it knows neither),
-and vLLM's model registry maps their architectures to `runtimes.vllm_model`, which it imports
+and vLLM's model registry maps their architectures to `runtimes.models.vllm_model`, which it imports
 only when it builds a model. The loop count is the config's (`plt_num_loops`, v1 `loop_num`),
 so one engine serves one loop count: `--hf-overrides '{"plt_num_loops": 3}'`.
 """
@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 class IQuestPLTCoderConfig(PretrainedConfig):
-    """config.json as transformers holds it; `runtimes.vllm_model.plt_config` checks it with
+    """config.json as transformers holds it; `runtimes.models.vllm_model.plt_config` checks it with
     plt_port's PLTConfig when the model is built."""
 
     model_type = PLT_TYPE
@@ -56,4 +56,4 @@ def register() -> None:
         # For `iquestloopcoder` this replaces vLLM's own model: one implementation, checked
         # against plt_port's reference, runs both formats.
         architecture = ARCHITECTURES[config_class.model_type]
-        ModelRegistry.register_model(architecture, f"runtimes.vllm_model:{architecture}")
+        ModelRegistry.register_model(architecture, f"runtimes.models.vllm_model:{architecture}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from plt_port.commands.generate import add_model_arguments, load_model, system_messages
+from plt_port.app.commands.generate import add_model_arguments, load_model, system_messages
 from plt_port.errors import PLTError
 
 PROMPT = ">> "

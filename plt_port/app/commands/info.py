@@ -5,7 +5,7 @@ alone (a model directory or the path of its config.json: nothing else is downloa
 
 from __future__ import annotations
 
-from plt_port.cli import positive_int
+from plt_port.app.cli import positive_int
 
 
 def add_arguments(parser):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from plt_port.commands.generate import DTYPE_HELP, DTYPES
-from plt_port.cli import check_port
+from plt_port.app.commands.generate import DTYPE_HELP, DTYPES
+from plt_port.app.cli import check_port
 from plt_port.errors import PLTError
 
 NO_MODELS = ("no models to serve: the embedded model family is not in this installation "

@@ -1,4 +1,4 @@
-"""MLX backend over runtimes/mlx_model.py (the mlx-lm style model file). Imports MLX, not torch.
+"""MLX backend over runtimes/models/mlx_model.py (the mlx-lm style model file). Imports MLX, not torch.
 
 `model_dir` is either a PyTorch (HF layout) model directory, exported on first use into the
 export store (with `dtype` (default: the stored precision)/`quantize`/`group_size`), or an
@@ -20,7 +20,7 @@ from exporters.export_store import ensure_exported
 from plt_port import checkpoint
 from plt_port.quantization import Quantization, quantized_shapes
 
-from . import mlx_model
+from runtimes.models import mlx_model
 from .base import Backend, BackendError
 
 KERNEL_CHOICES = {"auto": None, "on": True, "off": False}

@@ -19,7 +19,7 @@ from plt_port.atomic import atomic_write_text
 from plt_port.family import (CHAINS_ACCURACY_JSON, CHAINS_EXAMPLES_JSON, CHAINS_MODEL_CARD,
                              HELDOUT_JSON, MODEL_CARD, card, family_model_dirs)
 from plt_port.tokenizer import Tokenizer
-from runtimes import load_backend
+from runtimes.backends import load_backend
 from runtimes.generate import generate
 from runtimes.sampling import SamplingParams
 

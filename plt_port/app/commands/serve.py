@@ -18,8 +18,8 @@ import sys
 import threading
 import time
 
-from plt_port.cli import check_port, positive_int
-from plt_port.commands.generate import add_backend_arguments, backend_options
+from plt_port.app.cli import check_port, positive_int
+from plt_port.app.commands.generate import add_backend_arguments, backend_options
 from plt_port.errors import PLTError
 
 GRACEFUL_SHUTDOWN_S = 5
@@ -55,9 +55,9 @@ def open_server(model_dir: str, backend: str = "torch", loops: int | None = None
                 max_batch: int = 16, max_queue: int = 64, decode_mode: str = "clp",
                 options: dict | None = None):
     """(engine, app): the engine started with the backend loaded on its thread."""
-    from plt_port.server import create_app
+    from plt_port.app.server import create_app
     from plt_port.tokenizer import Tokenizer
-    from runtimes import load_backend
+    from runtimes.backends import load_backend
     from runtimes.engine import BatchEngine
 
     tokenizer = Tokenizer.from_dir(model_dir)

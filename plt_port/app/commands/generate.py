@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from plt_port.cli import positive_int
+from plt_port.app.cli import positive_int
 from plt_port.errors import PLTError
 
 
@@ -87,7 +87,7 @@ def add_arguments(parser):
 def load_model(args):
     """(backend, tokenizer, sampling parameters) the model options ask for."""
     from plt_port.tokenizer import Tokenizer
-    from runtimes import load_backend
+    from runtimes.backends import load_backend
     from runtimes.sampling import resolve_sampling
 
     if args.model is None:

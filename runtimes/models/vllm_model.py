@@ -1,6 +1,6 @@
 """PLT models inside vLLM (SPEC sections 2-4): `iquestpltcoder` (v2) and `iquestloopcoder` (v1).
 
-Registered by `runtimes.vllm_plugin`; vLLM imports this module only when it builds a model.
+Registered by `runtimes.models.vllm_plugin`; vLLM imports this module only when it builds a model.
 
 Caches, all owned by vLLM's KV cache manager:
 - loop 1 of layer i: a full-attention `Attention` (the global K/V); loops r >= 2 read it

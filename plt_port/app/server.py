@@ -36,7 +36,7 @@ from runtimes.engine import BatchEngine, QueueFullError, Request, TokenEvent
 from runtimes.generate import ContextLengthError, chat_prompt_ids, encode_prompt
 from runtimes.sampling import SamplingParams
 
-log = logging.getLogger("plt_port.server")
+log = logging.getLogger("plt_port.app.server")
 
 MAX_STOP_STRINGS = 16
 MAX_COMPLETION_LOGPROBS = 5

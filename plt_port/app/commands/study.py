@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from plt_port.commands.eval import add_chain_options
+from plt_port.app.commands.eval import add_chain_options
 
 def add_arguments(parser):
     parser.add_argument("--out", default=os.path.join("docs", "study"),

@@ -14,8 +14,8 @@ import os
 
 from plt_port import family
 from plt_port.atomic import atomic_write_text
-from plt_port.cli import positive_int
-from plt_port.commands.generate import DTYPE_HELP, DTYPES
+from plt_port.app.cli import positive_int
+from plt_port.app.commands.generate import DTYPE_HELP, DTYPES
 from plt_port.errors import PLTError
 from plt_port.tasks import CHAINS_EVAL_DEPTHS, CHAINS_EVAL_PROGRAMS
 

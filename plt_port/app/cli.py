@@ -1,4 +1,4 @@
-"""`plt-port` command line: one subcommand per module in `plt_port.commands`.
+"""`plt-port` command line: one subcommand per module in `plt_port.app.commands`.
 
 Only the chosen subcommand's module is imported, so `plt-port --help` stays fast and a
 backend that is not installed never breaks an unrelated command. Each module defines
@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import PLTError
+from plt_port.errors import PLTError
 
 COMMANDS = {
     "generate": "generate text from a prompt on any backend (streams to the terminal)",
@@ -48,7 +48,7 @@ def positive_int(text: str) -> int:
 
 
 def _command_module(name: str):
-    return importlib.import_module(f"plt_port.commands.{name}")
+    return importlib.import_module(f"plt_port.app.commands.{name}")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -3,14 +3,14 @@
 Trains one model per loop count with the same data, tokenizer, width, depth, steps and
 seed, one after another. `--corpus chains` trains on variable-chain programs
 (plt_port/tasks.py) instead of the standard library. Re-running the same command resumes where it stopped. Works
-under `torchrun --nproc_per_node N -m plt_port.cli train ...` (DDP; rank 0 writes).
+under `torchrun --nproc_per_node N -m plt_port.app.cli train ...` (DDP; rank 0 writes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from plt_port.cli import positive_int
+from plt_port.app.cli import positive_int
 
 
 def add_arguments(parser):

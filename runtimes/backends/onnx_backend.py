@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: runs the graph of `exporters.onnx_export` behind `runtimes.base.Backend`.
+"""ONNX Runtime backend: runs the graph of `exporters.onnx_export` behind `runtimes.backends.base.Backend`.
 
 - Provider: CUDAExecutionProvider when onnxruntime-gpu and a GPU are present, else CPU.
 - One session serves prefill (one call per loop), the CLP step (one call, all loops) and the
