@@ -433,7 +433,7 @@ def qwen3_coder_call(index: int, name: str, parameters: dict, strict: bool) -> s
         items.append(rule if key in required else f"{rule}?")
         head = lark_literal(f"<parameter={key}>\n")
         if written_raw(schema):
-            rules.append(f"{rule}: {head} {raw_string(name, key, schema)}\n")
+            rules.append(f"{rule}: {head} {raw_string(rule, name, key, schema)}")
         else:
             value = inline_schema({**definitions, **schema}, strict)
             rules.append(f"{rule}: {head} {value} {lark_literal(PARAMETER_END)}\n")
@@ -451,21 +451,24 @@ def written_raw(schema) -> bool:
     return "type" in schema or all(isinstance(v, str) for v in values)
 
 
-def raw_string(function: str, key: str, schema: dict) -> str:
-    """A string parameter written raw, then the end of the parameter."""
-    unsupported = sorted({"pattern", "format", "minLength", "maxLength"} & set(schema))
+def raw_string(rule: str, function: str, key: str, schema: dict) -> str:
+    """Rules of a string parameter `rule` written raw, then the end of the parameter."""
+    unsupported = sorted({"pattern", "format"} & set(schema))
     if unsupported:
         raise GrammarError(f"tool {function!r}, parameter {key!r}: {', '.join(unsupported)} "
                            f"of a string cannot be enforced in the qwen3_coder format (its "
                            f"strings are raw text)")
     values = [schema["const"]] if "const" in schema else schema.get("enum")
-    if values is None:
-        return "raw_text"
-    if not all(isinstance(v, str) for v in values):
-        raise GrammarError(f"tool {function!r}, parameter {key!r}: a string with non-string "
-                           f"enum values")
-    choices = " | ".join(lark_literal(v) for v in values)
-    return f"({choices}) {lark_literal(PARAMETER_END)}"
+    if values is not None:
+        if not all(isinstance(v, str) for v in values):
+            raise GrammarError(f"tool {function!r}, parameter {key!r}: a string with "
+                               f"non-string enum values")
+        return f"({' | '.join(map(lark_literal, values))}) {lark_literal(PARAMETER_END)}\n"
+    if "minLength" not in schema and "maxLength" not in schema:
+        return "raw_text\n"
+    length = f"{{{int(schema.get('minLength', 0))},{schema.get('maxLength', '')}}}"
+    return (f"{rule}_text\n{rule}_text[suffix={lark_literal(PARAMETER_END)}]: "
+            f"/(.|\\n){length}/\n")
 
 
 PARAMETER_END = "\n</parameter>\n"
