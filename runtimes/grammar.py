@@ -63,6 +63,7 @@ except ImportError:  # the `grammar` extra is not installed
 
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 GRAMMAR_CACHE_SIZE = 64
+TOKENIZED_CACHE_SIZE = 4096
 SPECIAL_MARKER = 0xFF  # llguidance's first byte of a special token (never in UTF-8 text)
 
 
@@ -92,7 +93,7 @@ class TokenVocabulary:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_ids = np.array(sorted(set(eos_ids)), dtype=np.int64)
-        eos = set(self.eos_ids.tolist())
+        self.eos = eos = frozenset(self.eos_ids.tolist())
         self.token_bytes = [tokenizer.token_bytes(i) for i in range(vocab_size)]
         self.special_ids = [i for i, data in enumerate(self.token_bytes)
                             if i in eos or not data or data[0] == SPECIAL_MARKER]
@@ -100,6 +101,7 @@ class TokenVocabulary:
         self.text_ids = {data: i for i, data in reversed(list(enumerate(self.token_bytes)))
                          if i not in self.special}  # bytes -> the lowest id spelling them
         self.longest_token = max(map(len, self.text_ids), default=1)
+        self.tokenized: dict[str, list[int]] = {}  # the forced texts of grammars recur
         self.library_tokenizer = lib.LLTokenizer(lib.TokenizerWrapper(_LibraryView(self)),
                                                  n_vocab=vocab_size)
 
@@ -113,12 +115,14 @@ class TokenVocabulary:
         and allows only those tokens there): the tokenizer's own encoding when it decodes back
         to `text` with text ids only (a sentencepiece dummy prefix would not), else the
         longest pieces left to right."""
-        data = text.encode()
-        ids = self.tokenizer.encode(text)
-        if all(0 <= i < self.vocab_size and i not in self.special for i in ids) and \
-                b"".join(self.token_bytes[i] for i in ids) == data:
-            return ids
-        return self.longest_pieces(data)
+        if text not in self.tokenized:
+            if len(self.tokenized) >= TOKENIZED_CACHE_SIZE:
+                self.tokenized.clear()
+            ids = self.tokenizer.encode(text)
+            exact = all(0 <= i < self.vocab_size and i not in self.special for i in ids) and \
+                b"".join(self.token_bytes[i] for i in ids) == text.encode()
+            self.tokenized[text] = ids if exact else self.longest_pieces(text.encode())
+        return self.tokenized[text]
 
     def longest_pieces(self, data: bytes) -> list[int]:
         """Greedy longest-match ids of `data`, stopping before a byte no token spells."""
@@ -215,10 +219,10 @@ class GrammarConstraint:
         if logits_row.shape[-1] != self.vocabulary.vocab_size:
             raise GrammarError(f"logits of {logits_row.shape[-1]} tokens for a grammar over "
                                f"{self.vocabulary.vocab_size}")
-        return np.where(self.allowed(), logits_row, np.float32(-np.inf)).astype(logits_row.dtype)
+        return np.where(self.allowed(), logits_row, logits_row.dtype.type(-np.inf))
 
     def advance(self, token: int) -> None:
-        if token in self.vocabulary.eos_ids:
+        if token in self.vocabulary.eos:
             self.ended_after_stop = self.matcher.is_stopped()
             token = self.vocabulary.end_id
         if not self.ended_after_stop and not self.matcher.consume_token(int(token)):
