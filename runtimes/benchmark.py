@@ -12,8 +12,10 @@ configuration runs twice instead, both picking every sequence's next token throu
 greedy `Sampler` inside the timed step: grammar "free" without a constraint, and "json" with
 the schema's grammar (each sequence's constraint starts again whenever it completes, so every
 step computes a real mask). `vs_free` (json step / free step) is the grammar's per-token
-overhead. The model's tokenizer is used, or for a model without one (`--random`) a code
-vocabulary of its size (`save_code_tokenizer`).
+overhead; `sample_ms` (the median time a step spent sampling its rows, part of step_ms) sets
+it apart from the noise of the model's step on a shared machine. The model's tokenizer is
+used, or for a model without one (`--random`) a code vocabulary of its size
+(`save_code_tokenizer`).
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ class _Run:
     grammar: object = None            # the "json" runs' runtimes.grammar.Grammar
     samplers: list = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)
+    sample_s: list[float] = field(default_factory=list)  # the sampling part of grammar runs
 
     def start_samplers(self) -> None:
         if self.grammar_name is not None:
@@ -201,7 +204,9 @@ def time_backends(backends: list, settings: BenchSettings, progress: bool = Fals
                 runs.append(run)
     rounds = range(settings.warmup + settings.steps)
     for i in tqdm(rounds, desc=f"bench {backends[0].name}", disable=not progress):
-        for run in runs:
+        # every other round in reverse, so that no run always comes after the same one (a
+        # step after a wide batch's finds the CPU caches cold)
+        for run in runs if i % 2 == 0 else runs[::-1]:
             start = time.perf_counter()
             tokens = run.next_tokens()
             sampled = time.perf_counter()
@@ -209,12 +214,15 @@ def time_backends(backends: list, settings: BenchSettings, progress: bool = Fals
             if i >= settings.warmup:  # sampling is part of a step only where a Sampler runs
                 run.step_s.append(time.perf_counter() -
                                   (sampled if run.grammar_name is None else start))
+                run.sample_s.append(sampled - start)
     rows = []
     for run in runs:
         step_ms = statistics.median(run.step_s) * 1e3
         rows.append(dict(
             backend=run.backend.name, loops=run.backend.loops, mode=run.mode,
-            batch=run.batch, grammar=run.grammar_name, prompt_len=settings.prompt_len,
+            batch=run.batch, grammar=run.grammar_name,
+            sample_ms=statistics.median(run.sample_s) * 1e3 if run.grammar_name else None,
+            prompt_len=settings.prompt_len,
             steps=settings.steps, prefill_tps=run.batch * settings.prompt_len / run.prefill_s,
             step_ms=step_ms, step_ms_min=min(run.step_s) * 1e3,
             step_ms_max=max(run.step_s) * 1e3, decode_tps=run.batch * 1e3 / step_ms,
@@ -338,8 +346,8 @@ def format_table(result: dict) -> str:
              f"warm-up steps)", ""]
     grammar = any(r.get("grammar") for r in result["rows"])
     header = ["backend", "loops", "mode", "batch"] + ["grammar"] * grammar + [
-        "prefill tok/s", "step ms", "decode tok/s", "vs naive", "vs loops=1"] + \
-        ["vs free"] * grammar + ["cache MiB"]
+        "prefill tok/s", "step ms"] + ["sample ms"] * grammar + [
+        "decode tok/s", "vs naive", "vs loops=1"] + ["vs free"] * grammar + ["cache MiB"]
     table = [header]
 
     def ratio(value):
@@ -348,8 +356,10 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         table.append([r["backend"], str(r["loops"]), r["mode"], str(r["batch"])]
                      + [r.get("grammar") or "-"] * grammar
-                     + [f"{r['prefill_tps']:.0f}", f"{r['step_ms']:.2f}",
-                        f"{r['decode_tps']:.1f}", ratio(r["vs_naive"]), ratio(r["vs_loops1"])]
+                     + [f"{r['prefill_tps']:.0f}", f"{r['step_ms']:.2f}"]
+                     + [f"{r['sample_ms']:.3f}" if r.get("sample_ms") is not None else "-"]
+                     * grammar
+                     + [f"{r['decode_tps']:.1f}", ratio(r["vs_naive"]), ratio(r["vs_loops1"])]
                      + [ratio(r.get("vs_free"))] * grammar
                      + [f"{r['cache_bytes'] / 2**20:.3f}"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

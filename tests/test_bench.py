@@ -116,5 +116,6 @@ def test_constrained_rows_pair_free_and_json_runs(make_model, capsys, tmp_path, 
         (1, "free"), (1, "json"), (2, "free"), (2, "json")]
     for free, constrained in zip(rows[::2], rows[1::2]):
         assert free["vs_free"] is None
+        assert 0 < free["sample_ms"] < free["step_ms"] and 0 < constrained["sample_ms"]
         assert constrained["vs_free"] == pytest.approx(constrained["step_ms"] / free["step_ms"])
     assert (tmp_path / "cache" / "tokenizers" / "code-512" / "tokenizer.json").exists()
