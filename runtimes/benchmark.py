@@ -12,8 +12,9 @@ configuration runs twice instead, both picking every sequence's next token throu
 greedy `Sampler` inside the timed step: grammar "free" without a constraint, and "json" with
 the schema's grammar (each sequence's constraint starts again whenever it completes, so every
 step computes a real mask). `vs_free` (json step / free step) is the grammar's per-token
-overhead; `sample_ms` (the median time a step spent sampling its rows, part of step_ms) sets
-it apart from the noise of the model's step on a shared machine. The model's tokenizer is
+overhead; `sample_ms` (the median time a step spent sampling its rows, part of step_ms) and
+`grammar_overhead` ((json sample_ms - free sample_ms) / free step_ms) measure it apart from
+the noise of the model's step on a shared machine. The model's tokenizer is
 used, or for a model without one (`--random`) a code vocabulary of its size
 (`save_code_tokenizer`).
 """
@@ -233,17 +234,21 @@ def time_backends(backends: list, settings: BenchSettings, progress: bool = Fals
 
 def add_ratios(rows: list[dict]) -> None:
     """vs_naive: step latency / naive's (same backend, loops, batch and grammar); vs_loops1:
-    / that of loops=1 (same backend, batch and grammar); vs_free: a "json" grammar row's / its
-    "free" twin's."""
-    step = {(r["backend"], r["loops"], r["mode"], r["batch"], r.get("grammar")): r["step_ms"]
-            for r in rows}
+    / that of loops=1 (same backend, batch and grammar). A "json" grammar row against its
+    "free" twin: vs_free = its step / the free step; grammar_overhead = (its sample_ms - the
+    free sample_ms) / the free step, the grammar's share without the model step's noise."""
+    by_key = {(r["backend"], r["loops"], r["mode"], r["batch"], r.get("grammar")): r
+              for r in rows}
     for r in rows:
-        naive = step.get((r["backend"], r["loops"], "naive", r["batch"], r.get("grammar")))
-        single = step.get((r["backend"], 1, "naive", r["batch"], r.get("grammar")))
-        free = step.get((r["backend"], r["loops"], r["mode"], r["batch"], "free"))
-        r["vs_naive"] = r["step_ms"] / naive if naive else None
-        r["vs_loops1"] = r["step_ms"] / single if single else None
-        r["vs_free"] = r["step_ms"] / free if free and r.get("grammar") == "json" else None
+        naive = by_key.get((r["backend"], r["loops"], "naive", r["batch"], r.get("grammar")))
+        single = by_key.get((r["backend"], 1, "naive", r["batch"], r.get("grammar")))
+        free = by_key.get((r["backend"], r["loops"], r["mode"], r["batch"], "free")) \
+            if r.get("grammar") == "json" else None
+        r["vs_naive"] = r["step_ms"] / naive["step_ms"] if naive else None
+        r["vs_loops1"] = r["step_ms"] / single["step_ms"] if single else None
+        r["vs_free"] = r["step_ms"] / free["step_ms"] if free else None
+        r["grammar_overhead"] = (r["sample_ms"] - free["sample_ms"]) / free["step_ms"] \
+            if free else None
 
 
 @dataclass
@@ -347,11 +352,15 @@ def format_table(result: dict) -> str:
     grammar = any(r.get("grammar") for r in result["rows"])
     header = ["backend", "loops", "mode", "batch"] + ["grammar"] * grammar + [
         "prefill tok/s", "step ms"] + ["sample ms"] * grammar + [
-        "decode tok/s", "vs naive", "vs loops=1"] + ["vs free"] * grammar + ["cache MiB"]
+        "decode tok/s", "vs naive", "vs loops=1"] + ["vs free", "grammar +"] * grammar + [
+        "cache MiB"]
     table = [header]
 
     def ratio(value):
         return "-" if value is None else f"{value:.2f}x"
+
+    def percent(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
 
     for r in result["rows"]:
         table.append([r["backend"], str(r["loops"]), r["mode"], str(r["batch"])]
@@ -360,7 +369,7 @@ def format_table(result: dict) -> str:
                      + [f"{r['sample_ms']:.3f}" if r.get("sample_ms") is not None else "-"]
                      * grammar
                      + [f"{r['decode_tps']:.1f}", ratio(r["vs_naive"]), ratio(r["vs_loops1"])]
-                     + [ratio(r.get("vs_free"))] * grammar
+                     + [ratio(r.get("vs_free")), percent(r.get("grammar_overhead"))] * grammar
                      + [f"{r['cache_bytes'] / 2**20:.3f}"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     table.insert(1, ["-" * w for w in widths])

@@ -118,4 +118,6 @@ def test_constrained_rows_pair_free_and_json_runs(make_model, capsys, tmp_path, 
         assert free["vs_free"] is None
         assert 0 < free["sample_ms"] < free["step_ms"] and 0 < constrained["sample_ms"]
         assert constrained["vs_free"] == pytest.approx(constrained["step_ms"] / free["step_ms"])
+        assert constrained["grammar_overhead"] == pytest.approx(
+            (constrained["sample_ms"] - free["sample_ms"]) / free["step_ms"])
     assert (tmp_path / "cache" / "tokenizers" / "code-512" / "tokenizer.json").exists()
