@@ -115,14 +115,17 @@ class TokenVocabulary:
         and allows only those tokens there): the tokenizer's own encoding when it decodes back
         to `text` with text ids only (a sentencepiece dummy prefix would not), else the
         longest pieces left to right."""
-        if text not in self.tokenized:
-            if len(self.tokenized) >= TOKENIZED_CACHE_SIZE:
-                self.tokenized.clear()
+        ids = self.tokenized.get(text)
+        if ids is None:
             ids = self.tokenizer.encode(text)
             exact = all(0 <= i < self.vocab_size and i not in self.special for i in ids) and \
                 b"".join(self.token_bytes[i] for i in ids) == text.encode()
-            self.tokenized[text] = ids if exact else self.longest_pieces(text.encode())
-        return self.tokenized[text]
+            if not exact:
+                ids = self.longest_pieces(text.encode())
+            if len(self.tokenized) >= TOKENIZED_CACHE_SIZE:
+                self.tokenized.clear()
+            self.tokenized[text] = ids
+        return ids
 
     def longest_pieces(self, data: bytes) -> list[int]:
         """Greedy longest-match ids of `data`, stopping before a byte no token spells."""
@@ -222,10 +225,14 @@ class GrammarConstraint:
         return np.where(self.allowed(), logits_row, logits_row.dtype.type(-np.inf))
 
     def advance(self, token: int) -> None:
+        if self.ended_after_stop:
+            raise GrammarError(f"token {token} after the end of the grammar's sequence")
         if token in self.vocabulary.eos:
-            self.ended_after_stop = self.matcher.is_stopped()
+            if self.matcher.is_stopped():  # complete: the library takes no more tokens
+                self.ended_after_stop = True
+                return
             token = self.vocabulary.end_id
-        if not self.ended_after_stop and not self.matcher.consume_token(int(token)):
+        if not self.matcher.consume_token(int(token)):
             self.raise_if_error()
             raise GrammarError(f"token {token} does not continue the grammar")
 

@@ -404,6 +404,8 @@ def test_rollback_restores_the_masks(embedded):
         masks.append(constraint.allowed())
     assert constraint.is_terminated() and np.flatnonzero(masks[-1]).tolist() == [2]
     constraint.advance(2)  # eos after completion, then rolled back with the last tokens
+    with pytest.raises(GrammarError, match="after the end"):
+        constraint.advance(tokenizer.encode("1")[0])
     constraint.rollback(1)
     assert constraint.is_terminated()
     constraint.rollback(3)
