@@ -2,9 +2,9 @@
 one token mask per sequence per step, on the sampler every backend shares.
 
 Layers of it, each built once:
-- `TokenVocabulary` (once per tokenizer and model: `compiler_for`, `model_compiler`): every id's exact bytes as
-  `plt_port.tokenizer` decodes them (byte-fallback pieces `<0x0A>` as their byte, `▁` as a
-  space, added tokens as their text), the model's eos ids (config.json, generation_config.json
+- `TokenVocabulary` (once per tokenizer and model: `compiler_for`, `model_compiler`): every
+  id's exact bytes as `plt_port.tokenizer` decodes them (byte-fallback pieces `<0x0A>` as
+  their byte, `▁` as a space, added tokens as their text), the model's eos ids (config.json, generation_config.json
   and the tokenizer) as the one way to end, and ids that are no text (control pieces, rows past
   the tokenizer, eos) as special tokens that no grammar writes.
 - `GrammarCompiler.json_schema` / `.regex` / `.lark` (once per distinct source: a bounded LRU
