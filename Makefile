@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS := torch,mlx,onnx,demo,serve,dev
+EXTRAS := torch,mlx,onnx,demo,serve,grammar,dev
 
 CUDA_VENV := .venv-cuda
 VLLM_VENV := .venv-vllm

@@ -6,10 +6,15 @@ Used by the tests (tiny checkpoints in both formats) and by `plt-port bench` (e.
 
 from __future__ import annotations
 
+import collections
+import json
 import os
+import re
+import sysconfig
 
 import numpy as np
 
+from .atomic import atomic_write_text
 from .checkpoint import expected_shapes, numpy_dtype, save_model_dir
 from .config import PLTConfig
 
@@ -55,4 +60,60 @@ def save_random_model(out_dir: str | os.PathLike, config: PLTConfig, seed: int =
                       **kwargs) -> str:
     save_model_dir(out_dir, config, random_tensors(config, seed, **kwargs), tokenizer_dir,
                    max_shard_bytes)
+    return os.fspath(out_dir)
+
+
+def code_pieces(count: int) -> list[str]:
+    """`count` vocabulary pieces as a sentencepiece BPE trained on code would hold them: the
+    most frequent substrings (1-10 characters, `▁` for a space) of the words, numbers,
+    operators and indentation runs of the Python standard library's modules, most frequent
+    first."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    words = collections.Counter()
+    for name in sorted(n for n in os.listdir(stdlib) if n.endswith(".py")):
+        with open(os.path.join(stdlib, name), encoding="utf-8", errors="replace") as f:
+            words.update(re.findall(r" ?[A-Za-z_]+| ?\d|[^\w\s]{1,3}|\n| +", f.read()))
+    substrings = collections.Counter()
+    for word, n in words.items():
+        word = word.replace(" ", "\u2581")
+        for start in range(len(word)):
+            for end in range(start + 1, min(len(word), start + 10) + 1):
+                substrings[word[start:end]] += n
+    return [piece for piece, _ in substrings.most_common(count)]
+
+
+def save_code_tokenizer(out_dir: str | os.PathLike, vocab_size: int,
+                        added_tokens: tuple[str, ...] = ()) -> str:
+    """A Hugging Face `tokenizer.json` (unigram, byte fallback, `▁` for spaces: the shape of
+    the LoopCoder / IQuest sentencepiece vocabularies) of exactly `vocab_size` ids, and its
+    tokenizer_config.json (`<unk>` 0, `<s>` 1, `</s>` 2, then the 256 byte pieces, then
+    `added_tokens` as added tokens of the config, then code pieces): a realistic vocabulary of
+    any size for a random model, e.g. the 76,800 of LoopCoder for a grammar's token masks."""
+    special = ["<unk>", "<s>", "</s>"]
+    fixed = special + [f"<0x{b:02X}>" for b in range(256)] + list(added_tokens)
+    if vocab_size < len(fixed) + 1:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for pieces")
+    pieces = [p for p in code_pieces(vocab_size) if p not in fixed][:vocab_size - len(fixed)]
+    vocab = [[p, 0.0] for p in fixed] + [[p, -1.0 - i / len(pieces)] for i, p in
+                                         enumerate(pieces)]
+    if len(vocab) != vocab_size:
+        raise ValueError(f"the standard library gives only {len(vocab)} pieces")
+    spec = {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True}
+                             for i, t in enumerate(special)],
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            "pre_tokenizer": None, "post_processor": None,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {"type": "Unigram", "unk_id": 0, "vocab": vocab, "byte_fallback": True}}
+    first_added = len(special) + 256
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": False,
+              "added_tokens_decoder": {str(first_added + i): {"content": t, "special": False}
+                                       for i, t in enumerate(added_tokens)}}
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_text(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec))
+    atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config))
     return os.fspath(out_dir)

@@ -6,10 +6,22 @@ of random prompts, then time single decode steps (after a warm-up) and report th
 The steps of all loop counts, modes and batch sizes of a backend are interleaved, so the
 ratios (clp vs naive, any loop count vs loops=1) come from one run under the same conditions.
 Decode tok/s is the batch's: `batch` tokens per step.
+
+With a JSON schema (`json_schema`, `plt-port bench --constrained` or `--json-schema FILE`) each
+configuration runs twice instead, both picking every sequence's next token through its own
+greedy `Sampler` inside the timed step: grammar "free" without a constraint, and "json" with
+the schema's grammar (each sequence's constraint starts again whenever it completes, so every
+step computes a real mask). `vs_free` (json step / free step) is the grammar's per-token
+overhead; `sample_ms` (the median time a step spent sampling its rows, part of step_ms) and
+`grammar_overhead` ((json sample_ms - free sample_ms) / free step_ms) measure it apart from
+the noise of the model's step on a shared machine. The model's tokenizer is
+used, or for a model without one (`--random`) a code vocabulary of its size
+(`save_code_tokenizer`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,11 +38,25 @@ from plt_port.atomic import atomic_write_text
 from plt_port.checkpoint import parameter_count
 from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
-from plt_port.random_model import PRESETS, RANDOM_BASE, save_random_model
+from plt_port.random_model import PRESETS, RANDOM_BASE, save_code_tokenizer, save_random_model
 from plt_port.files import parse_json
 from plt_port.memory import FP32, check_fits
+from plt_port.tokenizer import Tokenizer
 
 from .backends import load_backend
+from .sampling import Sampler
+
+# the schema of `plt-port bench --constrained`: strings, integers and numbers with ranges, an
+# enum, a nested array (a tool call's arguments)
+BENCH_SCHEMA = {"type": "object", "properties": {
+    "path": {"type": "string", "maxLength": 32},
+    "line": {"type": "integer", "minimum": 1, "maximum": 99999},
+    "mode": {"enum": ["read", "write", "append"]},
+    "ranges": {"type": "array", "maxItems": 4, "items": {
+        "type": "array", "maxItems": 2, "items": {"type": "number", "minimum": 0,
+                                                  "maximum": 1000}}},
+    "force": {"type": "boolean"}},
+    "required": ["path", "line", "mode", "ranges", "force"], "additionalProperties": False}
 
 class BenchError(PLTError, ValueError):
     """A bench request that cannot run."""
@@ -47,6 +73,7 @@ class BenchSettings:
     warmup: int = 4
     seed: int = 0
     backend_options: dict[str, dict] = field(default_factory=dict)  # backend name -> options
+    json_schema: dict | None = None  # a schema: "free" and "json" grammar rows (module doc)
 
     def __post_init__(self):
         checks = [("batch", b, 1) for b in self.batches] + [
@@ -94,7 +121,7 @@ def random_model_dir(spec: str, root: str | None = None) -> str:
 
 @dataclass
 class _Run:
-    """One (backend, decode mode, batch size) configuration being timed."""
+    """One (backend, decode mode, batch size, grammar) configuration being timed."""
 
     backend: object
     mode: str
@@ -102,12 +129,60 @@ class _Run:
     state: object
     logits: np.ndarray
     prefill_s: float
+    grammar_name: str | None = None   # None: plain argmax outside the timed step
+    grammar: object = None            # the "json" runs' runtimes.grammar.Grammar
+    samplers: list = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)
+    sample_s: list[float] = field(default_factory=list)  # the sampling part of grammar runs
+
+    def start_samplers(self) -> None:
+        if self.grammar_name is not None:
+            self.samplers = [Sampler(constraint=None if self.grammar is None
+                                     else self.grammar.constraint())
+                             for _ in range(self.batch)]
+
+    def next_tokens(self) -> np.ndarray:
+        """Each sequence's greedy next token: through its Sampler (and grammar), or argmax."""
+        if self.grammar_name is None:
+            return self.logits.argmax(-1)
+        tokens = np.array([int(sampler(row[None])[0])
+                           for sampler, row in zip(self.samplers, self.logits)])
+        for sampler in self.samplers:
+            if sampler.constraint is not None and sampler.constraint.is_terminated():
+                sampler.constraint = self.grammar.constraint()
+        return tokens
 
 
-def time_backends(backends: list, settings: BenchSettings, progress: bool = False) -> list[dict]:
-    """One row per (backend, decode mode actually run, batch size); a model without CLP runs
-    naive only.
+def bench_grammars(backend, settings: BenchSettings, model_dir: str) -> list[tuple]:
+    """(grammar name, grammar) of each run of a configuration: one plain run, or with a
+    schema the "free" and the "json" runs."""
+    if settings.json_schema is None:
+        return [(None, None)]
+    from .grammar import compiler_for
+
+    config = backend.config
+    tokenizer = bench_tokenizer(model_dir, config.vocab_size)
+    compiler = compiler_for(tokenizer, config.vocab_size,
+                            set(tokenizer.eos_ids) | set(config.eos_token_ids))
+    return [("free", None), ("json", compiler.json_schema(settings.json_schema))]
+
+
+@functools.lru_cache(maxsize=4)  # one Tokenizer per model: its grammar vocabulary is built once
+def bench_tokenizer(model_dir: str, vocab_size: int) -> Tokenizer:
+    """The model's tokenizer, or a code vocabulary of its size (kept in the export store)."""
+    if any(os.path.exists(os.path.join(model_dir, name))
+           for name in ("tokenizer.model", "tokenizer.json")):
+        return Tokenizer.from_dir(model_dir)
+    out_dir = os.path.join(export_root(), "tokenizers", f"code-{vocab_size}")
+    if not os.path.exists(os.path.join(out_dir, "tokenizer_config.json")):
+        save_code_tokenizer(out_dir, vocab_size)
+    return Tokenizer.from_dir(out_dir)
+
+
+def time_backends(backends: list, settings: BenchSettings, progress: bool = False,
+                  model_dir: str | None = None) -> list[dict]:
+    """One row per (backend, decode mode actually run, batch size, grammar); a model without
+    CLP runs naive only.
 
     Decode steps are interleaved: each round runs one step of every configuration, so a
     change of load on a shared machine hits all of them alike and the ratios stay fair.
@@ -119,25 +194,37 @@ def time_backends(backends: list, settings: BenchSettings, progress: bool = Fals
         prompts = rng.integers(3, backend.config.vocab_size,
                                (batch, settings.prompt_len)).tolist()
         backend.prefill(prompts, capacity)  # warm-up (first-call allocations, lazy compiles)
+        grammars = bench_grammars(backend, settings, model_dir)
         for mode in dict.fromkeys(backend.mode_run(m) for m in settings.modes):
-            start = time.perf_counter()
-            state, logits = backend.prefill(prompts, capacity)
-            runs.append(_Run(backend, mode, batch, state, logits, time.perf_counter() - start))
+            for grammar_name, grammar in grammars:
+                start = time.perf_counter()
+                state, logits = backend.prefill(prompts, capacity)
+                run = _Run(backend, mode, batch, state, logits, time.perf_counter() - start,
+                           grammar_name, grammar)
+                run.start_samplers()
+                runs.append(run)
     rounds = range(settings.warmup + settings.steps)
     for i in tqdm(rounds, desc=f"bench {backends[0].name}", disable=not progress):
-        for run in runs:
-            tokens = run.logits.argmax(-1)
+        # every other round in reverse, so that no run always comes after the same one (a
+        # step after a wide batch's finds the CPU caches cold)
+        for run in runs if i % 2 == 0 else runs[::-1]:
             start = time.perf_counter()
+            tokens = run.next_tokens()
+            sampled = time.perf_counter()
             run.logits = run.backend.step(run.state, tokens, run.mode)
-            if i >= settings.warmup:
-                run.step_s.append(time.perf_counter() - start)
+            if i >= settings.warmup:  # sampling is part of a step only where a Sampler runs
+                run.step_s.append(time.perf_counter() -
+                                  (sampled if run.grammar_name is None else start))
+                run.sample_s.append(sampled - start)
     rows = []
     for run in runs:
         step_ms = statistics.median(run.step_s) * 1e3
         rows.append(dict(
             backend=run.backend.name, loops=run.backend.loops, mode=run.mode,
-            batch=run.batch, prompt_len=settings.prompt_len, steps=settings.steps,
-            prefill_tps=run.batch * settings.prompt_len / run.prefill_s,
+            batch=run.batch, grammar=run.grammar_name,
+            sample_ms=statistics.median(run.sample_s) * 1e3 if run.grammar_name else None,
+            prompt_len=settings.prompt_len,
+            steps=settings.steps, prefill_tps=run.batch * settings.prompt_len / run.prefill_s,
             step_ms=step_ms, step_ms_min=min(run.step_s) * 1e3,
             step_ms_max=max(run.step_s) * 1e3, decode_tps=run.batch * 1e3 / step_ms,
             cache_bytes=run.backend.cache_bytes(run.state), capacity=run.state.capacity,
@@ -146,14 +233,22 @@ def time_backends(backends: list, settings: BenchSettings, progress: bool = Fals
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """vs_naive: step latency / naive's (same backend, loops and batch); vs_loops1: / that of
-    loops=1 (same backend and batch)."""
-    step = {(r["backend"], r["loops"], r["mode"], r["batch"]): r["step_ms"] for r in rows}
+    """vs_naive: step latency / naive's (same backend, loops, batch and grammar); vs_loops1:
+    / that of loops=1 (same backend, batch and grammar). A "json" grammar row against its
+    "free" twin: vs_free = its step / the free step; grammar_overhead = (its sample_ms - the
+    free sample_ms) / the free step, the grammar's share without the model step's noise."""
+    by_key = {(r["backend"], r["loops"], r["mode"], r["batch"], r.get("grammar")): r
+              for r in rows}
     for r in rows:
-        naive = step.get((r["backend"], r["loops"], "naive", r["batch"]))
-        single = step.get((r["backend"], 1, "naive", r["batch"]))
-        r["vs_naive"] = r["step_ms"] / naive if naive else None
-        r["vs_loops1"] = r["step_ms"] / single if single else None
+        naive = by_key.get((r["backend"], r["loops"], "naive", r["batch"], r.get("grammar")))
+        single = by_key.get((r["backend"], 1, "naive", r["batch"], r.get("grammar")))
+        free = by_key.get((r["backend"], r["loops"], r["mode"], r["batch"], "free")) \
+            if r.get("grammar") == "json" else None
+        r["vs_naive"] = r["step_ms"] / naive["step_ms"] if naive else None
+        r["vs_loops1"] = r["step_ms"] / single["step_ms"] if single else None
+        r["vs_free"] = r["step_ms"] / free["step_ms"] if free else None
+        r["grammar_overhead"] = (r["sample_ms"] - free["sample_ms"]) / free["step_ms"] \
+            if free else None
 
 
 @dataclass
@@ -227,7 +322,7 @@ def run_bench(model_dir: str, settings: BenchSettings, progress: bool = True) ->
         # every loop count of a group is loaded at once so that their steps interleave
         backends = [load_for_bench(name, model_dir, loops, settings.backend_options.get(name, {}))
                     for name in names for loops in settings.loops]
-        rows += time_backends(backends, settings, progress)
+        rows += time_backends(backends, settings, progress, model_dir)
         del backends
     add_ratios(rows)
     config = PLTConfig.from_file(model_dir)
@@ -254,18 +349,28 @@ def format_table(result: dict) -> str:
              f"prompt_len={settings['prompt_len']} "
              f"steps={settings['steps']} (median step latency after {settings['warmup']} "
              f"warm-up steps)", ""]
-    header = ["backend", "loops", "mode", "batch", "prefill tok/s", "step ms", "decode tok/s",
-              "vs naive", "vs loops=1", "cache MiB"]
+    grammar = any(r.get("grammar") for r in result["rows"])
+    header = ["backend", "loops", "mode", "batch"] + ["grammar"] * grammar + [
+        "prefill tok/s", "step ms"] + ["sample ms"] * grammar + [
+        "decode tok/s", "vs naive", "vs loops=1"] + ["vs free", "grammar +"] * grammar + [
+        "cache MiB"]
     table = [header]
 
     def ratio(value):
         return "-" if value is None else f"{value:.2f}x"
 
+    def percent(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
+
     for r in result["rows"]:
-        table.append([r["backend"], str(r["loops"]), r["mode"], str(r["batch"]),
-                      f"{r['prefill_tps']:.0f}",
-                      f"{r['step_ms']:.2f}", f"{r['decode_tps']:.1f}", ratio(r["vs_naive"]),
-                      ratio(r["vs_loops1"]), f"{r['cache_bytes'] / 2**20:.3f}"])
+        table.append([r["backend"], str(r["loops"]), r["mode"], str(r["batch"])]
+                     + [r.get("grammar") or "-"] * grammar
+                     + [f"{r['prefill_tps']:.0f}", f"{r['step_ms']:.2f}"]
+                     + [f"{r['sample_ms']:.3f}" if r.get("sample_ms") is not None else "-"]
+                     * grammar
+                     + [f"{r['decode_tps']:.1f}", ratio(r["vs_naive"]), ratio(r["vs_loops1"])]
+                     + [ratio(r.get("vs_free")), percent(r.get("grammar_overhead"))] * grammar
+                     + [f"{r['cache_bytes'] / 2**20:.3f}"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     table.insert(1, ["-" * w for w in widths])
     lines += ["| " + " | ".join(cell.rjust(w) for cell, w in zip(row, widths)) + " |"

@@ -84,6 +84,7 @@ class Request:
     stop: Sequence[str] = ()
     loops: int | None = None        # None: the default backend's loop count
     top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the top k
+    grammar: object = None          # a runtimes.grammar.Grammar the answer must follow
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -297,7 +298,9 @@ class BatchEngine:
         sequence = RunningSequence(
             request, SequenceText(self.tokenizer, request.prompt_ids, request.max_new_tokens,
                                   request.stop, backend.eos_token_ids),
-            Sampler(request.sampling), positions)
+            Sampler(request.sampling,
+                    request.grammar.constraint() if request.grammar is not None else None),
+            positions)
         if self._emit(sequence, logits[0]):
             batch = self.batches.setdefault(backend.loops, RunningBatch(backend, self.max_batch))
             batch.add(sequence, state)

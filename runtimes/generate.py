@@ -153,15 +153,18 @@ def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
 def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
                     max_new_tokens: int = 256, sampling: SamplingParams | None = None,
                     stop: Sequence[str] = (), decode_mode: str = "clp",
-                    prefill_chunk_size: int | None = None,
-                    add_bos: bool | None = None) -> Iterator[GenerationResponse]:
+                    prefill_chunk_size: int | None = None, add_bos: bool | None = None,
+                    grammar=None) -> Iterator[GenerationResponse]:
+    """`grammar`: a `runtimes.grammar.Grammar` the answer must follow (it ends at eos once the
+    grammar is complete; at max_new_tokens before that its finish_reason is "length")."""
     mode = backend.mode_run(decode_mode)
     if add_bos is None:
         add_bos = tokenizer.add_bos_token
     tokenizer.check_fits(backend.config.vocab_size)
     prompt_ids = encode_prompt(tokenizer, prompt, add_bos)
     positions = check_request(backend, prompt_ids, max_new_tokens)
-    sampler = Sampler(sampling or resolve_sampling(backend.generation_config.sampling_defaults()))
+    sampler = Sampler(sampling or resolve_sampling(backend.generation_config.sampling_defaults()),
+                      grammar.constraint() if grammar is not None else None)
     sequence = SequenceText(tokenizer, prompt_ids, max_new_tokens, stop,
                             backend.eos_token_ids)
 

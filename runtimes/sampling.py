@@ -4,6 +4,9 @@ Order (that of Hugging Face's warpers): repetition penalty, temperature scaling,
 min-p, then a categorical draw from a seeded numpy Generator. (mlx-lm instead filters the
 untempered log-probabilities and applies the temperature at the draw.) Temperature 0 is greedy (argmax of the
 penalised logits). Every filter works on a batch of rows [B, V] and masks with -inf.
+A sequence with a grammar (`runtimes.grammar.GrammarConstraint`) has the tokens its grammar
+does not allow masked to -inf first, before all of them, and its grammar advanced by the
+token drawn.
 """
 
 from __future__ import annotations
@@ -123,13 +126,22 @@ def resolve_sampling(defaults: dict, **chosen) -> SamplingParams:
 
 
 class Sampler:
-    """`sampler(logits [B, V], history) -> tokens [B]`; `history[b]` = row b's tokens so far."""
+    """`sampler(logits [B, V], history) -> tokens [B]`; `history[b]` = row b's tokens so far.
 
-    def __init__(self, params: SamplingParams | None = None):
+    `constraint`: one sequence's grammar (`mask(logits_row)`, `advance(token)`): then B is 1."""
+
+    def __init__(self, params: SamplingParams | None = None, constraint=None):
         self.params = params or SamplingParams()
         self.rng = np.random.default_rng(self.params.seed)
+        self.constraint = constraint
 
     def __call__(self, logits: np.ndarray, history: Sequence[Sequence[int]] = ()) -> np.ndarray:
+        tokens = self._sample(logits, history)
+        if self.constraint is not None:
+            self.constraint.advance(int(tokens[0]))
+        return tokens
+
+    def _sample(self, logits: np.ndarray, history: Sequence[Sequence[int]]) -> np.ndarray:
         p = self.params
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim == 1:
@@ -137,6 +149,8 @@ class Sampler:
         if not np.isfinite(logits).all():
             raise NonFiniteLogitsError("the model produced NaN or infinite logits (broken "
                                        "weights, or a config value such as rms_norm_eps)")
+        if self.constraint is not None:
+            logits = self._masked(logits)
         if history:
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty,
                                               p.repetition_context_size)
@@ -149,6 +163,12 @@ class Sampler:
             logits = (logits - logits.max(axis=-1, keepdims=True)) / p.temperature
         logits = apply_min_p(apply_top_p(apply_top_k(logits, p.top_k), p.top_p), p.min_p)
         return self.categorical(softmax(logits))
+
+    def _masked(self, logits: np.ndarray) -> np.ndarray:
+        if logits.shape[0] != 1:
+            raise SamplingError(f"a sampler with a grammar samples one sequence, got "
+                                f"{logits.shape[0]} rows")
+        return self.constraint.mask(logits[0])[None]
 
     def categorical(self, probs: np.ndarray) -> np.ndarray:
         """One draw per row by inverting the cumulative distribution with a uniform number."""

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import requires
 from plt_port.checkpoint import load_tensors
 from plt_port.app.cli import main
 from plt_port.config import PLTConfig
@@ -91,3 +92,32 @@ def test_mlx_lm_rows_run_on_the_mlx_weights_interleaved_with_mlx(make_model):
     with pytest.raises(BenchError, match="v1"):
         run_bench(make_model("plt"), BenchSettings(backends=["mlx-lm"], loops=[2], steps=1,
                                                    prompt_len=3, warmup=0), progress=False)
+
+
+@requires("llguidance")
+def test_constrained_rows_pair_free_and_json_runs(make_model, capsys, tmp_path, monkeypatch):
+    """--constrained: each configuration as a "free" and a "json" run (vs_free = json / free);
+    a model without a tokenizer gets a code vocabulary of its size."""
+    model_dir = make_model("plt")
+    assert main(["bench", "--model", model_dir, "--loops", "2", "--batch", "1,2", "--steps",
+                 "3", "--prompt-len", "5", "--warmup", "1", "--constrained"]) == 0
+    table = capsys.readouterr().out
+    assert "| grammar |" in table and "vs free" in table
+    monkeypatch.setenv("PLT_PORT_CACHE", str(tmp_path / "cache"))
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "array", "items": {"type": "integer"}}))
+    bare = random_model_dir("tiny", root=str(tmp_path / "random"))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", bare, "--loops", "2", "--modes", "clp", "--batch", "1,2",
+                 "--steps", "2", "--prompt-len", "4", "--json-schema", str(schema),
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["grammar"]) for r in rows] == [
+        (1, "free"), (1, "json"), (2, "free"), (2, "json")]
+    for free, constrained in zip(rows[::2], rows[1::2]):
+        assert free["vs_free"] is None
+        assert 0 < free["sample_ms"] < free["step_ms"] and 0 < constrained["sample_ms"]
+        assert constrained["vs_free"] == pytest.approx(constrained["step_ms"] / free["step_ms"])
+        assert constrained["grammar_overhead"] == pytest.approx(
+            (constrained["sample_ms"] - free["sample_ms"]) / free["step_ms"])
+    assert (tmp_path / "cache" / "tokenizers" / "code-512" / "tokenizer.json").exists()

@@ -47,6 +47,14 @@ def add_arguments(parser):
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    grammar = parser.add_mutually_exclusive_group()
+    grammar.add_argument("--constrained", action="store_true",
+                         help="also time grammar-constrained decoding: each configuration as "
+                              "'free' and 'json' rows, every sequence sampled in the step, "
+                              "'vs free' the grammar's overhead (schema: "
+                              "runtimes.benchmark.BENCH_SCHEMA)")
+    grammar.add_argument("--json-schema", metavar="FILE",
+                         help="as --constrained, with the JSON schema in FILE")
     parser.add_argument("--quantize", type=int, choices=(4, 8), default=None,
                         help="onnx and mlx backends: weight-only quantization of an export "
                              "made on first use (onnx: MatMulNBits, block 32, accuracy level 4; "
@@ -68,9 +76,10 @@ def mlx_weights(name: str) -> str:
 
 
 def run(args):
+    from plt_port.files import read_json_object
     from runtimes.backends.base import DECODE_MODES
-    from runtimes.benchmark import BenchError, BenchSettings, format_table, random_model_dir, \
-        run_bench, write_json
+    from runtimes.benchmark import BENCH_SCHEMA, BenchError, BenchSettings, format_table, \
+        random_model_dir, run_bench, write_json
 
     bad_modes = [m for m in args.modes if m not in DECODE_MODES]
     if bad_modes:
@@ -78,6 +87,8 @@ def run(args):
     settings = BenchSettings(
         backends=args.backend, loops=args.loops, modes=args.modes, batches=args.batch,
         steps=args.steps, prompt_len=args.prompt_len, warmup=args.warmup, seed=args.seed,
+        json_schema=read_json_object(args.json_schema, BenchError) if args.json_schema
+        else BENCH_SCHEMA if args.constrained else None,
         backend_options={name: {**backend_options(mlx_weights(name), args),
                                 **quantize_option(mlx_weights(name), args)}
                          for name in args.backend})

@@ -82,6 +82,13 @@ def add_arguments(parser):
     parser.add_argument("--no-bos", action="store_true",
                         help="do not prepend the BOS token to a plain prompt (default: as "
                              "tokenizer_config.json's add_bos_token says, true when absent)")
+    structured = parser.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", metavar="FILE",
+                            help="answer with JSON matching the JSON schema in FILE "
+                                 "(grammar-constrained decoding)")
+    structured.add_argument("--regex", metavar="PATTERN",
+                            help="answer with text matching the regular expression PATTERN "
+                                 "whole (grammar-constrained decoding)")
 
 
 def load_model(args):
@@ -140,6 +147,19 @@ def read_stdin() -> str:
                        f"{exc.start})") from None
 
 
+def answer_grammar(args, backend, tokenizer):
+    """The grammar --json-schema or --regex asks for, or None."""
+    if args.json_schema is None and args.regex is None:
+        return None
+    from plt_port.files import read_json_object
+    from runtimes.grammar import GrammarError, model_compiler
+
+    compiler = model_compiler(tokenizer, backend)
+    if args.regex is not None:
+        return compiler.regex(args.regex)
+    return compiler.json_schema(read_json_object(args.json_schema, GrammarError))
+
+
 def run(args):
     from runtimes.generate import stream_generate
 
@@ -147,12 +167,13 @@ def run(args):
     if not prompt:
         raise PLTError("the prompt is empty")
     backend, tokenizer, sampling = load_model(args)
+    grammar = answer_grammar(args, backend, tokenizer)
     last = None
     for last in stream_generate(backend, tokenizer, templated_prompt(tokenizer, prompt, args),
                                 max_new_tokens=args.max_new_tokens, sampling=sampling,
                                 stop=args.stop, decode_mode=args.decode,
                                 prefill_chunk_size=args.prefill_chunk_size,
-                                add_bos=False if args.no_bos else None):
+                                add_bos=False if args.no_bos else None, grammar=grammar):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
