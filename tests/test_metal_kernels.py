@@ -369,7 +369,8 @@ def test_mlx_backend_decodes_the_same_through_the_emulated_kernel(make_model, mo
     calls = []
 
     def gswa_via_emulator(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
-                          use_kernel=None):
+                          use_kernel=None, kv_quant=None):
+        assert kv_quant is None
         calls.append(q.shape)
         return launch_gswa_decode(emulated, q, global_k, global_v, ring_k, ring_v, gate,
                                   lengths, scale)
