@@ -46,6 +46,8 @@ from onnx import TensorProto, helper
 
 from plt_port.config import PLTConfig
 
+from .onnx_layout import SCALE_DTYPE, Quantization, aligned, stored_dtype, weight_specs
+
 OPSET = 23
 PLT_DOMAIN = "plt"
 MS_DOMAIN = "com.microsoft"
@@ -85,22 +87,6 @@ def gswa_function() -> onnx.FunctionProto:
 
 
 # ---- weights ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Quantization:
-    """Weight-only quantization of the MatMul weights (MatMulNBits): `bits` 4 or 8, blocks of
-    `block_size` input rows, symmetric or with zero points; `accuracy_level` 4 lets ORT's CPU
-    kernel compute in int8 (the fast path for 2-16 rows: CLP steps)."""
-
-    bits: int
-    block_size: int = 32
-    symmetric: bool = True
-    accuracy_level: int = 4
-
-    def manifest(self) -> dict:
-        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "op": f"{MS_DOMAIN}::MatMulNBits"}
-
-
 @dataclass
 class QuantizedMatMul:
     """A [K, N] MatMul weight as MatMulNBits stores it."""
@@ -117,15 +103,13 @@ def quantize_matmul(weight: np.ndarray, quant: Quantization) -> QuantizedMatMul:
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     k, n = weight.shape
-    blocks = -(-k // quant.block_size)
+    blocks = quant.blocks(k)
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     if blocks * quant.block_size != k:
         weight = np.pad(weight, ((0, blocks * quant.block_size - k), (0, 0)))
-    block_bytes = quant.block_size * quant.bits // 8
-    packed = np.zeros((n, blocks, block_bytes), np.uint8)
-    scales = np.zeros(n * blocks, np.float32)
-    zero_bytes = n * (-(-blocks // 2) if quant.bits == 4 else blocks)
-    zero_points = np.zeros(zero_bytes, np.uint8)
+    packed = np.zeros((n, blocks, quant.block_bytes), np.uint8)
+    scales = np.zeros(n * blocks, SCALE_DTYPE)
+    zero_points = np.zeros(quant.zero_point_bytes(k, n), np.uint8)
     quantizer = quantize_matmul_4bits if quant.bits == 4 else quantize_matmul_8bits
     quantizer(packed, weight, scales, zero_points, quant.block_size, n, k, quant.symmetric)
     return QuantizedMatMul(packed, scales.reshape(n, blocks),
@@ -133,58 +117,28 @@ def quantize_matmul(weight: np.ndarray, quant: Quantization) -> QuantizedMatMul:
 
 
 def onnx_weights(config: PLTConfig, tensors, dtype, quant: Quantization | None = None):
-    """Yield (name, array or QuantizedMatMul) one at a time, in the layouts the graph uses:
-    MatMul weights as [in, out] with q/k/v and gate/up fused; the LM head [V, d] (Gemm
-    transB, so a tied head is the embedding) or, quantized, [d, V]. `tensors` is read one
-    tensor (one fused group) at a time, so a lazy checkpoint is held a layer at most."""
-    H, D = config.num_attention_heads, config.head_dim
-
-    def matmul(*names):  # [out, in] checkpoint tensors -> one [in, sum(out)] weight
-        fused = np.concatenate([tensors[n].T for n in names], axis=1)
-        return quantize_matmul(fused, quant) if quant else fused.astype(dtype)
-
-    def plain(name, shape=None):
-        array = np.ascontiguousarray(tensors[name], dtype)
-        return array if shape is None else array.reshape(shape)
-
-    yield "embed_tokens", np.asarray(tensors["model.embed_tokens.weight"],
-                                     np.float16 if quant else dtype)
-    yield "norm", plain("model.norm.weight")
-    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    if quant:
-        yield "lm_head", matmul(head)
-    elif not config.tie_word_embeddings:
-        yield "lm_head", plain(head)
-    for i in range(config.num_hidden_layers):
-        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-        yield f"layers.{i}.qkv_proj", matmul(*(a + f"{n}_proj.weight" for n in "qkv"))
-        yield f"layers.{i}.o_proj", matmul(a + "o_proj.weight")
-        yield f"layers.{i}.gate_up_proj", matmul(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-        yield f"layers.{i}.down_proj", matmul(p + "mlp.down_proj.weight")
-        yield f"layers.{i}.input_layernorm", plain(p + "input_layernorm.weight")
-        yield f"layers.{i}.post_attention_layernorm", plain(p + "post_attention_layernorm.weight")
-        gate = f"model.gate_projections.{i}." if config.is_v1 else a + "plt_gate."
-        if config.gate_uses_hidden:
-            yield f"layers.{i}.gate_proj", plain(gate + "weight").T.copy()        # [d, H]
-            yield f"layers.{i}.gate_bias", plain(gate + "bias")                    # [H]
-            yield f"layers.{i}.gate_norm", plain(gate + "gate_norm.weight")
-        else:
-            yield f"layers.{i}.gate_proj", plain(gate + "weight", (1, H, 1, D))
-            yield f"layers.{i}.gate_bias", plain(gate + "bias", (1, H, 1))
+    """Yield (name, array or QuantizedMatMul) one at a time, as `onnx_layout.weight_specs`
+    lays them out. `tensors` is read one tensor (one fused group) at a time, so a lazy
+    checkpoint is held a layer at most."""
+    for spec in weight_specs(config, quant):
+        if spec.layout == "matmul":  # [out, in] checkpoint tensors -> one [in, sum(out)] weight
+            fused = np.concatenate([tensors[n].T for n in spec.sources], axis=1)
+            yield spec.name, quantize_matmul(fused, quant) if quant else fused.astype(dtype)
+            continue
+        array = np.ascontiguousarray(tensors[spec.sources[0]], stored_dtype(spec, dtype, quant))
+        if spec.layout == "transposed":
+            array = array.T.copy()
+        yield spec.name, array if spec.shape is None else array.reshape(spec.shape)
 
 
 def weight_count(config: PLTConfig, quant: Quantization | None = None) -> int:
     """How many (name, weight) pairs `onnx_weights` yields, for a progress bar."""
-    per_layer = 9 if config.gate_uses_hidden else 8
-    has_head = quant is not None or not config.tie_word_embeddings
-    return 2 + has_head + per_layer * config.num_hidden_layers
+    return len(weight_specs(config, quant))
 
 
 class WeightsFile:
     """One external-data file for the graph: each tensor written as it comes, page-aligned,
     and only its place remembered (the file is never held in memory)."""
-
-    ALIGN = 4096
 
     def __init__(self, path: str, location: str):
         self.path, self.location = path, location
@@ -205,7 +159,7 @@ class WeightsFile:
                     arrays = {name: value}
                 for key, array in arrays.items():
                     array = np.ascontiguousarray(array)
-                    offset = -(-offset // self.ALIGN) * self.ALIGN
+                    offset = aligned(offset)
                     f.seek(offset)
                     f.write(memoryview(array.reshape(-1).view(np.uint8)))
                     self.entries[key] = (offset, array.nbytes, array.dtype, array.shape)

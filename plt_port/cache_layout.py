@@ -82,11 +82,18 @@ class KVQuant:
         return QuantParams(self.group_size, self.bits)
 
 
+DEFAULT_KV_GROUP_SIZE = 64  # mlx-lm's
+
+
 def kv_quant_option(bits, group_size, start, head_dim: int,
                     error: type[PLTError] = PLTError) -> KVQuant | None:
-    """The checked KVQuant of the load options kv_bits / kv_group_size / quantized_kv_start
-    (None: the global K/V stay in the run dtype)."""
-    return None if bits is None else KVQuant(bits, group_size, start).check(head_dim, error)
+    """The checked KVQuant of the load options kv_bits / kv_group_size (None: mlx-lm's 64,
+    or the head dim when that is smaller) / quantized_kv_start (None: the global K/V stay in
+    the run dtype)."""
+    if bits is None:
+        return None
+    group_size = group_size or min(DEFAULT_KV_GROUP_SIZE, head_dim)
+    return KVQuant(bits, group_size, start).check(head_dim, error)
 
 
 def global_kv_bytes(config: PLTConfig, batch: int, capacity: int, itemsize: int,

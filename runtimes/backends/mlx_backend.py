@@ -33,7 +33,7 @@ class MLXBackend(Backend):
 
     def __init__(self, model_dir: str, loops: int | None = None, kernel: str = "auto",
                  dtype: str | None = None, quantize: int | None = None, group_size: int = 64,
-                 kv_bits: int | None = None, kv_group_size: int = 64,
+                 kv_bits: int | None = None, kv_group_size: int | None = None,
                  quantized_kv_start: int = 0):
         if kernel not in KERNEL_CHOICES:
             raise BackendError(f"kernel must be one of {', '.join(KERNEL_CHOICES)}, got {kernel!r}")

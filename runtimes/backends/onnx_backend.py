@@ -87,7 +87,13 @@ class ONNXBackend(Backend):
 
     def __init__(self, model_dir: str, loops: int | None = None, provider: str = "auto",
                  dtype: str | None = None, threads: int | None = None,
-                 quantize: int | None = None, block_size: int = 32):
+                 quantize: int | None = None, block_size: int = 32,
+                 kv_bits: int | None = None, kv_group_size: int | None = None,
+                 quantized_kv_start: int = 0):
+        if kv_bits is not None:
+            raise BackendError("the onnx backend keeps its KV caches in the export's dtype "
+                               "(float16 on CUDA for 16-bit checkpoints, float32 on the CPU); "
+                               "kv_bits (--kv-bits) quantizes the torch and mlx caches")
         self.check_threads(threads)
         self.source_dir = os.fspath(model_dir)
         self.device = choose_device(provider)

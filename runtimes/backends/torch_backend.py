@@ -65,7 +65,7 @@ class TorchBackend(Backend):
 
     def __init__(self, model_dir: str, loops: int | None = None, dtype: str | None = None,
                  device: str = "cpu", threads: int | None = None, kv_bits: int | None = None,
-                 kv_group_size: int = 64, quantized_kv_start: int = 0):
+                 kv_group_size: int | None = None, quantized_kv_start: int = 0):
         super().__init__(model_dir, loops)
         self.kv_quant = kv_quant_option(kv_bits, kv_group_size, quantized_kv_start,
                                         self.config.head_dim, BackendError)
