@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .cache_layout import DEFAULT_KV_GROUP_SIZE, cache_bytes, kv_quant_option, ring_slots
 from .checkpoint import expected_shapes, parameter_count
 from .config import PLTConfig
+from .errors import PLTError
 from .quantization import QuantParams, quantizable
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -42,6 +43,15 @@ def kv_cache_bytes(config: PLTConfig, context: int, loops: int, batch: int, dtyp
     `dtype`."""
     return cache_bytes(config, loops, batch, context, ITEMSIZE[dtype],
                        kv_quant_option(kv_bits, kv_group_size, 0, config.head_dim))
+
+
+def kv_settings(config: PLTConfig, kv_group_size: int | None) -> tuple[int | None, ...]:
+    """KV_SETTINGS that apply: the quantized ones need a group size that divides the head dim."""
+    try:
+        kv_quant_option(8, kv_group_size, 0, config.head_dim)
+    except PLTError:
+        return (None,)
+    return KV_SETTINGS
 
 
 def kv_name(bits: int | None) -> str:
@@ -78,10 +88,11 @@ def peak_estimates(config: PLTConfig, context: int, loops: int, batch: int,
     one_tensor = largest_tensor_bytes(config)
     rows = [Estimate("torch backend, float32", f32, kv("float32"),
                      "each tensor read from a memory map and converted once, fp32 caches")]
+    settings = kv_settings(config, kv_group_size)
     rows += [Estimate(f"torch backend, bfloat16{kv_name(bits)}", bf16, kv("bfloat16", bits),
                       "bf16 weights kept as stored (a bf16 checkpoint's default), bf16 caches"
                       + ("" if bits is None else f", global K/V {bits}-bit"))
-             for bits in KV_SETTINGS]
+             for bits in settings]
     for precision in ("bfloat16", "4-bit"):
         rows.append(Estimate(f"export mlx, {precision}", weight_bytes(config, precision), 0,
                              "source tensors read one at a time; the converted weights are "
@@ -92,7 +103,7 @@ def peak_estimates(config: PLTConfig, context: int, loops: int, batch: int,
                           weight_bytes(config, precision), kv("bfloat16", bits),
                           "weights as stored, caches in bf16" +
                           ("" if bits is None else f", global K/V {bits}-bit (mlx-lm's layout)"))
-                 for bits in KV_SETTINGS]
+                 for bits in settings]
     rows += [
         Estimate("export onnx, any variant", 0, 0,
                  "tensor by tensor into weights.bin: one tensor in memory at a time",
@@ -137,12 +148,15 @@ def report(config: PLTConfig, context: int, loops: int, batch: int,
         lines.append(f"| onnx {name} ({what}) | {human_bytes(onnx_weights[name])} |")
     rings = ring_slots(config.window, context)
     group = kv_group_size or min(DEFAULT_KV_GROUP_SIZE, config.head_dim)
+    settings = kv_settings(config, kv_group_size)
+    quantized = f"quantized: the global K/V, group {group}, scales in the run dtype; rings " \
+        f"and carry stay in it" if len(settings) > 1 else \
+        f"no KV quantization: group {group} does not fit the head dim {config.head_dim}"
     lines += ["", f"KV cache at context {context:,}, {loops} loops, batch {batch} "
               f"(global {context:,} + {loops - 1} x {rings:,} ring slots per layer"
-              f"{'' if config.is_v1 else ' + carry'}; quantized: the global K/V, group "
-              f"{group}, scales in the run dtype; rings and carry stay in it):", "",
+              f"{'' if config.is_v1 else ' + carry'}; {quantized}):", "",
               "| global K/V | float32 run | bfloat16 run |", "|---|---|---|"]
-    for bits in KV_SETTINGS:
+    for bits in settings:
         cells = [human_bytes(kv_cache_bytes(config, context, loops, batch, dtype, bits,
                                             kv_group_size)) for dtype in ("float32", "bfloat16")]
         lines.append(f"| {'as the run dtype' if bits is None else f'{bits}-bit'} | "
