@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -94,16 +95,20 @@ def agreement(model_dir: str, prompt: list[int], steps: int = 64, loops: int | N
 @contextmanager
 def with_positions(model_dir: str, positions: int):
     """`model_dir`, or when its max_position_embeddings is below `positions` a temporary copy
-    (its files linked, config.json rewritten) that allows them: RoPE itself has no limit."""
+    (its files hard-linked, or copied across file systems; config.json rewritten) that
+    allows them: RoPE itself has no limit."""
     config = PLTConfig.from_file(model_dir)
     if positions <= config.max_position_embeddings:
         yield model_dir
         return
     with tempfile.TemporaryDirectory(prefix="plt-context-") as copy:
         for name in os.listdir(model_dir):
-            if name != "config.json":
-                os.symlink(os.path.join(os.path.abspath(model_dir), name),
-                           os.path.join(copy, name))
+            source = os.path.join(model_dir, name)
+            if name != "config.json" and os.path.isfile(source):
+                try:
+                    os.link(source, os.path.join(copy, name))
+                except OSError:
+                    shutil.copy2(source, os.path.join(copy, name))
         with open(os.path.join(copy, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config.replace(max_position_embeddings=positions).to_dict(), f)
         yield copy
