@@ -53,14 +53,16 @@ def variant_options(backend: str, name: str, group_size: int | None = None,
 def agreement(model_dir: str, prompt: list[int], steps: int = 64, loops: int | None = None,
               variants=("bf16", "q8", "q4"), group_size: int | None = None,
               backend: str = "mlx", kv_group_size: int | None = None,
-              dtype: str = "float32", chunk_size: int | None = None) -> dict[str, dict]:
+              dtype: str = "float32", chunk_size: int | None = None,
+              **load_options) -> dict[str, dict]:
     """Decode `steps` greedy tokens with `backend` in `dtype` (the reference), then feed the
     same tokens to each variant (teacher forcing; a variant without a dtype of its own runs
     in `dtype`) and compare at every step: share of identical greedy tokens, mean
     KL(p_reference || p_variant), and the length of the identical prefix of free greedy runs.
-    The prompt is prefilled in chunks of `chunk_size`."""
-    options = {name: {"dtype": dtype, **variant_options(backend, name, group_size,
-                                                          kv_group_size)}
+    The prompt is prefilled in chunks of `chunk_size`; `load_options` (e.g. device) go to
+    every load."""
+    options = {name: {"dtype": dtype, **load_options,
+                      **variant_options(backend, name, group_size, kv_group_size)}
                for name in variants}
 
     def run(runner, forced=None):
@@ -73,7 +75,7 @@ def agreement(model_dir: str, prompt: list[int], steps: int = 64, loops: int | N
             logits = runner.step(state, np.array([next_token]))
         return tokens, np.stack(all_logits)
 
-    reference = load_backend(backend, model_dir, loops=loops, dtype=dtype)
+    reference = load_backend(backend, model_dir, loops=loops, dtype=dtype, **load_options)
     ref_tokens, ref_logits = run(reference)
     ref_logp = log_softmax(ref_logits)
     results = {}
