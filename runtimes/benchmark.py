@@ -263,6 +263,9 @@ class MLXLMReference:
 
 def load_for_bench(name: str, model_dir: str, loops: int, options: dict):
     if name == MLXLMReference.name:
+        if "kv_bits" in options:
+            raise BenchError("--backend mlx-lm runs mlx-lm's own prompt cache: --kv-bits "
+                             "applies to the torch and mlx backends")
         return MLXLMReference(load_backend("mlx", model_dir, loops=loops, **options))
     return load_backend(name, model_dir, loops=loops, **options)
 
