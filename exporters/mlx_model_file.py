@@ -20,7 +20,8 @@ MODEL_FILE = "plt_mlx_model.py"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # in dependency order: each module only uses names of those above it
 SOURCES = ("plt_port/errors.py", "plt_port/files.py", "plt_port/config.py",
-           "plt_port/cache_layout.py", "metal_kernels/gswa.py", "runtimes/models/mlx_model.py")
+           "plt_port/quantization.py", "plt_port/cache_layout.py", "metal_kernels/gswa.py",
+           "runtimes/models/mlx_model.py")
 KERNEL = "metal_kernels/gswa_decode.metal"
 KERNEL_USER = "metal_kernels/gswa.py"  # reads KERNEL at import: the model file holds it as text
 INLINED_PACKAGES = {path.split("/")[0] for path in SOURCES}  # their imports are dropped

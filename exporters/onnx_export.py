@@ -29,7 +29,7 @@ from plt_port.files import check_regular_file, read_json_object
 MANIFEST = "plt_onnx.json"
 WEIGHTS = "weights.bin"
 GRAPH = "model.onnx"
-FORMAT_VERSION = 3  # 3: one graph called per loop group; 2: "files" for check_export
+FORMAT_VERSION = 4  # 4: rings of min(window, capacity) slots; 3: one graph per loop group
 DTYPES = ("float32", "float16")
 BITS = (4, 8)
 BLOCK_SIZES = (32, 64, 128)
@@ -115,6 +115,8 @@ def manifest(config: PLTConfig, loops: int, dtype: str, quant, model, weights,
             "groups": "loop groups in this call (1, or `loops` for a CLP step)",
             "capacity": "global KV slots per sequence (slot = position); "
                         "keep start + chunk <= capacity",
+            "ring_slots": "slots of each ring: min(window, capacity); when the capacity "
+                          "grows, the rings grow with it (new slots appended, zero)",
         },
         "inputs_meaning": {
             "input_ids": "token ids",
@@ -123,7 +125,7 @@ def manifest(config: PLTConfig, loops: int, dtype: str, quant, model, weights,
             "loops": "the loop number (1-based) of each row group",
             "past_key_values.{i}.key/value": "loop-1 K/V of layer i, slot = position",
             "past_ring.{i}.key/value": "K/V of loop r >= 2 (index r-2), "
-                                       "position p in slot p % window",
+                                       "position p in slot p % window (< ring_slots)",
             "past_carry": "n(h) of loop r < loops (index r-1) at each sequence's last position",
             "past_hidden": "the previous loop's output over this chunk, as the previous call's "
                            "present_hidden gives it (PLT: n(h) shifted one token, the first "

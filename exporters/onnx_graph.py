@@ -15,7 +15,9 @@ earlier).
 
 Cache layouts (inputs `past*`, outputs `present*`; G = KV heads, D = head dim, R = L - 1):
   past_key_values.{i}.key/value  [B, G, S, D]     loop-1 post-RoPE K/V, slot = position
-  past_ring.{i}.key/value        [R, B, G, W, D]  loop r >= 2 K/V, position p in slot p % W
+  past_ring.{i}.key/value        [R, B, G, Wr, D] loop r >= 2 K/V, position p in slot p % W;
+                                                  Wr = min(W, capacity) slots (the caller
+                                                  grows them with the capacity, up to W)
   past_carry                     [R, B, d]        n(h^(r)) of the last position, r < L
   past_hidden                    [B, T, d]        the previous loop's output over the chunk
                                                   (PLT: n(h) shifted one token, the first
@@ -43,6 +45,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from plt_port.config import PLTConfig
+
+from .onnx_layout import SCALE_DTYPE, Quantization, aligned, stored_dtype, weight_specs
 
 OPSET = 23
 PLT_DOMAIN = "plt"
@@ -83,22 +87,6 @@ def gswa_function() -> onnx.FunctionProto:
 
 
 # ---- weights ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Quantization:
-    """Weight-only quantization of the MatMul weights (MatMulNBits): `bits` 4 or 8, blocks of
-    `block_size` input rows, symmetric or with zero points; `accuracy_level` 4 lets ORT's CPU
-    kernel compute in int8 (the fast path for 2-16 rows: CLP steps)."""
-
-    bits: int
-    block_size: int = 32
-    symmetric: bool = True
-    accuracy_level: int = 4
-
-    def manifest(self) -> dict:
-        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "op": f"{MS_DOMAIN}::MatMulNBits"}
-
-
 @dataclass
 class QuantizedMatMul:
     """A [K, N] MatMul weight as MatMulNBits stores it."""
@@ -115,15 +103,13 @@ def quantize_matmul(weight: np.ndarray, quant: Quantization) -> QuantizedMatMul:
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     k, n = weight.shape
-    blocks = -(-k // quant.block_size)
+    blocks = quant.blocks(k)
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     if blocks * quant.block_size != k:
         weight = np.pad(weight, ((0, blocks * quant.block_size - k), (0, 0)))
-    block_bytes = quant.block_size * quant.bits // 8
-    packed = np.zeros((n, blocks, block_bytes), np.uint8)
-    scales = np.zeros(n * blocks, np.float32)
-    zero_bytes = n * (-(-blocks // 2) if quant.bits == 4 else blocks)
-    zero_points = np.zeros(zero_bytes, np.uint8)
+    packed = np.zeros((n, blocks, quant.block_bytes), np.uint8)
+    scales = np.zeros(n * blocks, SCALE_DTYPE)
+    zero_points = np.zeros(quant.zero_point_bytes(k, n), np.uint8)
     quantizer = quantize_matmul_4bits if quant.bits == 4 else quantize_matmul_8bits
     quantizer(packed, weight, scales, zero_points, quant.block_size, n, k, quant.symmetric)
     return QuantizedMatMul(packed, scales.reshape(n, blocks),
@@ -131,58 +117,28 @@ def quantize_matmul(weight: np.ndarray, quant: Quantization) -> QuantizedMatMul:
 
 
 def onnx_weights(config: PLTConfig, tensors, dtype, quant: Quantization | None = None):
-    """Yield (name, array or QuantizedMatMul) one at a time, in the layouts the graph uses:
-    MatMul weights as [in, out] with q/k/v and gate/up fused; the LM head [V, d] (Gemm
-    transB, so a tied head is the embedding) or, quantized, [d, V]. `tensors` is read one
-    tensor (one fused group) at a time, so a lazy checkpoint is held a layer at most."""
-    H, D = config.num_attention_heads, config.head_dim
-
-    def matmul(*names):  # [out, in] checkpoint tensors -> one [in, sum(out)] weight
-        fused = np.concatenate([tensors[n].T for n in names], axis=1)
-        return quantize_matmul(fused, quant) if quant else fused.astype(dtype)
-
-    def plain(name, shape=None):
-        array = np.ascontiguousarray(tensors[name], dtype)
-        return array if shape is None else array.reshape(shape)
-
-    yield "embed_tokens", np.asarray(tensors["model.embed_tokens.weight"],
-                                     np.float16 if quant else dtype)
-    yield "norm", plain("model.norm.weight")
-    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    if quant:
-        yield "lm_head", matmul(head)
-    elif not config.tie_word_embeddings:
-        yield "lm_head", plain(head)
-    for i in range(config.num_hidden_layers):
-        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-        yield f"layers.{i}.qkv_proj", matmul(*(a + f"{n}_proj.weight" for n in "qkv"))
-        yield f"layers.{i}.o_proj", matmul(a + "o_proj.weight")
-        yield f"layers.{i}.gate_up_proj", matmul(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-        yield f"layers.{i}.down_proj", matmul(p + "mlp.down_proj.weight")
-        yield f"layers.{i}.input_layernorm", plain(p + "input_layernorm.weight")
-        yield f"layers.{i}.post_attention_layernorm", plain(p + "post_attention_layernorm.weight")
-        gate = f"model.gate_projections.{i}." if config.is_v1 else a + "plt_gate."
-        if config.gate_uses_hidden:
-            yield f"layers.{i}.gate_proj", plain(gate + "weight").T.copy()        # [d, H]
-            yield f"layers.{i}.gate_bias", plain(gate + "bias")                    # [H]
-            yield f"layers.{i}.gate_norm", plain(gate + "gate_norm.weight")
-        else:
-            yield f"layers.{i}.gate_proj", plain(gate + "weight", (1, H, 1, D))
-            yield f"layers.{i}.gate_bias", plain(gate + "bias", (1, H, 1))
+    """Yield (name, array or QuantizedMatMul) one at a time, as `onnx_layout.weight_specs`
+    lays them out. `tensors` is read one tensor (one fused group) at a time, so a lazy
+    checkpoint is held a layer at most."""
+    for spec in weight_specs(config, quant):
+        if spec.layout == "matmul":  # [out, in] checkpoint tensors -> one [in, sum(out)] weight
+            fused = np.concatenate([tensors[n].T for n in spec.sources], axis=1)
+            yield spec.name, quantize_matmul(fused, quant) if quant else fused.astype(dtype)
+            continue
+        array = np.ascontiguousarray(tensors[spec.sources[0]], stored_dtype(spec, dtype, quant))
+        if spec.layout == "transposed":
+            array = array.T.copy()
+        yield spec.name, array if spec.shape is None else array.reshape(spec.shape)
 
 
 def weight_count(config: PLTConfig, quant: Quantization | None = None) -> int:
     """How many (name, weight) pairs `onnx_weights` yields, for a progress bar."""
-    per_layer = 9 if config.gate_uses_hidden else 8
-    has_head = quant is not None or not config.tie_word_embeddings
-    return 2 + has_head + per_layer * config.num_hidden_layers
+    return len(weight_specs(config, quant))
 
 
 class WeightsFile:
     """One external-data file for the graph: each tensor written as it comes, page-aligned,
     and only its place remembered (the file is never held in memory)."""
-
-    ALIGN = 4096
 
     def __init__(self, path: str, location: str):
         self.path, self.location = path, location
@@ -203,7 +159,7 @@ class WeightsFile:
                     arrays = {name: value}
                 for key, array in arrays.items():
                     array = np.ascontiguousarray(array)
-                    offset = -(-offset // self.ALIGN) * self.ALIGN
+                    offset = aligned(offset)
                     f.seek(offset)
                     f.write(memoryview(array.reshape(-1).view(np.uint8)))
                     self.entries[key] = (offset, array.nbytes, array.dtype, array.shape)
@@ -435,14 +391,13 @@ def take_position(b: GraphBuilder, x: str, index: str) -> str:
     return b.op("Reshape", b.op("GatherElements", x, idx, axis=1), b.ints(-1, d))
 
 
-def ring_positions(b: GraphBuilder, newest: str) -> str:
-    """`plt_port.cache_layout.ring_slot_positions` as graph ops: the position ring slot j
-    holds when `newest` [B] is the latest written, newest - ((newest - j) mod W) -> [B, W]
-    (negative: slot never written)."""
-    W = b.cfg.window
-    slots = b.const(np.arange(W, dtype=np.int64)[None, :])
+def ring_positions(b: GraphBuilder, newest: str, slots: str) -> str:
+    """`plt_port.cache_layout.ring_slot_positions` as graph ops: the position ring slot
+    slots[j] holds when `newest` [B] is the latest written, newest - ((newest - slot) mod W)
+    -> [B, J] (negative: slot never written)."""
     newest = b.unsqueeze(newest, 1)
-    return b.op("Sub", newest, b.op("Mod", b.op("Sub", newest, slots), b.ints(W)))
+    return b.op("Sub", newest, b.op("Mod", b.op("Sub", newest, b.unsqueeze(slots, 0)),
+                                    b.ints(b.cfg.window)))
 
 
 def causal_global_mask(b: GraphBuilder, global_key: str, positions: str) -> str:
@@ -453,8 +408,8 @@ def causal_global_mask(b: GraphBuilder, global_key: str, positions: str) -> str:
 
 
 def io_dims(cfg: PLTConfig, loops: int) -> dict[str, list]:
-    G, D, W, d = cfg.num_key_value_heads, cfg.head_dim, cfg.window, cfg.hidden_size
-    return {"global": ["batch", G, "capacity", D], "ring": [loops - 1, "batch", G, W, D],
+    G, D, d = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    return {"global": ["batch", G, "capacity", D], "ring": [loops - 1, "batch", G, "ring_slots", D],
             "carry": [loops - 1, "batch", d], "hidden": ["batch", "chunk", d]}
 
 
@@ -468,6 +423,7 @@ class Rows:
     positions: str      # [B, N]
     valid: str          # [B, N] a real (not padding) token
     is_loop1: str       # [N] bool
+    chunk: str          # [1] T
 
 
 def call_rows(b: GraphBuilder, loops: str, start: str, num_new: str, steps: str) -> Rows:
@@ -478,7 +434,7 @@ def call_rows(b: GraphBuilder, loops: str, start: str, num_new: str, steps: str)
     row_loops = b.op("Reshape", b.op("Expand", b.unsqueeze(loops, 1),
                                      b.op("Concat", K, T, axis=0)), b.ints(-1))
     return Rows(loops, row_loops, b.op("Tile", positions, tile), b.op("Tile", valid, tile),
-                b.op("Equal", row_loops, b.ints(1)))
+                b.op("Equal", row_loops, b.ints(1)), T)
 
 
 def row_inputs(b: GraphBuilder, rows: Rows, embeddings: str, past_carry, past_hidden) -> str:
@@ -513,37 +469,44 @@ def shifted_handover(b: GraphBuilder, rows: Rows, outputs: str, past_carry: str)
     return b.op("Concat", b.op("Transpose", carry, perm=[1, 0, 2]), earlier, axis=1)
 
 
-def ring_window(b: GraphBuilder, rows: Rows, start: str, batch: str) -> tuple[str, str]:
+def ring_window(b: GraphBuilder, rows: Rows, start: str, num_new: str, batch: str,
+                past_ring: str) -> tuple[str, str]:
     """Local keys are [the R rings side by side ; the call's rows]. Returns the local mask
-    [B, 1, N, R*W + N] (a row sees keys of its own loop within the window, itself included)
-    and the GatherElements source [B, G, R*W, D] of each ring slot after the call: the
-    latest valid row of that loop and slot, else the slot's old entry."""
-    R, W = b.loops - 1, b.cfg.window
+    [B, 1, N, R*Wr + N] (a row sees keys of its own loop within the window, itself included)
+    and the GatherElements source [B, G, R*Wr, D] of each ring slot after the call: the
+    call's row of that loop holding the newest valid position of that slot, else the slot's
+    old entry (`past_ring` gives Wr, the ring slots)."""
+    R = b.loops - 1
     G, D = b.cfg.num_key_value_heads, b.cfg.head_dim
-    ring_slots = np.arange(R * W, dtype=np.int64)
-    ring_loops = b.const(2 + ring_slots // W)
-    held = b.op("Tile", ring_positions(b, b.op("Sub", start, b.ints(1))), b.ints(1, R))  # [B, RW]
+    slots = b.dim(past_ring, 3)                                                      # [1] Wr
+    ring_width = b.op("Mul", slots, b.ints(R))
+    ring_index = b.arange(ring_width)                                                # [RWr]
+    ring_loops = b.op("Add", b.op("Div", ring_index, slots), b.ints(2))
+    slot = b.op("Mod", ring_index, slots)
+    held = ring_positions(b, b.op("Sub", start, b.ints(1)), slot)                   # [B, RWr]
     key_loops = b.op("Concat", ring_loops, rows.row_loops, axis=0)
-    key_positions = b.unsqueeze(b.op("Concat", held, rows.positions, axis=1), 1)    # [B, 1, RW+N]
-    distance = b.op("Sub", b.unsqueeze(rows.positions, 2), key_positions)          # [B, N, RW+N]
+    key_positions = b.unsqueeze(b.op("Concat", held, rows.positions, axis=1), 1)    # [B, 1, RWr+N]
+    distance = b.op("Sub", b.unsqueeze(rows.positions, 2), key_positions)          # [B, N, RWr+N]
     same_loop = b.op("Equal", b.unsqueeze(rows.row_loops, 1), b.unsqueeze(key_loops, 0))
     visible = b.op("And", b.op("And", b.op("GreaterOrEqual", distance, b.ints(0)),
-                               b.op("Less", distance, b.ints(W))),
+                               b.op("Less", distance, b.ints(b.cfg.window))),
                    b.op("And", b.op("GreaterOrEqual", key_positions, b.ints(0)), same_loop))
 
-    slot_of_row = b.unsqueeze(b.op("Mod", rows.positions, b.ints(W)), 1)           # [B, 1, N]
-    writes = b.op("And", b.op("And", b.op("Equal", slot_of_row,
-                                          b.const((ring_slots % W)[None, :, None])),
-                              b.op("Equal", b.unsqueeze(ring_loops, 1),
-                                   b.unsqueeze(rows.row_loops, 0))),
-                  b.unsqueeze(rows.valid, 1))                                        # [B, RW, N]
-    score = b.op("Where", writes, b.unsqueeze(rows.positions, 1), b.ints(-1))
-    newest = b.op("ReduceMax", score, b.ints(2), keepdims=0)                        # [B, RW]
-    source = b.op("Where", b.op("GreaterOrEqual", newest, b.ints(0)),
-                  b.op("Add", b.op("ArgMax", score, axis=2, keepdims=0), b.ints(R * W)),
-                  b.const(ring_slots))
-    source = b.op("Expand", b.op("Reshape", source, b.ints(0, 1, R * W, 1)),
-                  b.op("Concat", batch, b.ints(G, R * W, D), axis=0))
+    # the group of this call that runs each slot's loop, if any, and the newest valid position
+    # of the slot: written by this call when it is >= start
+    in_group = b.op("Cast", b.op("Equal", b.unsqueeze(ring_loops, 1), b.unsqueeze(rows.loops, 0)),
+                    to=TensorProto.INT64)                                            # [RWr, K]
+    group = b.op("ArgMax", in_group, axis=1, keepdims=0)                             # [RWr]
+    loop_runs = b.op("Cast", b.op("ReduceMax", in_group, b.ints(1), keepdims=0),
+                     to=TensorProto.BOOL)
+    newest = ring_positions(b, b.op("Sub", b.op("Add", start, num_new), b.ints(1)), slot)
+    written = b.op("And", b.op("GreaterOrEqual", newest, b.unsqueeze(start, 1)),
+                   b.unsqueeze(loop_runs, 0))                                        # [B, RWr]
+    row = b.op("Add", b.op("Mul", group, rows.chunk),
+               b.op("Sub", newest, b.unsqueeze(start, 1)))                           # [B, RWr]
+    source = b.op("Where", written, b.op("Add", row, ring_width), ring_index)
+    source = b.op("Expand", b.op("Reshape", source, b.ints(0, 1, -1, 1)),
+                  b.op("Concat", batch, b.ints(G), ring_width, b.ints(D), axis=0))
     return b.unsqueeze(visible, 1), source
 
 
@@ -566,7 +529,7 @@ def new_carry(b: GraphBuilder, rows: Rows, outputs: str, past_carry: str, num_ne
 
 
 def build_step(b: GraphBuilder) -> onnx.ModelProto:
-    cfg, L, W = b.cfg, b.loops, b.cfg.window
+    cfg, L = b.cfg, b.loops
     R, D, d = L - 1, cfg.head_dim, cfg.hidden_size
     dims = io_dims(cfg, L)
     ids = b.input("input_ids", TensorProto.INT64, ["batch", "chunk"])
@@ -593,7 +556,8 @@ def build_step(b: GraphBuilder) -> onnx.ModelProto:
     writes_global = b.op("Equal", b.op("Gather", loops, b.const(0, np.int64)),
                          b.const(1, np.int64))
     if L > 1:
-        local_mask, ring_source = ring_window(b, rows, start, batch)
+        local_mask, ring_source = ring_window(b, rows, start, num_new, batch,
+                                              past[0]["ring_key"])
         loop1_rows = b.op("Reshape", rows.is_loop1, b.ints(1, 1, -1))
     present_ring = [{} for _ in range(cfg.num_hidden_layers)]
 
@@ -613,12 +577,12 @@ def build_step(b: GraphBuilder) -> onnx.ModelProto:
             local_kv = []
             for n, t in (("key", heads.k), ("value", heads.v)):
                 rings = b.op("Reshape", b.op("Transpose", past[i][f"ring_{n}"],
-                                             perm=[1, 2, 0, 3, 4]), b.ints(0, 0, R * W, D))
+                                             perm=[1, 2, 0, 3, 4]), b.ints(0, 0, -1, D))
                 keys = b.op("Concat", rings, t, axis=2)                             # [B, G, RW+N, D]
                 local_kv.append(keys)
                 kept = b.op("GatherElements", keys, ring_source, axis=2)
                 present_ring[i][n] = b.op("Transpose", b.op("Reshape", kept,
-                                                            b.ints(0, 0, R, W, D)),
+                                                            b.ints(0, 0, R, -1, D)),
                                           perm=[2, 0, 1, 3, 4])
             g = b.op("Where", loop1_rows, b.scalar(1.0), gate(b, i, x_res, heads.q))
             return gswa(b, heads.q, global_kv, global_mask, local_kv, local_mask, g)

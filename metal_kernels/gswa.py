@@ -3,12 +3,17 @@
 Memory layout (shared by the composed-ops path and the Metal kernel):
   q          [B, H, R, D]     post-RoPE queries of loop rows 2..L (R = L - 1), all at position t
   global_k/v [B, G, S, D]     loop-1 K/V; slots 0..lengths[b]-1 valid (slot t written this step)
-  ring_k/v   [R, B, G, W, D]  each loop row's own K/V; position p lives in slot p % W, so the
-                              first min(lengths[b], W) slots are valid (slot order is irrelevant
+  ring_k/v   [R, B, G, Wr, D] each loop row's own K/V, Wr = min(window, capacity) slots;
+                              position p lives in slot p % window (< Wr), so the first
+                              min(lengths[b], Wr) slots are valid (slot order is irrelevant
                               to softmax: RoPE is already applied)
   gate       [B, H, R]        g = sigmoid(gate_logit), the share of the global branch
   lengths    [B] int32        tokens in the cache including the current one (t + 1)
 Output [B, H, R, D]: g * softmax(q K_glob^T * scale) V_glob + (1 - g) * softmax(q K_ring^T * scale) V_ring.
+
+The global K/V may be quantized (mlx-lm's QuantizedKVCache layout: each a (packed uint32,
+scales, biases) triple of `mx.quantize` along D); their branch then runs as mlx-lm's quantized
+attention (`mx.quantized_matmul`), in the composed ops only: the Metal kernel reads dense K/V.
 """
 
 from __future__ import annotations
@@ -42,42 +47,75 @@ def _masked_attention(q, k, v, valid, scale):
     return mx.softmax(scores, axis=-1) @ v.astype(mx.float32)
 
 
-def gswa_decode_ops(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale):
-    """Composed-ops reference (fp32 accumulation); see the module docstring for layouts."""
+def quantized_attention(q, keys, values, scale, mask, kv_quant):
+    """mlx-lm's quantized_scaled_dot_product_attention: q [B, H, T, D]; keys, values the
+    (packed, scales, biases) triples of [B, G, S, D]; mask None, "causal" (the T queries are
+    the last T positions) or bool broadcastable to [B, 1, T, S]. Output [B, H, T, D]."""
+    B, H, T, D = q.shape
+    G = keys[0].shape[1]
+    quant = dict(group_size=kv_quant.group_size, bits=kv_quant.bits)
+    # GQA: the H // G query heads of KV head g share its keys (an axis of one to broadcast)
+    queries = (q * scale).reshape(B, G, H // G, T, D)
+    keys, values = ([part[:, :, None] for part in kv] for kv in (keys, values))
+    scores = mx.quantized_matmul(queries, *keys, transpose=True, **quant)
+    if isinstance(mask, str):
+        S = scores.shape[-1]
+        mask = mx.arange(S - T, S)[:, None] >= mx.arange(S)[None]
+    if mask is not None:
+        mask = mask[:, :, None] if mask.ndim == 4 else mask
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    return mx.quantized_matmul(probs, *values, transpose=False, **quant).reshape(B, H, T, D)
+
+
+def gswa_decode_ops(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
+                    kv_quant=None):
+    """Composed-ops reference (fp32 accumulation; a quantized global branch accumulates as
+    mlx-lm's quantized attention does); see the module docstring for layouts."""
     B, H, R, D = q.shape
-    G, S, W = global_k.shape[1], global_k.shape[2], ring_k.shape[3]
+    keys = global_k[0] if kv_quant else global_k  # a quantized triple: its packed values
+    G, S, W = keys.shape[1], keys.shape[2], ring_k.shape[3]
     lengths = lengths.astype(mx.int32)
     # GQA: the H // G query heads of KV head g (heads g*n .. g*n+n-1) become extra query rows.
     n = H // G
-    q_grouped = q.reshape(B, G, n * R, D)
     global_valid = mx.arange(S)[None, :] < lengths[:, None]
-    y_glob = _masked_attention(q_grouped, global_k, global_v, global_valid, scale)
+    if kv_quant:
+        y_glob = quantized_attention(q, global_k, global_v, scale,
+                                     global_valid[:, None, None, :], kv_quant)
+    else:
+        y_glob = _masked_attention(q.reshape(B, G, n * R, D), global_k, global_v, global_valid,
+                                   scale)
     ring_valid = mx.arange(W)[None, :] < mx.minimum(lengths, W)[:, None]
     q_rows = q.reshape(B, G, n, R, D).transpose(3, 0, 1, 2, 4)  # [R, B, G, n, D]
     y_loc = mx.stack([_masked_attention(q_rows[r], ring_k[r], ring_v[r], ring_valid, scale)
                       for r in range(R)])  # [R, B, G, n, D]
     y_loc = y_loc.transpose(1, 2, 3, 0, 4).reshape(B, H, R, D)
     g = gate.astype(mx.float32)[..., None]
-    out = g * y_glob.reshape(B, H, R, D) + (1 - g) * y_loc
+    out = g * y_glob.reshape(B, H, R, D).astype(mx.float32) + (1 - g) * y_loc
     return out.astype(q.dtype)
 
 
 def gswa_decode(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
-                use_kernel: bool | None = None):
+                use_kernel: bool | None = None, kv_quant=None):
     """The one entry point the MLX model calls. `use_kernel`: None = the fused Metal kernel iff
-    Metal is available, the default device is the GPU and the shapes fit the kernel; True = the
-    kernel (on the GPU stream) or an error; False = the composed ops."""
+    Metal is available, the default device is the GPU, the global K/V are dense (`kv_quant`
+    None) and the shapes fit the kernel; True = the kernel (on the GPU stream) or an error;
+    False = the composed ops."""
     if use_kernel is None:
         use_kernel = (mx.metal.is_available() and mx.default_device().type == mx.DeviceType.gpu
-                      and kernel_supports(q, global_k))
+                      and kv_quant is None and kernel_supports(q, global_k))
     elif use_kernel and not mx.metal.is_available():
         raise MetalUnavailableError(
             "the fused G-SWA Metal kernel needs an Apple GPU (mx.metal.is_available() is False "
             "here); use the composed ops (kernel off/auto)")
+    elif use_kernel and kv_quant is not None:
+        raise GSWAKernelError("the fused G-SWA kernel reads dense global K/V; a quantized KV "
+                              "cache runs the composed ops (kernel off/auto)")
     if use_kernel:
         return launch_gswa_decode(metal_kernel(), q, global_k, global_v, ring_k, ring_v, gate,
                                   lengths, scale, stream=mx.gpu)
-    return gswa_decode_ops(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale)
+    return gswa_decode_ops(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
+                           kv_quant)
 
 
 # ---- the fused kernel -------------------------------------------------------------------

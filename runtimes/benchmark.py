@@ -105,10 +105,20 @@ def random_config(spec: str) -> tuple[str, PLTConfig]:
     return f"custom-{digest}", config
 
 
-def random_model_dir(spec: str, root: str | None = None) -> str:
-    """A random model of `spec`, written once under the export store (so its ONNX and MLX
-    exports are stored too) and reused."""
+def with_window(config: PLTConfig, window: int) -> PLTConfig:
+    """`config` with a local window of `window` keys (the query included)."""
+    if config.is_v1:
+        return config.replace(loop_window_size=window)
+    return config.replace(plt_window_size=[window - 1, 0])
+
+
+def random_model_dir(spec: str, root: str | None = None, window: int | None = None) -> str:
+    """A random model of `spec` (with a local window of `window` keys when given: the same
+    weights, the window is no tensor's shape), written once under the export store (so its
+    ONNX and MLX exports are stored too) and reused."""
     name, config = random_config(spec)
+    if window is not None:
+        name, config = f"{name}-window{window}", with_window(config, window)
     # the tensors, and safetensors' serialised copy of them, are all in memory at once
     check_fits(2 * FP32 * parameter_count(config),
                f"--random {spec}: a model of {parameter_count(config):,} parameters")
@@ -232,6 +242,52 @@ def time_backends(backends: list, settings: BenchSettings, progress: bool = Fals
     return rows
 
 
+def time_contexts(backends: list, contexts: list[int], settings: BenchSettings,
+                  progress: bool = False) -> list[dict]:
+    """Decode step latency at each context: a batch whose caches hold `context` positions.
+    They are marked written without a prefill (zero K/V: a step costs the same whatever the
+    values), so a 32k context takes no prefill time. Steps of every (backend, context, mode)
+    are interleaved, as in `time_backends`."""
+    runs = []
+    for backend, context in ((b, c) for b in backends for c in contexts):
+        capacity = context + settings.warmup + settings.steps + 1
+        for mode in dict.fromkeys(backend.mode_run(m) for m in settings.modes):
+            state = backend.empty_state(settings.batches[0], capacity)
+            state.lengths[:] = context
+            state.active[:] = True
+            runs.append((backend, context, mode, state, []))
+    tokens = np.full(settings.batches[0], 3, np.int64)
+    for i in tqdm(range(settings.warmup + settings.steps), desc="bench contexts",
+                  disable=not progress):
+        for backend, _, mode, state, times in runs:
+            start = time.perf_counter()
+            backend.step(state, tokens, mode)
+            if i >= settings.warmup:
+                times.append(time.perf_counter() - start)
+    return [dict(backend=backend.name, loops=backend.loops, mode=mode, context=context,
+                 window=backend.config.window, batch=settings.batches[0],
+                 step_ms=statistics.median(times) * 1e3,
+                 cache_bytes=backend.cache_bytes(state))
+            for backend, context, mode, state, times in runs]
+
+
+def format_context_table(rows: list[dict]) -> str:
+    """Step ms by context, one row per (backend, window, loops, mode), each context's step
+    also as a ratio to the first context's."""
+    contexts = sorted({r["context"] for r in rows})
+    keys = list(dict.fromkeys((r["backend"], r["window"], r["loops"], r["mode"]) for r in rows))
+    step = {(r["backend"], r["window"], r["loops"], r["mode"], r["context"]): r["step_ms"]
+            for r in rows}
+    lines = ["| backend | window | loops | mode | " + " | ".join(
+        f"step ms @ {c:,}" for c in contexts) + " |", "|---" * (4 + len(contexts)) + "|"]
+    for key in keys:
+        cells = [f"{step[(*key, c)]:.2f} ({step[(*key, c)] / step[(*key, contexts[0])]:.2f}x)"
+                 for c in contexts]
+        lines.append(f"| {key[0]} | {key[1]:,} | {key[2]} | {key[3]} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines)
+
+
 def add_ratios(rows: list[dict]) -> None:
     """vs_naive: step latency / naive's (same backend, loops, batch and grammar); vs_loops1:
     / that of loops=1 (same backend, batch and grammar). A "json" grammar row against its
@@ -302,6 +358,9 @@ class MLXLMReference:
 
 def load_for_bench(name: str, model_dir: str, loops: int, options: dict):
     if name == MLXLMReference.name:
+        if "kv_bits" in options:
+            raise BenchError("--backend mlx-lm runs mlx-lm's own prompt cache: --kv-bits "
+                             "applies to the torch and mlx backends")
         return MLXLMReference(load_backend("mlx", model_dir, loops=loops, **options))
     return load_backend(name, model_dir, loops=loops, **options)
 

@@ -261,3 +261,49 @@ def test_low_precision_runs_in_the_dtype_asked(backend_name, make_model):
         for b, prompt in enumerate(prompts):
             expected = reference[b][len(prompt) - 1:len(prompt) + 8]
             assert_error_fits_precision(np.stack([h[b] for h in history]), expected, dtype)
+
+
+# ---- rings of min(window, capacity) slots ---------------------------------------------------
+WIDE = dict(plt_window_size=[39, 0])  # a 40-key window, wider than the short prompts below
+
+
+@pytest.mark.parametrize("prompt_len,max_tokens", [(12, 20), (40, 40), (45, 60)],
+                         ids=["window>capacity", "window=capacity", "window<capacity"])
+def test_rings_are_no_longer_than_the_capacity_and_grow_with_it(backend_name, make_model,
+                                                                prompt_len, max_tokens):
+    """A ring holds min(window, capacity) slots: a prompt shorter than the window gets a ring
+    of its capacity, which grows with the global cache (here past the window while decoding)
+    and the logits stay those of the full forward; the bytes follow the SPEC formula."""
+    model_dir = make_model("plt", **WIDE)
+    backend = load_backend(backend_name, model_dir, loops=3)
+    prompts = random_prompts([prompt_len, 7], seed=11)
+    state, _ = backend.prefill(prompts, max_tokens, chunk_size=16)
+    assert backend.cache_bytes(state) == backend.expected_cache_bytes(2, max_tokens, 4)
+    steps = max(0, max_tokens - prompt_len) + 30  # past the capacity and past the window
+    sequences, history, state = greedy_run(backend, prompts, steps, max_tokens=max_tokens,
+                                           chunk_size=16)
+    assert state.capacity == 256 and len(sequences[0]) > 40
+    assert backend.cache_bytes(state) == backend.expected_cache_bytes(2, 256, 4)
+    assert_matches_reference(model_dir, prompts, sequences, history, 3)
+
+
+def test_write_slot_moves_sequences_between_rings_of_other_sizes(backend_name, make_model):
+    """A running batch whose rings are shorter than the window takes a sequence with longer
+    rings (and grows), then one with shorter rings: each decodes as the full forward says."""
+    model_dir = make_model("plt", **WIDE)
+    backend = load_backend(backend_name, model_dir, loops=3)
+    short, long_, tiny = random_prompts([6, 33, 4], seed=12)
+    running, _ = backend.prefill([short, short], max_tokens=10)          # rings of 10 slots
+    backend.write_slot(running, 0, backend.prefill([long_], max_tokens=33)[0])   # 33 -> 40
+    backend.write_slot(running, 1, backend.prefill([tiny], max_tokens=4)[0])     # 4 -> 40
+    sequences, history = [long_, tiny], []
+    tokens = np.array([5, 6])
+    for _ in range(10):
+        for sequence, token in zip(sequences, tokens):
+            sequence.append(int(token))
+        history.append(backend.step(running, tokens))
+        tokens = history[-1].argmax(-1)
+    expected = reference_logits(model_dir, sequences, 3)
+    for b, start in enumerate((33, 4)):
+        np.testing.assert_allclose(np.stack([h[b] for h in history]), expected[b][start:start + 10],
+                                   atol=TOL, rtol=0)

@@ -121,3 +121,25 @@ def test_constrained_rows_pair_free_and_json_runs(make_model, capsys, tmp_path, 
         assert constrained["grammar_overhead"] == pytest.approx(
             (constrained["sample_ms"] - free["sample_ms"]) / free["step_ms"])
     assert (tmp_path / "cache" / "tokenizers" / "code-512" / "tokenizer.json").exists()
+
+
+def test_contexts_time_steps_over_caches_of_each_length(tmp_path, capsys, monkeypatch):
+    """`--contexts` with `--windows`: one row per (window, loops, mode), a step at each
+    context over caches that hold that many positions; the same weights at each window."""
+    monkeypatch.setenv("PLT_PORT_CACHE", str(tmp_path))
+    out = tmp_path / "contexts.json"
+    spec = 'model_type="iquestloopcoder",loop_num=2,hidden_size=32,num_hidden_layers=1,' \
+           'num_attention_heads=2,num_key_value_heads=1,intermediate_size=48,vocab_size=300'
+    assert main(["bench", "--random", spec, "--contexts", "20,300", "--windows", "8,64",
+                 "--loops", "1,2", "--steps", "2", "--warmup", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["window"], r["loops"], r["context"]) for r in rows} == {
+        (w, loops, c) for w in (8, 64) for loops in (1, 2) for c in (20, 300)}
+    for r in rows:  # rings of min(window, capacity) slots next to the global cache
+        backend = load_backend("torch", json.loads(out.read_text())["model_dirs"][
+            r["window"] == 64], loops=r["loops"])
+        assert r["cache_bytes"] == backend.expected_cache_bytes(1, r["context"] + 3, 2)  # bf16
+    tables = [load_tensors(d) for d in json.loads(out.read_text())["model_dirs"]]
+    assert all((tables[0][k] == tables[1][k]).all() for k in tables[0])
+    assert "step ms @ 300" in capsys.readouterr().out
+    assert main(["bench", "--random", spec, "--windows", "8"]) == 1

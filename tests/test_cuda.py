@@ -117,3 +117,41 @@ def test_torch_cuda_bf16_error_fits_bf16(make_model):
     sequences, history, _ = greedy_run(backend, prompts, 8)
     expected = reference_logits(model_dir, sequences, 2)[0][11:20]
     assert_error_fits_precision(np.stack([h[0] for h in history]), expected, "bfloat16")
+
+
+@needs_ort_cuda
+def test_ort_cuda_keeps_a_16bit_checkpoints_caches_in_float16(make_model):
+    """A bf16 checkpoint on CUDA runs a float16 export by default: weights, activations and
+    every cache in float16 on the device (half the fp32 bytes), within the fp16 error bound."""
+    model_dir = make_model("plt", torch_dtype="bfloat16")
+    backend = load_backend("onnx", model_dir, loops=2, provider="cuda")
+    assert backend.run_dtype == "float16"
+    prompts = random_prompts([12], seed=3)
+    sequences, history, state = greedy_run(backend, prompts, 8)
+    values = [v for layer in state.caches["global"] + state.caches["ring"] for v in layer.values()]
+    assert {v.data_type() for v in values} == {"tensor(float16)"}
+    assert backend.cache_bytes(state) == backend.expected_cache_bytes(1, state.capacity, 2)
+    # the reference runs the same bf16-stored weights in fp32
+    expected = reference_logits(model_dir, sequences, 2)[0][11:20]
+    assert_error_fits_precision(np.stack([h[0] for h in history]), expected, "float16")
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("bits", [8, 4])
+def test_torch_cuda_quantized_kv_cache(make_model, bits):
+    """torch's KV quantization on the GPU: the bytes of info's formula, and the agreement
+    with the unquantized cache within the bounds measured on the CPU (tests/test_kv_cache.py)."""
+    from test_kv_cache import BOUNDS, KV
+
+    from runtimes.precision import agreement
+
+    model_dir = make_model("plt", **KV)
+    backend = load_backend("torch", model_dir, loops=3, device="cuda", kv_bits=bits)
+    state, _ = backend.prefill(random_prompts([40, 9], seed=3), 64)
+    assert backend.cache_bytes(state) == backend.expected_cache_bytes(2, 64, 4)
+    assert all(t.device.type == "cuda" for t in state.caches.tensors())
+    prompt = random_prompts([40], seed=3)[0]
+    row = agreement(model_dir, prompt, steps=24, loops=3, variants=(f"kv{bits}",),
+                    backend="torch", chunk_size=16, device="cuda")[f"kv{bits}"]
+    assert row["mean_kl"] <= BOUNDS[bits]["kl"] and \
+        row["identical_greedy"] >= BOUNDS[bits]["identical"], row

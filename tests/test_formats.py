@@ -222,12 +222,50 @@ def test_info_from_a_config_json_path(make_model):
     from plt_port.checkpoint import parameter_count
     from plt_port.config import PLTConfig
 
-    model_dir = make_model("v1")
+    model_dir = make_model("v1", head_dim=32)
     result = cli("info", os.path.join(model_dir, "config.json"), "--context", "1000",
                  "--loops", "3", "--batch", "2")
     assert result.returncode == 0, result.stderr.decode()
     out = result.stdout.decode()
     count = parameter_count(PLTConfig.from_file(model_dir))
     assert f"{count:,} parameters" in out
-    assert "global 1,000 + 2 x 8 ring slots per layer)" in out
-    assert "| mlx backend, 4-bit |" in out and "| onnx backend, float32 |" in out
+    assert "global 1,000 + 2 x 8 ring slots per layer;" in out
+    assert "| mlx backend, 4-bit |" in out and "| onnx backend, float32 (CPU) |" in out
+    assert "| mlx backend, 4-bit, KV 8-bit |" in out and "| 4-bit |" in out
+    assert "0.00 GiB" not in out and " KiB |" in out  # a tiny model in units that read right
+
+
+def test_info_rings_are_no_longer_than_the_context(make_model):
+    result = cli("info", make_model("v1", loop_window_size=8192), "--context", "300")
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert "global 300 + 1 x 300 ring slots per layer;" in out
+    assert "no KV quantization: group 16 does not fit the head dim 16" in out  # tiny heads
+
+
+@requires("onnx")
+@pytest.mark.parametrize("fmt,overrides,dtype,quant", [
+    ("plt", {}, "float32", None), ("plt", dict(tie_word_embeddings=True), "float16", None),
+    ("plt", dict(tie_word_embeddings=True), "float32", (4, 32, True)),
+    ("v1", {}, "float32", (8, 64, False)), ("plt", dict(intermediate_size=100), "float32",
+                                             (4, 128, True))])
+def test_onnx_weight_bytes_are_those_the_exporter_writes(make_model, tmp_path, fmt, overrides,
+                                                         dtype, quant):
+    """info sizes ONNX exports from the exporter's own layout (block size, fp32 scales, fp16
+    embedding, page alignment): the bytes equal the weights.bin an export writes."""
+    from exporters.onnx_export import export, quantization
+    from exporters.onnx_layout import weights_file_bytes
+    from plt_port.config import PLTConfig
+
+    model_dir = make_model(fmt, **overrides)
+    quant = quantization(*quant) if quant else None
+    out = export(model_dir, tmp_path / "onnx", dtype=dtype, quant=quant)
+    expected = weights_file_bytes(PLTConfig.from_file(model_dir), dtype, quant)
+    assert os.path.getsize(os.path.join(out, "weights.bin")) == expected
+
+
+def test_human_bytes_picks_the_unit():
+    from plt_port.sizing import human_bytes
+
+    assert [human_bytes(n) for n in (0, 1023, 1024, 1536 * 1024, 3 * 2**30, 2**42)] == \
+        ["0 B", "1,023 B", "1.00 KiB", "1.50 MiB", "3.00 GiB", "4,096.00 GiB"]

@@ -69,6 +69,10 @@ CASES = {
     "gqa2-d16-tiny-model": Case(2, 4, 2, 1, 16, 12, 8, (3, 12)),
     "fp16-gqa2-d64": Case(2, 4, 2, 2, 64, 30, 8, (1, 30), mx.float16),
     "bf16-gqa4-d128": Case(1, 8, 2, 1, 128, 45, 16, (45,), mx.bfloat16),
+    # rings of min(window, capacity) slots: one as long as a capacity below the window, and
+    # the 8192-slot ring of a Loop-Thinking-shaped model, wrapped and partly filled
+    "ring-of-the-capacity": Case(2, 4, 2, 1, 64, 40, 40, (12, 40)),
+    "window8192-wrapped-partial": Case(2, 2, 1, 1, 16, 8300, 8192, (8200, 3000)),
 }
 BF16_OUT = Case(2, 4, 2, 2, 64, 30, 8, (7, 29), mx.bfloat16, mx.bfloat16)
 
@@ -346,16 +350,19 @@ def test_metal_kernel_matches_ops_on_gpu(name):
 # ---- the kernel inside the MLX model ---------------------------------------------------------
 
 @needs_compiler
-def test_mlx_backend_decodes_the_same_through_the_emulated_kernel(make_model, monkeypatch):
+@pytest.mark.parametrize("window", [[7, 0], [8191, 0]], ids=["rings-wrap", "window8192"])
+def test_mlx_backend_decodes_the_same_through_the_emulated_kernel(make_model, monkeypatch,
+                                                                  window):
     """The MLX backend's decode with G-SWA routed through the emulated kernel gives the
-    logits of its composed-ops path: real cache layouts, 3 loops, rings that wrap."""
+    logits of its composed-ops path: real cache layouts, 3 loops, rings that wrap, and the
+    rings of a window-8192 model (as long as the capacity, 32 slots)."""
     from runtimes.backends import backend_unavailable_reason, load_backend
 
     if backend_unavailable_reason("mlx"):
         pytest.skip(backend_unavailable_reason("mlx"))
     from runtimes.models import mlx_model  # the module whose gswa_decode the model calls
 
-    model_dir = make_model(plt_num_loops=3)
+    model_dir = make_model(plt_num_loops=3, plt_window_size=window)
     prompts = [[5, 9, 23, 7, 41, 3], [8, 2]]
     steps = np.array([[11, 12], [13, 14], [15, 16], [17, 18], [19, 20], [21, 22], [23, 24],
                       [25, 26], [27, 28]])
@@ -369,7 +376,8 @@ def test_mlx_backend_decodes_the_same_through_the_emulated_kernel(make_model, mo
     calls = []
 
     def gswa_via_emulator(q, global_k, global_v, ring_k, ring_v, gate, lengths, scale,
-                          use_kernel=None):
+                          use_kernel=None, kv_quant=None):
+        assert kv_quant is None
         calls.append(q.shape)
         return launch_gswa_decode(emulated, q, global_k, global_v, ring_k, ring_v, gate,
                                   lengths, scale)

@@ -291,7 +291,8 @@ def test_manifest_drives_another_runtime(make_model, tmp_path):
     caches = {}
 
     def run(feeds, chunk):
-        dims = {"batch": batch, "capacity": capacity, "chunk": chunk}
+        dims = {"batch": batch, "capacity": capacity, "chunk": chunk,
+                "ring_slots": min(manifest["window"], capacity)}
         for spec in graph["inputs"]:
             if spec["name"] not in feeds:   # caches: zeros on first use, then the last outputs
                 shape = [dims.get(d, d) for d in spec["shape"]]

@@ -66,6 +66,7 @@ class Backend(abc.ABC):
     run_dtype: str = "float32"  # the dtype the weights and caches were loaded in
     # False where the loaded artefacts bake the loop count in (ONNX graphs)
     loops_share_weights: bool = True
+    kv_quant: cache_layout.KVQuant | None = None  # quantized global K/V (torch, MLX)
 
     def __init__(self, model_dir: str, loops: int | None = None):
         self.model_dir = str(model_dir)
@@ -103,6 +104,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def cache_nbytes(self, caches) -> int:
         """Bytes held by the caches (global KV + ring KV + CLP carry)."""
+
+    # ---- hooks of a backend that quantizes its global K/V (`kv_quant` set) ------------------
+    def global_quantized(self, caches) -> bool:
+        """Whether the caches hold their global K/V quantized."""
+        return False
+
+    def quantize_global(self, caches) -> Any:
+        """The caches with their global K/V quantized as `kv_quant` says (content kept)."""
+        raise BackendError(f"the {self.name} backend does not quantize its KV cache")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -154,6 +164,7 @@ class Backend(abc.ABC):
             num_new = np.clip(lengths - start, 0, width)
             chunk_logits = self.prefill_chunk(state.caches, ids[:, start:start + width], start,
                                               num_new)
+            self.maybe_quantize_kv(state, int((start + num_new).max()))
             ends_here = (num_new > 0) & (start + num_new == lengths)
             logits[ends_here] = chunk_logits[ends_here]
         state.lengths = lengths
@@ -172,6 +183,7 @@ class Backend(abc.ABC):
         self.ensure_capacity(state, int(state.lengths.max()) + 1)
         logits = self.start_decode_rows(state.caches, tokens, state.lengths.copy(), mode)
         state.lengths = state.lengths + state.active
+        self.maybe_quantize_kv(state, int(state.lengths.max()))
         return logits
 
     def start_decode_rows(self, caches, tokens: np.ndarray, positions: np.ndarray,
@@ -189,6 +201,8 @@ class Backend(abc.ABC):
                                f"{source_slot} (of {source.batch_size}) out of range")
         length = int(source.lengths[source_slot])
         self.ensure_capacity(state, length)
+        if self.global_quantized(source.caches) and not self.global_quantized(state.caches):
+            state.caches = self.quantize_global(state.caches)  # the batch follows its newcomer
         state.caches = self.copy_slot(state.caches, slot, source.caches, source_slot, length)
         state.lengths = state.lengths.copy()
         state.lengths[slot] = length
@@ -204,6 +218,17 @@ class Backend(abc.ABC):
 
     def cache_bytes(self, state: DecodeState) -> int:
         return self.cache_nbytes(state.caches)
+
+    def maybe_quantize_kv(self, state: DecodeState, longest: int) -> None:
+        """mlx-lm's maybe_quantize_kv_cache: once a call leaves a sequence with at least
+        `kv_quant.start` tokens, the batch's global K/V are quantized from then on."""
+        if self.kv_quant is not None and longest >= self.kv_quant.start \
+                and not self.global_quantized(state.caches):
+            state.caches = self.quantize_global(state.caches)
+
+    def quantize_kv_from_the_start(self) -> bool:
+        """New caches are allocated quantized (quantized_kv_start 0)."""
+        return self.kv_quant is not None and self.kv_quant.start == 0
 
     def ensure_capacity(self, state: DecodeState, needed: int) -> None:
         """Grow the global cache (policy: cache_layout.grown_capacity) to `needed` positions."""
@@ -280,8 +305,10 @@ class Backend(abc.ABC):
         return mode, tokens.astype(np.int64)
 
     def expected_cache_bytes(self, batch: int, capacity: int, itemsize: int) -> int:
-        """SPEC section 4 formula for this model at this loop count."""
-        return cache_layout.cache_bytes(self.config, self.loops, batch, capacity, itemsize)
+        """SPEC section 4 formula for this model at this loop count: caches of `itemsize`
+        bytes an element, the global K/V quantized as this backend's `kv_quant` says."""
+        return cache_layout.cache_bytes(self.config, self.loops, batch, capacity, itemsize,
+                                        self.kv_quant)
 
     @staticmethod
     def last_token_index(num_new: np.ndarray) -> np.ndarray:

@@ -4,7 +4,8 @@
 export store (with `dtype` (default: the stored precision)/`quantize`/`group_size`), or an
 MLX model directory loaded as it is: one written by `plt-port export mlx` (its config.json has
 an `mlx_export` entry) or an mlx-lm quantized checkpoint (a `quantization` entry;
-plt_port/quantization.py).
+plt_port/quantization.py). `kv_bits` / `kv_group_size` / `quantized_kv_start` quantize the
+global K/V as mlx-lm's QuantizedKVCache does (`plt_port.cache_layout.KVQuant`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from exporters import mlx_export
 from exporters.export_store import ensure_exported
 from plt_port import checkpoint
+from plt_port.cache_layout import kv_quant_option
 from plt_port.quantization import Quantization, quantized_shapes
 
 from runtimes.models import mlx_model
@@ -30,7 +32,9 @@ class MLXBackend(Backend):
     name = "mlx"
 
     def __init__(self, model_dir: str, loops: int | None = None, kernel: str = "auto",
-                 dtype: str | None = None, quantize: int | None = None, group_size: int = 64):
+                 dtype: str | None = None, quantize: int | None = None, group_size: int = 64,
+                 kv_bits: int | None = None, kv_group_size: int | None = None,
+                 quantized_kv_start: int = 0):
         if kernel not in KERNEL_CHOICES:
             raise BackendError(f"kernel must be one of {', '.join(KERNEL_CHOICES)}, got {kernel!r}")
         if kernel == "on" and not mx.metal.is_available():
@@ -49,6 +53,11 @@ class MLXBackend(Backend):
                                         dtype=dtype, quantize=quantize,
                                         group_size=group_size)
         super().__init__(model_dir, loops)
+        self.kv_quant = kv_quant_option(kv_bits, kv_group_size, quantized_kv_start,
+                                        self.config.head_dim, BackendError)
+        if kernel == "on" and self.kv_quant is not None:
+            raise BackendError("kernel='on': the Metal G-SWA kernel reads dense global K/V; a "
+                               "quantized KV cache (kv_bits) runs the composed ops")
         self.kernel = kernel
         self.model = load_model(model_dir, dtype=getattr(mx, dtype) if dtype else None)
         self.model.use_gswa_kernel = KERNEL_CHOICES[kernel]
@@ -62,27 +71,41 @@ class MLXBackend(Backend):
 
     # ---- caches ------------------------------------------------------------------------
     def new_caches(self, batch, capacity):
-        return self.model.allocate_cache(batch, capacity, self.loops)
+        kv_quant = self.kv_quant if self.quantize_kv_from_the_start() else None
+        return self.model.allocate_cache(batch, capacity, self.loops, kv_quant)
 
     def grow_caches(self, caches, capacity):
-        caches.grow(capacity)
+        caches.grow(capacity, self.config.window)
         return caches
 
     def copy_slot(self, caches, slot, source_caches, source_slot, length):
         for kv, src in zip(caches.global_k + caches.global_v,
                            source_caches.global_k + source_caches.global_v):
-            kv[slot, :, :length] = src[source_slot, :, :length]
-        for kv, src in zip(self._per_loop(caches), self._per_loop(source_caches)):
-            kv[:, slot] = src[:, source_slot]  # [R, B, ...]: the batch is axis 1
+            src = mlx_model.kv_map(lambda part: part[source_slot, :, :length], src)
+            if caches.kv_quant != source_caches.kv_quant:  # a dense sequence, a quantized batch
+                src = mlx_model.encode_kv(src, caches.kv_quant)
+            for part, src_part in zip(mlx_model.kv_parts(kv), mlx_model.kv_parts(src)):
+                part[slot, :, :length] = src_part
+        # [R, B, G, Wr, D]: the batch is axis 1; a smaller ring holds its positions in its prefix
+        shared = min(caches.ring_slots or 0, source_caches.ring_slots or 0)
+        for ring, src in zip(caches.ring_k + caches.ring_v,
+                             source_caches.ring_k + source_caches.ring_v):
+            ring[:, slot] = 0
+            ring[:, slot, :, :shared] = src[:, source_slot, :, :shared]
+        if caches.carry is not None:
+            caches.carry[:, slot] = source_caches.carry[:, source_slot]
         mx.eval(caches.arrays())
         return caches
 
-    @staticmethod
-    def _per_loop(caches) -> list[mx.array]:
-        return caches.ring_k + caches.ring_v + ([caches.carry] if caches.carry is not None else [])
-
     def cache_nbytes(self, caches):
         return caches.nbytes
+
+    def global_quantized(self, caches):
+        return caches.kv_quant is not None
+
+    def quantize_global(self, caches):
+        caches.quantize_global(self.kv_quant)
+        return caches
 
     # ---- running -----------------------------------------------------------------------
     def prefill_chunk(self, caches, ids, start, num_new):

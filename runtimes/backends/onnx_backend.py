@@ -20,6 +20,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
+from plt_port.cache_layout import ring_slots
 from plt_port.config import PLTConfig
 
 from exporters.export_store import ensure_exported
@@ -86,7 +87,13 @@ class ONNXBackend(Backend):
 
     def __init__(self, model_dir: str, loops: int | None = None, provider: str = "auto",
                  dtype: str | None = None, threads: int | None = None,
-                 quantize: int | None = None, block_size: int = 32):
+                 quantize: int | None = None, block_size: int = 32,
+                 kv_bits: int | None = None, kv_group_size: int | None = None,
+                 quantized_kv_start: int = 0):
+        if kv_bits is not None:
+            raise BackendError("the onnx backend keeps its KV caches in the export's dtype "
+                               "(float16 on CUDA for 16-bit checkpoints, float32 on the CPU); "
+                               "kv_bits (--kv-bits) quantizes the torch and mlx caches")
         self.check_threads(threads)
         self.source_dir = os.fspath(model_dir)
         self.device = choose_device(provider)
@@ -113,11 +120,11 @@ class ONNXBackend(Backend):
 
     def new_caches(self, batch: int, capacity: int) -> dict:
         cfg, R = self.config, self.loops - 1
-        G, D, W = cfg.num_key_value_heads, cfg.head_dim, cfg.window
+        G, D, Wr = cfg.num_key_value_heads, cfg.head_dim, ring_slots(cfg.window, capacity)
         caches = {"global": [{kv: self._zeros((batch, G, capacity, D)) for kv in ("key", "value")}
                              for _ in range(cfg.num_hidden_layers)]}
         if R:
-            caches["ring"] = [{kv: self._zeros((R, batch, G, W, D)) for kv in ("key", "value")}
+            caches["ring"] = [{kv: self._zeros((R, batch, G, Wr, D)) for kv in ("key", "value")}
                               for _ in range(cfg.num_hidden_layers)]
         if R and not cfg.is_v1:
             caches["carry"] = self._zeros((R, batch, cfg.hidden_size))
@@ -129,12 +136,21 @@ class ONNXBackend(Backend):
         return [v for layer in layers for v in layer.values()] + \
             ([caches["carry"]] if "carry" in caches else [])
 
+    def _grown(self, old: ort.OrtValue, axis: int, size: int) -> ort.OrtValue:
+        """`old` with axis `axis` extended to `size` (new entries zero, at the end)."""
+        shape = old.shape()
+        if size <= shape[axis]:
+            return old
+        grown = np.zeros(shape[:axis] + [size] + shape[axis + 1:], self.np_dtype)
+        grown[(slice(None),) * axis + (slice(0, shape[axis]),)] = old.numpy()
+        return ort.OrtValue.ortvalue_from_numpy(grown, self.device, 0)
+
     def grow_caches(self, caches, capacity):
-        for layer in caches["global"]:
-            for kv, old in layer.items():
-                grown = np.zeros(old.shape()[:2] + [capacity] + old.shape()[3:], self.np_dtype)
-                grown[:, :, :old.shape()[2]] = old.numpy()
-                layer[kv] = ort.OrtValue.ortvalue_from_numpy(grown, self.device, 0)
+        slots = ring_slots(self.config.window, capacity)
+        for layers, axis, size in (("global", 2, capacity), ("ring", 3, slots)):
+            for layer in caches.get(layers, []):
+                for kv, old in layer.items():
+                    layer[kv] = self._grown(old, axis, size)
         return caches
 
     def copy_slot(self, caches, slot, source_caches, source_slot, length):
@@ -149,8 +165,12 @@ class ONNXBackend(Backend):
         if "carry" in caches:
             per_loop.append((caches["carry"], source_caches["carry"]))
         for value, source in per_loop:  # [R, B, ...]: the batch is axis 1
-            array = value.numpy()
-            array[:, slot] = source.numpy()[:, source_slot]
+            array, source_array = value.numpy(), source.numpy()
+            # rings of different sizes: a smaller one holds positions < its size in its prefix
+            shared = tuple(slice(0, min(n, m)) for n, m in zip(array.shape[2:],
+                                                                source_array.shape[2:]))
+            array[:, slot] = 0
+            array[(slice(None), slot) + shared] = source_array[(slice(None), source_slot) + shared]
             value.update_inplace(array)
         return caches
 

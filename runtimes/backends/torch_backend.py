@@ -3,8 +3,9 @@ cross-loop-parallel (CLP) decode. This module only decides where K/V come from.
 
 Caches (`plt_port.cache_layout`), preallocated and written by index (gpt-fast style):
 
-  global_kv  per layer K, V [B, G, capacity, D]
-  ring_kv    per layer K, V [B, G, (L-1)*W, D]   loop r >= 2 owns slots (r-2)*W .. (r-1)*W - 1
+  global_kv  per layer a `torch_kv.GlobalKV`: K, V [B, G, capacity, D], dense or quantized
+  ring_kv    per layer K, V [B, G, (L-1)*Wr, D]   Wr = min(W, capacity) slots per loop; loop
+             r >= 2 owns slots (r-2)*Wr .. (r-1)*Wr - 1
   clp_carry  [L-1, B, d]
 
 A decode step runs its loop rows as the "tokens" of one block input [B, R, d], all at the
@@ -16,7 +17,9 @@ G-SWA over the global cache and their own ring block (a block-diagonal mask over
 Options: dtype ("float32", "bfloat16", "float16"; default: the checkpoint's stored precision,
 except float16 on the CPU runs in float32, see `plt_port.model.run_dtype`; logits are always
 returned in fp32),
-device ("cpu", "cuda"), threads (sets torch's intra-op threads for the whole process).
+device ("cpu", "cuda"), threads (sets torch's intra-op threads for the whole process),
+kv_bits / kv_group_size / quantized_kv_start (the global K/V quantized, mlx-lm's options;
+`plt_port.cache_layout.KVQuant`).
 """
 
 from __future__ import annotations
@@ -26,30 +29,46 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from plt_port.cache_layout import ring_slot_positions
+from plt_port.cache_layout import kv_quant_option, ring_slot, ring_slot_positions, ring_slots
 from plt_port.model import (TORCH_DTYPES, PLTForCausalLM, attend, causal_mask, gate_mix,
                             gated_swa, run_dtype)
 
 from .base import Backend, BackendError
+from .torch_kv import GlobalKV
 
 
 @dataclass
 class TorchCaches:
-    global_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    global_kv: list[GlobalKV]
     ring_kv: list[tuple[torch.Tensor, torch.Tensor]]
     clp_carry: torch.Tensor | None
+    rings: int  # L - 1
+
+    @property
+    def ring_slots(self) -> int:
+        """Slots of each loop's ring (min(window, capacity))."""
+        return self.ring_kv[0][0].shape[2] // self.rings if self.ring_kv else 0
 
     def tensors(self) -> list[torch.Tensor]:
-        kv = [t for pair in self.global_kv + self.ring_kv for t in pair]
+        kv = [t for store in self.global_kv for t in store.tensors()]
+        kv += [t for pair in self.ring_kv for t in pair]
         return kv + ([self.clp_carry] if self.clp_carry is not None else [])
+
+
+def per_loop(ring: torch.Tensor, rings: int) -> torch.Tensor:
+    """A ring tensor [B, G, R*Wr, D] viewed as [B, G, R, Wr, D]."""
+    return ring.unflatten(2, (rings, -1))
 
 
 class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model_dir: str, loops: int | None = None, dtype: str | None = None,
-                 device: str = "cpu", threads: int | None = None):
+                 device: str = "cpu", threads: int | None = None, kv_bits: int | None = None,
+                 kv_group_size: int | None = None, quantized_kv_start: int = 0):
         super().__init__(model_dir, loops)
+        self.kv_quant = kv_quant_option(kv_bits, kv_group_size, quantized_kv_start,
+                                        self.config.head_dim, BackendError)
         if dtype is not None and dtype not in TORCH_DTYPES:
             raise BackendError(f"torch backend: dtype must be one of {list(TORCH_DTYPES)}, "
                                f"got {dtype!r}")
@@ -80,31 +99,41 @@ class TorchBackend(Backend):
         def zeros(*shape):
             return torch.zeros(*shape, dtype=self.dtype, device=self.device)
 
-        ring_slots = (self.loops - 1) * self.window
+        kv_quant = self.kv_quant if self.quantize_kv_from_the_start() else None
+        ring_width = (self.loops - 1) * ring_slots(self.window, capacity)
         return TorchCaches(
-            global_kv=[(zeros(batch, G, capacity, D), zeros(batch, G, capacity, D))
+            global_kv=[GlobalKV.zeros(batch, G, capacity, D, self.dtype, self.device, kv_quant)
                        for _ in range(cfg.num_hidden_layers)],
-            ring_kv=[(zeros(batch, G, ring_slots, D), zeros(batch, G, ring_slots, D))
+            ring_kv=[(zeros(batch, G, ring_width, D), zeros(batch, G, ring_width, D))
                      for _ in range(cfg.num_hidden_layers)] if self.loops > 1 else [],
             clp_carry=zeros(self.loops - 1, batch, cfg.hidden_size) if self.supports_clp else None,
+            rings=self.loops - 1,
         )
 
     def grow_caches(self, caches: TorchCaches, capacity: int) -> TorchCaches:
-        def grown(cache):
-            out = cache.new_zeros(*cache.shape[:2], capacity, cache.shape[3])
-            out[:, :, :cache.shape[2]] = cache
-            return out
+        caches.global_kv = [store.grown(capacity) for store in caches.global_kv]
+        slots = ring_slots(self.window, capacity)
+        if caches.ring_kv and slots > caches.ring_slots:  # new slots at the end of each ring
+            def grown(ring):
+                rings = per_loop(ring, caches.rings)
+                out = rings.new_zeros(*rings.shape[:3], slots, rings.shape[4])
+                out[:, :, :, :rings.shape[3]] = rings
+                return out.flatten(2, 3)
 
-        caches.global_kv = [(grown(k), grown(v)) for k, v in caches.global_kv]
+            caches.ring_kv = [(grown(k), grown(v)) for k, v in caches.ring_kv]
         return caches
 
     def copy_slot(self, caches, slot, source_caches, source_slot, length):
-        for (k, v), (src_k, src_v) in zip(caches.global_kv, source_caches.global_kv):
-            k[slot, :, :length] = src_k[source_slot, :, :length]
-            v[slot, :, :length] = src_v[source_slot, :, :length]
-        for (k, v), (src_k, src_v) in zip(caches.ring_kv, source_caches.ring_kv):
-            k[slot] = src_k[source_slot]
-            v[slot] = src_v[source_slot]
+        for store, source_store in zip(caches.global_kv, source_caches.global_kv):
+            store.copy_slot(slot, source_store, source_slot, length)
+        # rings of different sizes: a smaller one holds positions < its size in its prefix
+        shared = min(caches.ring_slots, source_caches.ring_slots)
+        for ring, source_ring in zip((t for pair in caches.ring_kv for t in pair),
+                                     (t for pair in source_caches.ring_kv for t in pair)):
+            rings = per_loop(ring, caches.rings)
+            rings[slot] = 0
+            rings[slot, :, :, :shared] = per_loop(source_ring, caches.rings)[source_slot, :, :,
+                                                                              :shared]
         if caches.clp_carry is not None:
             caches.clp_carry[:, slot] = source_caches.clp_carry[:, source_slot]
         return caches
@@ -112,12 +141,18 @@ class TorchBackend(Backend):
     def cache_nbytes(self, caches: TorchCaches) -> int:
         return sum(t.numel() * t.element_size() for t in caches.tensors())
 
+    def global_quantized(self, caches: TorchCaches) -> bool:
+        return caches.global_kv[0].quantized
+
+    def quantize_global(self, caches: TorchCaches) -> TorchCaches:
+        caches.global_kv = [store.to_quantized(self.kv_quant) for store in caches.global_kv]
+        return caches
+
     def _logits(self, h_last: torch.Tensor) -> np.ndarray:
         return self.model.lm_logits(h_last).float().cpu().numpy()
 
-    def _ring_positions(self, last: torch.Tensor) -> torch.Tensor:
-        return ring_slot_positions(last, torch.arange(self.window, device=self.device),
-                                   self.window)
+    def _ring_positions(self, last: torch.Tensor, slots: int) -> torch.Tensor:
+        return ring_slot_positions(last, torch.arange(slots, device=self.device), self.window)
 
     # ---- prefill -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -135,23 +170,23 @@ class TorchBackend(Backend):
         global_mask = causal_mask(positions, torch.arange(end, device=self.device))
         # Loop r >= 2 keys: its ring (positions before the chunk, the same for every sequence
         # still inside its prompt), then the chunk's own K/V.
-        ring_pos = self._ring_positions(torch.tensor([start - 1], device=self.device))[0]
+        Wr = caches.ring_slots
+        ring_pos = self._ring_positions(torch.tensor([start - 1], device=self.device), Wr)[0]
         local_pos = torch.cat([ring_pos, positions])
         local_mask = causal_mask(positions, local_pos, W) & (local_pos >= 0)
         embeddings = model.model.embed_tokens(ids)
 
         def attention_for(loop: int, i: int):
-            global_k, global_v = caches.global_kv[i]
+            global_kv = caches.global_kv[i]
 
             def attention(q, k, v, x_res):
                 if loop == 1:
-                    global_k[:, :, start:end] = k
-                    global_v[:, :, start:end] = v
-                    return attend(q, global_k[:, :, :end], global_v[:, :, :end], global_mask)[0]
-                ring = slice((loop - 2) * W, (loop - 1) * W)
+                    global_kv.write((slice(None), slice(None), slice(start, end)), k, v)
+                    return attend(q, *global_kv.read(end), global_mask)[0]
+                ring = slice((loop - 2) * Wr, (loop - 1) * Wr)
                 ring_k, ring_v = caches.ring_kv[i][0][:, :, ring], caches.ring_kv[i][1][:, :, ring]
                 local_kv = (torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2))
-                y, _ = gated_swa(q, (global_k[:, :, :end], global_v[:, :, :end]), global_mask,
+                y, _ = gated_swa(q, global_kv.read(end), global_mask,
                                  local_kv, local_mask, model.gate(i)(x_res, q))
                 self._write_ring_chunk(ring_k, k, start, ends)
                 self._write_ring_chunk(ring_v, v, start, ends)
@@ -172,13 +207,14 @@ class TorchBackend(Backend):
         return self._logits(h[batch_index, last])
 
     def _write_ring_chunk(self, ring, chunk_kv, start: int, ends):
-        """Write each sequence's last W real chunk positions (those < ends[b]) into its ring
-        (a [B, G, W, D] view); padding positions are never written."""
+        """Write each sequence's last real chunk positions (those < ends[b]) into its ring
+        (a [B, G, Wr, D] view), each in its slot; padding positions are never written."""
         B, G, T, D = chunk_kv.shape
-        slot_pos = self._ring_positions(ends - 1)  # [B, W]
+        slots = ring.shape[2]
+        slot_pos = self._ring_positions(ends - 1, slots)  # [B, Wr]
         written = slot_pos >= start
         index = (slot_pos - start).clamp(0, T - 1)
-        new = chunk_kv.gather(2, index[:, None, :, None].expand(B, G, self.window, D))
+        new = chunk_kv.gather(2, index[:, None, :, None].expand(B, G, slots, D))
         ring.copy_(torch.where(written[:, None, :, None], new, ring))
 
     # ---- decode ------------------------------------------------------------------------
@@ -207,7 +243,7 @@ class TorchBackend(Backend):
 
     def _run_rows(self, caches: TorchCaches, x, first_loop: int, t):
         """One pass of the stack over rows x [B, R, d] = loops first_loop.. at positions t [B]."""
-        model, W = self.model, self.window
+        model, W, Wr = self.model, self.window, caches.ring_slots
         B, R, _ = x.shape
         positions = t[:, None].expand(B, R)
         cos, sin = model.rope(positions)
@@ -220,21 +256,20 @@ class TorchBackend(Backend):
         plain_rows = 1 if first_loop == 1 else 0  # loop 1's row: causal attention only
         ring_loops = torch.arange(first_loop + plain_rows, first_loop + R, device=self.device)
         if len(ring_loops):
-            ring = slice(int(ring_loops[0] - 2) * W, int(ring_loops[-1] - 1) * W)
-            key_loop = ring_loops[0] + torch.arange(len(ring_loops) * W, device=self.device) // W
-            filled = (self._ring_positions(t) >= 0).repeat(1, len(ring_loops))  # [B, rows * W]
+            ring = slice(int(ring_loops[0] - 2) * Wr, int(ring_loops[-1] - 1) * Wr)
+            key_loop = ring_loops[0] + torch.arange(len(ring_loops) * Wr, device=self.device) // Wr
+            filled = (self._ring_positions(t, Wr) >= 0).repeat(1, len(ring_loops))  # [B, rows*Wr]
             local_mask = ((ring_loops[:, None] == key_loop[None])[None] & filled[:, None])[:, None]
-            write_slots = (ring_loops - 2)[None] * W + (t % W)[:, None]  # [B, rows]
+            write_slots = (ring_loops - 2)[None] * Wr + ring_slot(t, W)[:, None]  # [B, rows]
 
         def attention_for(i: int):
-            global_k, global_v = caches.global_kv[i]
+            global_kv = caches.global_kv[i]
 
             def attention(q, k, v, x_res):
                 if plain_rows:  # loop 1 writes slot t before any row reads the global cache
-                    global_k[batch_index, :, t] = k[:, :, 0]
-                    global_v[batch_index, :, t] = v[:, :, 0]
+                    global_kv.write((batch_index, slice(None), t), k[:, :, 0], v[:, :, 0])
                 # one call for every row's global branch (loop 1's row uses only that)
-                y = attend(q, global_k[:, :, :kv_len], global_v[:, :, :kv_len], global_mask)[0]
+                y = attend(q, *global_kv.read(kv_len), global_mask)[0]
                 if not len(ring_loops):
                     return y
                 rows = slice(plain_rows, R)

@@ -26,8 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from metal_kernels.gswa import gswa_decode
-from plt_port.cache_layout import grown_capacity, ring_slot_positions
+from metal_kernels.gswa import gswa_decode, quantized_attention
+from plt_port.cache_layout import grown_capacity, ring_slot, ring_slot_positions, ring_slots
 from plt_port.config import PLTConfig, canonical_name
 
 
@@ -133,31 +133,68 @@ class PLTModel(nn.Module):
                                      for _ in range(args.num_hidden_layers)]
 
 
+def kv_parts(kv) -> list[mx.array]:
+    """The arrays of a global K or V: [values], or [packed, scales, biases] when quantized."""
+    return list(kv) if isinstance(kv, tuple) else [kv]
+
+
+def kv_map(fn, kv, *others):
+    """fn applied to each part of `kv` (and the matching parts of `others`), same structure."""
+    parts = [fn(*p) for p in zip(kv_parts(kv), *map(kv_parts, others))]
+    return tuple(parts) if isinstance(kv, tuple) else parts[0]
+
+
+def encode_kv(x: mx.array, kv_quant):
+    """x [..., D] as a global cache stores it: itself, or mlx-lm's (packed, scales, biases)."""
+    if kv_quant is None:
+        return x
+    return tuple(mx.quantize(x, group_size=kv_quant.group_size, bits=kv_quant.bits))
+
+
+def quantized_zeros(shape, dtype, kv_quant):
+    """The quantized form of zeros of `shape` [..., D] (it dequantizes to zeros)."""
+    *outer, D = shape
+    return (mx.zeros((*outer, D * kv_quant.bits // 32), mx.uint32),
+            mx.zeros((*outer, D // kv_quant.group_size), dtype),
+            mx.zeros((*outer, D // kv_quant.group_size), dtype))
+
+
 class PLTCache:
     """The decode state of one batch (SPEC section 4, layouts of metal_kernels.gswa):
 
-    global_k/v[l]  [B, G, S_cap, D]  loop-1 K/V, position p in slot p
-    ring_k/v[l]    [R, B, G, W, D]   loop r+2's own K/V, position p in slot p % W
+    global_k/v[l]  [B, G, S_cap, D]  loop-1 K/V, position p in slot p; with `kv_quant`, mlx-lm's
+                                     QuantizedKVCache layout: a (packed uint32, scales, biases)
+                                     triple of mx.quantize along D
+    ring_k/v[l]    [R, B, G, Wr, D]  loop r+2's own K/V, position p in slot p % window; Wr =
+                                     min(window, S_cap)
     carry          [R, B, d]         n(h^(r+1)) of the last processed position (PLT only)
-    with R = loops - 1 and W = window (keys incl. the query). `state` holds only arrays (a
-    tree `mx.compile` takes and returns); loops, window and capacity are read off the shapes.
+    with R = loops - 1 and window = keys incl. the query. `state` holds only arrays (a tree
+    `mx.compile` takes and returns); loops, ring slots and capacity are read off the shapes.
     """
 
-    def __init__(self, state: dict):
+    def __init__(self, state: dict, kv_quant=None):
         self.state = state
+        self.kv_quant = kv_quant  # a plt_port.cache_layout.KVQuant, or None: dense global K/V
 
     @classmethod
-    def zeros(cls, args: ModelArgs, loops: int, batch: int, capacity: int, dtype) -> "PLTCache":
-        G, D, W, R = args.num_key_value_heads, args.head_dim, args.window, loops - 1
+    def zeros(cls, args: ModelArgs, loops: int, batch: int, capacity: int, dtype,
+              kv_quant=None) -> "PLTCache":
+        G, D, R = args.num_key_value_heads, args.head_dim, loops - 1
+        Wr = ring_slots(args.window, capacity)
         n = args.num_hidden_layers
-        state = {"global_k": [mx.zeros((batch, G, capacity, D), dtype) for _ in range(n)],
-                 "global_v": [mx.zeros((batch, G, capacity, D), dtype) for _ in range(n)]}
+        shape = (batch, G, capacity, D)
+
+        def global_zeros():
+            return quantized_zeros(shape, dtype, kv_quant) if kv_quant else mx.zeros(shape, dtype)
+
+        state = {"global_k": [global_zeros() for _ in range(n)],
+                 "global_v": [global_zeros() for _ in range(n)]}
         if R:
-            state["ring_k"] = [mx.zeros((R, batch, G, W, D), dtype) for _ in range(n)]
-            state["ring_v"] = [mx.zeros((R, batch, G, W, D), dtype) for _ in range(n)]
+            state["ring_k"] = [mx.zeros((R, batch, G, Wr, D), dtype) for _ in range(n)]
+            state["ring_v"] = [mx.zeros((R, batch, G, Wr, D), dtype) for _ in range(n)]
             if not args.is_v1:
                 state["carry"] = mx.zeros((R, batch, args.hidden_size), dtype)
-        return cls(state)
+        return cls(state, kv_quant)
 
     global_k = property(lambda self: self.state["global_k"])
     global_v = property(lambda self: self.state["global_v"])
@@ -177,26 +214,39 @@ class PLTCache:
         return self.ring_k[0].shape[0] + 1 if self.ring_k else 1
 
     @property
-    def window(self) -> int | None:
+    def ring_slots(self) -> int | None:
         return self.ring_k[0].shape[3] if self.ring_k else None
 
     @property
     def capacity(self) -> int:
-        return self.global_k[0].shape[2]
+        return kv_parts(self.global_k[0])[0].shape[2]
 
-    def grow(self, capacity: int) -> None:
-        """Make the global K/V hold `capacity` positions per sequence (never shrinks)."""
-        if capacity <= self.capacity:
-            return
-        extra = capacity - self.capacity
+    def grow(self, capacity: int, window: int) -> None:
+        """Make the global K/V hold `capacity` positions per sequence and the rings
+        min(window, capacity) slots, new slots appended (never shrinks)."""
+        def padded(array, axis, size):
+            extra = list(array.shape)
+            extra[axis] = size - array.shape[axis]
+            return mx.concatenate([array, mx.zeros(extra, array.dtype)], axis=axis)
+
+        if capacity > self.capacity:
+            for name in ("global_k", "global_v"):
+                self.state[name] = [kv_map(lambda part: padded(part, 2, capacity), kv)
+                                    for kv in self.state[name]]
+        slots = ring_slots(window, capacity)
+        if self.ring_k and slots > self.ring_slots:
+            for name in ("ring_k", "ring_v"):
+                self.state[name] = [padded(ring, 3, slots) for ring in self.state[name]]
+
+    def quantize_global(self, kv_quant) -> None:
+        """Hold the global K/V quantized from now on (mlx-lm's KVCache.to_quantized)."""
         for name in ("global_k", "global_v"):
-            self.state[name] = [mx.concatenate([kv, mx.zeros((*kv.shape[:2], extra, kv.shape[3]),
-                                                             kv.dtype)], axis=2)
-                                for kv in self.state[name]]
+            self.state[name] = [encode_kv(kv, kv_quant) for kv in self.state[name]]
+        self.kv_quant = kv_quant
 
     def arrays(self) -> list[mx.array]:
-        return [a for value in self.state.values()
-                for a in (value if isinstance(value, list) else [value])]
+        return [part for value in self.state.values()
+                for a in (value if isinstance(value, list) else [value]) for part in kv_parts(a)]
 
     @property
     def nbytes(self) -> int:
@@ -259,9 +309,11 @@ class Model(nn.Module):
             weights.pop("lm_head.weight", None)
         return weights
 
-    def allocate_cache(self, batch: int, capacity: int, loops: int | None = None) -> PLTCache:
+    def allocate_cache(self, batch: int, capacity: int, loops: int | None = None,
+                       kv_quant=None) -> PLTCache:
         loops = self.args.resolve_loops(loops)
-        return PLTCache.zeros(self.args, loops, batch, capacity, self.model.norm.weight.dtype)
+        return PLTCache.zeros(self.args, loops, batch, capacity, self.model.norm.weight.dtype,
+                              kv_quant)
 
     def make_cache(self) -> list[PromptCache]:
         """mlx-lm's cache protocol (`make_prompt_cache`): one entry, filled by __call__."""
@@ -285,7 +337,7 @@ class Model(nn.Module):
         capacity = grown_capacity(start + T, self.args.max_position_embeddings)
         if entry.cache is None:
             entry.cache = self.allocate_cache(B, capacity, loops)
-        entry.cache.grow(capacity)
+        entry.cache.grow(capacity, self.args.window)
         if T == 1 and start > 0:
             logits = self.step(inputs[:, 0], entry.cache, np.full(B, start))[:, None]
         else:
@@ -324,10 +376,10 @@ class Model(nn.Module):
         end = start + q.shape[2]
         sdpa = partial(mx.fast.scaled_dot_product_attention, scale=self.layers[i].self_attn.scale)
         if r == 1:
-            cache.global_k[i][:, :, start:end] = k
-            cache.global_v[i][:, :, start:end] = v
-        y_glob = sdpa(q, cache.global_k[i][:, :, :end], cache.global_v[i][:, :, :end],
-                      mask="causal")
+            for kv, new in ((cache.global_k[i], k), (cache.global_v[i], v)):
+                for part, new_part in zip(kv_parts(kv), kv_parts(encode_kv(new, cache.kv_quant))):
+                    part[:, :, start:end] = new_part
+        y_glob = self._global_attention(cache, i, q, end, "causal")
         if r == 1:
             return y_glob
         ring_k, ring_v = cache.ring_k[i][r - 2], cache.ring_v[i][r - 2]
@@ -340,22 +392,31 @@ class Model(nn.Module):
         g = self.gate(i)(x_res, q)[..., None]
         return g * y_glob + (1 - g) * y_loc
 
-    @staticmethod
-    def _local_mask(cache: PLTCache, start: int, C: int) -> mx.array:
+    def _global_attention(self, cache: PLTCache, i: int, q: mx.array, end: int, mask):
+        """Attention of q over global slots 0..end-1 of layer i: mx.fast's SDPA, or mlx-lm's
+        quantized attention over a quantized cache."""
+        scale = self.layers[i].self_attn.scale
+        keys, values = (kv_map(lambda part: part[:, :, :end], kv)
+                        for kv in (cache.global_k[i], cache.global_v[i]))
+        if cache.kv_quant is not None:
+            return quantized_attention(q, keys, values, scale, mask, cache.kv_quant)
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+
+    def _local_mask(self, cache: PLTCache, start: int, C: int) -> mx.array:
         """Window mask [C, keys]: keys are the ring (positions before `start`, only if start > 0)
         then the chunk. Valid rows have every position < start, so one mask serves the batch."""
-        W = cache.window
+        W = self.args.window
         query_pos = np.arange(start, start + C)
         key_pos = query_pos
         if start > 0:
-            key_pos = np.concatenate([ring_slot_positions(np.array([start - 1]), np.arange(W), W)[0], query_pos])
+            held = ring_slot_positions(np.array([start - 1]), np.arange(cache.ring_slots), W)
+            key_pos = np.concatenate([held[0], query_pos])
         diff = query_pos[:, None] - key_pos[None, :]
         return mx.array((diff >= 0) & (diff < W) & (key_pos[None, :] >= 0))
 
-    @staticmethod
-    def _ring_update_plan(cache: PLTCache, start: int, C: int, ends: np.ndarray):
-        """Which ring slots take a K/V of this chunk, and its index: ([B,1,W,1] bool, int)."""
-        source = ring_slot_positions(ends - 1, np.arange(cache.window), cache.window)
+    def _ring_update_plan(self, cache: PLTCache, start: int, C: int, ends: np.ndarray):
+        """Which ring slots take a K/V of this chunk, and its index: ([B,1,Wr,1] bool, int)."""
+        source = ring_slot_positions(ends - 1, np.arange(cache.ring_slots), self.args.window)
         take = source >= start
         index = np.where(take, source - start, 0).clip(0, C - 1)
         return mx.array(take[:, None, :, None]), mx.array(index[:, None, :, None].astype(np.int32))
@@ -373,14 +434,15 @@ class Model(nn.Module):
         pos = mx.array(positions.astype(np.int32))
         if not self.compile_step:
             return self._step(tokens, cache, pos, mode)
-        if mode not in self._compiled_steps:
-            self._compiled_steps[mode] = mx.compile(partial(self._step_state, mode))
-        logits, cache.state = self._compiled_steps[mode](tokens, pos, cache.state)
+        key = (mode, cache.kv_quant)  # the quantization is part of the traced step
+        if key not in self._compiled_steps:
+            self._compiled_steps[key] = mx.compile(partial(self._step_state, *key))
+        logits, cache.state = self._compiled_steps[key](tokens, pos, cache.state)
         return logits
 
-    def _step_state(self, mode, tokens, pos, state):
+    def _step_state(self, mode, kv_quant, tokens, pos, state):
         cache = PLTCache({name: list(value) if isinstance(value, list) else value
-                          for name, value in state.items()})  # never write into the input tree
+                          for name, value in state.items()}, kv_quant)  # a copy of the tree
         logits = self._step(tokens, cache, pos, mode)
         return logits, cache.state
 
@@ -417,29 +479,34 @@ class Model(nn.Module):
         outputs = []
         if first_loop == 1:  # row 1 writes slot pos before rows >= 2 read the global cache
             slot = pos[:, None, None, None]
-            cache.global_k[i] = mx.put_along_axis(cache.global_k[i], slot, k[:, :, :1], axis=2)
-            cache.global_v[i] = mx.put_along_axis(cache.global_v[i], slot, v[:, :, :1], axis=2)
-            outputs.append(mx.fast.scaled_dot_product_attention(
-                q[:, :, :1], cache.global_k[i], cache.global_v[i], scale=attn.scale,
-                mask=global_valid))
+
+            def put(part, new):
+                return mx.put_along_axis(part, slot, new, axis=2)
+
+            for name, new in (("global_k", k), ("global_v", v)):
+                kvs = cache.state[name]
+                kvs[i] = kv_map(put, kvs[i], encode_kv(new[:, :, :1], cache.kv_quant))
+            outputs.append(self._global_attention(cache, i, q[:, :, :1], cache.capacity,
+                                                  global_valid))
             q, k, v, x_res = q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], x_res[:, 1:]
         rows = q.shape[2]
         if rows:
             first_ring = max(first_loop, 2) - 2
-            ring_k = self._ring_write(cache.ring_k, i, first_ring, k, pos, cache.window)
-            ring_v = self._ring_write(cache.ring_v, i, first_ring, v, pos, cache.window)
+            ring_k = self._ring_write(cache.ring_k, i, first_ring, k, pos, self.args.window)
+            ring_v = self._ring_write(cache.ring_v, i, first_ring, v, pos, self.args.window)
             gate = self.gate(i)(x_res, q)
             outputs.append(gswa_decode(q, cache.global_k[i], cache.global_v[i], ring_k, ring_v,
                                        gate, pos + 1, attn.scale,
-                                       use_kernel=self.use_gswa_kernel))
+                                       use_kernel=self.use_gswa_kernel,
+                                       kv_quant=cache.kv_quant))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
 
     @staticmethod
     def _ring_write(rings, i, first_ring, kv, pos, window):
-        """Write rows' K/V kv [B, G, R, D] at slot pos % W of ring rows first_ring.. of layer i;
-        returns those ring rows [R, B, G, W, D]."""
+        """Write rows' K/V kv [B, G, R, D] at the ring slot of pos in ring rows first_ring.. of
+        layer i; returns those ring rows [R, B, G, Wr, D]."""
         R, ring = kv.shape[2], rings[i]
-        slot = (pos % window)[None, :, None, None, None]
+        slot = ring_slot(pos, window)[None, :, None, None, None]
         new = kv.transpose(2, 0, 1, 3)[:, :, :, None, :]  # [R, B, G, 1, D]
         if R == ring.shape[0]:
             rings[i] = mx.put_along_axis(ring, slot, new, axis=3)

@@ -47,6 +47,7 @@ def add_arguments(parser):
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+<<<<<<< HEAD
     grammar = parser.add_mutually_exclusive_group()
     grammar.add_argument("--constrained", action="store_true",
                          help="also time grammar-constrained decoding: each configuration as "
@@ -55,6 +56,15 @@ def add_arguments(parser):
                               "runtimes.benchmark.BENCH_SCHEMA)")
     grammar.add_argument("--json-schema", metavar="FILE",
                          help="as --constrained, with the JSON schema in FILE")
+=======
+    parser.add_argument("--contexts", type=comma_list(int), default=None, metavar="N,...",
+                        help="instead: decode step time with caches holding N positions "
+                             "(marked written, no prefill), e.g. 1024,8192,32768, at the "
+                             "first --batch")
+    parser.add_argument("--windows", type=comma_list(int), default=None, metavar="W,...",
+                        help="with --contexts and --random: the same random model at each "
+                             "local window of W keys, timed together (e.g. 64,8192)")
+>>>>>>> i25-long-context
     parser.add_argument("--quantize", type=int, choices=(4, 8), default=None,
                         help="onnx and mlx backends: weight-only quantization of an export "
                              "made on first use (onnx: MatMulNBits, block 32, accuracy level 4; "
@@ -92,10 +102,38 @@ def run(args):
         backend_options={name: {**backend_options(mlx_weights(name), args),
                                 **quantize_option(mlx_weights(name), args)}
                          for name in args.backend})
+    if args.contexts is not None:
+        return run_contexts(args, settings)
+    if args.windows is not None:
+        raise BenchError("--windows goes with --contexts")
     model_dir = args.model or random_model_dir(args.random or "small")
     result = run_bench(model_dir, settings)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def run_contexts(args, settings) -> int:
+    """`--contexts`: step time by context, for each loop count, mode and --windows model."""
+    from dataclasses import asdict
+
+    from runtimes.benchmark import (BenchError, format_context_table, load_for_bench,
+                                    random_model_dir, time_contexts, write_json)
+
+    if args.windows is not None and args.model is not None:
+        raise BenchError("--windows makes random models: give --random, not --model")
+    model_dirs = [args.model] if args.model else [
+        random_model_dir(args.random or "small", window=window)
+        for window in (args.windows or [None])]
+    backends = [load_for_bench(name, model_dir, loops, settings.backend_options.get(name, {}))
+                for model_dir in model_dirs for name in settings.backends
+                for loops in settings.loops]
+    rows = time_contexts(backends, args.contexts, settings, progress=True)
+    print(format_context_table(rows))
+    if args.json:
+        write_json({"settings": asdict(settings), "contexts": args.contexts,
+                    "model_dirs": model_dirs, "rows": rows}, args.json)
         print(f"wrote {args.json}")
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from plt_port.app.commands.generate import DTYPE_HELP, DTYPES
+from plt_port.app.commands.generate import DTYPE_HELP, DTYPES, add_kv_arguments, kv_options
 from plt_port.app.cli import check_port
 from plt_port.errors import PLTError
 
@@ -38,6 +38,7 @@ def add_arguments(parser):
                              "(default 1: small models decode fastest on one thread, and the "
                              "columns share the CPU)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
+    add_kv_arguments(parser)
 
 
 def family_dirs() -> list[str]:
@@ -70,9 +71,10 @@ def run(args):
                     concurrency=args.concurrency, queue_size=args.queue_size)
     threads = {"threads": args.threads}
     dtype = {} if args.dtype is None else {"dtype": args.dtype}
-    app = build_app(model_dirs, limits, backend_options={"torch": {**threads, **dtype},
+    kv = kv_options(args)  # torch and MLX columns; ONNX keeps its caches in the export dtype
+    app = build_app(model_dirs, limits, backend_options={"torch": {**threads, **dtype, **kv},
                                                          "onnx": {**threads, **dtype},
-                                                         "mlx": dtype})
+                                                         "mlx": {**dtype, **kv}})
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"plt-port demo: serving on {args.host}: reachable from other machines", flush=True)
     launch(app, host=args.host, port=args.port)

@@ -31,11 +31,35 @@ def add_backend_arguments(parser) -> None:
                         help="onnx backend: execution provider (default auto: CUDA when "
                              "onnxruntime-gpu finds a GPU)")
     parser.add_argument("--threads", type=positive_int, help="torch/onnx backends: CPU threads")
+    add_kv_arguments(parser)
+
+
+def add_kv_arguments(parser) -> None:
+    """mlx-lm's KV-cache quantization options (torch and mlx backends)."""
+    parser.add_argument("--kv-bits", type=int, choices=(8, 4), default=None,
+                        help="torch/mlx backends: quantize the global KV cache to 8 or 4 bits "
+                             "(mlx-lm's --kv-bits; default: the run dtype)")
+    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=None,
+                        help="group size of the KV quantization, along the head dim "
+                             "(default 64, or the head dim when smaller)")
+    parser.add_argument("--quantized-kv-start", type=int, default=0, metavar="N",
+                        help="with --kv-bits: keep the KV cache in the run dtype until a "
+                             "sequence holds N tokens (default 0: quantized from the start; "
+                             "mlx-lm's CLI defaults to 5000)")
+
+
+def kv_options(args) -> dict:
+    """The load options of the KV quantization flags (none when --kv-bits is not given)."""
+    if args.kv_bits is None:
+        return {}
+    return {"kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size,
+            "quantized_kv_start": args.quantized_kv_start}
 
 
 def backend_options(name: str, args) -> dict:
-    """The subset of the backend flags that backend `name` understands."""
-    options = {} if args.dtype is None else {"dtype": args.dtype}
+    """The subset of the backend flags that backend `name` understands (the KV quantization
+    flags go to every backend: one that cannot quantize its cache refuses them by name)."""
+    options = {**({} if args.dtype is None else {"dtype": args.dtype}), **kv_options(args)}
     if name == "mlx":
         options["kernel"] = args.kernel
     if name == "torch":
