@@ -47,7 +47,6 @@ def add_arguments(parser):
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-<<<<<<< HEAD
     grammar = parser.add_mutually_exclusive_group()
     grammar.add_argument("--constrained", action="store_true",
                          help="also time grammar-constrained decoding: each configuration as "
@@ -56,7 +55,6 @@ def add_arguments(parser):
                               "runtimes.benchmark.BENCH_SCHEMA)")
     grammar.add_argument("--json-schema", metavar="FILE",
                          help="as --constrained, with the JSON schema in FILE")
-=======
     parser.add_argument("--contexts", type=comma_list(int), default=None, metavar="N,...",
                         help="instead: decode step time with caches holding N positions "
                              "(marked written, no prefill), e.g. 1024,8192,32768, at the "
@@ -64,7 +62,6 @@ def add_arguments(parser):
     parser.add_argument("--windows", type=comma_list(int), default=None, metavar="W,...",
                         help="with --contexts and --random: the same random model at each "
                              "local window of W keys, timed together (e.g. 64,8192)")
->>>>>>> i25-long-context
     parser.add_argument("--quantize", type=int, choices=(4, 8), default=None,
                         help="onnx and mlx backends: weight-only quantization of an export "
                              "made on first use (onnx: MatMulNBits, block 32, accuracy level 4; "
