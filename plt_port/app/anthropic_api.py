@@ -30,12 +30,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtimes.engine import TokenEvent
-from runtimes.sampling import SamplingParams
 
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
-from .service import APIError, ChoiceEvent, Service, bad_request, event_stream, matched_stop, \
-    whole_response
+from .service import APIError, ChoiceEvent, SamplingFields, Service, bad_request, event_stream, \
+    matched_stop, whole_response
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
@@ -162,13 +161,13 @@ class CountTokensBody(Strict):
     workspace_id: str | None = None
 
 
-class MessagesBody(CountTokensBody):
+class MessagesBody(CountTokensBody, SamplingFields):
+    """Anthropic's fields, with temperature, top_p and top_k (sent by clients of the API
+    before) and the sampling extras both APIs take here (`service.SamplingFields`)."""
+
     max_tokens: int
     stop_sequences: list[str] | None = None
     stream: bool | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
     metadata: dict | None = None
     service_tier: Literal["auto", "standard_only"] | None = None
     inference_geo: str | None = None
@@ -382,12 +381,8 @@ async def messages(service: Service, body: MessagesBody, http_request: HTTPReque
     reader = AnswerReader.for_request(
         service.options.tool_call_parser, service.options.reasoning_parser, tools,
         body.tool_choice is None or body.tool_choice.type != "none", prompt.text)
-    sampling = SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(body.top_k or 0, 0), seed=None)
     stop = body.stop_sequences or []
-    generation = service.submit(prompt.ids, body.max_tokens, sampling, stop,
+    generation = service.submit(prompt.ids, body.max_tokens, body.sampling(service), stop,
                                 service.loops_for(body.model, body.loops),
                                 http_request=http_request)
     message_id = f"msg_{generation.id}"

@@ -26,12 +26,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from runtimes.engine import TokenEvent
 from runtimes.generate import encode_prompt
-from runtimes.sampling import SamplingParams
 
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
-from .service import APIError, ChoiceEvent, Generation, Service, bad_request, event_stream, \
-    skippable, sse_data, whole_response
+from .service import APIError, ChoiceEvent, Generation, SamplingFields, Service, bad_request, \
+    event_stream, skippable, sse_data, whole_response
 
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -57,26 +56,16 @@ class StreamOptions(Strict):
     include_obfuscation: bool | None = None
 
 
-class GenerationBody(Strict):
-    """Fields both endpoints take (OpenAI's, and the sampling extras of vLLM and mlx-lm)."""
+class GenerationBody(SamplingFields):
+    """Fields both endpoints take (OpenAI's, the sampling extras, this server's loops)."""
 
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
     n: int | None = None
-    seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # vLLM / mlx-lm sampling extras, and this server's loop count
-    top_k: int | None = None        # 0 or -1: off
-    min_p: float | None = None
-    repetition_penalty: float | None = None
     loops: int | None = None
 
 
@@ -216,19 +205,6 @@ REFUSED_CHAT_FIELDS = {
 
 
 # ---- shared checks -----------------------------------------------------------------------------
-def sampling_params(service: Service, body: GenerationBody) -> SamplingParams:
-    def given(value, default):
-        return default if value is None else value
-
-    return SamplingParams(
-        temperature=given(body.temperature, 1.0), top_k=max(given(body.top_k, 0), 0),
-        top_p=given(body.top_p, 1.0), min_p=given(body.min_p, 0.0),
-        repetition_penalty=given(body.repetition_penalty, 1.0), seed=body.seed,
-        presence_penalty=given(body.presence_penalty, 0.0),
-        frequency_penalty=given(body.frequency_penalty, 0.0),
-        logit_bias=service.check_logit_bias(body.logit_bias))
-
-
 def check_stream_options(body: GenerationBody) -> bool:
     """Whether the stream ends with a usage chunk."""
     options = body.stream_options
@@ -299,7 +275,7 @@ async def completions(service: Service, body: CompletionBody, http_request: HTTP
     echo = tokenizer.decode(prompt_ids) if body.echo else ""
     generation = service.submit(
         prompt_ids, body.max_tokens if body.max_tokens is not None
-        else DEFAULT_COMPLETION_MAX_TOKENS, sampling_params(service, body), body.stop,
+        else DEFAULT_COMPLETION_MAX_TOKENS, body.sampling(service), body.stop,
         service.loops_for(body.model, body.loops), body.n or 1, body.logprobs, http_request)
 
     def logprobs(events: list[TokenEvent], offset: int = 0) -> dict | None:
@@ -461,7 +437,7 @@ async def chat_completions(service: Service, body: ChatBody, http_request: HTTPR
         else body.max_tokens
     generation = service.submit(
         prompt.ids, service.chat_max_tokens(requested, len(prompt.ids)),
-        sampling_params(service, body), body.stop, service.loops_for(body.model, body.loops),
+        body.sampling(service), body.stop, service.loops_for(body.model, body.loops),
         body.n or 1, (body.top_logprobs or 0) if body.logprobs else None, http_request,
         limit_param)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict
 
 from plt_port.config import MAX_LOOPS
 from plt_port.errors import PLTError
@@ -63,6 +64,35 @@ def api_error(exc: BaseException) -> APIError:
 
 def bad_request(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param)
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields of a request body (both APIs): OpenAI's, and the extras of vLLM
+    and mlx-lm (top_k, min_p, repetition_penalty); None: the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    top_k: int | None = None        # 0 or -1: off
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    def sampling(self, service: "Service") -> SamplingParams:
+        def given(value, default):
+            return default if value is None else value
+
+        return SamplingParams(
+            temperature=given(self.temperature, 1.0), top_k=max(given(self.top_k, 0), 0),
+            top_p=given(self.top_p, 1.0), min_p=given(self.min_p, 0.0),
+            repetition_penalty=given(self.repetition_penalty, 1.0), seed=self.seed,
+            presence_penalty=given(self.presence_penalty, 0.0),
+            frequency_penalty=given(self.frequency_penalty, 0.0),
+            logit_bias=service.check_logit_bias(self.logit_bias))
 
 
 # ---- metrics -----------------------------------------------------------------------------------
