@@ -60,7 +60,7 @@ def agent_model(tmp_path_factory, tokenizer_dir) -> str:
 
 
 class AgentServer:
-    def __init__(self, model_dir, **options):
+    def __init__(self, model_dir, name=None, **options):
         import anthropic
         import httpx
         import openai
@@ -68,7 +68,7 @@ class AgentServer:
         from plt_port.app.commands.serve import open_server, start_in_thread
         from plt_port.app.server_options import ServerOptions
 
-        self.engine, self.app = open_server(model_dir, "torch",
+        self.engine, self.app = open_server(model_dir, "torch", served_model_name=name,
                                             server_options=ServerOptions(**options))
         self.server, self.thread, self.url = start_in_thread(self.app)
         key = options.get("api_key") or "unused"
@@ -435,10 +435,10 @@ def test_api_key_cors_and_served_model_name(agent_model):
     import anthropic
     import openai
 
-    keyed = AgentServer(agent_model, api_key="sekrit",
-                        allowed_origins=("http://localhost:3000",))
+    keyed = AgentServer(agent_model, name="my-agent", api_key="sekrit",
+                        allowed_origins=("http://localhost:3000",), default_max_tokens=5)
     try:
-        for path, method in (("/v1/models", "GET"), ("/v1/models/plt-agent", "GET"),
+        for path, method in (("/v1/models", "GET"), ("/v1/models/my-agent", "GET"),
                              ("/metrics", "GET"), ("/v1/completions", "POST"),
                              ("/v1/chat/completions", "POST"), ("/v1/messages", "POST"),
                              ("/v1/messages/count_tokens", "POST")):
@@ -451,14 +451,17 @@ def test_api_key_cors_and_served_model_name(agent_model):
                     "invalid_api_key"
         assert keyed.http.get("/health").status_code == 200
         assert keyed.http.get("/v1/models", headers={"x-api-key": "sekrit"}).status_code == 401
-        assert keyed.openai.models.list().data  # Bearer
+        assert keyed.openai.models.list().data[0].id == "my-agent"  # Bearer
         assert keyed.anthropic.messages.count_tokens(  # x-api-key
-            model="plt-agent", messages=[{"role": "user", "content": "x"}]).input_tokens
+            model="my-agent", messages=[{"role": "user", "content": "x"}]).input_tokens
+        unbounded = keyed.openai.chat.completions.create(model="my-agent", messages=USER)
+        assert unbounded.usage.completion_tokens == 5  # the server's --max-tokens
+        assert unbounded.model == "my-agent"
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="nope").models.list()
         with pytest.raises(anthropic.AuthenticationError):
             anthropic.Anthropic(base_url=keyed.url, api_key="nope", max_retries=0).messages.create(
-                model="plt-agent", max_tokens=2, messages=[{"role": "user", "content": "x"}])
+                model="my-agent", max_tokens=2, messages=[{"role": "user", "content": "x"}])
         preflight = keyed.http.options("/v1/chat/completions", headers={
             "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
         assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
