@@ -5,7 +5,8 @@ tools and parsers as an OpenAI chat (`prompting.py`, `assistant_output.py`): `sy
 `text`, `tool_use`, `tool_result` and `thinking` blocks; custom `tools`; `tool_choice` auto
 or none (any, a named tool and `disable_parallel_tool_use` are forced output, refused in
 `assistant_output.forced_output`); `stop_sequences`; `max_tokens`; and `temperature`,
-`top_p`, `top_k` (in the API before, still sent by clients). The answer comes back as
+`top_p`, `top_k` (in the API before, still sent by clients), and the sampling extras of the
+OpenAI routes (`service.SamplingFields`: seed, penalties, logit_bias, min_p, ...). The answer comes back as
 `thinking`, `text` and `tool_use` blocks with `stop_reason` end_turn, max_tokens,
 stop_sequence or tool_use and the usage; streamed as message_start, content_block_start /
 content_block_delta (text_delta, thinking_delta, input_json_delta) / content_block_stop per
@@ -33,8 +34,8 @@ from runtimes.engine import TokenEvent
 
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
-from .service import APIError, ChoiceEvent, SamplingFields, Service, bad_request, event_stream, \
-    matched_stop, whole_response
+from .service import APIError, ChoiceEvent, SamplingFields, Service, Strict, bad_request, \
+    event_stream, matched_stop, whole_response
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
@@ -52,10 +53,6 @@ def error_response(error: APIError) -> JSONResponse:
 
 
 # ---- request bodies ----------------------------------------------------------------------------
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class TextBlock(Strict):
     type: Literal["text"]
     text: str

@@ -29,8 +29,8 @@ from runtimes.generate import encode_prompt
 
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
-from .service import APIError, ChoiceEvent, Generation, SamplingFields, Service, bad_request, \
-    event_stream, skippable, sse_data, whole_response
+from .service import APIError, ChoiceEvent, Generation, SamplingFields, Service, Strict, \
+    bad_request, event_stream, skippable, sse_data, whole_response
 
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -47,10 +47,6 @@ def error_response(error: APIError) -> JSONResponse:
 
 
 # ---- request bodies ----------------------------------------------------------------------------
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class StreamOptions(Strict):
     include_usage: bool | None = None
     include_obfuscation: bool | None = None

@@ -66,11 +66,15 @@ def bad_request(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param)
 
 
-class SamplingFields(BaseModel):
-    """The sampling fields of a request body (both APIs): OpenAI's, and the extras of vLLM
-    and mlx-lm (top_k, min_p, repetition_penalty); None: the default."""
+class Strict(BaseModel):
+    """A request body part that refuses fields it does not define."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class SamplingFields(Strict):
+    """The sampling fields of a request body (both APIs): OpenAI's, and the extras of vLLM
+    and mlx-lm (top_k, min_p, repetition_penalty); None: the default."""
 
     temperature: float | None = None
     top_p: float | None = None
