@@ -40,7 +40,11 @@ class AnswerReader:
                     tools: list[dict] | None, parse_calls: bool,
                     prompt_text: str) -> "AnswerReader":
         """`tool_parser`/`reasoning_parser`: the server's choice (names of the registries);
-        calls are read only when the request gave tools and allows calls (`parse_calls`)."""
+        calls are read only when the request gave tools and allows calls (`parse_calls`),
+        which needs a tool parser."""
+        if tools and parse_calls and not tool_parser:
+            raise bad_request("tools", "the server has no tool-call parser for this model's "
+                                       "template; start it with --tool-call-parser NAME")
         think = REASONING_PARSERS[reasoning_parser] if reasoning_parser else None
         tool_format = TOOL_PARSERS[tool_parser](tools) if tool_parser and tools and \
             parse_calls else None
