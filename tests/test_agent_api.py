@@ -114,7 +114,7 @@ def assert_calls(tool_calls, expected=EXPECTED_CALLS):
     assert len({c.id for c in tool_calls}) == len(tool_calls)
 
 
-# ---- the prompt ------------------------------------------------------------------------------
+# ---- the prompt ----------------------------------------------------------------------------------
 def test_tools_and_tool_history_are_rendered_as_hugging_face_renders_them(agent):
     """The server's prompt (its greedy answer and token count) equals the one Hugging Face's
     renderer makes of the same conversation: tools in the system turn, then an assistant
@@ -313,6 +313,46 @@ def test_completion_fields_suffix_best_of_echo(agent):
     assert [c.text for c in echoed.choices] == ["def f" + plain.choices[0].text] * 2
 
 
+def keys(typed_dict) -> set[str]:
+    return set(typed_dict.__required_keys__ | typed_dict.__optional_keys__)
+
+
+def test_every_field_of_the_official_sdks_is_declared():
+    """Each field the SDKs' request types name is a field of the request models, where the
+    server honours or refuses it (an undeclared one would be an "unknown field" 400)."""
+    import anthropic.types as claude
+    import openai.types.chat as chat
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_params
+    from anthropic.types import message_count_tokens_params, message_create_params
+    from openai.types.shared_params import FunctionDefinition
+
+    from plt_port.app import anthropic_api, openai_api
+
+    def fields(model) -> set[str]:
+        return set(model.model_fields)
+
+    pairs = [(completion_create_params.CompletionCreateParamsStreaming, openai_api.CompletionBody),
+             (chat_params.CompletionCreateParamsStreaming, openai_api.ChatBody),
+             (chat.ChatCompletionAssistantMessageParam, openai_api.AssistantMessage),
+             (chat.ChatCompletionUserMessageParam, openai_api.UserMessage),
+             (chat.ChatCompletionSystemMessageParam, openai_api.SystemMessage),
+             (chat.ChatCompletionDeveloperMessageParam, openai_api.SystemMessage),
+             (chat.ChatCompletionToolMessageParam, openai_api.ToolMessage),
+             (chat.ChatCompletionFunctionToolParam, openai_api.ToolDefinition),
+             (chat.ChatCompletionMessageFunctionToolCallParam, openai_api.ToolCallParam),
+             (FunctionDefinition, openai_api.FunctionDefinition),
+             (message_create_params.MessageCreateParamsStreaming, anthropic_api.MessagesBody),
+             (message_count_tokens_params.MessageCountTokensParams, anthropic_api.CountTokensBody),
+             (claude.ToolParam, anthropic_api.Tool),
+             (claude.TextBlockParam, anthropic_api.TextBlock),
+             (claude.ToolUseBlockParam, anthropic_api.ToolUseBlock),
+             (claude.ToolResultBlockParam, anthropic_api.ToolResultBlock),
+             (claude.ThinkingBlockParam, anthropic_api.ThinkingBlock)]
+    for sdk_type, model in pairs:
+        assert keys(sdk_type) <= fields(model), (model.__name__, keys(sdk_type) - fields(model))
+
+
 def test_models_retrieve_has_the_context(agent):
     import openai
 
@@ -322,7 +362,7 @@ def test_models_retrieve_has_the_context(agent):
         agent.openai.models.retrieve("nope")
 
 
-# ---- Anthropic's Messages API -----------------------------------------------------------------------
+# ---- Anthropic's Messages API --------------------------------------------------------------------
 ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
                     "input_schema": t["function"]["parameters"]} for t in WEATHER_TOOLS]
 # temperature: in the Messages API before (this anthropic SDK no longer names it)

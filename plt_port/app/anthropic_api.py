@@ -6,16 +6,18 @@ tools and parsers as an OpenAI chat (`prompting.py`, `assistant_output.py`): `sy
 or none (any, a named tool and `disable_parallel_tool_use` are forced output, refused in
 `assistant_output.forced_output`); `stop_sequences`; `max_tokens`; and `temperature`,
 `top_p`, `top_k` (in the API before, still sent by clients), and the sampling extras of the
-OpenAI routes (`service.SamplingFields`: seed, penalties, logit_bias, min_p, ...). The answer comes back as
-`thinking`, `text` and `tool_use` blocks with `stop_reason` end_turn, max_tokens,
-stop_sequence or tool_use and the usage; streamed as message_start, content_block_start /
-content_block_delta (text_delta, thinking_delta, input_json_delta) / content_block_stop per
-block, message_delta and message_stop. Errors on these routes are Anthropic's error JSON.
+OpenAI routes (`service.SamplingFields`: seed, penalties, logit_bias, min_p, ...). The
+answer comes back as `thinking`, `text` and `tool_use` blocks with `stop_reason` end_turn,
+max_tokens, stop_sequence or tool_use and the usage; streamed as message_start,
+content_block_start / content_block_delta (text_delta, thinking_delta, input_json_delta) /
+content_block_stop per block, message_delta and message_stop. Errors on these routes are
+Anthropic's error JSON.
 
 Labels and hints that change nothing (metadata, cache_control, service_tier, speed,
 inference_geo, the ids of user profiles and workspaces) are accepted; `redacted_thinking`
 blocks (opaque, written for another model) are accepted and skipped; a `tool_result` with
-`is_error` reaches the template as "Error: " and its text. `thinking` enabled/adaptive/
+`is_error` reaches the template as "Error: " and its text; a tool's `input_examples` are
+refused. `thinking` enabled/adaptive/
 disabled sets the template variable `enable_thinking` (Qwen3's); its budget is not enforced
 (max_tokens bounds the whole answer).
 """
@@ -52,7 +54,7 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error_body(error), status_code=error.status)
 
 
-# ---- request bodies ----------------------------------------------------------------------------
+# ---- request bodies ------------------------------------------------------------------------------
 class TextBlock(Strict):
     type: Literal["text"]
     text: str
@@ -120,6 +122,7 @@ class Tool(Strict):
     eager_input_streaming: bool | None = None
     defer_loading: Literal[False] | None = None
     allowed_callers: list[Literal["direct"]] | None = None
+    input_examples: list | None = None
 
 
 class ToolChoice(Strict):
@@ -177,7 +180,7 @@ REFUSED_FIELDS = {"container": "containers (server tools) are not supported",
                   "diagnostics": "prompt-cache diagnostics are not supported"}
 
 
-# ---- the conversation ------------------------------------------------------------------------------
+# ---- the conversation ----------------------------------------------------------------------------
 def block_text(blocks, param: str) -> str:
     if isinstance(blocks, str):
         return blocks
@@ -249,6 +252,10 @@ def template_tools(body: CountTokensBody) -> list[dict] | None:
     """Custom tools as OpenAI function tools (the shape chat templates read)."""
     if not body.tools:
         return None
+    for i, tool in enumerate(body.tools):
+        if tool.input_examples is not None:
+            raise bad_request(f"tools.{i}.input_examples", "tool input examples are not "
+                                                          "supported")
     return [{"type": "function", "function": {"name": tool.name,
                                               "description": tool.description or "",
                                               "parameters": tool.input_schema}}

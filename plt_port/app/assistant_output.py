@@ -96,7 +96,7 @@ class AnswerStream:
         return parts
 
 
-# ---- forced output ---------------------------------------------------------------------------------
+# ---- forced output -------------------------------------------------------------------------------
 @dataclass
 class ForcedOutput:
     """What a request asks the output to be, beyond 'text, with tool calls if the model

@@ -46,7 +46,7 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error_body(error), status_code=error.status)
 
 
-# ---- request bodies ----------------------------------------------------------------------------
+# ---- request bodies ------------------------------------------------------------------------------
 class StreamOptions(Strict):
     include_usage: bool | None = None
     include_obfuscation: bool | None = None
@@ -200,7 +200,7 @@ REFUSED_CHAT_FIELDS = {
 }
 
 
-# ---- shared checks -----------------------------------------------------------------------------
+# ---- shared checks -------------------------------------------------------------------------------
 def check_stream_options(body: GenerationBody) -> bool:
     """Whether the stream ends with a usage chunk."""
     options = body.stream_options
@@ -415,6 +415,18 @@ def openai_tool_call(part: Part) -> dict:
             "function": {"name": part.call.name, "arguments": part.call.arguments}}
 
 
+def part_deltas(part: Part, call_index: int) -> list[dict]:
+    """OpenAI's deltas of one part of a streamed answer: a call is two fragments, the first
+    with index, id, type and name, the second with the arguments."""
+    if part.kind != "call":
+        return [{"reasoning_content" if part.kind == "reasoning" else "content": part.text}]
+    call = openai_tool_call(part)
+    return [{"tool_calls": [{"index": call_index, "id": call["id"], "type": "function",
+                             "function": {"name": part.call.name, "arguments": ""}}]},
+            {"tool_calls": [{"index": call_index,
+                             "function": {"arguments": part.call.arguments}}]}]
+
+
 def chat_finish_reason(finish: str | None, has_calls: bool) -> str | None:
     return "tool_calls" if finish == "stop" and has_calls else finish
 
@@ -459,18 +471,8 @@ async def chat_completions(service: Service, body: ChatBody, http_request: HTTPR
                 parts += streams[choice].finish()
             deltas = [{"role": "assistant", "content": ""}] if event.index == 1 else []
             for part in parts:
-                if part.kind == "call":
-                    call = openai_tool_call(part)
-                    index, calls_sent[choice] = calls_sent[choice], calls_sent[choice] + 1
-                    deltas.append({"tool_calls": [{"index": index, "id": call["id"],
-                                                   "type": "function", "function": {
-                                                       "name": part.call.name,
-                                                       "arguments": ""}}]})
-                    deltas.append({"tool_calls": [{"index": index, "function": {
-                        "arguments": part.call.arguments}}]})
-                else:
-                    deltas.append({"reasoning_content" if part.kind == "reasoning"
-                                   else "content": part.text})
+                deltas += part_deltas(part, calls_sent[choice])
+                calls_sent[choice] += part.kind == "call"
             if not deltas and (event.finish_reason is not None or body.logprobs):
                 deltas = [{}]
             chunks = []

@@ -99,7 +99,7 @@ class SamplingFields(Strict):
             logit_bias=service.check_logit_bias(self.logit_bias))
 
 
-# ---- metrics -----------------------------------------------------------------------------------
+# ---- metrics -------------------------------------------------------------------------------------
 class ServerMetrics:
     """Prometheus metrics of one server (its own registry: several servers can share a process)."""
 

@@ -153,7 +153,7 @@ def parse_tool_calls(text: str, fmt: CallFormat) -> tuple[str, list[ParsedCall]]
     return "".join(content), [p for p in pieces if isinstance(p, ParsedCall)]
 
 
-# ---- an answer arriving in pieces ------------------------------------------------------------------
+# ---- an answer arriving in pieces ----------------------------------------------------------------
 def partial_tag_length(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper beginning of `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
