@@ -21,6 +21,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import replace
 
 from plt_port.app.cli import check_port, positive_int
 from plt_port.app.commands.generate import add_backend_arguments, backend_options
@@ -96,8 +97,8 @@ def open_server(model_dir: str, backend: str = "torch", loops: int | None = None
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     server_options = server_options or ServerOptions()
-    server_options.tool_call_parser = resolve_tool_parser(server_options.tool_call_parser,
-                                                          tokenizer.chat_template)
+    server_options = replace(server_options, tool_call_parser=resolve_tool_parser(
+        server_options.tool_call_parser, tokenizer.chat_template))
 
     def load(at_loops):
         return load_backend(backend, model_dir, loops=loops if at_loops is None else at_loops,
