@@ -137,8 +137,27 @@ class Tokenizer:
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        """Render messages with the config's template (a Jinja2 string, as in HF)."""
+    @property
+    def chat_template_has_tools(self) -> bool:
+        """Whether the template reads the `tools` variable (renders tool definitions)."""
+        return bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
+
+    def special_token_strings(self) -> dict[str, str]:
+        """bos_token, eos_token, ... as the template sees them (HF's special_tokens_map)."""
+        strings = {}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            token = self.config.get(name)
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str):
+                strings[name] = token
+        return strings
+
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True, **template_kwargs) -> str:
+        """Render messages with the config's template (a Jinja2 string) as Hugging Face's
+        `apply_chat_template(messages, tools=..., add_generation_prompt=True, **kwargs)`
+        does: the same variables (messages, tools, add_generation_prompt, the special token
+        strings, extra kwargs), filters and whitespace rules."""
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat_template")
         import jinja2
@@ -148,17 +167,26 @@ class Tokenizer:
         try:
             template = bounded_template_environment().from_string(self.chat_template)
             pieces = []
-            for piece in template.generate(messages=messages, add_generation_prompt=True):
+            variables = {**self.special_token_strings(), **template_kwargs,
+                         "messages": messages, "tools": tools,
+                         "add_generation_prompt": add_generation_prompt}
+            for piece in template.generate(**variables):
                 pieces.append(piece)
                 template.environment.count_step()
             return "".join(pieces)
         except (jinja2.TemplateError, TemplateLimitError) as exc:
             raise TokenizerError(f"chat_template: {exc}") from None
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    **template_kwargs) -> list[int]:
         """Prompt ids of a chat: the rendered template, with bos first when the tokenizer
         adds one and the template did not write it already."""
-        ids = self.encode(self.apply_chat_template(messages), add_bos=False)
+        return self.encode_rendered_chat(self.apply_chat_template(messages, tools,
+                                                                  **template_kwargs))
+
+    def encode_rendered_chat(self, text: str) -> list[int]:
+        """Prompt ids of a rendered chat (bos as `encode_chat` puts it)."""
+        ids = self.encode(text, add_bos=False)
         if self.add_bos_token and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
         return ids
@@ -260,17 +288,45 @@ class TemplateLimitError(Exception):
 
 
 def bounded_template_environment():
-    """A Jinja2 sandbox (no Python internals) that counts the steps of a render: every
-    attribute or item lookup, call, `range` item, `*`/`**` and output piece is one step."""
+    """A Jinja2 sandbox (no Python internals) set up as Hugging Face's chat templates expect
+    (trim_blocks, lstrip_blocks, loop controls, a `tojson` that keeps unicode and `<`,
+    `raise_exception`, `strftime_now`, the `{% generation %}` tag) that counts the steps of a
+    render: every attribute or item lookup, call, `range` item, `*`/`**` and output piece is
+    one step."""
+    import datetime
+
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        """HF's `{% generation %}...{% endgeneration %}` (assistant-token masks): its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
 
     class BoundedSandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "**"])
 
         def __init__(self):
-            super().__init__(autoescape=False)
+            super().__init__(autoescape=False, trim_blocks=True, lstrip_blocks=True,
+                             extensions=[GenerationTag, loopcontrols])
             self.steps = 0
             self.globals["range"] = self.counted_range
+            self.globals["raise_exception"] = raise_exception
+            self.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+            self.filters["tojson"] = tojson
 
         def count_step(self):
             self.steps += 1

@@ -85,6 +85,9 @@ class Request:
     loops: int | None = None        # None: the default backend's loop count
     top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the top k
     grammar: object = None          # a runtimes.grammar.Grammar the answer must follow
+    # more samples of this prompt (OpenAI's n > 1), each with its own emit and sampling:
+    # prefilled once with this request, whose prompt_ids, max_new_tokens, stop and loops they share
+    siblings: Sequence["Request"] = ()
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -228,6 +231,9 @@ class BatchEngine:
         if self.backend is None:
             raise EngineClosedError("the engine is not running")
         self.backend.config.resolve_loops(request.loops)
+        if 1 + len(request.siblings) > self.max_batch:
+            raise EngineError(f"{1 + len(request.siblings)} sequences of one prompt, more than "
+                              f"the {self.max_batch} this engine runs at once")
         positions = check_request(self.backend, request.prompt_ids, request.max_new_tokens)
         with self.lock:
             if self.stopping or self.closed:
@@ -279,9 +285,10 @@ class BatchEngine:
         return backend
 
     def _admit(self) -> None:
-        while self.running_count < self.max_batch:
+        while True:
             with self.lock:
-                if not self.waiting:
+                if not self.waiting or self.running_count + 1 + len(
+                        self.waiting[0][0].siblings) > self.max_batch:
                     return
                 request, positions = self.waiting.popleft()
             if request.cancelled.is_set():
@@ -289,22 +296,32 @@ class BatchEngine:
             try:
                 self._start(request, positions)
             except Exception as exc:  # noqa: BLE001 (the request ends; the engine goes on)
-                self._fail(request, exc)
+                for each in (request, *request.siblings):
+                    self._fail(each, exc)
 
     def _start(self, request: Request, positions: int) -> None:
         backend = self._backend_for(request.loops)
         state, logits = backend.prefill([request.prompt_ids],
                                         allocated_positions(backend, positions))
-        sequence = RunningSequence(
-            request, SequenceText(self.tokenizer, request.prompt_ids, request.max_new_tokens,
-                                  request.stop, backend.eos_token_ids),
-            Sampler(request.sampling,
-                    request.grammar.constraint() if request.grammar is not None else None),
-            positions)
-        if self._emit(sequence, logits[0]):
-            batch = self.batches.setdefault(backend.loops, RunningBatch(backend, self.max_batch))
-            batch.add(sequence, state)
-            self._count_running()
+        self._fan_out(request, backend, state, logits[0], positions)
+
+    def _fan_out(self, request: Request, backend: Backend, prefilled: DecodeState,
+                 logits: np.ndarray, positions: int) -> None:
+        """Start the request and its siblings from one prefill: each samples its first token
+        from the same logits with its own sampler and, unless that ends it, joins the batch
+        with a copy of the prefilled state (`write_slot` reads `prefilled`, never changes it)."""
+        for each in (request, *request.siblings):
+            sequence = RunningSequence(
+                each, SequenceText(self.tokenizer, request.prompt_ids, request.max_new_tokens,
+                                   request.stop, backend.eos_token_ids),
+                Sampler(each.sampling,
+                        each.grammar.constraint() if each.grammar is not None else None),
+                positions)
+            if self._emit(sequence, logits):
+                batch = self.batches.setdefault(backend.loops,
+                                                RunningBatch(backend, self.max_batch))
+                batch.add(sequence, prefilled)
+                self._count_running()
 
     def _step(self, batch: RunningBatch) -> None:
         try:
@@ -355,7 +372,8 @@ class BatchEngine:
             self.closed = True
             waiting, self.waiting = list(self.waiting), collections.deque()
         for request, _ in waiting:
-            self._send(request, exc)
+            for each in (request, *request.siblings):
+                self._send(each, exc)
         self._count_running()
         self._publish_stats()
 

@@ -1,9 +1,15 @@
 """Token sampling on fp32 logits in numpy, shared by every backend.
 
-Order (that of Hugging Face's warpers): repetition penalty, temperature scaling, top-k, top-p,
-min-p, then a categorical draw from a seeded numpy Generator. (mlx-lm instead filters the
-untempered log-probabilities and applies the temperature at the draw.) Temperature 0 is greedy (argmax of the
-penalised logits). Every filter works on a batch of rows [B, V] and masks with -inf.
+Order (that of Hugging Face's warpers, with OpenAI's penalties beside the repetition penalty):
+repetition penalty, presence and frequency penalties, logit bias, temperature scaling, top-k,
+top-p, min-p, then a categorical draw from a seeded numpy Generator. (mlx-lm instead filters
+the untempered log-probabilities and applies the temperature at the draw.) Temperature 0 is
+greedy (argmax of the penalised, biased logits). Every filter works on a batch of rows [B, V]
+and masks with -inf.
+
+Presence and frequency penalties follow OpenAI: over the tokens generated so far (not the
+prompt), `logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty`.
+
 A sequence with a grammar (`runtimes.grammar.GrammarConstraint`) has the tokens its grammar
 does not allow masked to -inf first, before all of them, and its grammar advanced by the
 token drawn.
@@ -13,11 +19,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from plt_port.errors import PLTError
+
+
+MAX_PENALTY = 2.0        # OpenAI's range for presence_penalty and frequency_penalty
+MAX_LOGIT_BIAS = 100.0   # OpenAI's range for logit_bias values
 
 
 class SamplingError(PLTError, ValueError):
@@ -37,6 +47,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     repetition_context_size: int = 20  # recent tokens the penalty looks at (mlx-lm's default)
+    presence_penalty: float = 0.0   # OpenAI's, -2..2, 0 -> off
+    frequency_penalty: float = 0.0  # OpenAI's, -2..2, 0 -> off
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias, -100..100
 
     def __post_init__(self):
         def fail(name, why):
@@ -59,6 +72,15 @@ class SamplingParams:
             fail("seed", "must be a non-negative integer or None")
         if not is_int(self.repetition_context_size) or self.repetition_context_size < 1:
             fail("repetition_context_size", "must be an integer >= 1")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                fail(name, f"must be in [-{MAX_PENALTY}, {MAX_PENALTY}] (0 = off)")
+        if not isinstance(self.logit_bias, dict) or not all(
+                is_int(token) and token >= 0 and isinstance(bias, (int, float, np.number))
+                and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS
+                for token, bias in self.logit_bias.items()):
+            fail("logit_bias", f"must map token ids >= 0 to biases in "
+                               f"[-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]")
 
     @property
     def greedy(self) -> bool:
@@ -77,6 +99,35 @@ def apply_repetition_penalty(logits: np.ndarray, history: Sequence[Sequence[int]
         if seen.size:
             picked = row[seen]
             row[seen] = np.where(picked < 0, picked * penalty, picked / penalty)
+    return logits
+
+
+def apply_openai_penalties(logits: np.ndarray, history: Sequence[Sequence[int]],
+                           prompt_lengths: Sequence[int], presence: float,
+                           frequency: float) -> np.ndarray:
+    """OpenAI's presence and frequency penalties over each row's generated tokens (those of
+    `history[b]` after its first `prompt_lengths[b]`)."""
+    if presence == 0.0 and frequency == 0.0:
+        return logits
+    logits = logits.copy()
+    for row, tokens, start in zip(logits, history, prompt_lengths):
+        tokens = list(tokens)[start:]
+        if tokens:
+            counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=row.shape[-1])
+            row -= (counts * frequency + (counts > 0) * presence)[:row.shape[-1]]
+    return logits
+
+
+def apply_logit_bias(logits: np.ndarray, bias: dict[int, float]) -> np.ndarray:
+    """Add `bias[token]` to each row's logit of `token`."""
+    if not bias:
+        return logits
+    tokens = np.fromiter(bias, dtype=np.int64, count=len(bias))
+    if tokens.max() >= logits.shape[-1]:
+        raise SamplingError(f"logit_bias names token {int(tokens.max())}, past the "
+                            f"vocabulary of {logits.shape[-1]}")
+    logits = logits.copy()
+    logits[:, tokens] += np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
     return logits
 
 
@@ -128,12 +179,16 @@ def resolve_sampling(defaults: dict, **chosen) -> SamplingParams:
 class Sampler:
     """`sampler(logits [B, V], history) -> tokens [B]`; `history[b]` = row b's tokens so far.
 
+    The history of the first call is the prompt: the tokens after it are the generated ones
+    that presence and frequency penalties count.
+
     `constraint`: one sequence's grammar (`mask(logits_row)`, `advance(token)`): then B is 1."""
 
     def __init__(self, params: SamplingParams | None = None, constraint=None):
         self.params = params or SamplingParams()
         self.rng = np.random.default_rng(self.params.seed)
         self.constraint = constraint
+        self.prompt_lengths: list[int] | None = None
 
     def __call__(self, logits: np.ndarray, history: Sequence[Sequence[int]] = ()) -> np.ndarray:
         tokens = self._sample(logits, history)
@@ -152,8 +207,13 @@ class Sampler:
         if self.constraint is not None:
             logits = self._masked(logits)
         if history:
+            if self.prompt_lengths is None:
+                self.prompt_lengths = [len(tokens) for tokens in history]
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty,
                                               p.repetition_context_size)
+            logits = apply_openai_penalties(logits, history, self.prompt_lengths,
+                                            p.presence_penalty, p.frequency_penalty)
+        logits = apply_logit_bias(logits, p.logit_bias)
         if p.greedy:
             return logits.argmax(axis=-1)
         # shifted by the row maximum before dividing: a tiny temperature sends the other

@@ -141,3 +141,42 @@ engine.close()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, cwd=ROOT, env=os.environ | {"PYTHONPATH": ROOT})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_siblings_share_one_prefill_and_decode_as_they_would_alone(make_model, tokenizer_dir):
+    """A request with two siblings (OpenAI's n=3): one prefill, three sequences, each with its
+    own seeded sampler, each equal to the same request run alone; more sequences of one
+    prompt than max_batch are refused."""
+    from runtimes.engine import EngineError
+    from runtimes.sampling import SamplingParams
+
+    model_dir = make_model("plt")
+    engine = BatchEngine(lambda loops: load_backend("torch", model_dir, loops=loops),
+                         Tokenizer.from_dir(tokenizer_dir), max_batch=4).start()
+    prefills = []
+    original = engine.backend.prefill
+    engine.backend.prefill = lambda *a, **k: prefills.append(1) or original(*a, **k)
+    prompt = random_prompts([9], seed=4)[0]
+
+    def run(seeds):
+        results = [queue.Queue() for _ in seeds]
+        requests = [Request(prompt, 6, results[i].put, SamplingParams(temperature=1.0, seed=s))
+                    for i, s in enumerate(seeds)]
+        requests[0].siblings = requests[1:]
+        engine.submit(requests[0])
+        tokens = []
+        for result in results:
+            events = [result.get(timeout=30)]
+            while events[-1].finish_reason is None:
+                events.append(result.get(timeout=30))
+            tokens.append([e.token for e in events])
+        return tokens
+
+    try:
+        together = run([1, 2, 3])
+        assert len(prefills) == 1 and len({tuple(t) for t in together}) == 3
+        assert together == [run([seed])[0] for seed in (1, 2, 3)]
+        with pytest.raises(EngineError, match="5 sequences"):
+            engine.submit(Request(prompt, 2, print, siblings=[Request(prompt, 2, print)] * 4))
+    finally:
+        engine.close()

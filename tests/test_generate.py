@@ -10,7 +10,8 @@ from plt_port.tokenizer import Tokenizer
 from runtimes.backends import load_backend
 from runtimes.generate import GenerateError, StopMatcher, generate, stream_generate
 from runtimes.sampling import (Sampler, SamplingError, SamplingParams, apply_min_p,
-                               apply_repetition_penalty, apply_top_k, apply_top_p, softmax)
+                               apply_openai_penalties, apply_repetition_penalty, apply_top_k,
+                               apply_top_p, softmax)
 
 
 # ---- sampler ---------------------------------------------------------------------------
@@ -41,6 +42,21 @@ def test_repetition_penalty_formula():
     out = apply_repetition_penalty(logits, [[0, 1, 3]], penalty=2.0, context_size=1)
     np.testing.assert_allclose(out, [[2.0, -1.0, 0.5, 1.5]])  # only the last token counts
     assert Sampler(SamplingParams(repetition_penalty=4.0))(logits, [[3]])[0] == 0
+
+
+def test_openai_penalties_count_generated_tokens_and_bias_adds():
+    """presence: once per token generated; frequency: per use; the prompt (the first call's
+    history) never counts; logit_bias adds before the greedy pick."""
+    logits = np.array([[2.0, 1.9, 0.0, 1.0]], dtype=np.float32)
+    sampler = Sampler(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    assert sampler(logits, [[0, 0, 0]])[0] == 0          # prompt tokens: no penalty
+    assert sampler(logits, [[0, 0, 0, 0]])[0] == 1       # 2.0 - 0.75 < 1.9
+    assert sampler(logits, [[0, 0, 0, 0, 1]])[0] == 0    # 1.25 > 1.9 - 0.75
+    np.testing.assert_allclose(apply_openai_penalties(logits, [[9, 0, 0, 3]], [1], 0.5, 0.25),
+                               [[2.0 - 1.0, 1.9, 0.0, 1.0 - 0.75]])
+    assert Sampler(SamplingParams(logit_bias={2: 2.5}))(logits)[0] == 2
+    with pytest.raises(SamplingError, match="vocabulary"):
+        Sampler(SamplingParams(logit_bias={4: 1}))(logits)
 
 
 def empirical(params, logits, draws=20000):
@@ -74,7 +90,9 @@ def test_seed_reproducible_and_greedy_is_argmax():
 
 @pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_k", -2), ("top_k", 1.5),
                                          ("top_p", 0.0), ("top_p", 1.5), ("min_p", 2.0),
-                                         ("repetition_penalty", 0.0), ("seed", -1)])
+                                         ("repetition_penalty", 0.0), ("seed", -1),
+                                         ("presence_penalty", 2.5), ("frequency_penalty", -3),
+                                         ("logit_bias", {5: 101}), ("logit_bias", {-1: 1})])
 def test_bad_sampling_parameters(field, value):
     with pytest.raises(SamplingError, match=field):
         SamplingParams(**{field: value})

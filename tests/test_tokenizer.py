@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import shutil
 
@@ -145,3 +146,30 @@ def test_tokenizer_training_failure_is_a_clear_error(tmp_path):
     corpus.write_text("x = 1\n" * 50)
     with pytest.raises(TokenizerError, match="vocab_size=5"):
         train_tokenizer([str(corpus)], str(tmp_path / "t"), vocab_size=5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                    reason="needs the optional package 'transformers'")
+def test_chat_templates_render_as_hugging_face_renders_them(tokenizer_dir):
+    """What HF's chat templates lean on: trim_blocks/lstrip_blocks, loop controls, a tojson
+    that keeps `<` and unicode, the special token strings, extra variables, the
+    {% generation %} tag, raise_exception; compared with transformers' own renderer."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    template = ("{{ bos_token }}{% for m in messages %}\n  {% if m.role == 'stop' %}{% break %}"
+                "{% endif %}\n  {% generation %}<{{ m.role }}>{{ m.content | tojson }}"
+                "{% endgeneration %}\n{% endfor %}{% if tools %}{{ tools | tojson }}{% endif %}"
+                "{% if enable_thinking %}<think>{% endif %}")
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    tok.chat_template = template
+    messages = [{"role": "user", "content": "a < b, é"}, {"role": "stop", "content": ""},
+                {"role": "user", "content": "never"}]
+    tools = [{"type": "function", "function": {"name": "f", "description": "<x> ü"}}]
+    ours = tok.apply_chat_template(messages, tools, enable_thinking=True)
+    theirs, _ = render_jinja_template(conversations=[messages], tools=tools,
+                                      chat_template=template, add_generation_prompt=True,
+                                      enable_thinking=True, **tok.special_token_strings())
+    assert ours == theirs[0] and "a < b, é" in ours and "<think>" in ours
+    tok.chat_template = "{{ raise_exception('no system role') }}"
+    with pytest.raises(TokenizerError, match="no system role"):
+        tok.apply_chat_template(messages)

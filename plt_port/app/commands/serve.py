@@ -1,7 +1,10 @@
 """plt-port serve [--model DIR] [--backend torch|onnx|mlx] [--loops N] [--host 127.0.0.1]
-[--port 8000] [--max-batch N]: an OpenAI-compatible server with continuous batching.
+[--port 8000] [--max-batch N] [--api-key KEY] [--chat-template FILE] [--tool-call-parser
+NAME] [--reasoning-parser NAME]: an OpenAI- and Anthropic-compatible server with continuous
+batching.
 
-Without --model it serves the embedded two-loop model. Ctrl-C stops it: requests in flight
+Without --model it serves the embedded two-loop model. Each request gets one access-log line
+on stderr. Ctrl-C stops it: requests in flight
 get GRACEFUL_SHUTDOWN_S to finish, then are cancelled. `--bench STREAMS` starts the server on
 a free local port, measures one stream and STREAMS concurrent ones over HTTP (the best of
 BENCH_ROUNDS alternating rounds of each), prints the figures and the server's /metrics
@@ -11,16 +14,22 @@ BENCH_ROUNDS alternating rounds of each), prints the figures and the server's /m
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import statistics
 import sys
 import threading
 import time
+from dataclasses import replace
 
 from plt_port.app.cli import check_port, positive_int
 from plt_port.app.commands.generate import add_backend_arguments, backend_options
+from plt_port.app.reasoning import REASONING_PARSERS
+from plt_port.app.server_options import DEFAULT_CHAT_MAX_TOKENS, ServerOptions
+from plt_port.app.tool_parsers import TOOL_PARSERS, resolve_tool_parser
 from plt_port.errors import PLTError
+
 
 GRACEFUL_SHUTDOWN_S = 5
 BENCH_ROUNDS = 3
@@ -44,6 +53,27 @@ def add_arguments(parser):
                         help="requests that may wait for a batch slot; more get 429 (default 64)")
     parser.add_argument("--decode", choices=["clp", "naive"], default="clp",
                         help="decode mode (default clp)")
+    parser.add_argument("--served-model-name", metavar="NAME",
+                        help="the model id clients use (default: the model directory's name)")
+    parser.add_argument("--api-key", metavar="KEY",
+                        help="require this key (Authorization: Bearer KEY, or x-api-key on "
+                             "/v1/messages) on every route but /health (default: "
+                             "$PLT_PORT_API_KEY, else none)")
+    parser.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN", default=(),
+                        help="browser origins allowed by CORS, e.g. http://localhost:3000 "
+                             "(default: none, CORS off)")
+    parser.add_argument("--chat-template", metavar="FILE",
+                        help="a Jinja2 chat template to use instead of the model's (e.g. one "
+                             "with tool support)")
+    parser.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS),
+                        help="the format of the model's tool calls (default: inferred from "
+                             "the chat template; none when it has no tool calls)")
+    parser.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS),
+                        help="read a <think>...</think> block into reasoning_content / "
+                             "thinking blocks (default: off)")
+    parser.add_argument("--max-tokens", type=positive_int, default=DEFAULT_CHAT_MAX_TOKENS,
+                        help="answer length of a chat request that sets none, capped by the "
+                             f"context left (default {DEFAULT_CHAT_MAX_TOKENS})")
     parser.add_argument("--bench", type=positive_int, metavar="STREAMS",
                         help="measure 1 vs STREAMS concurrent streams on a local port and exit")
     parser.add_argument("--bench-tokens", type=positive_int, default=64,
@@ -53,14 +83,22 @@ def add_arguments(parser):
 
 def open_server(model_dir: str, backend: str = "torch", loops: int | None = None, *,
                 max_batch: int = 16, max_queue: int = 64, decode_mode: str = "clp",
-                options: dict | None = None):
-    """(engine, app): the engine started with the backend loaded on its thread."""
+                options: dict | None = None, served_model_name: str | None = None,
+                chat_template: str | None = None, server_options=None):
+    """(engine, app): the engine started with the backend loaded on its thread.
+    `chat_template`: a template's text, used instead of the model's; `server_options`: a
+    `ServerOptions` (its tool parser: the template's when unset)."""
     from plt_port.app.server import create_app
     from plt_port.tokenizer import Tokenizer
     from runtimes.backends import load_backend
     from runtimes.engine import BatchEngine
 
     tokenizer = Tokenizer.from_dir(model_dir)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    server_options = server_options or ServerOptions()
+    server_options = replace(server_options, tool_call_parser=resolve_tool_parser(
+        server_options.tool_call_parser, tokenizer.chat_template))
 
     def load(at_loops):
         return load_backend(backend, model_dir, loops=loops if at_loops is None else at_loops,
@@ -68,8 +106,26 @@ def open_server(model_dir: str, backend: str = "torch", loops: int | None = None
 
     engine = BatchEngine(load, tokenizer, max_batch=max_batch, max_queue=max_queue,
                          decode_mode=decode_mode).start()
-    name = os.path.basename(os.path.normpath(model_dir))
-    return engine, create_app(engine, tokenizer, name)
+    name = served_model_name or os.path.basename(os.path.normpath(model_dir))
+    return engine, create_app(engine, tokenizer, name, server_options)
+
+
+def read_chat_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PLTError(f"--chat-template {path}: {exc}") from None
+
+
+def log_access_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    access = logging.getLogger("plt_port.app.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
 
 
 def uvicorn_server(app, host: str, port: int):
@@ -105,16 +161,26 @@ def run(args):
         from plt_port.family import default_model_dir
 
         args.model = default_model_dir()
+    server_options = ServerOptions(
+        api_key=args.api_key or os.environ.get("PLT_PORT_API_KEY") or None,
+        allowed_origins=tuple(args.allowed_origins), tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser, default_max_tokens=args.max_tokens)
     engine, app = open_server(args.model, args.backend, args.loops, max_batch=args.max_batch,
                               max_queue=args.max_queue, decode_mode=args.decode,
-                              options=backend_options(args.backend, args))
+                              options=backend_options(args.backend, args),
+                              served_model_name=args.served_model_name,
+                              chat_template=read_chat_template(args.chat_template),
+                              server_options=server_options)
     try:
         if args.bench:
             return bench(app, args.bench, args.bench_tokens)
         print(f"plt-port serve: http://{args.host}:{args.port}/v1 ({app.title} "
               f"{os.path.basename(os.path.normpath(args.model))}, {args.backend}, "
-              f"{engine.backend.loops} loops, batches of up to {args.max_batch}; "
-              f"Ctrl-C stops)", file=sys.stderr, flush=True)
+              f"{engine.backend.loops} loops, batches of up to {args.max_batch}; tool calls: "
+              f"{app.state.service.options.tool_call_parser or 'off'}; "
+              f"{'API key required; ' if server_options.api_key else ''}Ctrl-C stops)",
+              file=sys.stderr, flush=True)
+        log_access_to_stderr()
         try:
             uvicorn_server(app, args.host, args.port).run()
         except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down
