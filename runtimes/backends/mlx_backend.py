@@ -107,13 +107,52 @@ class MLXBackend(Backend):
         caches.quantize_global(self.kv_quant)
         return caches
 
+    # ---- rewinds (rings [R, B, G, Wr, D] per layer, carry [R, B, d]) ------------------------
+    def gather_ring(self, caches, slots, ring_slots):
+        if not caches.ring_k:
+            return None
+        index = mx.array(ring_slots.astype(np.int32))[None, :, None, :, None]  # [1, k, 1, m, 1]
+        batch = mx.array(slots.astype(np.int32))
+        rows = [mx.take_along_axis(ring[:, batch], index, axis=3)  # [R, k, G, m, D]
+                for ring in caches.ring_k + caches.ring_v]
+        mx.async_eval(rows)
+        return rows
+
+    def scatter_ring(self, caches, slot, ring_slots, rows, row, columns):
+        index = mx.array(ring_slots.astype(np.int32))[None, None, :, None]
+        picked = mx.array(columns.astype(np.int32))
+        for name in ("ring_k", "ring_v"):
+            rings = caches.state[name]
+            saved = rows[:len(rings)] if name == "ring_k" else rows[len(rings):]
+            for i, ring in enumerate(rings):
+                values = mx.take(saved[i][:, row], picked, axis=2)  # [R, G, m', D]
+                ring[:, slot] = mx.put_along_axis(ring[:, slot], index, values, axis=2)
+        mx.eval(caches.arrays())
+        return caches
+
+    def gather_carry(self, caches, slots):
+        if caches.carry is None:
+            return None
+        carry = caches.carry[:, mx.array(slots.astype(np.int32))][:, :, None]
+        mx.async_eval(carry)
+        return carry
+
+    def scatter_carry(self, caches, slot, carries, row, column):
+        caches.carry[:, slot] = 0 if carries is None else carries[:, row, column]
+        mx.eval(caches.carry)
+        return caches
+
     # ---- running -----------------------------------------------------------------------
-    def prefill_chunk(self, caches, ids, start, num_new):
-        h = self.model.prefill(mx.array(ids.astype(np.int32)), caches, start, start + num_new)
+    def prefill_chunk(self, caches, ids, start, num_new, trace=False):
+        carries = [] if trace else None
+        h = self.model.prefill(mx.array(ids.astype(np.int32)), caches, start, start + num_new,
+                               carries)
         last = mx.array(self.last_token_index(num_new)[:, None, None])
         logits = self.model.lm_logits(mx.take_along_axis(h, last, axis=1)[:, 0])
-        mx.eval(logits, caches.arrays())
-        return self._numpy(logits)
+        carries = mx.stack(carries) if carries else None
+        mx.eval(logits, caches.arrays(), *([carries] if carries is not None else []))
+        logits = self._numpy(logits)
+        return (logits, carries) if trace else logits
 
     def decode_rows(self, caches, tokens, positions, mode):
         return self.start_decode_rows(caches, tokens, positions, mode)()

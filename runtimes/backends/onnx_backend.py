@@ -174,6 +174,31 @@ class ONNXBackend(Backend):
             value.update_inplace(array)
         return caches
 
+    # ---- rewinds (rings [R, B, G, Wr, D] per layer, carry [R, B, d]) ------------------------
+    def gather_ring(self, caches, slots, ring_slots):
+        if "ring" not in caches:
+            return None
+        index = ring_slots[None, :, None, :, None]
+        return [np.take_along_axis(value.numpy()[:, slots], index, axis=3)  # [R, k, G, m, D]
+                for layer in caches["ring"] for value in layer.values()]
+
+    def scatter_ring(self, caches, slot, ring_slots, rows, row, columns):
+        values = [value for layer in caches["ring"] for value in layer.values()]
+        for value, saved in zip(values, rows):
+            array = value.numpy()  # the OrtValue's own memory on the CPU, a copy on a GPU
+            array[:, slot][:, :, ring_slots] = saved[:, row][:, :, columns]
+            value.update_inplace(array)
+        return caches
+
+    def gather_carry(self, caches, slots):
+        return caches["carry"].numpy()[:, slots, None] if "carry" in caches else None
+
+    def scatter_carry(self, caches, slot, carries, row, column):
+        array = caches["carry"].numpy()
+        array[:, slot] = 0 if carries is None else carries[:, row, column]
+        caches["carry"].update_inplace(array)
+        return caches
+
     def cache_nbytes(self, caches) -> int:
         return sum(int(np.prod(v.shape())) * self.np_dtype.itemsize for v in self._values(caches))
 
@@ -213,17 +238,23 @@ class ONNXBackend(Backend):
             holder[key] = value
         return logits, handover.get("hidden")
 
-    def _loops_in_turn(self, caches, ids, start, num_new) -> np.ndarray:
-        """Loop 1, 2, ... L over the chunk, each call handing its outputs to the next."""
+    def _loops_in_turn(self, caches, ids, start, num_new, carries: list | None = None):
+        """Loop 1, 2, ... L over the chunk, each call handing its outputs to the next;
+        `carries` receives each loop r < L's hand-over (PLT: its shifted carries) as numpy."""
         hidden = self._zeros((*ids.shape, self.config.hidden_size)) if self.loops > 1 else None
         for r in range(1, self.loops + 1):
             logits, hidden = self._run(caches, ids, start, num_new, [r], hidden)
+            if carries is not None and r < self.loops:
+                carries.append(hidden.numpy().copy())
         return logits
 
-    def prefill_chunk(self, caches, ids, start, num_new):
-        # Every chunk is as wide as the longest remaining prompt, so padded writes stay below
-        # the longest prompt length <= capacity.
-        return self._loops_in_turn(caches, ids, np.full(len(ids), start, np.int64), num_new)
+    def prefill_chunk(self, caches, ids, start, num_new, trace=False):
+        # A chunk is never wider than the longest remaining prompt, so padded writes stay
+        # below the longest prompt length <= capacity.
+        carries = [] if trace and "carry" in caches else None
+        logits = self._loops_in_turn(caches, ids, np.full(len(ids), start, np.int64), num_new,
+                                     carries)
+        return (logits, np.stack(carries) if carries else None) if trace else logits
 
     def decode_rows(self, caches, tokens, positions, mode):
         ids, num_new = tokens[:, None], np.ones(len(tokens), np.int64)

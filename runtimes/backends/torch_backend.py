@@ -148,6 +148,43 @@ class TorchBackend(Backend):
         caches.global_kv = [store.to_quantized(self.kv_quant) for store in caches.global_kv]
         return caches
 
+    # ---- rewinds ------------------------------------------------------------------------
+    def _ring_index(self, caches: TorchCaches, ring_slots: np.ndarray) -> torch.Tensor:
+        """Columns of the [B, G, R*Wr, D] ring tensors of ring slots [..., m] in every loop:
+        [..., R*m], loop by loop."""
+        loops = np.arange(caches.rings)[:, None] * caches.ring_slots
+        index = loops + ring_slots[..., None, :]
+        return torch.from_numpy(index.reshape(*ring_slots.shape[:-1], -1)).to(self.device)
+
+    def gather_ring(self, caches, slots, ring_slots):
+        if not caches.ring_kv:
+            return None
+        batch = torch.from_numpy(slots).to(self.device)[:, None]
+        index = self._ring_index(caches, ring_slots)  # [k, R*m]
+        return [(k[batch, :, index], v[batch, :, index]) for k, v in caches.ring_kv]  # [k, R*m, G, D]
+
+    def scatter_ring(self, caches, slot, ring_slots, rows, row, columns):
+        width = rows[0][0].shape[1] // caches.rings  # m of the gather
+        index = self._ring_index(caches, ring_slots)
+        source = torch.from_numpy((np.arange(caches.rings)[:, None] * width
+                                   + columns[None]).reshape(-1)).to(self.device)
+        for ring, saved in zip((t for pair in caches.ring_kv for t in pair),
+                               (t for pair in rows for t in pair)):
+            ring[slot][:, index] = saved[row][source].transpose(0, 1)
+        return caches
+
+    def gather_carry(self, caches, slots):
+        if caches.clp_carry is None:
+            return None
+        return caches.clp_carry[:, torch.from_numpy(slots).to(self.device), None]  # a copy
+
+    def scatter_carry(self, caches, slot, carries, row, column):
+        if carries is None:
+            caches.clp_carry[:, slot] = 0
+        else:
+            caches.clp_carry[:, slot] = carries[:, row, column]
+        return caches
+
     def _logits(self, h_last: torch.Tensor) -> np.ndarray:
         return self.model.lm_logits(h_last).float().cpu().numpy()
 
@@ -156,7 +193,7 @@ class TorchBackend(Backend):
 
     # ---- prefill -----------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill_chunk(self, caches, ids, start, num_new):
+    def prefill_chunk(self, caches, ids, start, num_new, trace=False):
         model, cfg, W = self.model, self.config, self.window
         ids = torch.from_numpy(ids).to(self.device)
         T = ids.shape[1]
@@ -195,6 +232,7 @@ class TorchBackend(Backend):
             return attention
 
         h = embeddings
+        carries = []  # loop r's shifted input: the carry before each chunk position
         for loop in range(1, self.loops + 1):
             for i, layer in enumerate(model.model.layers):
                 h = layer(h, cos, sin, attention_for(loop, i))
@@ -204,7 +242,9 @@ class TorchBackend(Backend):
                 shifted = torch.cat([previous[:, None], carry[:, :-1]], dim=1)
                 previous.copy_(torch.where(has_tokens[:, None], carry[batch_index, last], previous))
                 h = model.next_loop_input(embeddings, shifted)
-        return self._logits(h[batch_index, last])
+                carries.append(shifted)
+        logits = self._logits(h[batch_index, last])
+        return (logits, torch.stack(carries) if carries else None) if trace else logits
 
     def _write_ring_chunk(self, ring, chunk_kv, start: int, ends):
         """Write each sequence's last real chunk positions (those < ends[b]) into its ring
