@@ -133,15 +133,21 @@ def test_one_slot_of_a_running_batch_rewinds_alone(backend_name, model_dirs, fmt
     for step in range(14):
         backend.step(batch, np.array([answers[0][step], answers[1][step]]))
     kept = [(prompts[0] + answers[0])[:len(prompts[0]) + 3], prompts[1][:11]]
+    alone = backend.slot_state(batch, 0)  # its journal holds its own rows only
+    for record in alone.history.slots[0].journal:
+        assert {len(a) for a in record.ring_rows + (record.carries or [])} == {1}
+    backend.rewind(alone, 0, len(kept[0]))
     backend.rewind(batch, 0, len(kept[0]))
     backend.rewind(batch, 1, len(kept[1]))
     assert batch.lengths.tolist() == [len(k) for k in kept]
     next_tokens = np.array([7, 9])
     got = backend.step(batch, next_tokens)
+    got_alone = backend.step(alone, next_tokens[:1])
     for b in range(2):
         cold, _ = backend.prefill([kept[b]], 64)
         expected = backend.step(cold, next_tokens[b:b + 1])
         assert np.abs(got[b] - expected[0]).max() <= TOL, f"slot {b}"
+    assert np.abs(got_alone - got[:1]).max() <= TOL
 
 
 def test_rewinds_without_history(model_dirs):

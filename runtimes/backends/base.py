@@ -96,8 +96,8 @@ class Backend(abc.ABC):
         Sequence b has num_new[b] real tokens in the chunk (the rest is padding, which must
         leave its ring and carry alone). Returns fp32 logits [B, V] of each sequence's token
         at index num_new[b] - 1 of the chunk (any row where num_new[b] == 0); with `trace`,
-        (logits, carries): carries[r-1, b, j] = the carry n(h^(r)) before chunk position j
-        (loop r's shifted input), [L-1, B, C, d] in the backend's arrays (None: no carry)."""
+        (logits, carries): carries = [an array [B, L-1, C, d] of the backend's], [b, r-1, j]
+        the carry n(h^(r)) before chunk position j (loop r's shifted input); None: no carry."""
 
     @abc.abstractmethod
     def decode_rows(self, caches, tokens: np.ndarray, positions: np.ndarray,
@@ -128,25 +128,31 @@ class Backend(abc.ABC):
         raise BackendError(f"the {self.name} backend does not quantize its KV cache")
 
     # ---- hooks of rewinds (SPEC section 4, "Rewinding") ------------------------------------
-    # Rows and carries are the backend's own arrays, copies that later calls never change.
-    def gather_ring(self, caches, slots: np.ndarray, ring_slots: np.ndarray) -> Any:
+    # What they gather is a list of the backend's own arrays, each with the gathered slots on
+    # axis 0: copies that later calls never change.
+    def gather_ring(self, caches, slots: np.ndarray, ring_slots: np.ndarray) -> list | None:
         """Copies of ring entries ring_slots[i, j] of batch slot slots[i] ([k, m] ints), K and
         V of every ring and layer (None for a model without rings)."""
         raise BackendError(f"the {self.name} backend cannot rewind")
 
-    def scatter_ring(self, caches, slot: int, ring_slots: np.ndarray, rows, row: int,
+    def scatter_ring(self, caches, slot: int, ring_slots: np.ndarray, rows: list, row: int,
                      columns: np.ndarray) -> Any:
         """The caches with ring entry ring_slots[j] of `slot` set to entry (row, columns[j])
         of `rows` (from gather_ring), in every ring and layer."""
         raise BackendError(f"the {self.name} backend cannot rewind")
 
-    def gather_carry(self, caches, slots: np.ndarray) -> Any:
-        """A copy of the CLP carry of batch slots `slots`, [L-1, k, 1, d] (None: no carry)."""
+    def gather_carry(self, caches, slots: np.ndarray) -> list | None:
+        """[a copy of the CLP carry of batch slots `slots`, [k, L-1, 1, d]] (None: no carry)."""
         raise BackendError(f"the {self.name} backend cannot rewind")
 
-    def scatter_carry(self, caches, slot: int, carries, row: int, column: int) -> Any:
-        """The caches with the carry of `slot` set to carries[:, row, column] (carries
-        [L-1, B, T, d] from gather_carry or a traced prefill chunk), or to zeros (None)."""
+    def scatter_carry(self, caches, slot: int, carries: list | None, row: int,
+                      column: int) -> Any:
+        """The caches with the carry of `slot` set to carries[0][row, :, column] (carries from
+        gather_carry, or a traced prefill chunk's [B, L-1, T, d]), or to zeros (None)."""
+        raise BackendError(f"the {self.name} backend cannot rewind")
+
+    def own_rows(self, arrays: list, row: int) -> list:
+        """Copies of entry `row` (axis 0) of each gathered array, holding no other memory."""
         raise BackendError(f"the {self.name} backend cannot rewind")
 
     @property
@@ -380,6 +386,8 @@ class Backend(abc.ABC):
                                                self.config.max_position_embeddings)
         one = self.empty_state(1, capacity, state.history.policy if state.history else None)
         self.write_slot(one, 0, state, slot)
+        if one.history is not None:
+            one.history.slots[0] = one.history.slots[0].owned(self.own_rows)
         return one
 
     # ---- rewinds (SPEC section 4, "Rewinding") ---------------------------------------------

@@ -52,9 +52,9 @@ class HistoryPolicy:
 class JournalRecord:
     """Positions start..start+count-1 of one slot, written by one call (a prefill chunk of
     at most `window` positions, or a decode step): `ring_rows` are the backend's copies of the
-    ring entries of ring slots (start + j) % window before the call, `carries[:, row, j]` the
-    carry before position start + j (None without a carry). `row` is the slot's index in
-    arrays gathered for a whole batch."""
+    ring entries of ring slots (start + j) % window before the call, `carries[0][row, :, j]`
+    the carry before position start + j (None without a carry). `row` is the slot's index in
+    arrays gathered for a whole batch (axis 0)."""
 
     start: int
     count: int
@@ -90,6 +90,21 @@ class SlotHistory:
     def copy(self) -> "SlotHistory":
         tokens = list(self.tokens) if self.tokens is not None else None
         return SlotHistory(tokens, list(self.journal), list(self.snapshots))
+
+    def owned(self, own_rows) -> "SlotHistory":
+        """This history with arrays of its own (`own_rows(arrays, row)`, the backend's): a
+        journal record gathered for a whole batch holds every slot's rows, which a sequence
+        kept apart from its batch (a prompt-cache entry) must not keep alive."""
+        def own(arrays, row):
+            return own_rows(arrays, row) if arrays is not None else None
+
+        journal = [dataclasses.replace(r, ring_rows=own(r.ring_rows, r.row),
+                                       carries=own(r.carries, r.row), row=0)
+                   for r in self.journal]
+        snapshots = [dataclasses.replace(s, ring_rows=own(s.ring_rows, s.row),
+                                         carry=own(s.carry, s.row), row=0)
+                     for s in self.snapshots]
+        return SlotHistory(self.tokens, journal, snapshots)
 
     @property
     def journal_start(self) -> int | None:

@@ -111,21 +111,20 @@ class MLXBackend(Backend):
     def gather_ring(self, caches, slots, ring_slots):
         if not caches.ring_k:
             return None
-        index = mx.array(ring_slots.astype(np.int32))[None, :, None, :, None]  # [1, k, 1, m, 1]
+        index = mx.array(ring_slots.astype(np.int32))[:, None, None, :, None]  # [k, 1, 1, m, 1]
         batch = mx.array(slots.astype(np.int32))
-        rows = [mx.take_along_axis(ring[:, batch], index, axis=3)  # [R, k, G, m, D]
-                for ring in caches.ring_k + caches.ring_v]
+        rows = [mx.take_along_axis(ring[:, batch].transpose(1, 0, 2, 3, 4), index, axis=3)
+                for ring in caches.ring_k + caches.ring_v]  # [k, R, G, m, D]
         mx.async_eval(rows)
         return rows
 
     def scatter_ring(self, caches, slot, ring_slots, rows, row, columns):
         index = mx.array(ring_slots.astype(np.int32))[None, None, :, None]
         picked = mx.array(columns.astype(np.int32))
-        for name in ("ring_k", "ring_v"):
-            rings = caches.state[name]
-            saved = rows[:len(rings)] if name == "ring_k" else rows[len(rings):]
-            for i, ring in enumerate(rings):
-                values = mx.take(saved[i][:, row], picked, axis=2)  # [R, G, m', D]
+        for ring_list, saved in ((caches.ring_k, rows[:len(caches.ring_k)]),
+                                 (caches.ring_v, rows[len(caches.ring_k):])):
+            for ring, layer_rows in zip(ring_list, saved):
+                values = mx.take(layer_rows[row], picked, axis=2)  # [R, G, m', D]
                 ring[:, slot] = mx.put_along_axis(ring[:, slot], index, values, axis=2)
         mx.eval(caches.arrays())
         return caches
@@ -133,14 +132,19 @@ class MLXBackend(Backend):
     def gather_carry(self, caches, slots):
         if caches.carry is None:
             return None
-        carry = caches.carry[:, mx.array(slots.astype(np.int32))][:, :, None]
+        carry = caches.carry[:, mx.array(slots.astype(np.int32))].transpose(1, 0, 2)[:, :, None]
         mx.async_eval(carry)
-        return carry
+        return [carry]  # [k, L-1, 1, d]
 
     def scatter_carry(self, caches, slot, carries, row, column):
-        caches.carry[:, slot] = 0 if carries is None else carries[:, row, column]
+        caches.carry[:, slot] = 0 if carries is None else carries[0][row, :, column]
         mx.eval(caches.carry)
         return caches
+
+    def own_rows(self, arrays, row):
+        rows = [mx.take(a, mx.array([row]), axis=0) for a in arrays]  # a gather: its own memory
+        mx.eval(rows)
+        return rows
 
     # ---- running -----------------------------------------------------------------------
     def prefill_chunk(self, caches, ids, start, num_new, trace=False):
@@ -149,8 +153,8 @@ class MLXBackend(Backend):
                                carries)
         last = mx.array(self.last_token_index(num_new)[:, None, None])
         logits = self.model.lm_logits(mx.take_along_axis(h, last, axis=1)[:, 0])
-        carries = mx.stack(carries) if carries else None
-        mx.eval(logits, caches.arrays(), *([carries] if carries is not None else []))
+        carries = [mx.stack(carries, axis=1)] if carries else None  # [B, L-1, C, d]
+        mx.eval(logits, caches.arrays(), *(carries or []))
         logits = self._numpy(logits)
         return (logits, carries) if trace else logits
 

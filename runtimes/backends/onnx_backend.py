@@ -178,26 +178,31 @@ class ONNXBackend(Backend):
     def gather_ring(self, caches, slots, ring_slots):
         if "ring" not in caches:
             return None
-        index = ring_slots[None, :, None, :, None]
-        return [np.take_along_axis(value.numpy()[:, slots], index, axis=3)  # [R, k, G, m, D]
-                for layer in caches["ring"] for value in layer.values()]
+        index = ring_slots[:, None, None, :, None]
+        return [np.take_along_axis(value.numpy()[:, slots].swapaxes(0, 1), index, axis=3)
+                for layer in caches["ring"] for value in layer.values()]  # [k, R, G, m, D]
 
     def scatter_ring(self, caches, slot, ring_slots, rows, row, columns):
         values = [value for layer in caches["ring"] for value in layer.values()]
         for value, saved in zip(values, rows):
             array = value.numpy()  # the OrtValue's own memory on the CPU, a copy on a GPU
-            array[:, slot][:, :, ring_slots] = saved[:, row][:, :, columns]
+            array[:, slot][:, :, ring_slots] = saved[row][:, :, columns]
             value.update_inplace(array)
         return caches
 
     def gather_carry(self, caches, slots):
-        return caches["carry"].numpy()[:, slots, None] if "carry" in caches else None
+        if "carry" not in caches:
+            return None
+        return [caches["carry"].numpy()[:, slots].swapaxes(0, 1)[:, :, None]]  # [k, L-1, 1, d]
 
     def scatter_carry(self, caches, slot, carries, row, column):
         array = caches["carry"].numpy()
-        array[:, slot] = 0 if carries is None else carries[:, row, column]
+        array[:, slot] = 0 if carries is None else carries[0][row, :, column]
         caches["carry"].update_inplace(array)
         return caches
+
+    def own_rows(self, arrays, row):
+        return [a[row:row + 1].copy() for a in arrays]
 
     def cache_nbytes(self, caches) -> int:
         return sum(int(np.prod(v.shape())) * self.np_dtype.itemsize for v in self._values(caches))
@@ -240,12 +245,12 @@ class ONNXBackend(Backend):
 
     def _loops_in_turn(self, caches, ids, start, num_new, carries: list | None = None):
         """Loop 1, 2, ... L over the chunk, each call handing its outputs to the next;
-        `carries` receives each loop r < L's hand-over (PLT: its shifted carries) as numpy."""
+        `carries` receives each loop r < L's hand-over (PLT: its shifted carries)."""
         hidden = self._zeros((*ids.shape, self.config.hidden_size)) if self.loops > 1 else None
         for r in range(1, self.loops + 1):
             logits, hidden = self._run(caches, ids, start, num_new, [r], hidden)
             if carries is not None and r < self.loops:
-                carries.append(hidden.numpy().copy())
+                carries.append(hidden)
         return logits
 
     def prefill_chunk(self, caches, ids, start, num_new, trace=False):
@@ -254,7 +259,9 @@ class ONNXBackend(Backend):
         carries = [] if trace and "carry" in caches else None
         logits = self._loops_in_turn(caches, ids, np.full(len(ids), start, np.int64), num_new,
                                      carries)
-        return (logits, np.stack(carries) if carries else None) if trace else logits
+        if not trace:
+            return logits
+        return logits, [np.stack([c.numpy() for c in carries], axis=1)] if carries else None
 
     def decode_rows(self, caches, tokens, positions, mode):
         ids, num_new = tokens[:, None], np.ones(len(tokens), np.int64)

@@ -161,29 +161,29 @@ class TorchBackend(Backend):
             return None
         batch = torch.from_numpy(slots).to(self.device)[:, None]
         index = self._ring_index(caches, ring_slots)  # [k, R*m]
-        return [(k[batch, :, index], v[batch, :, index]) for k, v in caches.ring_kv]  # [k, R*m, G, D]
+        return [ring[batch, :, index] for pair in caches.ring_kv for ring in pair]  # [k, R*m, G, D]
 
     def scatter_ring(self, caches, slot, ring_slots, rows, row, columns):
-        width = rows[0][0].shape[1] // caches.rings  # m of the gather
+        width = rows[0].shape[1] // caches.rings  # m of the gather
         index = self._ring_index(caches, ring_slots)
         source = torch.from_numpy((np.arange(caches.rings)[:, None] * width
                                    + columns[None]).reshape(-1)).to(self.device)
-        for ring, saved in zip((t for pair in caches.ring_kv for t in pair),
-                               (t for pair in rows for t in pair)):
+        for ring, saved in zip((t for pair in caches.ring_kv for t in pair), rows):
             ring[slot][:, index] = saved[row][source].transpose(0, 1)
         return caches
 
     def gather_carry(self, caches, slots):
         if caches.clp_carry is None:
             return None
-        return caches.clp_carry[:, torch.from_numpy(slots).to(self.device), None]  # a copy
+        index = torch.from_numpy(slots).to(self.device)
+        return [caches.clp_carry[:, index].transpose(0, 1)[:, :, None]]  # [k, L-1, 1, d], a copy
 
     def scatter_carry(self, caches, slot, carries, row, column):
-        if carries is None:
-            caches.clp_carry[:, slot] = 0
-        else:
-            caches.clp_carry[:, slot] = carries[:, row, column]
+        caches.clp_carry[:, slot] = 0 if carries is None else carries[0][row, :, column]
         return caches
+
+    def own_rows(self, arrays, row):
+        return [a[row:row + 1].clone() for a in arrays]
 
     def _logits(self, h_last: torch.Tensor) -> np.ndarray:
         return self.model.lm_logits(h_last).float().cpu().numpy()
@@ -244,7 +244,7 @@ class TorchBackend(Backend):
                 h = model.next_loop_input(embeddings, shifted)
                 carries.append(shifted)
         logits = self._logits(h[batch_index, last])
-        return (logits, torch.stack(carries) if carries else None) if trace else logits
+        return (logits, [torch.stack(carries, dim=1)] if carries else None) if trace else logits
 
     def _write_ring_chunk(self, ring, chunk_kv, start: int, ends):
         """Write each sequence's last real chunk positions (those < ends[b]) into its ring
