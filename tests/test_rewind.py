@@ -179,3 +179,22 @@ def test_the_journal_keeps_its_depth(model_dirs):
     journal = state.history.slots[0].journal
     assert journal[-1].end == PREFILLED + 20
     assert 6 <= PREFILLED + 20 - journal[0].start < 6 + 8  # a chunk at most wider than depth
+
+
+@pytest.mark.parametrize("fmt,layers,loops", [("plt", 2, 2), ("plt", 3, 3), ("v1", 2, 3)])
+def test_an_exact_recompute_needs_every_layers_receptive_field(tmp_path, fmt, layers, loops):
+    """Rebuilding the rings and carry after p tokens from the global K/V: (L-1) x window + 1
+    recomputed positions give wrong logits once N >= 2 layers (each layer's local branch
+    reaches window - 1 further back); `exact_recompute_span` positions give the full
+    forward's logits exactly, and one position fewer does not."""
+    from plt_port.config import PLTConfig
+    from runtimes.rewind_study import exact_recompute_span, recompute_errors
+
+    model_dir = save_random_model(tmp_path / "m", tiny_config(fmt, num_hidden_layers=layers),
+                                  0, std=LOUD_STD)
+    config = PLTConfig.from_file(model_dir)
+    exact = exact_recompute_span(config, loops)
+    too_short = (loops - 1) * (config.window - 1) + 1
+    errors = recompute_errors(model_dir, loops, random_prompts([120], seed=1)[0], 100,
+                              [too_short, exact - 1, exact])
+    assert errors[too_short] > 1e-3 and errors[exact - 1] > 0 and errors[exact] <= 1e-6, errors

@@ -454,6 +454,21 @@ class Backend(abc.ABC):
                                               position - record.start)
         self._set_length(state, slot, position, history)
 
+    def restore_snapshot(self, state: DecodeState, slot: int, snapshot: Snapshot) -> None:
+        """Slot `slot` as it was when `snapshot` was taken of it (its global K/V below the
+        snapshot's position unchanged since)."""
+        held = np.arange(min(self.config.window, snapshot.position))
+        state.caches = self.scatter_ring(state.caches, slot, held, snapshot.ring_rows,
+                                         snapshot.row, held)
+        if self.supports_clp:
+            state.caches = self.scatter_carry(state.caches, slot, snapshot.carry, snapshot.row, 0)
+        self._set_length(state, slot, snapshot.position,
+                         state.history.slots[slot] if state.history is not None else None)
+
+    def snapshot(self, state: DecodeState, slot: int) -> Snapshot:
+        """The rings and carry of slot `slot` at its length, for `restore_snapshot`."""
+        return self._snapshot(state.caches, slot, int(state.lengths[slot]))
+
     def _prefill_again(self, state: DecodeState, slot: int, position: int,
                        history: SlotHistory) -> None:
         """Restore the last snapshot at or before `position` (none: the start) and prefill the
@@ -468,13 +483,7 @@ class Backend(abc.ABC):
         if snapshot is None:
             self.rewind(state, slot, 0)
         else:
-            held = np.arange(min(self.config.window, snapshot.position))
-            state.caches = self.scatter_ring(state.caches, slot, held, snapshot.ring_rows,
-                                             snapshot.row, held)
-            if self.supports_clp:
-                state.caches = self.scatter_carry(state.caches, slot, snapshot.carry,
-                                                  snapshot.row, 0)
-            self._set_length(state, slot, snapshot.position, history)
+            self.restore_snapshot(state, slot, snapshot)
         resumed = int(state.lengths[slot])
         if position > resumed:
             self.extend(state, tokens[resumed:])
