@@ -119,4 +119,5 @@ def loop_analysis(model_dir: str, loops: int):
         return [], *heldout_fallback(model_dir, f"Per-loop diagnostics failed "
                                                    f"({type(exc).__name__}: {exc}); showing the "
                                                    "held-out results instead.")
-    return images, None, f"Per-loop diagnostics of `{model_dir}` at {loops} loops."
+    name = os.path.basename(os.path.normpath(model_dir))  # never a local path in the page
+    return images, None, f"Per-loop diagnostics of **{name}** at {loops} loops."
