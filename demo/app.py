@@ -46,8 +46,7 @@ CSS = """
 .backend-note { font-size: 0.8rem; opacity: 0.8; }
 .column-output .cm-editor { height: 330px !important; }
 #prompt textarea { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-.analysis-note th, .analysis-note td { word-break: normal; overflow-wrap: normal; hyphens: none; }
-.analysis-note th { white-space: nowrap; }
+.analysis-note th, .analysis-note td:first-child { white-space: nowrap; }
 """
 
 INTRO = """# Parallel Loop Transformer: loop counts side by side

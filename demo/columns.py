@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from exporters.export_store import export_root
 from plt_port.checkpoint import parameter_count
 from plt_port.config import MAX_LOOPS, PLTConfig
 from plt_port.errors import PLTError
@@ -296,7 +295,7 @@ def loading_message(spec: ColumnSpec) -> str:
     label = BACKEND_LABELS.get(spec.backend, spec.backend)
     if spec.backend in EXPORTED_BACKENDS:
         return (f"⏳ loading {label} ({spec.loops} loops); the first use exports the model "
-                f"into {export_root()}, which can take a minute…")
+                f"into the export store, which can take a minute…")
     return f"⏳ loading {label} ({spec.loops} loops)…"
 
 

@@ -31,7 +31,11 @@ def add_backend_arguments(parser) -> None:
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
                         help="onnx backend: execution provider (default auto: CUDA when "
                              "onnxruntime-gpu finds a GPU)")
-    parser.add_argument("--threads", type=positive_int, help="torch/onnx backends: CPU threads")
+    parser.add_argument("--threads", type=positive_int,
+                        help="torch/onnx backends: CPU threads (default: the framework's, one "
+                             "per physical core; torch's wait passively, OMP_WAIT_POLICY=PASSIVE "
+                             "unless set, so that cores busy with other work do not stall "
+                             "decoding; 1 is often fastest for small models)")
 
 
 def backend_options(name: str, args) -> dict:

@@ -9,13 +9,15 @@ each variant's own greedy run.
 from __future__ import annotations
 
 from exporters.mlx_export import GROUP_SIZES
+from plt_port.app.cli import model_path
 
 VARIANT_NAMES = ("bf16", "fp16", "q8", "q4", "int8", "int4")
 DEFAULT_VARIANTS = {"mlx": ["bf16", "fp16", "q8", "q4"], "onnx": ["fp16", "int8", "int4"]}
 
 
 def add_arguments(parser):
-    parser.add_argument("model_dir", help="PyTorch PLT model directory (HF layout)")
+    parser.add_argument("model_dir", type=model_path,
+                        help="PyTorch PLT model directory (HF layout) or shipped model name")
     parser.add_argument("--prompt", default="def binary_search(items, target):\n    ")
     parser.add_argument("--steps", type=int, default=64, help="decoded tokens (default 64)")
     parser.add_argument("--loops", type=int, default=None,
