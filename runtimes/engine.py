@@ -30,7 +30,6 @@ in, so each other loop count loads (and on first use exports) its own graphs and
 from __future__ import annotations
 
 import collections
-import copy
 import logging
 import threading
 import time
@@ -92,7 +91,7 @@ class TokenEvent:
     logprobs: TokenLogprobs | None
     finish_reason: str | None       # None while running, then "stop" or "length"
     time: float                     # time.perf_counter() when the token was sampled
-    stats: SequenceStats | None = None
+    stats: SequenceStats | None = None  # the sequence's, updated in place while it runs
 
 
 @dataclass
@@ -202,9 +201,6 @@ class RunningBatch:
         tokens = np.array([s.last_token if s else 0 for s in self.slots], dtype=np.int64)
         return self.backend.step_async(self.state, tokens, self.mode)
 
-    def step(self) -> np.ndarray:
-        return self.step_async()()
-
     def slots_where(self, condition: Callable[[RunningSequence], bool]) -> list[int]:
         return [slot for slot, s in enumerate(self.slots) if s is not None and condition(s)]
 
@@ -302,7 +298,6 @@ class EngineCore:
             batch.release(batch.slots_where(lambda s: s.request.cancelled.is_set()))
             if batch.state is not None:
                 self._launch_step(batch)
-        self._count_running()
 
     def finish(self) -> None:
         launched, self.launched = self.launched, []
@@ -367,7 +362,7 @@ class EngineCore:
         text = sequence.text.add(sequence.last_token)
         self._send(sequence.request, TokenEvent(
             text, sequence.last_token, sequence.text.generated, sequence.logprobs,
-            sequence.text.finish_reason, sequence.sampled_at, copy.copy(sequence.stats)))
+            sequence.text.finish_reason, sequence.sampled_at, sequence.stats))
 
     def _launch_step(self, batch: RunningBatch) -> None:
         start = time.perf_counter()

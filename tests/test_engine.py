@@ -46,7 +46,7 @@ def test_a_running_batch_grows_and_narrows_and_decodes_exactly(make_model, token
     decoded = {id(s): [s.last_token] for s in sequences}
 
     def step():
-        logits = batch.step()
+        logits = batch.step_async()()
         for slot, sequence in enumerate(batch.slots):
             if sequence is not None:
                 sequence.last_token = int(logits[slot].argmax())
