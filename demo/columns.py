@@ -270,12 +270,15 @@ def format_stats(event: TokenEvent, spec: ColumnSpec) -> str:
 
 GENERATING = "generating…"
 STOPPED = "⏹ stopped"
+WAITING = "⏳"  # the start of a column's stats while it loads, waits or prefills
 
 
 def stopped_stats(stats: str) -> str:
-    """A column's stats once Stop was pressed: a column still generating says it stopped."""
-    return stats.replace(GENERATING, STOPPED) if GENERATING in stats or "⏳" in stats \
-        else stats
+    """A column's stats once Stop was pressed: one still generating, loading or waiting says
+    it stopped; a finished or failed one keeps its stats."""
+    if stats.startswith(WAITING):
+        return STOPPED
+    return stats.replace(GENERATING, STOPPED)
 
 
 def error_text(exc: BaseException) -> str:

@@ -293,6 +293,16 @@ def test_queue_caps_concurrency_and_waiting_requests(make_model):
         build_app([], Limits(), backends={"torch": None})
 
 
+def test_stop_says_stopped_in_every_column_still_running():
+    running = "**12 tok/s** · TTFT 3 ms · cache 1 KiB · 4 + 2 tokens · decode clp · generating…"
+    assert engine.stopped_stats(running).endswith("decode clp · ⏹ stopped")
+    assert engine.stopped_stats(engine.loading_message(engine.ColumnSpec("m", "onnx", 2, "clp"))) \
+        == engine.STOPPED == engine.stopped_stats("⏳ prefilling…")
+    finished = running.replace("generating…", "finish: **length**")
+    assert engine.stopped_stats(finished) == finished
+    assert engine.stopped_stats("⚠️ the prompt is empty") == "⚠️ the prompt is empty"
+
+
 def test_human_bytes():
     assert engine.human_bytes(512) == "512 B"
     assert engine.human_bytes(3 * 1024 * 1024 // 2) == "1.5 MiB"
