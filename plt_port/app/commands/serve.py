@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import replace
 
-from plt_port.app.cli import check_port, positive_int
+from plt_port.app.cli import check_port, model_path, positive_int
 from plt_port.app.commands.generate import add_backend_arguments, backend_options
 from plt_port.app.reasoning import REASONING_PARSERS
 from plt_port.app.server_options import DEFAULT_CHAT_MAX_TOKENS, ServerOptions
@@ -38,8 +38,9 @@ BENCH_PROMPTS = ("def parse_args(argv):\n    ", "class Cache:\n    def __init__(
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", metavar="DIR",
-                        help="PyTorch PLT model directory (default: the embedded two-loop model)")
+    parser.add_argument("-m", "--model", metavar="DIR|NAME", type=model_path,
+                        help="model directory or shipped model name (default: the embedded "
+                             "two-loop model)")
     parser.add_argument("--backend", default="torch", help="torch, onnx or mlx (default torch)")
     parser.add_argument("--loops", type=positive_int,
                         help="default loop count (default: the model's); requests may ask for "
