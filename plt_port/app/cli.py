@@ -73,7 +73,7 @@ class Parser(argparse.ArgumentParser):
             words = [w.split("=")[0] for w in message.split(": ", 1)[1].split()
                      if w.startswith("-")]
         known = [name for action in self._actions
-                 for name in [*action.option_strings, *(action.choices or ())]]
+                 for name in [*action.option_strings, *map(str, action.choices or ())]]
         guesses = [g for w in words for g in difflib.get_close_matches(w, known, n=2)]
         if guesses:
             message += f" (did you mean {' or '.join(dict.fromkeys(guesses))}?)"
