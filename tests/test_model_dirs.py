@@ -63,6 +63,19 @@ def test_a_backend_that_does_not_fit_is_one_line_naming_the_right_one(model_dirs
         load_backend(wrong, model_dirs[kind])
 
 
+def test_serve_takes_the_backend_its_directory_is_for(model_dirs, monkeypatch):
+    """`plt-port serve --model EXPORT` without --backend opens the export's backend."""
+    from plt_port.app.commands import serve
+
+    opened = []
+    monkeypatch.setattr(serve, "open_server", lambda model, backend, *a, **k: opened.append(
+        (model, backend)) or (_ for _ in ()).throw(SystemExit(0)))
+    for kind, backend in [("onnx", "onnx"), ("mlx-quantized", "mlx"), ("pytorch", "torch")]:
+        with pytest.raises(SystemExit):
+            main(["serve", "--model", model_dirs[kind]])
+        assert opened.pop() == (model_dirs[kind], backend)
+
+
 def test_exports_carry_no_local_path(model_dirs):
     local = os.path.dirname(os.path.abspath(model_dirs["pytorch"]))
     for kind in ("onnx", "mlx", "mlx-quantized"):
