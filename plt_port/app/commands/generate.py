@@ -33,9 +33,10 @@ def add_backend_arguments(parser) -> None:
                              "onnxruntime-gpu finds a GPU)")
     parser.add_argument("--threads", type=positive_int,
                         help="torch/onnx backends: CPU threads (default: the framework's, one "
-                             "per physical core; torch's wait passively, OMP_WAIT_POLICY=PASSIVE "
-                             "unless set, so that cores busy with other work do not stall "
-                             "decoding; 1 is often fastest for small models)")
+                             "per physical core; idle threads wait passively (torch: "
+                             "OMP_WAIT_POLICY=PASSIVE unless set; onnx: no spinning), so that "
+                             "cores busy with other work do not stall decoding; 1 is often "
+                             "fastest for small models)")
     add_kv_arguments(parser)
 
 
