@@ -77,6 +77,7 @@ class Backend(abc.ABC):
     # False where the loaded artefacts bake the loop count in (ONNX graphs)
     loops_share_weights: bool = True
     kv_quant: cache_layout.KVQuant | None = None  # quantized global K/V (torch, MLX)
+    supports_rewind: bool = False  # implements the hooks of rewinds and saved prompt caches
 
     def __init__(self, model_dir: str, loops: int | None = None):
         self.model_dir = str(model_dir)
@@ -154,6 +155,17 @@ class Backend(abc.ABC):
     def own_rows(self, arrays: list, row: int) -> list:
         """Copies of entry `row` (axis 0) of each gathered array, holding no other memory."""
         raise BackendError(f"the {self.name} backend cannot rewind")
+
+    # ---- hooks of saved prompt caches (plt_port.prompt_cache_file's layout) ---------------
+    def export_slot(self, caches, slot: int, length: int) -> dict[str, np.ndarray]:
+        """Slot `slot`'s first `length` global positions, ring slots 0..min(window, length)-1
+        and carry as numpy arrays named and laid out as plt_port.prompt_cache_file says."""
+        raise BackendError(f"the {self.name} backend cannot save a prompt cache")
+
+    def import_slot(self, caches, slot: int, arrays: dict[str, np.ndarray]) -> Any:
+        """The caches with slot `slot` holding `arrays` (from export_slot; a quantized global
+        cache needs quantized caches)."""
+        raise BackendError(f"the {self.name} backend cannot load a prompt cache")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -404,21 +416,40 @@ class Backend(abc.ABC):
                                f"{position!r}: needs 0 <= position <= its length {length}")
         position = int(position)
         history = state.history.slots[slot] if state.history is not None else None
-        if position == length:
-            return
-        if position == 0 or not self._rewind_restores(length):
+        path = self._rewind_path(length, position, history)
+        if path == "length":
             self._set_length(state, slot, position, history)
             if position == 0 and self.supports_clp:  # a fresh sequence's shifted input is 0
                 state.caches = self.scatter_carry(state.caches, slot, None, 0, 0)
-        elif history is not None and history.journal_start is not None \
-                and history.journal_start <= position:
+        elif path == "undo":
             self._undo(state, slot, position, history)
-        elif history is not None and history.tokens is not None:
+        elif path == "again":
             self._prefill_again(state, slot, position, history)
         else:
             raise BackendError(f"slot {slot} holds {length} tokens and keeps no history that "
                                f"reaches back to position {position}: make the state with "
                                f"history=HistoryPolicy(...) to rewind it")
+
+    def reusable(self, state: DecodeState, slot: int, position: int) -> int:
+        """How many of its first `position` tokens a rewind of `slot` keeps without running
+        them again: `position`, or the snapshot position it prefills again from (0: none)."""
+        history = state.history.slots[slot] if state.history is not None else None
+        if self._rewind_path(int(state.lengths[slot]), position, history) != "again":
+            return position
+        snapshot = history.last_snapshot(position)
+        return snapshot.position if snapshot is not None else 0
+
+    def _rewind_path(self, length: int, position: int, history: SlotHistory | None) -> str:
+        """How a rewind from `length` to `position` runs: "length" (only the length changes:
+        to the start, or nothing to restore), "undo" (the journal reaches back that far),
+        "again" (prefill its tokens again), or "none" (no history to do it with)."""
+        if position in (0, length) or not self._rewind_restores(length):
+            return "length"
+        if history is None:
+            return "none"
+        if history.journal_start is not None and history.journal_start <= position:
+            return "undo"
+        return "again" if history.tokens is not None else "none"
 
     def _rewind_restores(self, length: int) -> bool:
         """Whether rewinding a sequence of `length` tokens needs more than a new length: a

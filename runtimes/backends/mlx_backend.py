@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import ml_dtypes
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -20,6 +21,7 @@ from exporters import mlx_export
 from exporters.export_store import ensure_exported
 from plt_port import checkpoint
 from plt_port.cache_layout import kv_quant_option
+from plt_port.prompt_cache_file import global_names
 from plt_port.quantization import Quantization, quantized_shapes
 
 from runtimes.models import mlx_model
@@ -30,6 +32,7 @@ KERNEL_CHOICES = {"auto": None, "on": True, "off": False}
 
 class MLXBackend(Backend):
     name = "mlx"
+    supports_rewind = True
 
     def __init__(self, model_dir: str, loops: int | None = None, kernel: str = "auto",
                  dtype: str | None = None, quantize: int | None = None, group_size: int = 64,
@@ -146,6 +149,37 @@ class MLXBackend(Backend):
         mx.eval(rows)
         return rows
 
+    # ---- saved prompt caches (packed quantized values: uint32 here, uint8 in the file) ------
+    def export_slot(self, caches, slot, length):
+        arrays, held = {}, min(self.config.window, length)
+        quantized = caches.kv_quant is not None
+        for name, kvs in (("key", caches.global_k), ("value", caches.global_v)):
+            for i, kv in enumerate(kvs):
+                for part_name, part in zip(global_names(i, name, quantized), mlx_model.kv_parts(kv)):
+                    arrays[part_name] = to_numpy(part[slot, :, :length])
+        for name, rings in (("key", caches.ring_k), ("value", caches.ring_v)):
+            for i, ring in enumerate(rings):
+                arrays[f"ring.{i}.{name}"] = to_numpy(ring[:, slot, :, :held])
+        if caches.carry is not None:
+            arrays["carry"] = to_numpy(caches.carry[:, slot])
+        return arrays
+
+    def import_slot(self, caches, slot, arrays):
+        quantized = caches.kv_quant is not None
+        for name, kvs in (("key", caches.global_k), ("value", caches.global_v)):
+            for i, kv in enumerate(kvs):
+                for part_name, part in zip(global_names(i, name, quantized), mlx_model.kv_parts(kv)):
+                    value = from_numpy(arrays[part_name], part.dtype)
+                    part[slot, :, :value.shape[1]] = value
+        for name, rings in (("key", caches.ring_k), ("value", caches.ring_v)):
+            for i, ring in enumerate(rings):
+                value = from_numpy(arrays[f"ring.{i}.{name}"], ring.dtype)
+                ring[:, slot, :, :value.shape[2]] = value
+        if caches.carry is not None:
+            caches.carry[:, slot] = from_numpy(arrays["carry"], caches.carry.dtype)
+        mx.eval(caches.arrays())
+        return caches
+
     # ---- running -----------------------------------------------------------------------
     def prefill_chunk(self, caches, ids, start, num_new, trace=False):
         carries = [] if trace else None
@@ -169,6 +203,24 @@ class MLXBackend(Backend):
     @staticmethod
     def _numpy(logits: mx.array) -> np.ndarray:
         return np.array(logits.astype(mx.float32))
+
+
+def to_numpy(array: mx.array) -> np.ndarray:
+    """An MLX array as numpy: bf16 as `ml_dtypes.bfloat16`, packed uint32 as its bytes."""
+    if array.dtype == mx.bfloat16:
+        return np.array(array.view(mx.uint16)).view(ml_dtypes.bfloat16)
+    if array.dtype == mx.uint32:
+        return np.array(array.view(mx.uint8))
+    return np.array(array)
+
+
+def from_numpy(array: np.ndarray, dtype) -> mx.array:
+    """`to_numpy` undone, into an array of `dtype`."""
+    if dtype == mx.bfloat16:
+        return mx.array(np.ascontiguousarray(array).view(np.uint16)).view(mx.bfloat16)
+    if dtype == mx.uint32:
+        return mx.array(np.ascontiguousarray(array)).view(mx.uint32)
+    return mx.array(array)
 
 
 # ---- loading ---------------------------------------------------------------------------------

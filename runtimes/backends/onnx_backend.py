@@ -83,6 +83,7 @@ def choose_device(provider: str) -> str:
 
 class ONNXBackend(Backend):
     name = "onnx"
+    supports_rewind = True
     loops_share_weights = False  # one export (graphs and weights) per loop count
 
     def __init__(self, model_dir: str, loops: int | None = None, provider: str = "auto",
@@ -206,6 +207,36 @@ class ONNXBackend(Backend):
 
     def own_rows(self, arrays, row):
         return [a[row:row + 1].copy() for a in arrays]
+
+    # ---- saved prompt caches ---------------------------------------------------------------
+    def export_slot(self, caches, slot, length):
+        held = min(self.config.window, length)
+        arrays = {f"global.{i}.{kv}": value.numpy()[slot, :, :length].copy()
+                  for i, layer in enumerate(caches["global"]) for kv, value in layer.items()}
+        arrays.update({f"ring.{i}.{kv}": value.numpy()[:, slot, :, :held].copy()
+                       for i, layer in enumerate(caches.get("ring", []))
+                       for kv, value in layer.items()})
+        if "carry" in caches:
+            arrays["carry"] = caches["carry"].numpy()[:, slot].copy()
+        return arrays
+
+    def import_slot(self, caches, slot, arrays):
+        def put(value, name, index):
+            array = value.numpy()
+            source = arrays[name]
+            array[index(source)] = source
+            value.update_inplace(array)
+
+        for i, layer in enumerate(caches["global"]):
+            for kv, value in layer.items():
+                put(value, f"global.{i}.{kv}", lambda a: (slot, slice(None), slice(0, a.shape[1])))
+        for i, layer in enumerate(caches.get("ring", [])):
+            for kv, value in layer.items():
+                put(value, f"ring.{i}.{kv}",
+                    lambda a: (slice(None), slot, slice(None), slice(0, a.shape[2])))
+        if "carry" in caches:
+            put(caches["carry"], "carry", lambda a: (slice(None), slot))
+        return caches
 
     def cache_nbytes(self, caches) -> int:
         return sum(int(np.prod(v.shape())) * self.np_dtype.itemsize for v in self._values(caches))

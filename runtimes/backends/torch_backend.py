@@ -26,12 +26,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import torch
 
 from plt_port.cache_layout import kv_quant_option, ring_slot, ring_slot_positions, ring_slots
 from plt_port.model import (TORCH_DTYPES, PLTForCausalLM, attend, causal_mask, gate_mix,
-                            gated_swa, run_dtype)
+                            gated_swa, run_dtype, to_torch)
+from plt_port.prompt_cache_file import global_names
 
 from .base import Backend, BackendError
 from .torch_kv import GlobalKV
@@ -55,6 +57,14 @@ class TorchCaches:
         return kv + ([self.clp_carry] if self.clp_carry is not None else [])
 
 
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A copy of a tensor as a numpy array (bf16 as `ml_dtypes.bfloat16`)."""
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy().copy().view(ml_dtypes.bfloat16)
+    return tensor.numpy().copy()
+
+
 def per_loop(ring: torch.Tensor, rings: int) -> torch.Tensor:
     """A ring tensor [B, G, R*Wr, D] viewed as [B, G, R, Wr, D]."""
     return ring.unflatten(2, (rings, -1))
@@ -62,6 +72,7 @@ def per_loop(ring: torch.Tensor, rings: int) -> torch.Tensor:
 
 class TorchBackend(Backend):
     name = "torch"
+    supports_rewind = True
 
     def __init__(self, model_dir: str, loops: int | None = None, dtype: str | None = None,
                  device: str = "cpu", threads: int | None = None, kv_bits: int | None = None,
@@ -184,6 +195,38 @@ class TorchBackend(Backend):
 
     def own_rows(self, arrays, row):
         return [a[row:row + 1].clone() for a in arrays]
+
+    # ---- saved prompt caches ---------------------------------------------------------------
+    def export_slot(self, caches, slot, length):
+        arrays, held = {}, min(self.window, length)
+        for i, store in enumerate(caches.global_kv):
+            for kv, parts in (("key", store.keys), ("value", store.values)):
+                for name, part in zip(global_names(i, kv, store.quantized), parts):
+                    arrays[name] = to_numpy(part[slot, :, :length])
+        for i, pair in enumerate(caches.ring_kv):
+            for kv, ring in zip(("key", "value"), pair):  # [G, R, Wr, D] -> [R, G, Wn, D]
+                arrays[f"ring.{i}.{kv}"] = to_numpy(
+                    per_loop(ring, caches.rings)[slot, :, :, :held].transpose(0, 1))
+        if caches.clp_carry is not None:
+            arrays["carry"] = to_numpy(caches.clp_carry[:, slot])
+        return arrays
+
+    def import_slot(self, caches, slot, arrays):
+        def tensor(name):
+            return to_torch(arrays[name]).to(self.device)
+
+        for i, store in enumerate(caches.global_kv):
+            for kv, parts in (("key", store.keys), ("value", store.values)):
+                for name, part in zip(global_names(i, kv, store.quantized), parts):
+                    value = tensor(name)
+                    part[slot, :, :value.shape[1]] = value
+        for i, pair in enumerate(caches.ring_kv):
+            for kv, ring in zip(("key", "value"), pair):
+                value = tensor(f"ring.{i}.{kv}").transpose(0, 1)
+                per_loop(ring, caches.rings)[slot, :, :, :value.shape[2]] = value
+        if caches.clp_carry is not None:
+            caches.clp_carry[:, slot] = tensor("carry")
+        return caches
 
     def _logits(self, h_last: torch.Tensor) -> np.ndarray:
         return self.model.lm_logits(h_last).float().cpu().numpy()
