@@ -171,3 +171,64 @@ def format_rewind_table(title: str, rows: list[dict]) -> str:
     lines += [f"{r['option']:<40} {r['positions']:>9} {r['ms']:>9.3f} {r['bytes']:>12,}"
               for r in rows]
     return "\n".join(lines)
+
+
+# ---- a chat re-sent each turn ---------------------------------------------------------------
+def time_chat_turns(backend: Backend, turns: int, system_tokens: int, user_tokens: int = 30,
+                    answer_tokens: int = 16, seed: int = 0) -> list[dict]:
+    """Time to first token of each turn of a chat re-sent whole every turn (a system prompt
+    of `system_tokens` random ids, then per turn `user_tokens` ids and a greedy answer of
+    `answer_tokens`), on an engine with the prompt cache and one without, turn by turn
+    interleaved. Rows: turn, prompt tokens, cached tokens, ttft_ms with and without."""
+    from .benchmark import bench_tokenizer
+    from .engine import EngineCore, Request
+    from .prompt_cache import PromptCache
+    from .sampling import SamplingParams
+
+    rng = np.random.default_rng(seed)
+    vocab = backend.config.vocab_size
+    tokenizer = bench_tokenizer(getattr(backend, "source_dir", backend.model_dir), vocab)
+    cores = {name: EngineCore(lambda _: backend, tokenizer, max_batch=1, prompt_cache=cache).open()
+             for name, cache in (("cached", PromptCache()), ("plain", None))}
+    history = rng.integers(3, vocab, system_tokens).tolist()
+    rows = []
+    for turn in range(1, turns + 1):
+        history += rng.integers(3, vocab, user_tokens).tolist()
+        row = dict(turn=turn, prompt_tokens=len(history))
+        for name, core in cores.items():
+            answer, stats = [], None
+            request = Request(list(history), answer_tokens, emit=None,
+                              sampling=SamplingParams(temperature=0))
+            for event in core.stream(request):
+                answer.append(event.token)
+                stats = event.stats
+            row[f"{name}_ttft_ms"] = stats.ttft_s * 1e3
+            row[f"{name}_cached"] = stats.cached_tokens
+        rows.append(row)
+        history += answer
+    cache = cores["cached"].prompt_cache
+    entry = max(cache.entries.values(), key=lambda e: len(e.tokens))
+    itemsize = ITEMSIZE[backend.run_dtype]
+    spec = cache_layout.cache_bytes(backend.config, backend.loops, 1, entry.state.capacity,
+                                    itemsize, backend.kv_quant)
+    rows.append(dict(entry_tokens=len(entry.tokens), entry_bytes=entry.nbytes,
+                     entry_bytes_per_token=entry.nbytes / len(entry.tokens),
+                     spec_bytes_per_token=spec / entry.state.capacity,
+                     spec_bytes_at_capacity=spec, capacity=entry.state.capacity))
+    return rows
+
+
+def format_chat_table(title: str, rows: list[dict]) -> str:
+    *turns, memory = rows
+    lines = [title, f"{'turn':>4} {'prompt':>7} {'cached':>7} {'TTFT cache on ms':>17} "
+                    f"{'TTFT cache off ms':>18} {'off/on':>7}"]
+    lines += [f"{r['turn']:>4} {r['prompt_tokens']:>7} {r['cached_cached']:>7} "
+              f"{r['cached_ttft_ms']:>17.1f} {r['plain_ttft_ms']:>18.1f} "
+              f"{r['plain_ttft_ms'] / r['cached_ttft_ms']:>7.1f}" for r in turns]
+    last, second = turns[-1], turns[1] if len(turns) > 1 else turns[0]
+    lines.append(f"turn {last['turn']} / turn 2 with the cache: "
+                 f"{last['cached_ttft_ms'] / second['cached_ttft_ms']:.2f}x; "
+                 f"entry of {memory['entry_tokens']} tokens: {memory['entry_bytes']:,} bytes, "
+                 f"{memory['entry_bytes_per_token']:.0f} B/token (SPEC cache_bytes at its "
+                 f"capacity {memory['capacity']}: {memory['spec_bytes_per_token']:.0f} B/token)")
+    return "\n".join(lines)

@@ -69,6 +69,12 @@ def add_arguments(parser):
                              "of the journal, a snapshot restore, the prefills a snapshot or "
                              "an exact recompute runs again, the journal's cost per decode "
                              "step, at each --contexts (default 1024) and --windows")
+    parser.add_argument("--chat-turns", type=int, default=None, metavar="N",
+                        help="instead: time to first token of each of N turns of a chat re-sent "
+                             "whole every turn, prompt cache on and off (--system-tokens, then "
+                             "30 tokens a turn and a 16-token greedy answer)")
+    parser.add_argument("--system-tokens", type=int, default=2000,
+                        help="with --chat-turns: the system prompt's tokens (default 2000)")
     parser.add_argument("--quantize", type=int, choices=(4, 8), default=None,
                         help="onnx and mlx backends: weight-only quantization of an export "
                              "made on first use (onnx: MatMulNBits, block 32, accuracy level 4; "
@@ -108,6 +114,8 @@ def run(args):
                          for name in args.backend})
     if args.rewind:
         return run_rewind(args, settings)
+    if args.chat_turns is not None:
+        return run_chat_turns(args, settings)
     if args.contexts is not None:
         return run_contexts(args, settings)
     if args.windows is not None:
@@ -155,7 +163,6 @@ def window_backends(args, settings) -> tuple[list[str], list]:
 
 def run_rewind(args, settings) -> int:
     """`--rewind`: the cost of each way to rewind, by backend, loop count, window, context."""
-    from runtimes.benchmark import write_json
     from runtimes.rewind_study import format_rewind_table, time_rewinds
 
     results = []
@@ -166,9 +173,30 @@ def run_rewind(args, settings) -> int:
             rows = time_rewinds(backend, context, [1, 4, 16, 64], snapshot_every=256)
             title = (f"{backend.name} L{backend.loops} window {backend.config.window} "
                      f"context {context} ({backend.run_dtype})")
-            print(format_rewind_table(title, rows) + "\n")
-            results.append(dict(title=title, rows=rows))
+            results.append((title, rows, format_rewind_table(title, rows)))
+    return report(args, "rewind", results)
+
+
+def run_chat_turns(args, settings) -> int:
+    """`--chat-turns`: TTFT by turn with the prompt cache on and off."""
+    from runtimes.rewind_study import format_chat_table, time_chat_turns
+
+    results = []
+    for backend in window_backends(args, settings)[1]:
+        rows = time_chat_turns(backend, args.chat_turns, args.system_tokens, seed=args.seed)
+        title = f"{backend.name} L{backend.loops} {backend.model_dir} ({backend.run_dtype})"
+        results.append((title, rows, format_chat_table(title, rows)))
+    return report(args, "chat_turns", results)
+
+
+def report(args, key: str, results: list[tuple[str, list, str]]) -> int:
+    """Print each (title, rows, table); with --json write {key: [{title, rows}]}."""
+    from runtimes.benchmark import write_json
+
+    for _, _, table in results:
+        print(table + "\n")
     if args.json:
-        write_json({"rewind": results}, args.json)
+        write_json({key: [dict(title=title, rows=rows) for title, rows, _ in results]},
+                   args.json)
         print(f"wrote {args.json}")
     return 0
