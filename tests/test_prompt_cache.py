@@ -193,3 +193,28 @@ def test_cache_prompt_then_generate_from_it(tokenizer_dir, make_model, tmp_path,
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
     assert main(["generate", "--model", model_dir, "--prompt-cache-file", str(broken), "x"]) != 0
     assert "prompt cache" in capsys.readouterr().err
+
+
+def test_serve_starts_from_a_prompt_cache_file(tmp_path):
+    """serve --prompt-cache-file: a request whose ids begin with the file's reuses them all,
+    and the entry stays however many other requests come."""
+    from plt_port.tokenizer import Tokenizer
+
+    model_dir = embedded_model()
+    backend = load_backend("torch", model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    ids = tokenizer.encode(SYSTEM, add_bos=tokenizer.add_bos_token)
+    state, _ = backend.prefill([ids], len(ids))
+    path = str(tmp_path / "system.safetensors")
+    save_state(path, backend, state, ids)
+    cache = PromptCache(max_entries=1)
+    cache.files.append(path)
+    running = serve(model_dir, prompt_cache=cache)
+    try:
+        for prompt in ("import os\n", SYSTEM + "def f(", "x = 1\n", SYSTEM + "def g("):
+            done = running.client.completions.create(model="plt-stdlib-L2", prompt=prompt,
+                                                     max_tokens=2, temperature=0)
+            cached = done.usage.prompt_tokens_details.cached_tokens
+            assert cached == (len(ids) if prompt.startswith(SYSTEM) else 0), prompt
+    finally:
+        running.stop()
