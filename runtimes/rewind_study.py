@@ -179,7 +179,8 @@ def time_chat_turns(backend: Backend, turns: int, system_tokens: int, user_token
     """Time to first token of each turn of a chat re-sent whole every turn (a system prompt
     of `system_tokens` random ids, then per turn `user_tokens` ids and a greedy answer of
     `answer_tokens`), on an engine with the prompt cache and one without, turn by turn
-    interleaved. Rows: turn, prompt tokens, cached tokens, ttft_ms with and without."""
+    interleaved. Rows: turn, prompt tokens, cached tokens, ttft_ms with and without, whether
+    both answered alike (fp32: always; bf16 roundings differ between chunkings)."""
     from .benchmark import bench_tokenizer
     from .engine import EngineCore, Request
     from .prompt_cache import PromptCache
@@ -194,7 +195,7 @@ def time_chat_turns(backend: Backend, turns: int, system_tokens: int, user_token
     rows = []
     for turn in range(1, turns + 1):
         history += rng.integers(3, vocab, user_tokens).tolist()
-        row = dict(turn=turn, prompt_tokens=len(history))
+        row, answers = dict(turn=turn, prompt_tokens=len(history)), {}
         for name, core in cores.items():
             answer, stats = [], None
             request = Request(list(history), answer_tokens, emit=None,
@@ -204,8 +205,10 @@ def time_chat_turns(backend: Backend, turns: int, system_tokens: int, user_token
                 stats = event.stats
             row[f"{name}_ttft_ms"] = stats.ttft_s * 1e3
             row[f"{name}_cached"] = stats.cached_tokens
+            answers[name] = answer
+        row["same_answer"] = answers["cached"] == answers["plain"]
         rows.append(row)
-        history += answer
+        history += answers["cached"]  # what a client of the cached server sends back
     cache = cores["cached"].prompt_cache
     entry = max(cache.entries.values(), key=lambda e: len(e.tokens))
     itemsize = ITEMSIZE[backend.run_dtype]
@@ -221,10 +224,11 @@ def time_chat_turns(backend: Backend, turns: int, system_tokens: int, user_token
 def format_chat_table(title: str, rows: list[dict]) -> str:
     *turns, memory = rows
     lines = [title, f"{'turn':>4} {'prompt':>7} {'cached':>7} {'TTFT cache on ms':>17} "
-                    f"{'TTFT cache off ms':>18} {'off/on':>7}"]
+                    f"{'TTFT cache off ms':>18} {'off/on':>7} {'same answer':>12}"]
     lines += [f"{r['turn']:>4} {r['prompt_tokens']:>7} {r['cached_cached']:>7} "
               f"{r['cached_ttft_ms']:>17.1f} {r['plain_ttft_ms']:>18.1f} "
-              f"{r['plain_ttft_ms'] / r['cached_ttft_ms']:>7.1f}" for r in turns]
+              f"{r['plain_ttft_ms'] / r['cached_ttft_ms']:>7.1f} {str(r['same_answer']):>12}"
+              for r in turns]
     last, second = turns[-1], turns[1] if len(turns) > 1 else turns[0]
     lines.append(f"turn {last['turn']} / turn 2 with the cache: "
                  f"{last['cached_ttft_ms'] / second['cached_ttft_ms']:.2f}x; "
