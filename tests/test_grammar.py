@@ -25,8 +25,8 @@ from runtimes.backends import BACKENDS, load_backend  # noqa: E402
 from runtimes.engine import BatchEngine, Request, TokenEvent  # noqa: E402
 from runtimes.generate import generate  # noqa: E402
 from runtimes.grammar import (TOOL_CALL_FORMATS, GrammarCompiler, GrammarError,  # noqa: E402
-                              TokenVocabulary, compiler_for, model_compiler,
-                              response_format_grammar, tool_call_grammar)
+                              TokenVocabulary, answer_grammar, compiler_for, model_compiler,
+                              response_format_grammar)
 from runtimes.sampling import Sampler, SamplingError, SamplingParams  # noqa: E402
 
 PROMPT = "config = "
@@ -242,7 +242,8 @@ def test_forced_tool_calls_parse_and_their_arguments_validate(embedded, format_n
     choices = [("required", False), ({"type": "function", "function": {"name": "list_dir"}},
                                      False), ("required", True)]
     for choice, parallel in choices:
-        grammar = tool_call_grammar(compiler, TOOLS, choice, call_format, parallel=parallel)
+        grammar = answer_grammar(compiler, tools=TOOLS, tool_choice=choice,
+                                 call_format=call_format, parallel=parallel)
         results = run_requests(backend, tokenizer, [request(tokenizer, seed, grammar,
                                                             max_new_tokens=128)
                                                     for seed in range(6)])
@@ -254,7 +255,8 @@ def test_forced_tool_calls_parse_and_their_arguments_validate(embedded, format_n
         for name, arguments in sum(calls, []):
             jsonschema.validate(arguments, schemas[name])
             assert isinstance(choice, str) or name == "list_dir"
-    assert tool_call_grammar(compiler, TOOLS, "auto", call_format) is None
+    assert answer_grammar(compiler, tools=TOOLS, tool_choice="auto",
+                          call_format=call_format) is None
 
 
 def test_clear_errors(embedded, tmp_path, capsys):
@@ -275,13 +277,14 @@ def test_clear_errors(embedded, tmp_path, capsys):
             "must be text, json_object or json_schema"),
            (lambda: response_format_grammar(compiler, {"type": "json_object", "x": 1}),
             r"unknown field\(s\) x"),
-           (lambda: tool_call_grammar(compiler, TOOLS, {"type": "function",
-                                                        "function": {"name": "rm"}},
-                                      TOOL_CALL_FORMATS["hermes"]), "'rm', which is not"),
-           (lambda: tool_call_grammar(compiler, [{"type": "function", "function": {
+           (lambda: answer_grammar(compiler, tools=TOOLS, tool_choice={
+               "type": "function", "function": {"name": "rm"}},
+               call_format=TOOL_CALL_FORMATS["hermes"]), "'rm', which is not"),
+           (lambda: answer_grammar(compiler, tools=[{"type": "function", "function": {
                "name": "f", "parameters": {"type": "object", "properties": {
-                   "p": {"type": "string", "pattern": "^a"}}}}}], "required",
-               TOOL_CALL_FORMATS["qwen3_coder"]), "pattern of a string cannot be enforced")]
+                   "p": {"type": "string", "pattern": "^a"}}}}}], tool_choice="required",
+               call_format=TOOL_CALL_FORMATS["qwen3_coder"]),
+            "pattern of a string cannot be enforced")]
     for make, message in bad:
         with pytest.raises(GrammarError, match=message):
             make()
