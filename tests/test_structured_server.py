@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from typing import Literal
 
 import pytest
 
@@ -330,3 +331,52 @@ def test_anthropic_output_format(server):
         output_config={"format": {"type": "json_schema", "schema": PERSON}})
     assert reply.stop_reason == "end_turn" and [b.type for b in reply.content] == ["text"]
     validate(json.loads(reply.content[0].text), PERSON)
+
+
+# ---- the OpenAI Agents SDK -----------------------------------------------------------------------
+@requires("agents")
+def test_openai_agents_sdk_calls_a_function_tool_and_gets_its_result(server):
+    """An agent turn through the Agents SDK (Chat Completions model, tracing off, nothing
+    leaves this machine): tool_choice required makes the model call the Python function
+    tool, whose strict schema (the SDK's default) the server enforces; the SDK runs it and
+    sends the result back, and the model's next turn (tool_choice reset to auto) answers."""
+    import asyncio
+
+    from agents import (Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool,
+                        set_tracing_disabled)
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)
+    ran, prompts = [], []
+
+    @function_tool
+    def get_time(zone: Literal["UTC", "CET", "JST"]) -> str:
+        """The time in a zone."""
+        ran.append(zone)
+        return f"14:05 in {zone}"
+
+    assert get_time.strict_json_schema
+    service = server.app.state.service
+    submit = service.submit
+
+    def recording_submit(prompt_ids, *args, **kwargs):
+        prompts.append(service.tokenizer.decode(prompt_ids))
+        return submit(prompt_ids, *args, **kwargs)
+
+    model = OpenAIChatCompletionsModel(model=MODEL, openai_client=AsyncOpenAI(
+        base_url=f"{server.url}/v1", api_key="unused", max_retries=0))
+    agent = Agent(name="clock", instructions="Tell the time.", tools=[get_time], model=model,
+                  model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False,
+                                               temperature=0, max_tokens=48))
+    service.submit = recording_submit
+    try:
+        result = asyncio.run(Runner.run(agent, "What time is it in Paris?", max_turns=2))
+    finally:
+        service.submit = submit
+    assert len(ran) == 1 and len(prompts) == 2
+    kinds = [item.type for item in result.new_items]
+    assert kinds == ["tool_call_item", "tool_call_output_item", "message_output_item"]
+    call = result.new_items[0].raw_item
+    assert call.name == "get_time" and json.loads(call.arguments) == {"zone": ran[0]}
+    assert f"<tool_response>\n14:05 in {ran[0]}\n</tool_response>" in prompts[1]
+    assert isinstance(result.final_output, str)
