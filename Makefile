@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` and `make test` (see README.md).
+# Two entry points for a fresh machine: `make demo [PORT=7861]` and `make test` (see README.md).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,6 +9,7 @@ CUDA_VENV := .venv-cuda
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PIP_ARGS ?=
+PORT ?= 7860
 
 .PHONY: demo test test-fast test-vllm check-cuda browser-deps clean
 
@@ -26,7 +27,7 @@ browser-deps:
 	  else echo "chromium not found and cannot be installed here: browser tests will be skipped"; fi; }
 
 demo: $(STAMP)
-	$(BIN)/plt-port demo
+	$(BIN)/plt-port demo --port $(PORT)
 
 test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q -ra

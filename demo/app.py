@@ -8,6 +8,7 @@ streamed side by side, and a Loop analysis tab. `plt-port demo` launches it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -20,10 +21,15 @@ from plt_port.family import CHAINS_EXAMPLES_JSON, display_names  # noqa: E402
 from plt_port.tasks import answer_of  # noqa: E402
 from runtimes.backends.base import DECODE_MODES  # noqa: E402
 
-from .engine import (BACKEND_LABELS, MAX_COLUMNS, BackendPool, ColumnSpec,  # noqa: E402
-                     ColumnView, Comparison, DemoInputError, Limits, answer_note, as_int,
-                     error_view, make_request, make_spec, run_column)
+from .columns import (BACKEND_LABELS, MAX_COLUMNS, ColumnSpec, ColumnView,  # noqa: E402
+                      DemoInputError, EnginePool, Limits, answer_note, as_int, compare,
+                      error_view, make_request, make_spec, stopped_stats)
 from .loop_analysis import heldout_fallback, loop_analysis  # noqa: E402
+
+log = logging.getLogger("plt_port.demo")
+
+# A column's settings, as the API names them: model_1, backend_1, loops_1, decode_1, model_2, ...
+COLUMN_SETTINGS = ("model", "backend", "loops", "decode")
 
 EXAMPLE_PROMPTS = [
     "def fibonacci(n):",
@@ -40,6 +46,7 @@ CSS = """
 .backend-note { font-size: 0.8rem; opacity: 0.8; }
 .column-output .cm-editor { height: 330px !important; }
 #prompt textarea { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.analysis-note th, .analysis-note td:first-child { white-space: nowrap; }
 """
 
 INTRO = """# Parallel Loop Transformer: loop counts side by side
@@ -94,7 +101,8 @@ def chain_example_rows(examples: list[dict], models: dict[str, str]) -> tuple[li
     labels = [f"depth {e['depth']}: " + ", ".join(
         f"L={loops} says {e['answers'][model]}" for model, loops in e["columns"])
         + f" (answer {e['answer']})" for e in offered]
-    return [[e["prompt"], *[v for column in e["columns"] for v in column]] for e in offered], labels
+    rows = [[e["prompt"], *[str(v) for column in e["columns"] for v in column]] for e in offered]
+    return rows, labels
 
 
 def load_chain_examples(path: str = CHAINS_EXAMPLES_JSON) -> list[dict]:
@@ -104,13 +112,19 @@ def load_chain_examples(path: str = CHAINS_EXAMPLES_JSON) -> list[dict]:
         return json.load(f)["examples"]
 
 
-def compare_handler(pool: BackendPool, limits: Limits, reasons: dict[str, str | None]):
-    """The Run button: validate, then stream every column (round-robin) until all finish.
-    Yields MAX_COLUMNS (text, stats) pairs; columns past the chosen count stay empty. Under a
-    variable-chain prompt each column's stats say the right answer and whether it gave it."""
+def column_settings(n: int) -> list[str]:
+    """The API names of the settings of columns 1..n."""
+    return [f"{name}_{i + 1}" for i in range(n) for name in COLUMN_SETTINGS]
 
-    def compare(prompt, n_columns, max_new_tokens, temperature, top_p, top_k,
-                repetition_penalty, seed, use_chat_template, *column_inputs):
+
+def compare_handler(pool: EnginePool, limits: Limits, reasons: dict[str, str | None]):
+    """The Run button (and the `/compare` API): validate, then stream every column until all
+    finish. Yields MAX_COLUMNS (text, stats) pairs; columns past the chosen count stay empty.
+    Under a variable-chain prompt each column's stats say the right answer and whether it
+    gave it. A refused request is one warning line in the log and a message in the page."""
+
+    def run(prompt, columns, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+            seed, use_chat_template, **settings):
         expected = answer_of(prompt) if isinstance(prompt, str) else None
 
         def outputs(views: list[ColumnView]) -> list[str]:
@@ -120,30 +134,30 @@ def compare_handler(pool: BackendPool, limits: Limits, reasons: dict[str, str | 
                     expected, prompt, view.text) if view.stats else ""])))]
 
         try:
-            n = as_int(n_columns, "columns", 1, MAX_COLUMNS)
-            if len(column_inputs) < 4 * n:
-                raise DemoInputError(f"{n} columns need {4 * n} column settings, "
-                                     f"got {len(column_inputs)}")
+            n = as_int(columns, "columns", 1, MAX_COLUMNS)
             request = make_request(prompt, limits, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, top_k=top_k,
                                    repetition_penalty=repetition_penalty, seed=seed,
                                    use_chat_template=use_chat_template)
-            specs = [make_spec(pool, *column_inputs[4 * i:4 * i + 4]) for i in range(n)]
+            names = column_settings(n)
+            specs = [make_spec(pool, *(settings.get(name) for name in names[4 * i:4 * i + 4]))
+                     for i in range(n)]
         except PLTError as exc:  # DemoInputError, or a sampling parameter the sampler refuses
+            log.warning("refused a comparison: %s", exc)
             gr.Warning(str(exc))
             yield outputs([error_view("", str(exc))] * MAX_COLUMNS)
             return
-        comparison = Comparison([run_column(pool, spec, request, reasons) for spec in specs])
+        comparison = compare(pool, specs, request, reasons)
         try:
             for views in comparison:
                 yield outputs(views)
         finally:
             comparison.close()
 
-    return compare
+    return run
 
 
-def analysis_handler(pool: BackendPool):
+def analysis_handler(pool: EnginePool):
     """Analyse button and model choice: (gallery, card plot, note), each shown when it has
     something (a one-image Gallery would open as a zoomed preview, hence the separate plot)."""
 
@@ -180,7 +194,8 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
         raise DemoInputError("no model directories given")
     # read every config now: a bad model dir is a clear error here rather than in a column
     trained_loops = {name: PLTConfig.from_file(d).num_loops for name, d in models.items()}
-    pool = BackendPool(models, loader, backend_options)
+    pool = EnginePool(models, loader, backend_options,
+                      max_batch=MAX_COLUMNS * limits.concurrency)
     reasons = backend_reasons(backends)
     offered = [name for name, reason in reasons.items() if reason is None]
     columns = default_columns(trained_loops, offered)
@@ -197,8 +212,8 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
                                     max_length=limits.max_prompt_chars, elem_id="prompt",
                                     value=EXAMPLE_PROMPTS[0])
                 with gr.Column(scale=1, min_width=300):
-                    n_columns = gr.Radio(list(range(1, MAX_COLUMNS + 1)), value=2,
-                                         label="Columns", elem_id="n-columns")
+                    n_columns = gr.Slider(1, MAX_COLUMNS, value=2, step=1, label="Columns",
+                                          elem_id="n-columns")
                     with gr.Row():
                         run = gr.Button("Run", variant="primary", elem_id="run",
                                         interactive=bool(offered))
@@ -217,8 +232,12 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
                     top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
                     repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05,
                                                    label="Repetition penalty (1 = off)")
-                    seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                    seed = gr.Number(0, precision=0, label="Seed")
                     use_chat = gr.Checkbox(True, label="Chat template (models that have one)")
+            # Choices are the values the API advertises (strings), and a value outside them
+            # reaches the handler, which refuses it in one line (Gradio's own refusal would
+            # print a traceback).
+            choice = dict(allow_custom_value=True)
             boxes, column_inputs, column_outputs = [], [], []
             with gr.Row():
                 for i, spec in enumerate(columns):
@@ -226,14 +245,16 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
                         # full-width model and backend: their names must not be cut off
                         # when four columns share the page
                         model = gr.Dropdown(model_choices, value=spec.model, label="Model",
-                                            elem_id=f"model-{i}")
+                                            elem_id=f"model-{i}", **choice)
                         backend = gr.Dropdown(backend_choices, value=spec.backend,
-                                              label="Backend", elem_id=f"backend-{i}")
+                                              label="Backend", elem_id=f"backend-{i}", **choice)
                         with gr.Row():
-                            loops = gr.Dropdown(list(range(1, MAX_LOOPS + 1)), value=spec.loops,
-                                                label="Loops", elem_id=f"loops-{i}", min_width=80)
+                            loops = gr.Dropdown([str(n) for n in range(1, MAX_LOOPS + 1)],
+                                                value=str(spec.loops), label="Loops",
+                                                elem_id=f"loops-{i}", min_width=80, **choice)
                             mode = gr.Dropdown(list(DECODE_MODES), value=spec.decode_mode,
-                                               label="Decode", elem_id=f"mode-{i}", min_width=80)
+                                               label="Decode", elem_id=f"mode-{i}", min_width=80,
+                                               **choice)
                         output = gr.Code(language="python", label=f"Column {i + 1}", lines=14,
                                          max_lines=14, interactive=False, wrap_lines=True,
                                          buttons=["copy"], elem_id=f"output-{i}",
@@ -257,7 +278,7 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
         with gr.Tab("Loop analysis"):
             with gr.Row():
                 analysis_model = gr.Dropdown(model_choices, value=columns[1].model,
-                                             label="Model")
+                                             label="Model", **choice)
                 analysis_loops = gr.Slider(1, MAX_LOOPS, value=4, step=1, label="Loops")
                 analyse_button = gr.Button("Analyse", variant="primary")
             gallery = gr.Gallery(label="Per-loop diagnostics", columns=3, height="auto",
@@ -265,7 +286,7 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
             with gr.Row():
                 card_plot = gr.Plot(label="Held-out loss (model card)", show_label=False,
                                     visible=False)
-                analysis_note = gr.Markdown()
+                analysis_note = gr.Markdown(elem_classes=["analysis-note"])
 
         prompt.change(expected_answer_text, prompt, expected_answer, queue=False,
                       api_visibility="private")
@@ -273,9 +294,14 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
                          n_columns, boxes, queue=False, api_visibility="private")
         run_event = run.click(compare_handler(pool, limits, reasons),
                               [prompt, n_columns, max_new_tokens, temperature, top_p, top_k,
-                               repetition_penalty, seed, use_chat, *column_inputs],
-                              column_outputs, api_name="compare")
-        stop.click(None, cancels=[run_event])
+                               repetition_penalty, seed, use_chat],
+                              column_outputs, api_name="compare",
+                              inputs_kwargs=dict(zip(column_settings(MAX_COLUMNS), column_inputs)))
+        column_stats = column_outputs[1::2]
+        # once the run is cancelled (its late updates are dropped), say so in the columns
+        stop.click(None, cancels=[run_event]).then(
+            lambda *stats: [stopped_stats(s) for s in stats], column_stats, column_stats,
+            queue=False, api_visibility="private")
         analyse, model_card = analysis_handler(pool)
         analysis_views = [gallery, card_plot, analysis_note]
         analyse_button.click(analyse, [analysis_model, analysis_loops], analysis_views,
@@ -284,7 +310,7 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
         app.load(model_card, analysis_model, analysis_views, api_visibility="private")
 
     app.queue(default_concurrency_limit=limits.concurrency, max_size=limits.queue_size)
-    app.pool = pool  # for tests and for closing the backend workers
+    app.pool = pool  # for tests and for closing the engines
     return app
 
 

@@ -42,8 +42,7 @@ def loss_series(heldout: dict) -> dict[str, tuple[list[float], list[float]]]:
 
 
 def heldout_table(heldout: dict) -> str:
-    lines = ["| model | loops | loss (nats/token) | perplexity | next-token accuracy |",
-             "|---|---|---|---|---|"]
+    lines = ["| model | loops | loss | perplexity | accuracy |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['loops']} | {r['loss']:.4f} | {r['perplexity']:.2f} | "
               f"{100 * r['accuracy']:.2f}% |" for r in heldout["rows"]]
     return "\n".join(lines)
@@ -99,7 +98,8 @@ def heldout_fallback(model_dir: str, reason: str):
         where = os.path.join(os.path.basename(os.path.dirname(path)), HELDOUT_NAME)
         figure = loss_figure(loss_series(heldout), "held-out loss per inference loop count")
         note = (f"{reason}\n\n**Held-out results** (`{where}`, {heldout['tokens']} predicted "
-                f"tokens of the {heldout['split']} split)\n\n" + heldout_table(heldout))
+                f"tokens of the {heldout['split']} split; loss in nats per token, accuracy of "
+                f"the next token)\n\n" + heldout_table(heldout))
         return figure, note
     return None, f"{reason}\n\nNo held-out results were found for this model."
 
@@ -119,4 +119,5 @@ def loop_analysis(model_dir: str, loops: int):
         return [], *heldout_fallback(model_dir, f"Per-loop diagnostics failed "
                                                    f"({type(exc).__name__}: {exc}); showing the "
                                                    "held-out results instead.")
-    return images, None, f"Per-loop diagnostics of `{model_dir}` at {loops} loops."
+    name = os.path.basename(os.path.normpath(model_dir))  # never a local path in the page
+    return images, None, f"Per-loop diagnostics of **{name}** at {loops} loops."

@@ -113,7 +113,8 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
     weights = convert(checkpoint.open_tensors(model_dir, config), dtype, quantize, group_size)
     data = config.to_dict()
     data["torch_dtype"] = dtype
-    data[MARKER] = {"format": 1, "source": os.path.abspath(model_dir)}
+    # the source's name only: an export carries no local path
+    data[MARKER] = {"format": 1, "source": os.path.basename(os.path.abspath(model_dir))}
     if quantize is not None:
         data["quantization"] = {"group_size": group_size, "bits": quantize, "mode": "affine"}
     if not config.is_v1:

@@ -1,24 +1,30 @@
-"""Continuous batching over the backend contract, with no HTTP in it (the server's engine).
+"""The one engine that turns prompts into tokens: continuous batching over the backend
+contract, with no HTTP in it. The server, the demo, `plt-port chat` and `stream_generate`
+(so `plt-port generate`) all run on it.
 
-One thread owns the backends (they are not thread-safe, and MLX streams are thread-local):
-callers `submit` requests into a bounded queue and receive each request's tokens through its
-`emit` callback, called on the engine thread. Each turn of the engine thread:
+`EngineCore` is the scheduler and has no thread: requests are `add`ed, and each turn is two
+halves, `launch()` then `finish()`:
 
-1. admits waiting requests while fewer than `max_batch` sequences run: each is prefilled
-   alone (`backend.prefill([ids], positions)`), samples its first token, and joins the
-   running batch of its loop count (`write_slot`);
-2. lets cancelled sequences go (`free_slot`);
-3. runs one `backend.step` per loop count, which serves every running sequence of that loop
-   count, samples each row with the sequence's own seeded `Sampler`, and lets finished
-   sequences go.
+- launch: admit waiting requests while fewer than `max_batch` sequences run (`_admit`: each
+  is prefilled alone, samples its first token and joins the running batch of its loop count
+  and decode mode with `write_slot`); let cancelled sequences go (`free_slot`); then per
+  batch hand out the tokens that end their sequence (eos, the last allowed), start one
+  `backend.step_async` for the rest and, while it computes, turn their tokens into text and
+  send them (`_deliver`);
+- finish: wait for each step's logits, let finished sequences go, and sample every other
+  sequence's next token with its own seeded `Sampler` (`_produce`).
+
+`BatchEngine` runs an EngineCore on its own thread (it owns the backends: they are not
+thread-safe, and MLX streams are thread-local); callers `submit` requests from any thread and
+receive each request's tokens through its `emit` callback. `EngineCore.stream` runs one
+request in the calling thread instead, pausing between the halves, so the caller consumes each
+token while the next step computes (mlx-lm's overlap).
 
 A batch is laid out as wide as the next power of two >= its sequences (each row costs a
 decode row, free or not): it is re-laid out into a fresh state (`empty_state` + `write_slot`)
-when it is full, or when half its width would do.
-
-Loop counts share one copy of the weights where the backend allows it (`Backend.at_loops`:
-torch, MLX); ONNX graphs bake the loop count in, so each other loop count loads (and on
-first use exports) its own graphs and weights, on the engine thread.
+when it is full, or when half its width would do. Loop counts share one copy of the weights
+where the backend allows it (`Backend.at_loops`: torch, MLX); ONNX graphs bake the loop count
+in, so each other loop count loads (and on first use exports) its own graphs and weights.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,8 +42,8 @@ from plt_port import cache_layout
 from plt_port.errors import PLTError
 
 from .backends.base import Backend, DecodeState
-from .generate import SequenceText, check_request
 from .sampling import Sampler, SamplingParams, log_softmax
+from .sequence import SequenceText, check_request
 
 log = logging.getLogger("plt_port.engine")
 
@@ -63,6 +69,21 @@ class TokenLogprobs:
 
 
 @dataclass
+class SequenceStats:
+    """One sequence's own figures: time spent on it, not waiting for other batches."""
+
+    backend: str
+    loops: int
+    decode_mode: str                # the mode run ("naive" where there is no CLP: L=1, v1)
+    prompt_tokens: int
+    prefill_s: float = 0.0          # the prefill call
+    ttft_s: float = 0.0             # the prefill and the first token's sampling
+    decode_s: float = 0.0           # the decode steps of its batch, launch to sampled tokens
+    cache_bytes: int = 0            # its running batch's caches
+    peak_memory_bytes: int | None = None
+
+
+@dataclass
 class TokenEvent:
     text: str                       # text delta (whole UTF-8 characters, stop strings cut)
     token: int
@@ -70,6 +91,7 @@ class TokenEvent:
     logprobs: TokenLogprobs | None
     finish_reason: str | None       # None while running, then "stop" or "length"
     time: float                     # time.perf_counter() when the token was sampled
+    stats: SequenceStats | None = None  # the sequence's, updated in place while it runs
 
 
 @dataclass
@@ -84,9 +106,12 @@ class Request:
     stop: Sequence[str] = ()
     loops: int | None = None        # None: the default backend's loop count
     top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the top k
+    decode_mode: str | None = None  # None: the engine's
+    prefill_chunk_size: int | None = None
     grammar: object = None          # a runtimes.grammar.Grammar the answer must follow
-    # more samples of this prompt (OpenAI's n > 1), each with its own emit and sampling:
-    # prefilled once with this request, whose prompt_ids, max_new_tokens, stop and loops they share
+    # more samples of this prompt (OpenAI's n > 1), each with its own emit, sampling and
+    # grammar: prefilled once with this request, whose prompt_ids, max_new_tokens, stop,
+    # loops and decode mode they share
     siblings: Sequence["Request"] = ()
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -102,7 +127,10 @@ class RunningSequence:
     text: SequenceText
     sampler: Sampler
     positions: int                  # positions the whole answer needs
-    last_token: int = 0
+    last_token: int = 0             # sampled, not yet delivered (then fed to the next step)
+    sampled_at: float = 0.0
+    logprobs: TokenLogprobs | None = None
+    stats: SequenceStats | None = None
 
 
 def batch_width(sequences: int, max_batch: int) -> int:
@@ -124,12 +152,13 @@ def token_logprobs(logits: np.ndarray, token: int, k: int) -> TokenLogprobs:
 
 
 class RunningBatch:
-    """The sequences of one loop count and the decode state they share
+    """The sequences of one loop count and decode mode, and the decode state they share
     (`slots[i]`: the sequence in slot i of the state, None where the slot is free)."""
 
-    def __init__(self, backend: Backend, max_batch: int):
+    def __init__(self, backend: Backend, max_batch: int, mode: str = "clp"):
         self.backend = backend
         self.max_batch = max_batch
+        self.mode = mode
         self.state: DecodeState | None = None
         self.slots: list[RunningSequence | None] = []
 
@@ -151,6 +180,8 @@ class RunningBatch:
 
     def release(self, slots: Sequence[int]) -> None:
         """Let the sequences in `slots` go; narrow the batch when half of it would do."""
+        if not slots:
+            return
         for slot in slots:
             self.backend.free_slot(self.state, slot)
             self.slots[slot] = None
@@ -170,9 +201,13 @@ class RunningBatch:
             self.backend.write_slot(self.state, slot, old_state, old_slot)
             self.slots[slot] = sequence
 
-    def step(self, mode: str) -> np.ndarray:
+    def step_async(self) -> Callable[[], np.ndarray]:
+        """One decode step of every slot, started (`Backend.step_async`): wait for the logits."""
         tokens = np.array([s.last_token if s else 0 for s in self.slots], dtype=np.int64)
-        return self.backend.step(self.state, tokens, mode)
+        return self.backend.step_async(self.state, tokens, self.mode)
+
+    def slots_where(self, condition: Callable[[RunningSequence], bool]) -> list[int]:
+        return [slot for slot, s in enumerate(self.slots) if s is not None and condition(s)]
 
     def drop_all(self) -> list[RunningSequence]:
         """Drop the state (after an error in a step, or at shutdown): the sequences it held."""
@@ -181,96 +216,220 @@ class RunningBatch:
         return sequences
 
 
-class BatchEngine:
-    """`start()`, then `submit(request)` from any thread; `close()` ends every request."""
+@dataclass
+class LaunchedStep:
+    batch: RunningBatch
+    logits: Callable[[], np.ndarray]
+    launch_s: float                 # time spent launching it and delivering its batch's text
+
+
+class EngineCore:
+    """The scheduler without a thread: `open()`, `add(request, check(request))`, then turns
+    (`launch()`, `finish()`) until the requests end."""
 
     def __init__(self, load: Callable[[int | None], Backend], tokenizer, *, max_batch: int = 16,
-                 max_queue: int = 64, decode_mode: str = "clp"):
-        if max_batch < 1 or max_queue < 1:
-            raise EngineError(f"max_batch and max_queue must be >= 1, got {max_batch}, "
-                              f"{max_queue}")
+                 decode_mode: str = "clp"):
+        if max_batch < 1:
+            raise EngineError(f"max_batch must be >= 1, got {max_batch}")
         self.load = load
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.max_queue = max_queue
         self.decode_mode = decode_mode
         self.backend: Backend | None = None  # the default loop count's
         self.backends: dict[int, Backend] = {}
-        self.batches: dict[int, RunningBatch] = {}
+        self.batches: dict[tuple[int, str], RunningBatch] = {}
         self.waiting: collections.deque[tuple[Request, int]] = collections.deque()
-        self.lock = threading.Lock()
-        self.wake = threading.Event()
-        self.ready = threading.Event()
-        self.stopping = False
-        self.closed = False  # set once the engine thread has ended every request
-        self.load_error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="plt-engine", daemon=True)
+        self.launched: list[LaunchedStep] = []
+        self.lock = threading.Lock()  # `waiting` may be filled from other threads
         self.running_count = 0
         self.cache_bytes = 0
 
-    # ---- any thread ----------------------------------------------------------------------
-    def start(self) -> "BatchEngine":
-        """Start the engine thread and load the default backend on it (errors raised here)."""
-        self.thread.start()
-        self.ready.wait()
-        if self.load_error is not None:
-            raise self.load_error
+    def open(self) -> "EngineCore":
+        """Load the default backend (its loop count: what `load(None)` gives)."""
+        self.backend = self._backend_for(None)
+        self.tokenizer.check_fits(self.backend.config.vocab_size)
+        self.backend.mode_run(self.decode_mode)
         return self
 
-    @property
-    def queued_count(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive() and not self.stopping
-
-    def submit(self, request: Request) -> None:
-        """Queue `request`, or raise: a GenerateError when it cannot fit the model, a
-        ConfigError for a bad loop count, QueueFullError, EngineClosedError."""
+    def check(self, request: Request) -> int:
+        """Positions `request` needs, or a clear error: a ConfigError for a bad loop count,
+        a BackendError for a bad decode mode, a GenerateError when it cannot fit the model."""
         if self.backend is None:
             raise EngineClosedError("the engine is not running")
         self.backend.config.resolve_loops(request.loops)
         if 1 + len(request.siblings) > self.max_batch:
             raise EngineError(f"{1 + len(request.siblings)} sequences of one prompt, more than "
                               f"the {self.max_batch} this engine runs at once")
-        positions = check_request(self.backend, request.prompt_ids, request.max_new_tokens)
+        if request.decode_mode is not None:
+            self.backend.mode_run(request.decode_mode)
+        return check_request(self.backend, request.prompt_ids, request.max_new_tokens)
+
+    def add(self, request: Request, positions: int) -> None:
         with self.lock:
-            if self.stopping or self.closed:
-                raise EngineClosedError("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFullError(f"{len(self.waiting)} requests already wait; try again later")
             self.waiting.append((request, positions))
-        self.wake.set()
 
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Stop after the current step; running and waiting requests end with EngineClosedError."""
-        self.stopping = True
-        self.wake.set()
-        if self.thread.is_alive():
-            self.thread.join(timeout)
+    @property
+    def idle(self) -> bool:
+        return self.running_count == 0 and not self.waiting
 
-    # ---- the engine thread -----------------------------------------------------------------
-    def _run(self) -> None:
+    def turn(self) -> None:
+        self.launch()
+        self.finish()
+
+    def stream(self, request: Request) -> Iterator[TokenEvent]:
+        """Run `request` to its end in the calling thread (no engine thread: a batch of one
+        for `stream_generate`): its events, each yielded while the next step computes. Its
+        `emit` is replaced; an error that ends it is raised."""
+        events: list[TokenEvent | BaseException] = []
+        request.emit = events.append
+        self.add(request, self.check(request))
         try:
-            self.backend = self._backend_for(None)
-        except BaseException as exc:  # noqa: BLE001 (raised again by start())
-            self.load_error = exc
-            self.stopping = True
-        self.ready.set()
-        while not self.stopping:
-            self.wake.clear()
-            self._admit()
-            for batch in list(self.batches.values()):
-                self._drop_cancelled(batch)
-                if batch.state is not None:
-                    self._step(batch)
-            self._publish_stats()
-            if self.running_count == 0 and not self.waiting:
-                self.wake.wait(IDLE_WAIT_S)
-        self._end_all(EngineClosedError("the server is shutting down"))
-        for backend in self.backends.values():
-            backend.release_thread()
+            while True:
+                self.launch()
+                for event in events:
+                    if isinstance(event, BaseException):
+                        raise event
+                    yield event
+                    if event.finish_reason is not None:
+                        return
+                events.clear()
+                self.finish()
+        finally:
+            request.cancel()
+
+    # ---- a turn ------------------------------------------------------------------------------
+    def launch(self) -> None:
+        if self.launched:  # a turn left half done (a stream closed early)
+            self.finish()
+        self._admit_waiting()
+        for batch in list(self.batches.values()):
+            batch.release(batch.slots_where(lambda s: s.request.cancelled.is_set()))
+            if batch.state is not None:
+                self._launch_step(batch)
+
+    def finish(self) -> None:
+        launched, self.launched = self.launched, []
+        for step in launched:
+            self._finish_step(step)
+        self._count_running()
+        self.cache_bytes = sum(b.backend.cache_bytes(b.state) for b in self.batches.values()
+                               if b.state is not None)
+
+    def _admit_waiting(self) -> None:
+        """Admit waiting requests in order while all of the next one's sequences fit."""
+        while True:
+            with self.lock:
+                if not self.waiting or self.running_count + 1 + len(
+                        self.waiting[0][0].siblings) > self.max_batch:
+                    return
+                request, positions = self.waiting.popleft()
+            if request.cancelled.is_set():
+                continue
+            try:
+                self._admit(request, positions)
+            except Exception as exc:  # noqa: BLE001 (the request ends; the engine goes on)
+                for each in (request, *request.siblings):
+                    self._fail(each, exc)
+            self._count_running()
+
+    def _admit(self, request: Request, positions: int) -> None:
+        """Prefill `request` alone, then start it and its siblings from that one prefill."""
+        backend = self._backend_for(request.loops)
+        mode = backend.mode_run(request.decode_mode or self.decode_mode)
+        start = time.perf_counter()
+        state, logits = backend.prefill([request.prompt_ids], self._capacity(backend, positions),
+                                        request.prefill_chunk_size)
+        prefill_s = time.perf_counter() - start
+        key = (backend.loops, mode)
+        if key not in self.batches:
+            self.batches[key] = RunningBatch(backend, self.max_batch, mode)
+        for each in (request, *request.siblings):
+            self._join(each, request, self.batches[key], state, logits[0], positions,
+                       SequenceStats(backend.name, backend.loops, mode, len(request.prompt_ids),
+                                     prefill_s=prefill_s, cache_bytes=backend.cache_bytes(state),
+                                     peak_memory_bytes=backend.peak_memory_bytes()), start)
+
+    def _join(self, request: Request, prompt: Request, batch: RunningBatch,
+              prefilled: DecodeState, logits: np.ndarray, positions: int, stats: SequenceStats,
+              start: float) -> None:
+        """Sample `request`'s first token from its prompt's logits with its own sampler and
+        join the running batch with a copy of the prefilled state (`write_slot` only reads
+        `prefilled`); the token is delivered with the batch's next step."""
+        backend = batch.backend
+        sequence = RunningSequence(
+            request, SequenceText(self.tokenizer, prompt.prompt_ids, prompt.max_new_tokens,
+                                  prompt.stop, backend.eos_token_ids),
+            Sampler(request.sampling,
+                    request.grammar.constraint() if request.grammar is not None else None),
+            positions, stats=stats)
+        self._produce(sequence, logits)
+        stats.ttft_s = sequence.sampled_at - start
+        batch.add(sequence, prefilled)
+
+    def _capacity(self, backend: Backend, positions: int) -> int:
+        """Positions to allocate: rounded up where sequences join batches (a few shapes),
+        exact for a batch of one, whose shape never changes."""
+        return positions if self.max_batch == 1 else allocated_positions(backend, positions)
+
+    def _produce(self, sequence: RunningSequence, logits: np.ndarray) -> None:
+        """The sequence's next token from its logits [V], sampled with its own sampler."""
+        token = int(sequence.sampler(logits[None], [sequence.text.history])[0])
+        top_logprobs = sequence.request.top_logprobs
+        sequence.logprobs = None if top_logprobs is None \
+            else token_logprobs(logits, token, top_logprobs)
+        sequence.last_token, sequence.sampled_at = token, time.perf_counter()
+
+    def _deliver(self, sequence: RunningSequence) -> None:
+        """Turn the sequence's sampled token into text and send it."""
+        text = sequence.text.add(sequence.last_token)
+        self._send(sequence.request, TokenEvent(
+            text, sequence.last_token, sequence.text.generated, sequence.logprobs,
+            sequence.text.finish_reason, sequence.sampled_at, sequence.stats))
+
+    def _launch_step(self, batch: RunningBatch) -> None:
+        start = time.perf_counter()
+        ended = batch.slots_where(lambda s: s.text.ends_at(s.last_token))
+        for slot in ended:  # never fed to a step
+            self._deliver(batch.slots[slot])
+        batch.release(ended)
+        if batch.state is None:
+            return
+        try:
+            logits = batch.step_async()
+        except Exception as exc:  # noqa: BLE001 (this batch's requests end; the engine goes on)
+            self._fail_batch(batch, exc)
+            return
+        for sequence in batch.sequences:
+            self._deliver(sequence)
+        self.launched.append(LaunchedStep(batch, logits, time.perf_counter() - start))
+
+    def _finish_step(self, step: LaunchedStep) -> None:
+        start, batch = time.perf_counter(), step.batch
+        try:
+            logits = step.logits()
+        except Exception as exc:  # noqa: BLE001
+            self._fail_batch(batch, exc)
+            return
+        done = batch.slots_where(lambda s: s.text.finish_reason is not None
+                                 or s.request.cancelled.is_set())
+        for slot, sequence in enumerate(batch.slots):
+            if sequence is not None and slot not in done:
+                try:
+                    self._produce(sequence, logits[slot])
+                except Exception as exc:  # noqa: BLE001 (e.g. NaN logits: this sequence ends)
+                    self._fail(sequence.request, exc)
+                    done.append(slot)
+        try:
+            batch.release(done)
+        except Exception as exc:  # noqa: BLE001
+            self._fail_batch(batch, exc)
+            return
+        own_s = step.launch_s + time.perf_counter() - start
+        cache_bytes = batch.backend.cache_bytes(batch.state) if batch.state is not None else 0
+        peak = batch.backend.peak_memory_bytes()
+        for sequence in batch.sequences:
+            sequence.stats.decode_s += own_s
+            sequence.stats.cache_bytes, sequence.stats.peak_memory_bytes = cache_bytes, peak
 
     def _backend_for(self, loops: int | None) -> Backend:
         default = self.backend
@@ -284,75 +443,7 @@ class BatchEngine:
         self.backends[backend.loops] = backend
         return backend
 
-    def _admit(self) -> None:
-        while True:
-            with self.lock:
-                if not self.waiting or self.running_count + 1 + len(
-                        self.waiting[0][0].siblings) > self.max_batch:
-                    return
-                request, positions = self.waiting.popleft()
-            if request.cancelled.is_set():
-                continue
-            try:
-                self._start(request, positions)
-            except Exception as exc:  # noqa: BLE001 (the request ends; the engine goes on)
-                for each in (request, *request.siblings):
-                    self._fail(each, exc)
-
-    def _start(self, request: Request, positions: int) -> None:
-        backend = self._backend_for(request.loops)
-        state, logits = backend.prefill([request.prompt_ids],
-                                        allocated_positions(backend, positions))
-        self._fan_out(request, backend, state, logits[0], positions)
-
-    def _fan_out(self, request: Request, backend: Backend, prefilled: DecodeState,
-                 logits: np.ndarray, positions: int) -> None:
-        """Start the request and its siblings from one prefill: each samples its first token
-        from the same logits with its own sampler and, unless that ends it, joins the batch
-        with a copy of the prefilled state (`write_slot` reads `prefilled`, never changes it)."""
-        for each in (request, *request.siblings):
-            sequence = RunningSequence(
-                each, SequenceText(self.tokenizer, request.prompt_ids, request.max_new_tokens,
-                                   request.stop, backend.eos_token_ids),
-                Sampler(each.sampling,
-                        each.grammar.constraint() if each.grammar is not None else None),
-                positions)
-            if self._emit(sequence, logits):
-                batch = self.batches.setdefault(backend.loops,
-                                                RunningBatch(backend, self.max_batch))
-                batch.add(sequence, prefilled)
-                self._count_running()
-
-    def _step(self, batch: RunningBatch) -> None:
-        try:
-            logits = batch.step(self.decode_mode)
-            done = [slot for slot, sequence in enumerate(batch.slots)
-                    if sequence is not None and not self._emit(sequence, logits[slot])]
-            batch.release(done)
-        except Exception as exc:  # noqa: BLE001 (this batch's requests end; the engine goes on)
-            for sequence in batch.drop_all():
-                self._fail(sequence.request, exc)
-        self._count_running()
-
-    def _emit(self, sequence: RunningSequence, logits: np.ndarray) -> bool:
-        """Sample and send one token; whether the sequence goes on."""
-        request = sequence.request
-        token = int(sequence.sampler(logits[None], [sequence.text.history])[0])
-        text = sequence.text.add(token)
-        logprobs = None if request.top_logprobs is None \
-            else token_logprobs(logits, token, request.top_logprobs)
-        sequence.last_token = token
-        self._send(request, TokenEvent(text, token, sequence.text.generated, logprobs,
-                                       sequence.text.finish_reason, time.perf_counter()))
-        return sequence.text.finish_reason is None and not request.cancelled.is_set()
-
-    def _drop_cancelled(self, batch: RunningBatch) -> None:
-        cancelled = [slot for slot, sequence in enumerate(batch.slots)
-                     if sequence is not None and sequence.request.cancelled.is_set()]
-        if cancelled:
-            batch.release(cancelled)
-            self._count_running()
-
+    # ---- ends ------------------------------------------------------------------------------
     def _send(self, request: Request, event: TokenEvent | BaseException) -> None:
         try:
             request.emit(event)
@@ -360,26 +451,113 @@ class BatchEngine:
             request.cancel()
 
     def _fail(self, request: Request, exc: BaseException) -> None:
-        if not isinstance(exc, PLTError):
-            log.error("request failed in the engine", exc_info=exc)
         self._send(request, exc)
 
-    def _end_all(self, exc: BaseException) -> None:
+    def _fail_batch(self, batch: RunningBatch, exc: BaseException) -> None:
+        for sequence in batch.drop_all():
+            self._fail(sequence.request, exc)
+
+    def end_all(self, exc: BaseException) -> None:
+        """End every running and waiting request with `exc`."""
+        self.launched = []
         for batch in self.batches.values():
             for sequence in batch.drop_all():
                 self._send(sequence.request, exc)
         with self.lock:
-            self.closed = True
             waiting, self.waiting = list(self.waiting), collections.deque()
         for request, _ in waiting:
             for each in (request, *request.siblings):
                 self._send(each, exc)
         self._count_running()
-        self._publish_stats()
+        self.cache_bytes = 0
 
     def _count_running(self) -> None:
         self.running_count = sum(len(b.sequences) for b in self.batches.values())
 
-    def _publish_stats(self) -> None:
-        self.cache_bytes = sum(b.backend.cache_bytes(b.state) for b in self.batches.values()
-                               if b.state is not None)
+
+class BatchEngine(EngineCore):
+    """An EngineCore on its own thread: `start()`, then `submit(request)` from any thread;
+    `close()` ends every request, `drain()` ends the thread once the requests have finished."""
+
+    def __init__(self, load: Callable[[int | None], Backend], tokenizer, *, max_batch: int = 16,
+                 max_queue: int = 64, decode_mode: str = "clp"):
+        if max_queue < 1:
+            raise EngineError(f"max_queue must be >= 1, got {max_queue}")
+        super().__init__(load, tokenizer, max_batch=max_batch, decode_mode=decode_mode)
+        self.max_queue = max_queue
+        self.wake = threading.Event()
+        self.ready = threading.Event()  # set once the default backend loaded, or failed to
+        self.stopping = False
+        self.draining = False
+        self.closed = False  # set once the engine thread has ended every request
+        self.load_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="plt-engine", daemon=True)
+
+    # ---- any thread ----------------------------------------------------------------------
+    def start(self, wait: bool = True) -> "BatchEngine":
+        """Start the engine thread, which loads the default backend; `wait`: until it has
+        (its error raised here). Without waiting, `ready` and `load_error` tell."""
+        self.thread.start()
+        if wait:
+            self.ready.wait()
+            if self.load_error is not None:
+                raise self.load_error
+        return self
+
+    @property
+    def queued_count(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.stopping
+
+    def submit(self, request: Request) -> None:
+        """Queue `request`, or raise: a GenerateError when it cannot fit the model, a
+        ConfigError for a bad loop count, QueueFullError, EngineClosedError."""
+        positions = self.check(request)
+        with self.lock:
+            if self.stopping or self.draining or self.closed:
+                raise EngineClosedError("the engine is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self.waiting)} requests already wait; try again later")
+            self.waiting.append((request, positions))
+        self.wake.set()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop after the current step; running and waiting requests end with EngineClosedError."""
+        self.stopping = True
+        self.wake.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def drain(self) -> None:
+        """Take no more requests; the thread ends (releasing the backends) once those it has
+        are done."""
+        with self.lock:
+            self.draining = True
+        self.wake.set()
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.open()
+        except BaseException as exc:  # noqa: BLE001 (raised again by start())
+            self.load_error = exc
+            self.stopping = True
+        self.ready.set()
+        while not self.stopping and not (self.draining and self.idle):
+            self.wake.clear()
+            self.turn()
+            if self.idle:
+                self.wake.wait(IDLE_WAIT_S)
+        with self.lock:
+            self.closed = True
+        self.end_all(EngineClosedError("the engine is shutting down"))
+        for backend in self.backends.values():
+            backend.release_thread()
+
+    def _fail(self, request: Request, exc: BaseException) -> None:
+        if not isinstance(exc, PLTError):
+            log.error("request failed in the engine", exc_info=exc)
+        super()._fail(request, exc)

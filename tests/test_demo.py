@@ -21,9 +21,9 @@ pytest.importorskip("gradio")
 generate_api = pytest.importorskip("runtimes.generate", reason="needs the shared generate API "
                                    "(runtimes/generate.py)")
 
-from demo import engine  # noqa: E402
-from demo.app import build_app, compare_handler, launch  # noqa: E402
-from demo.engine import BackendPool, DemoInputError, Limits  # noqa: E402
+from demo import columns as engine  # noqa: E402
+from demo.app import build_app, column_settings, compare_handler, launch  # noqa: E402
+from demo.columns import DemoInputError, EnginePool, Limits  # noqa: E402
 from demo.loop_analysis import loop_analysis, loss_series  # noqa: E402
 
 # gr.Warning outside a served page (the handlers called directly) is a UserWarning
@@ -38,9 +38,11 @@ ALL_AVAILABLE = {"torch": None, "mlx": None, "onnx": None}
 # ---- a fake backend whose greedy continuation is known in advance --------------------------------
 class ChainBackend(CachelessBackend):
     """Logits that put all mass on chain[(index of last token) + loops]: the continuation of
-    any prompt is known without running a model. Logs each step's loop count."""
+    any prompt is known without running a model. Logs each step's (loop count, batch width);
+    a step takes `step_s`."""
 
     name = "chain"
+    step_s = 0.0
 
     def __init__(self, model_dir, loops=None, chain=(), step_log=None, **options):
         super().__init__(model_dir, loops)
@@ -59,7 +61,8 @@ class ChainBackend(CachelessBackend):
         return logits
 
     def decode_rows(self, caches, tokens, positions, mode):
-        self.step_log.append(self.loops)
+        self.step_log.append((self.loops, len(tokens)))
+        time.sleep(self.step_s)
         return self.logits_for(tokens)
 
     def cache_nbytes(self, caches):
@@ -83,9 +86,10 @@ def expected_chain_text(tokenizer, chain, prompt_ids, loops, n):
     return tokenizer.decode(ids)
 
 
-def settings(*columns):
-    """Flatten (model, backend, loops, mode) tuples as the page passes them."""
-    return [value for column in columns for value in column]
+def settings(*columns) -> dict:
+    """(model, backend, loops, mode) tuples as the page passes them: model_1=..., loops_1=..."""
+    values = [str(value) for column in columns for value in column]
+    return dict(zip(column_settings(len(columns)), values))
 
 
 def run_compare(handler, prompt, n_columns, columns, max_new_tokens=12, **sampling):
@@ -94,8 +98,7 @@ def run_compare(handler, prompt, n_columns, columns, max_new_tokens=12, **sampli
     outputs = None
     for outputs in handler(prompt, n_columns, max_new_tokens, args["temperature"], args["top_p"],
                            args["top_k"], args["repetition_penalty"], args["seed"],
-                           args["use_chat_template"],
-                           *settings(*columns)):
+                           args["use_chat_template"], **settings(*columns)):
         pass
     return [(outputs[2 * i], outputs[2 * i + 1]) for i in range(len(outputs) // 2)]
 
@@ -112,42 +115,77 @@ def chain_setup(make_model):
     def loader(name, model_dir, loops=None, **options):
         return ChainBackend(model_dir, loops, chain=chain, step_log=step_log, **options)
 
-    pool = BackendPool({"tiny": model_dir}, loader, {"onnx": {"threads": 1}})
+    pool = EnginePool({"tiny": model_dir}, loader, {"onnx": {"threads": 1}})
     yield pool, tokenizer, chain, step_log
     pool.close()
 
 
 # ---- handler unit tests --------------------------------------------------------------------------
-def test_columns_stream_known_continuations_interleaved(chain_setup):
+def test_columns_stream_known_continuations(chain_setup):
     pool, tokenizer, chain, step_log = chain_setup
     handler = compare_handler(pool, Limits(), ALL_AVAILABLE)
     prompt = "def fibonacci(n):"
     specs = [("tiny", "torch", 1, "clp"), ("tiny", "onnx", 3, "naive")]
-    for spec in specs:  # loaded beforehand, so that both columns start on the same round
-        pool.worker(engine.ColumnSpec(*spec)).loaded.result()
     columns = run_compare(handler, prompt, 2, specs, max_new_tokens=12)
     ids = tokenizer.encode(prompt, add_bos=True)
     for (text, stats), loops in zip(columns[:2], (1, 3)):
         assert text == prompt + expected_chain_text(tokenizer, chain, ids, loops, 12)
         assert "tok/s" in stats and "TTFT" in stats and "finish: **length**" in stats
         assert "cache " in stats and f"{len(ids)} + 12 tokens" in stats
+    # the decode label says what ran: one loop has no CLP
+    assert "decode naive (one loop has no CLP)" in columns[0][1]
+    assert "decode naive ·" in columns[1][1]
     assert columns[2:] == [("", ""), ("", "")]
-    # round-robin: the two columns' decode steps alternate rather than run one after the other
-    assert all(a != b for a, b in zip(step_log, step_log[1:])), step_log
-    assert sorted(step_log) == [1] * 11 + [3] * 11
-    loaded = {key[1]: worker.loaded.result() for key, worker in pool._workers.items()}
-    assert loaded["onnx"].options == {"threads": 1} and loaded["torch"].options == {}
+    assert sorted(step_log) == [(1, 1)] * 11 + [(3, 1)] * 11  # each column's own steps
+    engines = {backend: pool._engines[key].backend for key in pool.loaded()
+               for backend in [key[1]]}
+    assert engines["onnx"].options == {"threads": 1} and engines["torch"].options == {}
 
 
-def test_columns_on_one_backend_share_it(chain_setup):
-    pool, tokenizer, chain, _ = chain_setup
+def test_columns_on_one_engine_batch_together(chain_setup, monkeypatch):
+    """Three columns at one loop count decode as rows of shared steps; a fourth at another
+    loop count is another batch of the same engine, on the same loaded weights."""
+    pool, tokenizer, chain, step_log = chain_setup
+    monkeypatch.setattr(ChainBackend, "step_s", 0.005)
     handler = compare_handler(pool, Limits(), ALL_AVAILABLE)
-    columns = run_compare(handler, "x = 1", 3, [("tiny", "torch", 2, "clp")] * 3)
-    texts = [text for text, _ in columns[:3]]
-    assert texts[0] == texts[1] == texts[2] == "x = 1" + expected_chain_text(
-        tokenizer, chain, tokenizer.encode("x = 1", add_bos=True), 2, 12)
-    assert all("finish: **length**" in stats for _, stats in columns[:3])
-    assert len(pool._workers) == 1
+    columns = run_compare(handler, "x = 1", 4, [("tiny", "torch", 2, "clp")] * 3
+                          + [("tiny", "torch", 3, "clp")])
+    ids = tokenizer.encode("x = 1", add_bos=True)
+    for (text, stats), loops in zip(columns, (2, 2, 2, 3)):
+        assert text == "x = 1" + expected_chain_text(tokenizer, chain, ids, loops, 12)
+        assert "finish: **length**" in stats
+    assert len(pool.loaded()) == 1
+    engine_ = pool._engines[pool.loaded()[0]]
+    assert set(engine_.backends) == {2, 3}
+    assert len({id(b.chain) for b in engine_.backends.values()}) == 1  # one load: at_loops
+    two_loop_steps = [width for loops, width in step_log if loops == 2]
+    assert max(two_loop_steps) >= 2 and len(two_loop_steps) < 3 * 11, step_log
+
+
+@requires("torch")
+def test_torch_columns_on_one_backend_each_get_their_solo_text(make_model):
+    """Seeded sampling: columns batched together (two at two loops, one at three) each give
+    the text `generate` gives alone."""
+    from plt_port.tokenizer import Tokenizer
+    from runtimes.backends import load_backend
+    from runtimes.generate import generate
+    from runtimes.sampling import SamplingParams
+
+    model_dir = make_model("plt", seed=4, eos_token_id=None)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    prompt = "def add(a, b):\n"
+    pool = EnginePool({"tiny": model_dir})
+    try:
+        columns = run_compare(compare_handler(pool, Limits(), ALL_AVAILABLE), prompt, 3,
+                              [("tiny", "torch", 2, "clp")] * 2 + [("tiny", "torch", 3, "clp")],
+                              max_new_tokens=16, temperature=0.9, seed=3)
+    finally:
+        pool.close()
+    sampling = SamplingParams(temperature=0.9, seed=3)
+    for (text, stats), loops in zip(columns, (2, 2, 3)):
+        alone, _ = generate(load_backend("torch", model_dir, loops=loops), tokenizer, prompt,
+                            max_new_tokens=16, sampling=sampling)
+        assert text == prompt + alone and "finish: **length**" in stats
 
 
 @pytest.mark.parametrize("prompt, limits, field, message", [
@@ -209,7 +247,7 @@ def test_failed_load_is_shown_then_retried(chain_setup):
             raise RuntimeError("boom")
         return ChainBackend(model_dir, loops, chain=chain)
 
-    pool = BackendPool({"tiny": model_dir}, flaky_loader)
+    pool = EnginePool({"tiny": model_dir}, flaky_loader)
     handler = compare_handler(pool, Limits(), ALL_AVAILABLE)
     columns = [run_compare(handler, "def f():", 1, [("tiny", "onnx", 1, "clp")])[0][1]
                for _ in range(3)]
@@ -255,6 +293,16 @@ def test_queue_caps_concurrency_and_waiting_requests(make_model):
         build_app([], Limits(), backends={"torch": None})
 
 
+def test_stop_says_stopped_in_every_column_still_running():
+    running = "**12 tok/s** · TTFT 3 ms · cache 1 KiB · 4 + 2 tokens · decode clp · generating…"
+    assert engine.stopped_stats(running).endswith("decode clp · ⏹ stopped")
+    assert engine.stopped_stats(engine.loading_message(engine.ColumnSpec("m", "onnx", 2, "clp"))) \
+        == engine.STOPPED == engine.stopped_stats("⏳ prefilling…")
+    finished = running.replace("generating…", "finish: **length**")
+    assert engine.stopped_stats(finished) == finished
+    assert engine.stopped_stats("⚠️ the prompt is empty") == "⚠️ the prompt is empty"
+
+
 def test_human_bytes():
     assert engine.human_bytes(512) == "512 B"
     assert engine.human_bytes(3 * 1024 * 1024 // 2) == "1.5 MiB"
@@ -283,7 +331,7 @@ def test_torch_column_matches_reference_greedy(make_model, loops, mode):
             new.append(int(torch.argmax(logits)))
             if new[-1] in eos:
                 break
-    pool = BackendPool({"tiny": model_dir})
+    pool = EnginePool({"tiny": model_dir})
     try:
         handler = compare_handler(pool, Limits(), ALL_AVAILABLE)
         (text, stats), = run_compare(handler, prompt, 1, [("tiny", "torch", loops, mode)],
@@ -473,6 +521,92 @@ def test_browser_two_column_comparison(served_demo, tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 10_000
 
 
+class SlowChainBackend(ChainBackend):
+    step_s = 0.05  # 96 tokens (the page's default) take about five seconds
+
+
+@pytest.fixture
+def served_slow_demo(make_model):
+    """The real page over a slow fake backend: a comparison runs long enough to be stopped."""
+    from plt_port.tokenizer import Tokenizer
+
+    model_dir = make_model("plt", seed=6)
+    chain = plain_tokens(Tokenizer.from_dir(model_dir))[:40]
+    app = build_app([model_dir], Limits(max_new_tokens=96), backends={"torch": None},
+                    loader=lambda name, path, loops=None, **_: SlowChainBackend(path, loops,
+                                                                                chain=chain))
+    _, url, _ = launch(app, host="127.0.0.1", port=free_port(), prevent_thread_lock=True,
+                       quiet=True)
+    yield url, app.pool
+    app.close()
+    app.pool.close()
+
+
+@requires("playwright")
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's chromium at {CHROMIUM}")
+def test_browser_stop_says_stopped_and_frees_the_engine(served_slow_demo):
+    from playwright.sync_api import sync_playwright
+
+    url, pool = served_slow_demo
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="networkidle")
+            page.locator("#run").click()
+            for i in range(2):
+                page.wait_for_function(f"document.querySelector('#stats-{i}')?.innerText"
+                                       f".includes('generating')", timeout=60_000)
+            page.locator("#stop").click()
+            for i in range(2):
+                page.wait_for_function(f"document.querySelector('#stats-{i}')?.innerText"
+                                       f".includes('stopped')", timeout=30_000)
+            time.sleep(0.5)  # a late update of the cancelled run must not come back
+            stats = [page.locator(f"#stats-{i}").inner_text() for i in range(2)]
+        finally:
+            browser.close()
+    assert all("stopped" in s and "generating" not in s and "finish:" not in s for s in stats)
+    engines = [pool._engines[key] for key in pool.loaded()]
+    deadline = time.monotonic() + 10
+    while any(e.running_count for e in engines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e.running_count for e in engines] == [0]  # the cancelled columns freed their slots
+
+
+@requires("torch")
+def test_api_endpoints_are_named_and_take_the_values_they_advertise(served_demo, capfd, caplog):
+    """gradio_client sees real parameter names and calls /compare with exactly the types
+    and values it advertises; a refused value is one log line, never a traceback."""
+    from gradio_client import Client
+
+    client = Client(served_demo, verbose=False)
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    compare_api = api["/compare"]["parameters"]
+    names = [p["parameter_name"] for p in compare_api]
+    assert names == ["prompt", "columns", "max_new_tokens", "temperature", "top_p", "top_k",
+                     "repetition_penalty", "seed", "use_chat_template",
+                     *column_settings(engine.MAX_COLUMNS)]
+    assert [p["parameter_name"] for p in api["/loop_analysis"]["parameters"]] == ["model", "loops"]
+    loops_type = next(p for p in compare_api if p["parameter_name"] == "loops_2")["type"]
+    from plt_port.config import MAX_LOOPS
+
+    assert loops_type["enum"] == [str(n) for n in range(1, MAX_LOOPS + 1)]
+    values = {p["parameter_name"]: p["parameter_default"] for p in compare_api}
+    out = client.predict(**(values | {"prompt": "def add(a, b):\n", "max_new_tokens": 6,
+                                      "loops_2": loops_type["enum"][2]}), api_name="/compare")
+    assert out[0].startswith("def add(a, b):\n") and "finish: **length**" in out[1]
+    assert "decode clp" in out[3] and "6 tokens" in out[3]
+    capfd.readouterr()
+    caplog.clear()
+    refused = client.predict(**(values | {"loops_1": "9"}), api_name="/compare")
+    assert f"loops must be a whole number from 1 to {MAX_LOOPS}" in refused[1]
+    assert "Traceback" not in capfd.readouterr().err
+    records = [r for r in caplog.records if r.name.startswith("plt_port")]
+    assert [(r.levelname, r.exc_info) for r in records] == [("WARNING", None)]
+    assert records[0].getMessage().startswith("refused a comparison: loops must be")
+
+
 def chain_family(tmp_path, tokenizer_dir) -> tuple[list[str], list[dict]]:
     """Two tiny random models named like the chains family, and one chain example for them."""
     from conftest import LOUD_STD, tiny_config
@@ -497,7 +631,7 @@ def test_chain_prompts_show_the_expected_answer(chain_setup, tmp_path, tokenizer
     assert f"**{example['answer']}**" in expected_answer_text(example["prompt"])
     assert expected_answer_text("def f(x):\n") == ""
     rows, labels = chain_example_rows([example], {"plt-chains-L1": dirs[0], "plt-chains-L2": dirs[1]})
-    assert rows == [[example["prompt"], "plt-chains-L1", 1, "plt-chains-L2", 2]]
+    assert rows == [[example["prompt"], "plt-chains-L1", "1", "plt-chains-L2", "2"]]
     assert labels == [f"depth 2: L=1 says x, L=2 says {example['answer']} "
                       f"(answer {example['answer']})"]
     assert chain_example_rows([example], {"plt-chains-L1": dirs[0]}) == ([], [])
@@ -570,10 +704,8 @@ def test_load_eight_concurrent_clients(served_demo):
         while time.monotonic() < end:
             try:
                 out = client.predict("def add(a, b):\n", 2, 16, 0.7, 0.95, 40, 1.1, k, True,
-                                     "model-plt-0", "torch", 1, "clp",
-                                     "model-plt-0", "torch", 2, "clp",
-                                     "model-plt-0", "torch", 3, "clp",
-                                     "model-plt-0", "torch", 4, "clp",
+                                     **settings(*[("model-plt-0", "torch", n, "clp")
+                                                  for n in range(1, 5)]),
                                      api_name="/compare")
             except Exception as exc:  # noqa: BLE001
                 failures.append(f"client {k}: {exc!r}")

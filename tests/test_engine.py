@@ -17,7 +17,7 @@ from plt_port.tokenizer import Tokenizer
 from runtimes.backends import load_backend
 from runtimes.engine import (BatchEngine, EngineClosedError, QueueFullError, Request,
                              RunningBatch, RunningSequence, TokenEvent, batch_width)
-from runtimes.generate import SequenceText
+from runtimes.sequence import SequenceText
 from runtimes.sampling import Sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def test_a_running_batch_grows_and_narrows_and_decodes_exactly(make_model, token
     decoded = {id(s): [s.last_token] for s in sequences}
 
     def step():
-        logits = batch.step("clp")
+        logits = batch.step_async()()
         for slot, sequence in enumerate(batch.slots):
             if sequence is not None:
                 sequence.last_token = int(logits[slot].argmax())

@@ -359,25 +359,33 @@ def test_onnx_provider_is_checked_before_exporting(make_model):
 # ---- 9. bench extra fields: above; 10. demo numbers ------------------------------------------------
 @pytest.mark.parametrize("value", [math.nan, "nan", math.inf, "-inf", 1e300])
 def test_demo_number_fields_reject_nan_and_infinity(value):
-    engine = pytest.importorskip("demo.engine")
-    with pytest.raises(engine.DemoInputError, match="loops"):
-        engine.as_int(value, "loops", 1, 8)
-    with pytest.raises(engine.DemoInputError, match="top-p"):
-        engine.as_float(value, "top-p", 0.01, 1.0)
+    columns = pytest.importorskip("demo.columns")
+    with pytest.raises(columns.DemoInputError, match="loops"):
+        columns.as_int(value, "loops", 1, 8)
+    with pytest.raises(columns.DemoInputError, match="top-p"):
+        columns.as_float(value, "top-p", 0.01, 1.0)
 
 
-def test_demo_pool_drops_least_recently_used_backends_over_budget(make_model):
-    engine = pytest.importorskip("demo.engine")
-    model_dir = make_model()
-    weight_bytes = memory.FP32 * checkpoint.parameter_count(PLTConfig.from_file(model_dir))
-    pool = engine.BackendPool({"tiny": model_dir}, loader=lambda *a, **k: object(),
+def test_demo_pool_drains_least_recently_used_engines_over_budget(make_model):
+    """Engines per (model, backend) within a budget of two models' weights: the least
+    recently used goes (its thread ends), the others stay."""
+    from conftest import ConstantBackend
+
+    columns = pytest.importorskip("demo.columns")
+    dirs = {name: make_model(seed=i) for i, name in enumerate(("a", "b", "c"))}
+    weight_bytes = memory.FP32 * checkpoint.parameter_count(PLTConfig.from_file(dirs["a"]))
+    pool = columns.EnginePool(dirs, loader=lambda name, path, loops=None: ConstantBackend(path, loops),
                               memory_budget=2 * weight_bytes)
-    spec = lambda loops: engine.ColumnSpec(model="tiny", backend="torch", loops=loops,  # noqa
-                                           decode_mode="clp")
-    for loops in (1, 2, 1, 3):
-        pool.worker(spec(loops)).loaded.result()
-    assert [key[2] for key in pool.loaded_keys()] == [1, 3]
-    pool.close()
+    engines = {}
+    for model in ("a", "b", "a", "c"):
+        engines[model] = pool.engine(columns.ColumnSpec(model, "torch", 2, "clp"))
+        engines[model].ready.wait(30)
+    try:
+        assert pool.loaded() == [(dirs["a"], "torch"), (dirs["c"], "torch")]
+        engines["b"].thread.join(30)
+        assert not engines["b"].thread.is_alive() and engines["a"].alive and engines["c"].alive
+    finally:
+        pool.close()
 
 
 # ---- also: permissions, stale temp folders, missing dirs, templates, tokenizer paths -----------

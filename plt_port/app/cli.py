@@ -3,12 +3,18 @@
 Only the chosen subcommand's module is imported, so `plt-port --help` stays fast and a
 backend that is not installed never breaks an unrelated command. Each module defines
 `add_arguments(parser)` and `run(args) -> int | None`, and imports heavy packages inside `run`.
+A usage error names the subcommand's usage and, for an unknown option or command, the
+closest known ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import importlib.metadata
+import os
+import re
 import sys
 
 from plt_port.errors import PLTError
@@ -47,13 +53,50 @@ def positive_int(text: str) -> int:
     return value
 
 
+def model_path(text: str) -> str:
+    """argparse type of --model: a model directory, or a shipped model's name
+    (`plt-stdlib-L3`, ..., as the demo and /v1/models show them)."""
+    from plt_port.family import resolve_model_dir
+
+    try:
+        return resolve_model_dir(text)
+    except PLTError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a did-you-mean after an unknown option or choice."""
+
+    def error(self, message: str):
+        words = re.findall(r"invalid choice: '([^']*)'", message)
+        if message.startswith("unrecognized arguments: "):
+            words = [w.split("=")[0] for w in message.split(": ", 1)[1].split()
+                     if w.startswith("-")]
+        known = [name for action in self._actions
+                 for name in [*action.option_strings, *map(str, action.choices or ())]]
+        guesses = [g for w in words for g in difflib.get_close_matches(w, known, n=2)]
+        if guesses:
+            message += f" (did you mean {' or '.join(dict.fromkeys(guesses))}?)"
+        super().error(message)
+
+
 def _command_module(name: str):
     return importlib.import_module(f"plt_port.app.commands.{name}")
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("plt-port")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plt-port", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    """The top-level parser; `command`: that subcommand's options are added (only its own
+    module is imported)."""
+    parser = Parser(prog="plt-port", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"plt-port {version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, help_text in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
@@ -61,13 +104,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line. A subcommand's arguments are parsed by its own parser, so a
+    usage error shows that subcommand's usage."""
     command = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(command)
-    args = parser.parse_args(argv)
+    if command is None:
+        return parser.parse_args(argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    args = sub.choices[command].parse_args(argv[1:])
+    args.command = command
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # torch's OpenMP threads sleep while they wait for work instead of spinning (unless the
+    # user says otherwise): spinning threads on cores that other processes also use stall
+    # every parallel region (2.7k-token prompt on 2 shared cores: 1-8 tok/s spinning, 23-135
+    # passive). Read when torch loads: set before any command imports it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = parse(argv)
     if args.command is None:
-        parser.print_help()
+        build_parser().print_help()
         return 2
     try:
         return _command_module(args.command).run(args) or 0

@@ -42,6 +42,14 @@ def model_dir(name: str) -> str:
     return path
 
 
+def resolve_model_dir(model: str) -> str:
+    """A model the user names: a shipped model's name (`plt-stdlib-L3`, when no directory
+    has that name) as its directory, anything else as it is."""
+    if model in FAMILY + CHAINS_FAMILY and not os.path.isdir(model):
+        return model_dir(model)
+    return model
+
+
 def family_model_dirs(corpus: str = "stdlib") -> dict[str, str]:
     """{name: directory} of the models of family `corpus` that are present, in loop order."""
     return {name: os.path.join(FAMILY_DIR, name) for name in FAMILIES[corpus]

@@ -107,6 +107,9 @@ class ONNXBackend(Backend):
     def _session(self, threads: int | None) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # idle threads sleep instead of spinning: on cores busy with other work, spinning
+        # threads stall the decode (measured: README, Command line, threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         providers = [PROVIDERS["cuda"], PROVIDERS["cpu"]] if self.device == "cuda" \

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from plt_port.app.cli import model_path
 from plt_port.errors import PLTError
 
 from .generate import add_backend_arguments, backend_options
@@ -28,7 +29,8 @@ def comma_list(kind):
 
 def add_arguments(parser):
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR", help="PyTorch PLT model directory")
+    source.add_argument("-m", "--model", metavar="DIR|NAME", type=model_path,
+                        help="PyTorch PLT model directory or shipped model name")
     source.add_argument("--random", metavar="SIZE",
                         help="random PLT model: a preset (tiny, small ~5M, 100m ~100M, 300m "
                              "~340M parameters) or config fields, e.g. "

@@ -1,7 +1,8 @@
-"""plt-port demo [--model DIR ...] [--host 127.0.0.1] [--port 7860]: the Gradio comparison page.
+"""plt-port demo [-m DIR|NAME ...] [--host 127.0.0.1] [--port 7860]: the Gradio comparison page.
 
 Without --model it serves the embedded families (plt_port.family). The ONNX and MLX versions
-of a model are exported on first use into the export cache ($PLT_PORT_CACHE).
+of a model are exported on first use into the export cache ($PLT_PORT_CACHE). The columns run
+on one `runtimes.engine.BatchEngine` per (model, backend) (see demo/columns.py).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 
 from plt_port.app.commands.generate import DTYPE_HELP, DTYPES, add_kv_arguments, kv_options
-from plt_port.app.cli import check_port
+from plt_port.app.cli import check_port, model_path
 from plt_port.errors import PLTError
 
 NO_MODELS = ("no models to serve: the embedded model family is not in this installation "
@@ -19,13 +20,14 @@ NO_MODELS = ("no models to serve: the embedded model family is not in this insta
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", action="append", metavar="DIR", default=None,
-                        help="model directory to offer (repeat for several); default: the "
-                             "embedded family")
+    parser.add_argument("-m", "--model", action="append", metavar="DIR|NAME", default=None,
+                        type=model_path,
+                        help="model directory or shipped model name to offer (repeat for "
+                             "several); default: the embedded families")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--max-new-tokens", type=int, default=512,
+    parser.add_argument("--max-new-tokens", "--max-tokens", type=int, default=512,
                         help="cap on new tokens per column (default 512)")
     parser.add_argument("--max-prompt-tokens", type=int, default=1024,
                         help="cap on prompt tokens (default 1024)")
@@ -50,7 +52,7 @@ def family_dirs() -> list[str]:
 
 
 def run(args):
-    from demo.engine import Limits
+    from demo.columns import Limits
 
     for name in ("max_new_tokens", "max_prompt_tokens", "concurrency", "queue_size", "port",
                  "threads"):

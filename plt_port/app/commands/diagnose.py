@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import os
 
+from plt_port.app.cli import model_path
+
 
 def add_arguments(parser):
-    parser.add_argument("--model", help="model directory (default: the packaged default model)")
+    parser.add_argument("-m", "--model", metavar="DIR|NAME", type=model_path,
+                        help="model directory or shipped model name (default: the packaged "
+                             "default model)")
     parser.add_argument("--loops", default=None,
                         help="N or 1..N: analyse loops 1..N (default: the checkpoint's count); "
                              "one forward at N loops gives every loop r <= N")

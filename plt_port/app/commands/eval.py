@@ -14,15 +14,16 @@ import os
 
 from plt_port import family
 from plt_port.atomic import atomic_write_text
-from plt_port.app.cli import positive_int
+from plt_port.app.cli import model_path, positive_int
 from plt_port.app.commands.generate import DTYPE_HELP, DTYPES
 from plt_port.errors import PLTError
 from plt_port.tasks import CHAINS_EVAL_DEPTHS, CHAINS_EVAL_PROGRAMS
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", action="append", metavar="DIR",
-                        help="model directory (repeatable; default: the embedded loops=2 model)")
+    parser.add_argument("-m", "--model", action="append", metavar="DIR|NAME", type=model_path,
+                        help="model directory or shipped model name (repeatable; default: the "
+                             "embedded loops=2 model)")
     parser.add_argument("--family", action="store_true",
                         help="evaluate every embedded model of the task's family "
                              "(plt-stdlib-L1..L4, or plt-chains-L1..L4 with --task chains)")

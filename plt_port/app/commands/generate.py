@@ -1,15 +1,16 @@
-"""plt-port generate [--model DIR] [--backend NAME] [--loops N] [--decode clp|naive] PROMPT
+"""plt-port generate [-m DIR|NAME] [--backend NAME] [--loops N] [--decode clp|naive] PROMPT
 
 Streams the answer to stdout as it is decoded, then prints the stats on stderr. A model with a
 chat template gets the prompt as a user message (after --system-prompt's system message)
-unless --ignore-chat-template says to send it as plain text.
+unless --ignore-chat-template says to send it as plain text. The options follow mlx-lm's
+`generate` where they overlap (`-m/--model`, `-p/--prompt`, `--max-tokens`, `--temp`).
 """
 
 from __future__ import annotations
 
 import sys
 
-from plt_port.app.cli import positive_int
+from plt_port.app.cli import model_path, positive_int
 from plt_port.errors import PLTError
 
 
@@ -30,7 +31,12 @@ def add_backend_arguments(parser) -> None:
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
                         help="onnx backend: execution provider (default auto: CUDA when "
                              "onnxruntime-gpu finds a GPU)")
-    parser.add_argument("--threads", type=positive_int, help="torch/onnx backends: CPU threads")
+    parser.add_argument("--threads", type=positive_int,
+                        help="torch/onnx backends: CPU threads (default: the framework's, one "
+                             "per physical core; idle threads wait passively (torch: "
+                             "OMP_WAIT_POLICY=PASSIVE unless set; onnx: no spinning), so that "
+                             "cores busy with other work do not stall decoding; 1 is often "
+                             "fastest for small models)")
     add_kv_arguments(parser)
 
 
@@ -73,13 +79,13 @@ def backend_options(name: str, args) -> dict:
 
 def add_model_arguments(parser) -> None:
     """The model, backend, decode and sampling options (shared with `plt-port chat`)."""
-    parser.add_argument("--model", metavar="DIR",
-                        help="PyTorch PLT model directory (default: the embedded two-loop model)")
-    parser.add_argument("--backend", default="torch", help="torch, onnx or mlx (default torch)")
+    add_model_argument(parser)
+    parser.add_argument("--backend", help=BACKEND_HELP)
     parser.add_argument("--loops", type=int, help="inference loop count (default: the model's)")
     parser.add_argument("--decode", choices=["clp", "naive"], default="clp",
                         help="clp: all loops in one pass per token; naive: one pass per loop")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", "--max-tokens", type=int, default=256,
+                        dest="max_new_tokens", help="most tokens to generate (default 256)")
     model_default = "default: the model's generation_config.json, else "
     parser.add_argument("--temperature", "--temp", type=float,
                         help=f"0 = greedy ({model_default}0)")
@@ -96,7 +102,9 @@ def add_model_arguments(parser) -> None:
 
 
 def add_arguments(parser):
-    parser.add_argument("prompt", metavar="PROMPT", help="prompt text ('-' reads stdin)")
+    parser.add_argument("prompt", metavar="PROMPT", nargs="?", help="prompt text ('-' reads stdin)")
+    parser.add_argument("-p", "--prompt", dest="prompt_option", metavar="PROMPT",
+                        help="the prompt, as an option (mlx-lm's spelling)")
     add_model_arguments(parser)
     parser.add_argument("--ignore-chat-template", action="store_true",
                         help="use the prompt as plain text even when the model has a chat "
@@ -115,23 +123,48 @@ def add_arguments(parser):
                                  "whole (grammar-constrained decoding)")
 
 
-def load_model(args):
-    """(backend, tokenizer, sampling parameters) the model options ask for."""
-    from plt_port.tokenizer import Tokenizer
-    from runtimes.backends import load_backend
-    from runtimes.sampling import resolve_sampling
+BACKEND_HELP = ("torch, onnx or mlx (default: the model directory's: torch for a PyTorch "
+                "checkpoint, onnx for an ONNX export, mlx for an MLX export or an mlx-community "
+                "quantized checkpoint)")
+
+
+def add_model_argument(parser) -> None:
+    """-m/--model (shared with serve, bench, diagnose ...)."""
+    parser.add_argument("-m", "--model", metavar="DIR|NAME", type=model_path,
+                        help="model directory, or a shipped model's name (plt-stdlib-L1..L4, "
+                             "plt-chains-L1..L4; default: plt-stdlib-L2)")
+
+
+def resolve_model(args) -> None:
+    """Fill in the defaults that depend on the model: args.model (the embedded two-loop
+    model) and args.backend (the one the directory is for)."""
+    from runtimes.backends import detect_backend
 
     if args.model is None:
         from plt_port.family import default_model_dir
 
         args.model = default_model_dir()
-    backend = load_backend(args.backend, args.model, loops=args.loops,
-                           **backend_options(args.backend, args))
-    sampling = resolve_sampling(backend.generation_config.sampling_defaults(),
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                                seed=args.seed)
-    return backend, Tokenizer.from_dir(args.model), sampling
+    if args.backend is None:
+        args.backend = detect_backend(args.model)
+
+
+def load_model(args, loops: int | None = None):
+    """The backend the model options ask for (after `resolve_model`), at `loops` (default:
+    --loops, else the model's)."""
+    from runtimes.backends import load_backend
+
+    return load_backend(args.backend, args.model, loops=args.loops if loops is None else loops,
+                        **backend_options(args.backend, args))
+
+
+def sampling_params(args, backend):
+    """The sampling options over the model's generation_config.json defaults."""
+    from runtimes.sampling import resolve_sampling
+
+    return resolve_sampling(backend.generation_config.sampling_defaults(),
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed)
 
 
 def system_messages(args) -> list[dict]:
@@ -184,17 +217,31 @@ def answer_grammar(args, backend, tokenizer):
     return compiler.json_schema(read_json_object(args.json_schema, GrammarError))
 
 
-def run(args):
-    from runtimes.generate import stream_generate
-
-    prompt = read_stdin() if args.prompt == "-" else args.prompt
+def prompt_text(args) -> str:
+    if args.prompt is not None and args.prompt_option is not None:
+        raise PLTError("give the prompt once: as PROMPT or as -p/--prompt")
+    prompt = args.prompt if args.prompt is not None else args.prompt_option
+    if prompt is None:
+        raise PLTError("no prompt: give it as PROMPT, -p/--prompt, or '-' to read stdin")
+    prompt = read_stdin() if prompt == "-" else prompt
     if not prompt:
         raise PLTError("the prompt is empty")
-    backend, tokenizer, sampling = load_model(args)
+    return prompt
+
+
+def run(args):
+    from plt_port.tokenizer import Tokenizer
+    from runtimes.generate import stream_generate
+
+    prompt = prompt_text(args)
+    resolve_model(args)
+    backend = load_model(args)
+    tokenizer = Tokenizer.from_dir(args.model)
     grammar = answer_grammar(args, backend, tokenizer)
     last = None
     for last in stream_generate(backend, tokenizer, templated_prompt(tokenizer, prompt, args),
-                                max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                max_new_tokens=args.max_new_tokens,
+                                sampling=sampling_params(args, backend),
                                 stop=args.stop, decode_mode=args.decode,
                                 prefill_chunk_size=args.prefill_chunk_size,
                                 add_bos=False if args.no_bos else None, grammar=grammar):

@@ -16,6 +16,7 @@ import os
 import sysconfig
 
 from exporters.mlx_export import GROUP_SIZES
+from plt_port.app.cli import model_path
 
 VARIANT_NAMES = ("bf16", "fp16", "q8", "q4", "int8", "int4", "kv8", "kv4")
 DEFAULT_VARIANTS = {"mlx": ["bf16", "fp16", "q8", "q4"], "onnx": ["fp16", "int8", "int4"],
@@ -24,7 +25,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(parser):
-    parser.add_argument("model_dir", help="PyTorch PLT model directory (HF layout)")
+    parser.add_argument("model_dir", type=model_path,
+                        help="PyTorch PLT model directory (HF layout) or shipped model name")
     parser.add_argument("--prompt", default="def binary_search(items, target):\n    ")
     parser.add_argument("--context", type=int, default=None, metavar="N",
                         help="a prompt of N tokens instead of --prompt (see above)")

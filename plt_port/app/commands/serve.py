@@ -23,8 +23,9 @@ import threading
 import time
 from dataclasses import replace
 
-from plt_port.app.cli import check_port, positive_int
-from plt_port.app.commands.generate import add_backend_arguments, backend_options
+from plt_port.app.cli import check_port, model_path, positive_int
+from plt_port.app.commands.generate import (BACKEND_HELP, add_backend_arguments, backend_options,
+                                            resolve_model)
 from plt_port.app.reasoning import REASONING_PARSERS
 from plt_port.app.server_options import DEFAULT_CHAT_MAX_TOKENS, ServerOptions
 from plt_port.app.tool_parsers import TOOL_PARSERS, resolve_tool_parser
@@ -38,9 +39,10 @@ BENCH_PROMPTS = ("def parse_args(argv):\n    ", "class Cache:\n    def __init__(
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", metavar="DIR",
-                        help="PyTorch PLT model directory (default: the embedded two-loop model)")
-    parser.add_argument("--backend", default="torch", help="torch, onnx or mlx (default torch)")
+    parser.add_argument("-m", "--model", metavar="DIR|NAME", type=model_path,
+                        help="model directory or shipped model name (default: the embedded "
+                             "two-loop model)")
+    parser.add_argument("--backend", help=BACKEND_HELP)
     parser.add_argument("--loops", type=positive_int,
                         help="default loop count (default: the model's); requests may ask for "
                              "others with the model id NAME@loops=K or the body field loops")
@@ -157,10 +159,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def run(args):
     check_port(args.port)
-    if args.model is None:
-        from plt_port.family import default_model_dir
-
-        args.model = default_model_dir()
+    resolve_model(args)
     server_options = ServerOptions(
         api_key=args.api_key or os.environ.get("PLT_PORT_API_KEY") or None,
         allowed_origins=tuple(args.allowed_origins), tool_call_parser=args.tool_call_parser,

@@ -1,6 +1,7 @@
-"""plt-port study: eval + loop diagnostics over the model family, written as a markdown report.
+"""plt-port study [--out DIR]: eval + loop diagnostics over the model family, as a markdown report.
 
-Writes <out>/README.md, <out>/study.json and <out>/figures/ (see plt_port/study.py).
+Writes <out>/README.md, <out>/study.json and <out>/figures/ (see plt_port/study.py), into
+./study unless --out names another folder (the repository's docs/study only when asked).
 `--from-json` re-renders the report from a study.json without running the models.
 """
 
@@ -11,8 +12,9 @@ import os
 from plt_port.app.commands.eval import add_chain_options
 
 def add_arguments(parser):
-    parser.add_argument("--out", default=os.path.join("docs", "study"),
-                        help="report folder (default docs/study; written atomically)")
+    parser.add_argument("--out", default="study",
+                        help="report folder (default ./study; written atomically); the "
+                             "repository's report is regenerated with --out docs/study")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                         help="study these models instead of the packaged family (repeatable)")
     parser.add_argument("--max-tokens", type=int, default=16384,
