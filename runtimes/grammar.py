@@ -625,6 +625,8 @@ def answer_grammar(compiler: GrammarCompiler, answer: AnswerFormat | None = None
     - "none": `answer` alone (None without it).
     Each call's arguments match its tool's parameters (closed objects when the tool is
     strict)."""
+    if not answer_constrained(answer, tools, tool_choice, call_format, parallel):
+        return None
     functions = [tool_function(tool) for tool in tools]
     forced = tool_choice not in (None, "auto", "none")
     if forced:
@@ -632,9 +634,6 @@ def answer_grammar(compiler: GrammarCompiler, answer: AnswerFormat | None = None
         if call_format is None:
             raise GrammarError("a forced tool_choice needs the model's tool-call format")
     calls = forced or (tool_choice != "none" and bool(functions) and call_format is not None)
-    strict = any(f.get("strict") for f in functions)
-    if not forced and answer is None and not (calls and (strict or not parallel)):
-        return None
     if not calls and reasoning is None:
         return answer.grammar(compiler)
     many = parallel and tool_choice in (None, "auto", "required")
@@ -653,6 +652,15 @@ def answer_grammar(compiler: GrammarCompiler, answer: AnswerFormat | None = None
                   f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{regex_text(call_format.start)}(.|\\n)*/\n")
     prefix, reasoning_rules = reasoning.rules(text_first) if reasoning else ("", "")
     return compiler.lark(f"start: {prefix}body\nbody: {body}\n{rules}{reasoning_rules}")
+
+
+def answer_constrained(answer: AnswerFormat | None, tools: Sequence[dict], tool_choice,
+                       call_format: ToolCallFormat | None, parallel: bool) -> bool:
+    """Whether `answer_grammar` of these gives a grammar (cheap: nothing is compiled)."""
+    if tool_choice not in (None, "auto", "none") or answer is not None:
+        return True
+    calls = tool_choice != "none" and bool(tools) and call_format is not None
+    return calls and (not parallel or any(tool_function(tool).get("strict") for tool in tools))
 
 
 def choose_functions(functions: list[dict], tool_choice) -> list[dict]:

@@ -17,7 +17,7 @@ from typing import Literal
 
 import pytest
 
-from agent_fixtures import HERMES_TEMPLATE, AgentServer
+from agent_fixtures import HERMES_TEMPLATE, QWEN3_CODER_TEMPLATE, AgentServer
 from conftest import requires
 
 pytestmark = [requires("openai"), requires("anthropic"), requires("fastapi"),
@@ -50,17 +50,22 @@ def validate(instance, schema):
     jsonschema.validate(instance, schema)
 
 
-@pytest.fixture(scope="module")
-def tools_model(tmp_path_factory) -> str:
-    """The embedded model with a Hermes chat template (tools in the prompt, hermes calls)."""
+def model_with_template(tmp_path_factory, template: str) -> str:
+    """The embedded model with `template` as its chat template."""
     from plt_port.family import default_model_dir
 
     model_dir = tmp_path_factory.mktemp("tools") / MODEL
     shutil.copytree(default_model_dir(), model_dir)
     config_path = model_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps(config | {"chat_template": HERMES_TEMPLATE}))
+    config_path.write_text(json.dumps(config | {"chat_template": template}))
     return str(model_dir)
+
+
+@pytest.fixture(scope="module")
+def tools_model(tmp_path_factory) -> str:
+    """With a Hermes chat template: tools in the prompt, calls read by the hermes parser."""
+    return model_with_template(tmp_path_factory, HERMES_TEMPLATE)
 
 
 def start(model_dir, backend="torch", **options) -> AgentServer:
@@ -154,6 +159,24 @@ def test_a_named_function_is_the_one_called(server):
     assert len(calls) == 1 and calls[0][0] == "get_time"
     assert_valid_calls(calls)
     assert streamed(server, tools=TOOLS, tool_choice=named) == ("", calls, "tool_calls")
+
+
+def test_qwen3_coder_calls_are_forced_in_its_xml_format(tmp_path_factory):
+    """A Qwen3-Coder template: the server's parser is qwen3_coder, and forced calls are
+    written in its format, string parameters raw, and read back typed by the schema."""
+    running = start(model_with_template(tmp_path_factory, QWEN3_CODER_TEMPLATE))
+    try:
+        assert running.app.state.service.options.tool_call_parser == "qwen3_coder"
+        choice = chat(running, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                      logprobs=True, max_tokens=128).choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert "".join(t.token for t in choice.logprobs.content).startswith(
+            "<tool_call>\n<function=")
+        assert_valid_calls(parsed_calls(choice.message))
+        assert streamed(running, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                        max_tokens=128) == ("", parsed_calls(choice.message), "tool_calls")
+    finally:
+        running.stop()
 
 
 def test_strict_schemas_close_their_objects(server):

@@ -16,7 +16,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 from runtimes.grammar import TOOL_CALL_FORMATS, AnswerFormat, Grammar, GrammarError, \
-    ReasoningBlock, answer_grammar
+    ReasoningBlock, answer_constrained, answer_grammar
 
 from .reasoning import REASONING_PARSERS, ReasoningStream, ThinkTags, prompt_opens_block, \
     split_reasoning
@@ -115,12 +115,6 @@ class ForcedOutput:
     tool_choice_param: str = "tool_choice"
     answer_param: str = "response_format"
 
-    def constrains(self) -> bool:
-        forced = self.tool_choice not in (None, "auto", "none")
-        strict = any(tool["function"].get("strict") for tool in self.tools)
-        return forced or self.answer is not None or \
-            (bool(self.tools) and self.tool_choice != "none" and (strict or not self.parallel))
-
 
 @contextlib.contextmanager
 def refused_as(param: str):
@@ -134,24 +128,35 @@ def refused_as(param: str):
 
 def forced_output(service: Service, forced: ForcedOutput, reader: AnswerReader
                   ) -> Grammar | None:
-    """The grammar that makes the answer what `forced` asks (None: nothing to enforce):
-    compiled once per distinct request shape (`GrammarCompiler`'s LRU), the answer's and each
-    tool's schema checked alone first so that an error names its field."""
-    if not forced.constrains():
-        return None
+    """The grammar that makes the answer what `forced` asks (None: nothing to enforce, and
+    nothing is built): calls in the format of the reader's tool parser, after the reasoning
+    block its reasoning parser reads; compiled once per distinct request shape (the
+    compiler's LRU). An error names the field at fault."""
     call_format = TOOL_CALL_FORMATS[reader.tool_format.name] if reader.tool_format else None
-    with refused_as(forced.answer_param if forced.answer else forced.tool_choice_param):
-        compiler = service.grammar_compiler()
-    if forced.answer is not None:
-        with refused_as(forced.answer_param):
-            forced.answer.grammar(compiler)
-    if call_format is not None:
-        for i, tool in enumerate(forced.tools):
-            with refused_as(forced.tool_schema_param.format(i)):
-                compiler.json_schema(tool["function"].get("parameters") or {},
-                                     bool(tool["function"].get("strict")))
+    tools = forced.tools if call_format is not None else []
+    with refused_as(forced.tool_choice_param):
+        if not answer_constrained(forced.answer, tools, forced.tool_choice, call_format,
+                                  forced.parallel):
+            return None
     reasoning = ReasoningBlock(reader.think.start, reader.think.end, reader.opened) \
         if reader.think else None
-    with refused_as(forced.tool_choice_param):
-        return answer_grammar(compiler, forced.answer, forced.tools if call_format else (),
-                              forced.tool_choice, call_format, forced.parallel, reasoning)
+    with refused_as(forced.answer_param if forced.answer else forced.tool_choice_param):
+        compiler = service.grammar_compiler()
+    try:
+        return answer_grammar(compiler, forced.answer, tools, forced.tool_choice, call_format,
+                              forced.parallel, reasoning)
+    except GrammarError as exc:
+        raise field_at_fault(compiler, forced, tools, exc) from None
+
+
+def field_at_fault(compiler, forced: ForcedOutput, tools: list[dict], error: GrammarError):
+    """The 400 of a grammar that did not compile, naming the field at fault: the answer's
+    format or a tool's schema when it does not compile alone, else the tool choice."""
+    with refused_as(forced.answer_param):
+        if forced.answer is not None:
+            forced.answer.grammar(compiler)
+    for i, tool in enumerate(tools):
+        with refused_as(forced.tool_schema_param.format(i)):
+            compiler.json_schema(tool["function"].get("parameters") or {},
+                                 bool(tool["function"].get("strict")))
+    return bad_request(forced.tool_choice_param, str(error))
