@@ -461,7 +461,12 @@ def structured_outputs_answer(spec) -> AnswerFormat:
                            f"{', '.join(STRUCTURED_OUTPUT_KINDS)}")
     kind, value = given[0], spec[given[0]]
     if kind == "json":
-        return json_answer(json.loads(value) if isinstance(value, str) else value)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise GrammarError(f"structured_outputs.json is not JSON: {exc}") from None
+        return json_answer(value)
     if kind == "json_object":
         return json_answer({"type": "object"})
     if kind == "regex":

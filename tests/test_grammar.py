@@ -352,7 +352,8 @@ def test_clear_errors(embedded, tmp_path, capsys):
             "needs the model's tool-call format"),
            (lambda: structured_outputs_answer({"grammar": "start: x"}), "grammar not supported"),
            (lambda: structured_outputs_answer({"json": {}, "regex": "a"}), "exactly one"),
-           (lambda: structured_outputs_answer({"choice": []}), "list of non-empty strings")]
+           (lambda: structured_outputs_answer({"choice": []}), "list of non-empty strings"),
+           (lambda: structured_outputs_answer({"json": "{nope"}), "json is not JSON")]
     for make, message in bad:
         with pytest.raises(GrammarError, match=message):
             make()

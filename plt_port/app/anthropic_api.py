@@ -6,14 +6,13 @@ tools and parsers as an OpenAI chat (`prompting.py`, `assistant_output.py`): `sy
 `tool_choice` auto, none, any, a named tool and `disable_parallel_tool_use`; structured
 output (`output_config.format`, a JSON schema: strict, as Anthropic's is); forced output
 becomes a grammar in `assistant_output.forced_output`; `stop_sequences`; `max_tokens`; and
-`temperature`,
-`top_p`, `top_k` (in the API before, still sent by clients), and the sampling extras of the
-OpenAI routes (`service.SamplingFields`: seed, penalties, logit_bias, min_p, ...). The
-answer comes back as `thinking`, `text` and `tool_use` blocks with `stop_reason` end_turn,
-max_tokens, stop_sequence or tool_use and the usage; streamed as message_start,
-content_block_start / content_block_delta (text_delta, thinking_delta, input_json_delta) /
-content_block_stop per block, message_delta and message_stop. Errors on these routes are
-Anthropic's error JSON.
+`temperature`, `top_p`, `top_k` (in the API before, still sent by clients), and the
+sampling extras of the OpenAI routes (`service.SamplingFields`: seed, penalties,
+logit_bias, min_p, ...). The answer comes back as `thinking`, `text` and `tool_use` blocks
+with `stop_reason` end_turn, max_tokens, stop_sequence or tool_use and the usage; streamed
+as message_start, content_block_start / content_block_delta (text_delta, thinking_delta,
+input_json_delta) / content_block_stop per block, message_delta and message_stop. Errors on
+these routes are Anthropic's error JSON.
 
 Labels and hints that change nothing (metadata, cache_control, service_tier, speed,
 inference_geo, the ids of user profiles and workspaces) are accepted; `redacted_thinking`
@@ -35,8 +34,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtimes.engine import TokenEvent
-
-from runtimes.grammar import json_answer
+from runtimes.grammar import AnswerFormat, json_answer
 
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
@@ -287,7 +285,7 @@ def forced(body: MessagesBody) -> ForcedOutput:
                         answer_param="output_config.format")
 
 
-def output_format(body: MessagesBody):
+def output_format(body: MessagesBody) -> AnswerFormat | None:
     """Anthropic's structured output (`output_config.format`: {"type": "json_schema",
     "schema": {...}}), strict as Anthropic's is."""
     spec = body.output_config.format if body.output_config is not None else None

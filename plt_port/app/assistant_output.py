@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
-from runtimes.grammar import TOOL_CALL_FORMATS, AnswerFormat, Grammar, GrammarError, \
-    ReasoningBlock, answer_constrained, answer_grammar
+from runtimes.grammar import TOOL_CALL_FORMATS, AnswerFormat, Grammar, GrammarCompiler, \
+    GrammarError, ReasoningBlock, answer_constrained, answer_grammar
 
 from .reasoning import REASONING_PARSERS, ReasoningStream, ThinkTags, prompt_opens_block, \
     split_reasoning
@@ -149,7 +149,8 @@ def forced_output(service: Service, forced: ForcedOutput, reader: AnswerReader
         raise field_at_fault(compiler, forced, tools, exc) from None
 
 
-def field_at_fault(compiler, forced: ForcedOutput, tools: list[dict], error: GrammarError):
+def field_at_fault(compiler: GrammarCompiler, forced: ForcedOutput, tools: list[dict],
+                   error: GrammarError):
     """The 400 of a grammar that did not compile, naming the field at fault: the answer's
     format or a tool's schema when it does not compile alone, else the tool choice."""
     with refused_as(forced.answer_param):

@@ -33,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from runtimes.engine import TokenEvent
 from runtimes.generate import encode_prompt
-
 from runtimes.grammar import AnswerFormat, response_format_answer, structured_outputs_answer
 
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output, refused_as
@@ -473,7 +472,7 @@ async def chat_completions(service: Service, body: ChatBody, http_request: HTTPR
     forced = check_chat_fields(body)
     usage_chunk = check_stream_options(body)
     tokenizer = service.tokenizer
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    tools = forced.tools or None
     prompt = render_chat(tokenizer, template_messages(body.messages), tools,
                          body.chat_template_kwargs)
     reader = chat_reader(service, body, tools, prompt.text)
