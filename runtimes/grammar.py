@@ -360,17 +360,55 @@ def closed_objects(schema):
     return closed
 
 
-# ---- OpenAI request fields -> grammars (for the server) -------------------------------------
+# ---- request fields -> grammars (for the server) ---------------------------------------------
+#
+# An answer is: an optional reasoning block (never constrained, as in vLLM, whose structured
+# outputs start after the reasoning), then its body: a text answer (free, or an AnswerFormat)
+# and/or tool calls in the call format of the model's template. `answer_grammar` composes them.
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """What a text answer must be: JSON matching a schema (`kind` "json_schema", `value` the
+    schema, `strict` OpenAI's strict mode), text matching a regex ("regex", the pattern), or
+    one of some strings ("choice", the list)."""
+
+    kind: str
+    value: object
+    strict: bool = False
+
+    def grammar(self, compiler: GrammarCompiler) -> Grammar:
+        """The answer alone."""
+        if self.kind == "json_schema":
+            return compiler.json_schema(self.value, strict=self.strict)
+        if self.kind == "regex":
+            return compiler.regex(self.value)
+        return compiler.lark(f"start: {self.lark()}\n")
+
+    def lark(self) -> str:
+        """The answer as a Lark expression (inside a larger grammar)."""
+        if self.kind == "json_schema":
+            if not isinstance(self.value, dict):
+                raise GrammarError(f"a JSON schema must be a JSON object, got "
+                                   f"{type(self.value).__name__}")
+            return inline_schema(self.value, self.strict)
+        if self.kind == "regex":
+            return lark_regex(self.value)
+        return "(" + " | ".join(map(lark_literal, self.value)) + ")"
+
+
+def json_answer(schema, strict: bool = False) -> AnswerFormat:
+    return AnswerFormat("json_schema", schema, strict)
+
 
 RESPONSE_FORMAT_KEYS = {"type", "json_schema"}
 JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
 
 
-def response_format_grammar(compiler: GrammarCompiler, response_format) -> Grammar | None:
-    """The grammar of an OpenAI `response_format`: None for none or {"type": "text"}; any JSON
-    object for {"type": "json_object"}; {"type": "json_schema", "json_schema": {"name": ...,
-    "schema": {...}, "strict": bool}} for that schema (strict: OpenAI's strict mode). Unknown
-    fields are refused by name."""
+def response_format_answer(response_format) -> AnswerFormat | None:
+    """The answer an OpenAI `response_format` asks for: None for none or {"type": "text"}; any
+    JSON object for {"type": "json_object"}; {"type": "json_schema", "json_schema": {"name":
+    ..., "schema": {...}, "strict": bool}} for that schema (strict: OpenAI's strict mode).
+    Unknown fields are refused by name."""
     if response_format is None:
         return None
     if not isinstance(response_format, dict):
@@ -382,7 +420,7 @@ def response_format_grammar(compiler: GrammarCompiler, response_format) -> Gramm
     if kind == "text":
         return None
     if kind == "json_object":
-        return compiler.json_schema({"type": "object"})
+        return json_answer({"type": "object"})
     if kind != "json_schema":
         raise GrammarError(f"response_format.type must be text, json_object or json_schema, "
                            f"got {kind!r}")
@@ -396,24 +434,110 @@ def response_format_grammar(compiler: GrammarCompiler, response_format) -> Gramm
     if strict is not None and not isinstance(strict, bool):
         raise GrammarError(f"response_format.json_schema.strict must be true or false, got "
                            f"{strict!r}")
-    return compiler.json_schema(spec.get("schema", {"type": "object"}), strict=bool(strict))
+    return json_answer(spec.get("schema", {"type": "object"}), bool(strict))
+
+
+def response_format_grammar(compiler: GrammarCompiler, response_format) -> Grammar | None:
+    """The grammar of an OpenAI `response_format` alone (`response_format_answer`)."""
+    answer = response_format_answer(response_format)
+    return None if answer is None else answer.grammar(compiler)
+
+
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "json_object")
+
+
+def structured_outputs_answer(spec) -> AnswerFormat:
+    """vLLM's `structured_outputs` extra: exactly one of {"json": schema}, {"regex": pattern},
+    {"choice": [strings]}, {"json_object": true}; its other options are refused by name."""
+    if not isinstance(spec, dict):
+        raise GrammarError("structured_outputs must be an object")
+    unknown = sorted(set(spec) - set(STRUCTURED_OUTPUT_KINDS))
+    if unknown:
+        raise GrammarError(f"structured_outputs: {', '.join(unknown)} not supported (only "
+                           f"{', '.join(STRUCTURED_OUTPUT_KINDS)})")
+    given = [kind for kind in STRUCTURED_OUTPUT_KINDS if spec.get(kind) not in (None, False)]
+    if len(given) != 1:
+        raise GrammarError(f"structured_outputs: give exactly one of "
+                           f"{', '.join(STRUCTURED_OUTPUT_KINDS)}")
+    kind, value = given[0], spec[given[0]]
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise GrammarError(f"structured_outputs.json is not JSON: {exc}") from None
+        return json_answer(value)
+    if kind == "json_object":
+        return json_answer({"type": "object"})
+    if kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise GrammarError(f"structured_outputs.regex must be a non-empty string, got "
+                               f"{value!r}")
+        return AnswerFormat("regex", value)
+    if not isinstance(value, list) or not value or \
+            not all(isinstance(v, str) and v for v in value):
+        raise GrammarError("structured_outputs.choice must be a list of non-empty strings")
+    return AnswerFormat("choice", value)
+
+
+@dataclass(frozen=True)
+class ReasoningBlock:
+    """The reasoning block (`start` ... `end`, e.g. <think> ... </think>) a model may write
+    before a constrained answer, left free; `opened`: the prompt opened it, so the answer
+    starts inside it (the block must end before the answer)."""
+
+    start: str
+    end: str
+    opened: bool = False
+
+    def rules(self, text_first: bool) -> tuple[str, str]:
+        """(the Lark expression before the body, its rules): the block is one lazy lexeme
+        ending at the first end tag, required when the prompt opened it, else optional, with
+        whitespace around it. Before free text (`text_first`, which takes whitespace itself)
+        only a block the prompt opened is written out: one the model opens is part of the
+        text (a call's lazy start tag inside it would win over the block anyway)."""
+        rule = f"reasoning[lazy]: /(.|\\n)*{regex_text(self.end)}/\nWS: /[ \\t\\r\\n]+/\n"
+        if text_first:
+            return ("reasoning ", rule) if self.opened else ("", "")
+        if self.opened:
+            return "reasoning WS? ", rule
+        return f"(WS? {lark_literal(self.start)} reasoning)? WS? ", rule
 
 
 @dataclass(frozen=True)
 class ToolCallFormat:
-    """How a chat template writes one tool call: `call(index, name, parameters, strict)` gives
-    the Lark rules of a call of function `name` whose arguments match the JSON schema
-    `parameters`, starting at rule `call_{index}`; `rules` are rules those calls share; calls
-    are separated by `separator`."""
+    """How a chat template writes one tool call: `start` (the tag every call begins with),
+    then what `call(index, name, parameters, strict)` gives: the Lark rules of the rest of a
+    call of function `name` whose arguments match the JSON schema `parameters`, starting at
+    rule `call_{index}`; `rules` are rules those calls share; calls are separated by
+    `separator`."""
 
     name: str
     call: Callable[[int, str, dict, bool], str]
     rules: str = ""
     separator: str = "\n"
+    start: str = "<tool_call>"
 
 
 def lark_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
+
+
+REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$#&-~/")
+
+
+def regex_text(text: str) -> str:
+    """A regex (inside a Lark /.../) matching `text` exactly."""
+    return "".join("\\" + c if c in REGEX_SPECIAL else c for c in text)
+
+
+def lark_regex(pattern: str) -> str:
+    """`pattern` as a Lark regex terminal: /.../, its unescaped slashes escaped."""
+    out, escaped = [], False
+    for c in pattern:
+        out.append("\\/" if c == "/" and not escaped else c)
+        escaped = c == "\\" and not escaped
+    return "/" + "".join(out) + "/"
 
 
 def inline_schema(schema: dict, strict: bool) -> str:
@@ -424,18 +548,18 @@ def inline_schema(schema: dict, strict: bool) -> str:
 
 def hermes_call(index: int, name: str, parameters: dict, strict: bool) -> str:
     """`<tool_call>\\n{"name": NAME, "arguments": {...}}\\n</tool_call>` (Hermes / Qwen2.5, the
-    IQuest-Coder template)."""
-    head = lark_literal('<tool_call>\n{"name": ' + json.dumps(name, ensure_ascii=False)
-                        + ', "arguments": ')
+    IQuest-Coder template), after its start tag."""
+    head = lark_literal('\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": ')
     tail = lark_literal("}\n</tool_call>")
     return f"call_{index}: {head} {inline_schema(parameters, strict)} {tail}\n"
 
 
 def qwen3_coder_call(index: int, name: str, parameters: dict, strict: bool) -> str:
     """`<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n...
-    </function>\\n</tool_call>` (vLLM's qwen3_coder parser): the properties in schema order,
-    required ones always, the others optional; a string value is raw text (one of its
-    `enum`/`const` values when it has them), any other value JSON matching its schema."""
+    </function>\\n</tool_call>` (vLLM's qwen3_coder parser), after its start tag: the
+    properties in schema order, required ones always, the others optional; a string value is
+    raw text (one of its `enum`/`const` values when it has them), any other value JSON
+    matching its schema."""
     required = set(parameters.get("required") or ())
     definitions = {k: parameters[k] for k in ("$defs", "definitions") if k in parameters}
     rules, items = [], []
@@ -448,11 +572,9 @@ def qwen3_coder_call(index: int, name: str, parameters: dict, strict: bool) -> s
         else:
             value = inline_schema({**definitions, **schema}, strict)
             rules.append(f"{rule}: {head} {value} {lark_literal(PARAMETER_END)}\n")
-    head = lark_literal(f"<tool_call>\n<function={name}>\n")
+    head = lark_literal(f"\n<function={name}>\n")
     tail = lark_literal("</function>\n</tool_call>")
     return f"call_{index}: {head} {' '.join(items)} {tail}\n" + "".join(rules)
-
-
 def written_raw(schema) -> bool:
     """Whether the qwen3_coder parser reads the value as a string: type "string", or no type
     (its default) unless enum/const give other values."""
@@ -492,31 +614,81 @@ TOOL_CALL_FORMATS = {
 }
 
 
-def tool_call_grammar(compiler: GrammarCompiler, tools: Sequence[dict], tool_choice,
-                      call_format: ToolCallFormat, parallel: bool = True) -> Grammar | None:
-    """The grammar of OpenAI's `tool_choice` over `tools` ([{"type": "function", "function":
-    {"name", "parameters", "strict"}}]) in `call_format`: "required" -> one call of any tool
-    (one or more when `parallel`); {"type": "function", "function": {"name": N}} -> one call
-    of N; "auto", "none" or None -> None (no constraint)."""
-    if tool_choice in (None, "auto", "none"):
+def answer_grammar(compiler: GrammarCompiler, answer: AnswerFormat | None = None,
+                   tools: Sequence[dict] = (), tool_choice=None,
+                   call_format: ToolCallFormat | None = None, parallel: bool = True,
+                   reasoning: ReasoningBlock | None = None) -> Grammar | None:
+    """The grammar of an answer (None: nothing to enforce), after `reasoning` when given.
+
+    `tools`: OpenAI function tools ([{"type": "function", "function": {"name", "parameters",
+    "strict"}}]), called in `call_format` (None: the answer has no calls); `tool_choice`:
+    - "required": one call of any tool (one or more, separated, when `parallel`); {"type":
+      "function", "function": {"name": N}}: one call of N; `answer` does not apply;
+    - "auto" or None: `answer` when given, or calls instead; without `answer`, free text with
+      calls in it. Only then are the calls constrained when a tool is strict or `parallel` is
+      false (at most one call): else nothing is (None);
+    - "none": `answer` alone (None without it).
+    Each call's arguments match its tool's parameters (closed objects when the tool is
+    strict)."""
+    if not answer_constrained(answer, tools, tool_choice, call_format, parallel):
         return None
     functions = [tool_function(tool) for tool in tools]
+    forced = tool_choice not in (None, "auto", "none")
+    if forced:
+        functions = choose_functions(functions, tool_choice)
+        if call_format is None:
+            raise GrammarError("a forced tool_choice needs the model's tool-call format")
+    calls = forced or (tool_choice != "none" and bool(functions) and call_format is not None)
+    if not calls and reasoning is None:
+        return answer.grammar(compiler)
+    many = parallel and tool_choice in (None, "auto", "required")
+    rules = call_rules(functions, call_format) if calls else ""
+    call_list = "call" + (f" ({lark_literal(call_format.separator)} call)*"
+                          if calls and many else "")
+    text_first = not forced and answer is None
+    if forced:
+        body = call_list
+    elif answer is not None:
+        body = "answer" + (f" | {call_list}" if calls else "")
+        rules += f"answer: {answer.lark()}\n"
+    else:  # free text with calls in it: a call starts at the first start tag
+        body = f"(lead call_body){'*' if many else '?'} text"
+        rules += (f"lead[lazy]: TEXT {lark_literal(call_format.start)}\ntext: TEXT\n"
+                  f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{regex_text(call_format.start)}(.|\\n)*/\n")
+    prefix, reasoning_rules = reasoning.rules(text_first) if reasoning else ("", "")
+    return compiler.lark(f"start: {prefix}body\nbody: {body}\n{rules}{reasoning_rules}")
+
+
+def answer_constrained(answer: AnswerFormat | None, tools: Sequence[dict], tool_choice,
+                       call_format: ToolCallFormat | None, parallel: bool) -> bool:
+    """Whether `answer_grammar` of these gives a grammar (cheap: nothing is compiled)."""
+    if tool_choice not in (None, "auto", "none") or answer is not None:
+        return True
+    calls = tool_choice != "none" and bool(tools) and call_format is not None
+    return calls and (not parallel or any(tool_function(tool).get("strict") for tool in tools))
+
+
+def choose_functions(functions: list[dict], tool_choice) -> list[dict]:
+    """The functions a forced tool_choice ("required" or a named function) allows."""
     if not functions:
         raise GrammarError("tool_choice needs at least one tool")
     if tool_choice == "required":
-        chosen, many = functions, parallel
-    else:
-        name = chosen_function(tool_choice)
-        chosen = [f for f in functions if f["name"] == name]
-        if not chosen:
-            raise GrammarError(f"tool_choice names {name!r}, which is not among the tools")
-        many = False
+        return functions
+    name = chosen_function(tool_choice)
+    chosen = [f for f in functions if f["name"] == name]
+    if not chosen:
+        raise GrammarError(f"tool_choice names {name!r}, which is not among the tools")
+    return chosen
+
+
+def call_rules(functions: list[dict], call_format: ToolCallFormat) -> str:
+    """`call` (the start tag, then `call_body`: a call of one of `functions`) and its rules."""
     rules = "".join(call_format.call(i, f["name"], f.get("parameters") or
                                      {"type": "object", "properties": {}}, bool(f.get("strict")))
-                    for i, f in enumerate(chosen))
-    calls = " | ".join(f"call_{i}" for i in range(len(chosen)))
-    repeat = f" ({lark_literal(call_format.separator)} call)*" if many else ""
-    return compiler.lark(f"start: call{repeat}\ncall: {calls}\n{rules}{call_format.rules}")
+                    for i, f in enumerate(functions))
+    alternatives = " | ".join(f"call_{i}" for i in range(len(functions)))
+    return (f"call: {lark_literal(call_format.start)} call_body\ncall_body: {alternatives}\n"
+            f"{rules}{call_format.rules}")
 
 
 def tool_function(tool) -> dict:

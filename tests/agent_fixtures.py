@@ -1,6 +1,7 @@
 """Chat templates and answers for the agent tests, written here in the models' documented
 formats: Hermes / Qwen2.5 (tools in `<tools>` of the system turn, JSON calls in
-`<tool_call>`), Qwen3-Coder (XML calls `<function=...><parameter=...>`), `<think>` blocks."""
+`<tool_call>`), Qwen3-Coder (XML calls `<function=...><parameter=...>`), `<think>` blocks;
+and `AgentServer`, a server started in the test's process with the official clients."""
 
 from __future__ import annotations
 
@@ -122,3 +123,32 @@ QWEN3_CODER_ANSWERS = [
     '<think>\nplan: call get_time </think\n</think>\nSure. <tool_call>\n<function=get_time>\n'
     '</function>\n</tool_call>',
 ]
+
+
+class AgentServer:
+    """`plt-port serve` of `model_dir` on a free 127.0.0.1 port in this process (uvicorn in a
+    thread), with an `openai` and an `anthropic` client and an httpx one; `stop()` ends it."""
+
+    def __init__(self, model_dir, backend="torch", name=None, **options):
+        import anthropic
+        import httpx
+        import openai
+
+        from plt_port.app.commands.serve import open_server, start_in_thread
+        from plt_port.app.server_options import ServerOptions
+
+        self.engine, self.app = open_server(model_dir, backend, served_model_name=name,
+                                            server_options=ServerOptions(**options))
+        self.server, self.thread, self.url = start_in_thread(self.app)
+        key = options.get("api_key") or "unused"
+        self.openai = openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0,
+                                    timeout=60)
+        self.anthropic = anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=0,
+                                             timeout=60)
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+        self.tokenizer = self.engine.tokenizer
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.engine.close()

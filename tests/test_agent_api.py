@@ -9,7 +9,10 @@ added tokens for pieces of a real answer (`<tool_call>`, the calls' JSON, a thin
 Their lm_head rows are zero, so their logits are exactly 0 whatever the context: logit_bias
 decides them, and OpenAI's presence/frequency penalties (4 per use at 2 + 2) order them, so
 greedy decoding writes a known answer token by token through the real model, engine,
-sampler and parsers (no trained tool-calling model runs here).
+sampler and parsers (no trained tool-calling model runs here). Forced output (a required
+tool, strict schemas, one call at most) is grammar-constrained decoding over the same model:
+where it forbids a piece of the known answer, the answer changes, and what comes back still
+parses and validates.
 """
 
 from __future__ import annotations
@@ -20,21 +23,22 @@ import time
 
 import pytest
 
-from agent_fixtures import HERMES_TEMPLATE, WEATHER_TOOLS
+from agent_fixtures import HERMES_TEMPLATE, WEATHER_TOOLS, AgentServer
 from conftest import LOUD_STD, requires, tiny_config
 
 pytestmark = [requires("openai"), requires("anthropic"), requires("fastapi"),
               requires("transformers")]
 
-IM_START, IM_END, CALL_START, CALL_END, CALLS, THOUGHT = range(512, 518)
+IM_START, IM_END, CALL_START, CALL_END, CALLS, THOUGHT, PLAN = range(512, 519)
 CALLS_TEXT = ('\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
               '\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n')
 THOUGHT_TEXT = "<think>\nThe user asks for the weather.\n</think>\n\nChecking both.\n<tool_call>"
+PLAN_TEXT = "<think>\nI will call a tool.\n</think>\n\n"
 ADDED = {IM_START: "<|im_start|>", IM_END: "<|im_end|>", CALL_START: "<tool_call>",
-         CALL_END: "</tool_call>", CALLS: CALLS_TEXT, THOUGHT: THOUGHT_TEXT}
+         CALL_END: "</tool_call>", CALLS: CALLS_TEXT, THOUGHT: THOUGHT_TEXT, PLAN: PLAN_TEXT}
 PENALTIES = dict(frequency_penalty=2.0, presence_penalty=2.0)  # 4 per use of a token
 # greedy with PENALTIES: the thought (ending with the start tag), the calls, the end tag, eos
-FORCED_CALLS = {str(THOUGHT): 100, str(CALLS): 99, str(CALL_END): 98, str(IM_END): 97}
+BIASED_CALLS = {str(THOUGHT): 100, str(CALLS): 99, str(CALL_END): 98, str(IM_END): 97}
 EXPECTED_CALLS = [("get_weather", {"city": "Paris", "days": 2}), ("get_time", {"zone": "CET"})]
 USER = [{"role": "system", "content": "You help with travel."},
         {"role": "user", "content": "Weather and time in Paris?"}]
@@ -57,32 +61,6 @@ def agent_model(tmp_path_factory, tokenizer_dir) -> str:
                                                   for i, c in ADDED.items()}}
     config_path.write_text(json.dumps(tokenizer_config))
     return str(model_dir)
-
-
-class AgentServer:
-    def __init__(self, model_dir, name=None, **options):
-        import anthropic
-        import httpx
-        import openai
-
-        from plt_port.app.commands.serve import open_server, start_in_thread
-        from plt_port.app.server_options import ServerOptions
-
-        self.engine, self.app = open_server(model_dir, "torch", served_model_name=name,
-                                            server_options=ServerOptions(**options))
-        self.server, self.thread, self.url = start_in_thread(self.app)
-        key = options.get("api_key") or "unused"
-        self.openai = openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0,
-                                    timeout=60)
-        self.anthropic = anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=0,
-                                             timeout=60)
-        self.http = httpx.Client(base_url=self.url, timeout=60)
-        self.tokenizer = self.engine.tokenizer
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +140,15 @@ def test_a_template_without_tools_and_images_get_400s(agent):
 
 
 # ---- tool calls and reasoning out of the real model ----------------------------------------------
-def forced(agent, **kwargs):
+def biased(agent, **kwargs):
+    """The known answer (BIASED_CALLS), with the request's fields."""
     return agent.openai.chat.completions.create(
-        model="plt-agent", messages=USER, tools=WEATHER_TOOLS, temperature=0,
-        logit_bias=FORCED_CALLS, **PENALTIES, **kwargs)
+        **{"model": "plt-agent", "messages": USER, "tools": WEATHER_TOOLS, "temperature": 0,
+           "logit_bias": BIASED_CALLS, **PENALTIES, **kwargs})
 
 
 def test_tool_calls_and_reasoning_come_out_parsed(agent):
-    chat = forced(agent, max_tokens=10)
+    chat = biased(agent, max_tokens=10)
     choice = chat.choices[0]
     assert choice.finish_reason == "tool_calls" and chat.usage.completion_tokens == 4
     assert choice.message.content == "Checking both."
@@ -178,7 +157,7 @@ def test_tool_calls_and_reasoning_come_out_parsed(agent):
 
 
 def test_streamed_tool_calls_are_openai_fragments_and_equal_the_whole_answer(agent):
-    chunks = list(forced(agent, max_tokens=10, stream=True))
+    chunks = list(biased(agent, max_tokens=10, stream=True))
     reasoning = content = ""
     calls: dict[int, dict] = {}
     finish = None
@@ -204,37 +183,71 @@ def test_streamed_tool_calls_are_openai_fragments_and_equal_the_whole_answer(age
 
 
 def test_tool_choice_none_leaves_the_calls_in_the_text(agent):
-    choice = forced(agent, max_tokens=10, tool_choice="none").choices[0]
+    choice = biased(agent, max_tokens=10, tool_choice="none").choices[0]
     assert choice.finish_reason == "stop" and not choice.message.tool_calls
     assert choice.message.content == "Checking both.\n<tool_call>" + CALLS_TEXT + "</tool_call>"
 
 
 def test_a_call_cut_by_max_tokens_comes_back_as_text(agent):
     """Two tokens: the first call is whole, the second cut off: it stays in the content."""
-    choice = forced(agent, max_tokens=2).choices[0]
+    choice = biased(agent, max_tokens=2).choices[0]
     assert choice.finish_reason == "length"
     assert_calls(choice.message.tool_calls, EXPECTED_CALLS[:1])
     assert choice.message.content == "Checking both." + CALLS_TEXT[CALLS_TEXT.index("<tool_call>"):]
 
 
 def test_tool_call_round_trip(agent):
-    """The answer's message goes back as history, with the tool results: a valid request."""
-    first = forced(agent, max_tokens=10).choices[0].message
-    results = [{"role": "tool", "tool_call_id": c.id, "content": "ok"} for c in first.tool_calls]
-    history = USER + [first.model_dump(exclude_none=True)] + results
+    """A call the server forced (tool_choice required, after a reasoning block biased in)
+    goes back as history, with its result: a valid request, rendered as Hugging Face
+    renders it."""
+    first = agent.openai.chat.completions.create(
+        model="plt-agent", messages=USER, tools=WEATHER_TOOLS, temperature=0, max_tokens=120,
+        tool_choice="required", parallel_tool_calls=False, logit_bias={str(PLAN): 100})
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    assert choice.message.model_extra["reasoning_content"] == "I will call a tool."
+    message = choice.message
+    results = [{"role": "tool", "tool_call_id": c.id, "content": "ok"} for c in message.tool_calls]
+    history = USER + [message.model_dump(exclude_none=True)] + results
     again = agent.openai.chat.completions.create(model="plt-agent", messages=history,
                                                  tools=WEATHER_TOOLS, max_tokens=3,
                                                  temperature=0)
     assert again.choices[0].finish_reason in ("length", "stop")
     assert again.usage.prompt_tokens == len(independent_prompt_ids(
-        agent.tokenizer, USER + [{"role": "assistant", "content": "Checking both.",
-                                  "reasoning_content": "The user asks for the weather.",
+        agent.tokenizer, USER + [{"role": "assistant", "content": "",
+                                  "reasoning_content": "I will call a tool.",
                                   "tool_calls": [{"id": c.id, "type": "function", "function": {
                                       "name": c.function.name,
                                       "arguments": json.loads(c.function.arguments)}}
-                                      for c in first.tool_calls]}]
-        + [r | {"name": c.function.name} for r, c in zip(results, first.tool_calls)],
+                                      for c in message.tool_calls]}]
+        + [r | {"name": c.function.name} for r, c in zip(results, message.tool_calls)],
         WEATHER_TOOLS))
+
+
+def test_strict_tools_and_one_call_are_enforced_under_auto(agent):
+    """tool_choice auto: the known answer's calls break a strict get_weather without `days`,
+    and parallel_tool_calls false forbids its second call: the answer changes, its text is
+    free (the same reasoning, content that starts the same), and each call validates."""
+    import jsonschema
+
+    strict_weather = {"type": "function", "function": {
+        "name": "get_weather", "strict": True, "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+            "required": ["city"]}}}
+    schemas = {"get_weather": strict_weather["function"]["parameters"] |
+               {"additionalProperties": False}, "get_time": WEATHER_TOOLS[1]["function"][
+                   "parameters"]}
+    for kwargs in (dict(tools=[strict_weather, WEATHER_TOOLS[1]]),
+                   dict(parallel_tool_calls=False)):
+        choice = biased(agent, max_tokens=40, **kwargs).choices[0]
+        message = choice.message
+        assert message.model_extra["reasoning_content"] == "The user asks for the weather."
+        assert message.content.startswith("Checking both.")
+        calls = [(c.function.name, json.loads(c.function.arguments))
+                 for c in message.tool_calls or ()]
+        assert calls != EXPECTED_CALLS and len(calls) <= 1 + ("tools" in kwargs)
+        for name, arguments in calls:
+            jsonschema.validate(arguments, schemas[name])
 
 
 # ---- sampling ------------------------------------------------------------------------------------
@@ -288,15 +301,9 @@ def test_n_samples_share_one_prefill_and_match_their_seeds(agent):
 # ---- what is refused -----------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,param,words", [
     (dict(extra_body={"bogus": 1}), "bogus", "unknown field"),
-    (dict(tools=WEATHER_TOOLS, tool_choice="required"), "tool_choice", "grammar"),
-    (dict(tools=WEATHER_TOOLS, tool_choice={"type": "function",
-                                            "function": {"name": "get_time"}}), "tool_choice",
-     "grammar"),
-    (dict(response_format={"type": "json_object"}), "response_format", "grammar"),
-    (dict(tools=WEATHER_TOOLS, parallel_tool_calls=False), "parallel_tool_calls", "grammar"),
-    (dict(tools=[{"type": "function", "function": {"name": "f", "strict": True,
-                                                   "parameters": {"type": "object"}}}]),
-     "tools.0.function.strict", "strict"),
+    (dict(extra_body={"guided_grammar": "start: x"}), "guided_grammar", "not supported"),
+    (dict(extra_body={"structured_outputs": {"grammar": "start: x"}}), "structured_outputs",
+     "grammar not supported"),
     (dict(reasoning_effort="high"), "reasoning_effort", "not supported"),
     (dict(stream_options={"include_usage": True}), "stream_options", "stream"),
 ])
@@ -376,7 +383,7 @@ def test_models_retrieve_has_the_context(agent):
 ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
                     "input_schema": t["function"]["parameters"]} for t in WEATHER_TOOLS]
 # temperature: in the Messages API before (this anthropic SDK no longer names it)
-FORCED_EXTRA = dict(extra_body={"logit_bias": FORCED_CALLS, **PENALTIES, "temperature": 0})
+BIASED_EXTRA = dict(extra_body={"logit_bias": BIASED_CALLS, **PENALTIES, "temperature": 0})
 
 
 def test_anthropic_text_and_count_tokens(agent):
@@ -400,7 +407,7 @@ def test_anthropic_tools_give_tool_use_blocks_and_take_tool_results(agent):
     kwargs = dict(model="plt-agent", max_tokens=10, system="You help with travel.",
                   tools=ANTHROPIC_TOOLS, messages=[{"role": "user",
                                                     "content": "Weather and time in Paris?"}])
-    reply = agent.anthropic.messages.create(**kwargs, **FORCED_EXTRA)
+    reply = agent.anthropic.messages.create(**kwargs, **BIASED_EXTRA)
     assert reply.stop_reason == "tool_use" and reply.stop_sequence is None
     assert [b.type for b in reply.content] == ["thinking", "text", "tool_use", "tool_use"]
     assert reply.content[0].thinking == "The user asks for the weather."
@@ -423,7 +430,7 @@ def test_anthropic_tools_give_tool_use_blocks_and_take_tool_results(agent):
 def test_anthropic_stream_events_come_in_order_and_add_up_to_the_message(agent):
     kwargs = dict(model="plt-agent", max_tokens=10, tools=ANTHROPIC_TOOLS,
                   messages=[{"role": "user", "content": "Weather and time in Paris?"}],
-                  **FORCED_EXTRA)
+                  **BIASED_EXTRA)
     whole = agent.anthropic.messages.create(**kwargs)
     events = list(agent.anthropic.messages.create(stream=True, **kwargs))
     names = [e.type for e in events]
@@ -465,7 +472,9 @@ def test_anthropic_stop_sequences_and_errors(agent):
     assert (reply.stop_reason, reply.stop_sequence) == ("stop_sequence", "</tool_call>")
     assert reply.content[0].text == "<tool_call>"
     for kwargs, words in ((dict(extra_body={"bogus": 1}), "unknown field"),
-                          (dict(tool_choice={"type": "any"}, tools=ANTHROPIC_TOOLS), "grammar"),
+                          (dict(tool_choice={"type": "tool"}, tools=ANTHROPIC_TOOLS),
+                           "names the tool"),
+                          (dict(output_config={"format": {"type": "xml"}}), "json_schema"),
                           (dict(messages=[{"role": "user", "content": [
                               {"type": "image", "source": {"type": "base64", "data": "AA",
                                                            "media_type": "image/png"}}]}]),

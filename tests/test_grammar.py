@@ -24,9 +24,10 @@ from plt_port.tokenizer import Tokenizer  # noqa: E402
 from runtimes.backends import BACKENDS, load_backend  # noqa: E402
 from runtimes.engine import BatchEngine, Request, TokenEvent  # noqa: E402
 from runtimes.generate import generate  # noqa: E402
-from runtimes.grammar import (TOOL_CALL_FORMATS, GrammarCompiler, GrammarError,  # noqa: E402
-                              TokenVocabulary, compiler_for, model_compiler,
-                              response_format_grammar, tool_call_grammar)
+from runtimes.grammar import (TOOL_CALL_FORMATS, AnswerFormat,  # noqa: E402
+                              GrammarCompiler, GrammarError, ReasoningBlock, TokenVocabulary,
+                              answer_grammar, compiler_for, json_answer, model_compiler,
+                              response_format_grammar, structured_outputs_answer)
 from runtimes.sampling import Sampler, SamplingError, SamplingParams  # noqa: E402
 
 PROMPT = "config = "
@@ -242,7 +243,8 @@ def test_forced_tool_calls_parse_and_their_arguments_validate(embedded, format_n
     choices = [("required", False), ({"type": "function", "function": {"name": "list_dir"}},
                                      False), ("required", True)]
     for choice, parallel in choices:
-        grammar = tool_call_grammar(compiler, TOOLS, choice, call_format, parallel=parallel)
+        grammar = answer_grammar(compiler, tools=TOOLS, tool_choice=choice,
+                                 call_format=call_format, parallel=parallel)
         results = run_requests(backend, tokenizer, [request(tokenizer, seed, grammar,
                                                             max_new_tokens=128)
                                                     for seed in range(6)])
@@ -254,7 +256,70 @@ def test_forced_tool_calls_parse_and_their_arguments_validate(embedded, format_n
         for name, arguments in sum(calls, []):
             jsonschema.validate(arguments, schemas[name])
             assert isinstance(choice, str) or name == "list_dir"
-    assert tool_call_grammar(compiler, TOOLS, "auto", call_format) is None
+    assert answer_grammar(compiler, tools=TOOLS, tool_choice="auto",
+                          call_format=call_format) is None
+
+
+def takes(grammar, text: str) -> str | None:
+    """How the grammar takes `text` token by token: "end" (eos may follow), "prefix" (it
+    must go on), None (a token of it is masked)."""
+    constraint, vocabulary = grammar.constraint(), grammar.vocabulary
+    for token in vocabulary.tokenize(text):
+        if not constraint.allowed()[token]:
+            return None
+        constraint.advance(token)
+    return "end" if constraint.allowed()[vocabulary.end_id] else "prefix"
+
+
+STRICT_TOOLS = [
+    {"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}},
+    {"type": "function", "function": {"name": "g", "parameters": {
+        "type": "object", "properties": {"b": {"type": "string"}}}}}]
+CALL = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+EXTRA_KEY = '<tool_call>\n{"name": "f", "arguments": {"a": 1, "z": 2}}\n</tool_call>'
+OPEN_CALL = '<tool_call>\n{"name": "g", "arguments": {"b": "x", "z": 2}}\n</tool_call>'
+THINK, OPENED = ReasoningBlock("<think>", "</think>"), ReasoningBlock("<think>", "</think>", True)
+HERMES = TOOL_CALL_FORMATS["hermes"]
+COMPOSITIONS = [  # (answer_grammar arguments, {text: how it is taken})
+    (dict(tools=STRICT_TOOLS, tool_choice="required", reasoning=OPENED),
+     {f"x</think>\n{CALL}": "end", f"x <tool_call></think>{CALL}\n{CALL}": "end",
+      "x</think>hi": None, f"x</think>{EXTRA_KEY}": None, CALL: "prefix"}),
+    (dict(tools=STRICT_TOOLS, tool_choice="required", parallel=False, reasoning=THINK),
+     {CALL: "end", f"\n{CALL}": "end", f"\n<think>y <tool_call></think>\n\n{CALL}": "end",
+      "hi": None, OPEN_CALL: "end", f"{CALL}\n<": None}),
+    (dict(tools=STRICT_TOOLS, tool_choice="auto"),  # strict: calls in free text enforced
+     {f"hi {CALL} bye": "end", "just <tool text": "end", f"hi {EXTRA_KEY}": None,
+      f"{CALL}\n{CALL}": "end", "x <tool_call> y": None}),
+    (dict(tools=STRICT_TOOLS[1:], parallel=False),  # one call at most
+     {f"hi {OPEN_CALL} bye": "end", f"{OPEN_CALL}\n{OPEN_CALL}": None}),
+    (dict(tools=STRICT_TOOLS, reasoning=OPENED),
+     {"a <tool_call> b</think>hello": "end", f"a</think>{CALL}": "end",
+      f"a</think>{EXTRA_KEY}": None}),
+    (dict(answer=json_answer({"type": "object", "properties": {"x": {"type": "integer"}},
+                              "required": ["x"]}), tools=STRICT_TOOLS),  # JSON, or calls
+     {'{"x": 1}': "end", CALL: "end", "hi": None, '{"y": 1}': None}),
+    (dict(answer=json_answer({"type": "object"}), tools=STRICT_TOOLS, tool_choice="none",
+          reasoning=THINK), {'{"x": 1}': "end", '<think>a</think>\n{"x": 1}': "end",
+                             CALL: None}),
+    (dict(answer=AnswerFormat("regex", r"a/b\/c[0-9]+"), reasoning=OPENED),
+     {"x</think>a/b/c12": "end", "x</think>a/bc": None}),
+    (dict(answer=structured_outputs_answer({"choice": ["yes", "no"]})),
+     {"yes": "end", "no": "end", "maybe": None}),
+]
+
+
+@pytest.mark.parametrize("arguments,texts", COMPOSITIONS)
+def test_answer_grammars_compose_reasoning_text_json_and_calls(embedded, arguments, texts):
+    grammar = answer_grammar(embedded[2], call_format=HERMES, **arguments)
+    assert {text: takes(grammar, text) for text in texts} == texts
+
+
+def test_answers_without_constraints_have_no_grammar(embedded):
+    compiler = embedded[2]
+    for arguments in (dict(tools=TOOLS), dict(tools=STRICT_TOOLS, tool_choice="none"),
+                      dict(tools=STRICT_TOOLS[1:], reasoning=THINK), dict()):
+        assert answer_grammar(compiler, call_format=HERMES, **arguments) is None
 
 
 def test_clear_errors(embedded, tmp_path, capsys):
@@ -275,13 +340,20 @@ def test_clear_errors(embedded, tmp_path, capsys):
             "must be text, json_object or json_schema"),
            (lambda: response_format_grammar(compiler, {"type": "json_object", "x": 1}),
             r"unknown field\(s\) x"),
-           (lambda: tool_call_grammar(compiler, TOOLS, {"type": "function",
-                                                        "function": {"name": "rm"}},
-                                      TOOL_CALL_FORMATS["hermes"]), "'rm', which is not"),
-           (lambda: tool_call_grammar(compiler, [{"type": "function", "function": {
+           (lambda: answer_grammar(compiler, tools=TOOLS, tool_choice={
+               "type": "function", "function": {"name": "rm"}},
+               call_format=TOOL_CALL_FORMATS["hermes"]), "'rm', which is not"),
+           (lambda: answer_grammar(compiler, tools=[{"type": "function", "function": {
                "name": "f", "parameters": {"type": "object", "properties": {
-                   "p": {"type": "string", "pattern": "^a"}}}}}], "required",
-               TOOL_CALL_FORMATS["qwen3_coder"]), "pattern of a string cannot be enforced")]
+                   "p": {"type": "string", "pattern": "^a"}}}}}], tool_choice="required",
+               call_format=TOOL_CALL_FORMATS["qwen3_coder"]),
+            "pattern of a string cannot be enforced"),
+           (lambda: answer_grammar(compiler, tools=TOOLS, tool_choice="required"),
+            "needs the model's tool-call format"),
+           (lambda: structured_outputs_answer({"grammar": "start: x"}), "grammar not supported"),
+           (lambda: structured_outputs_answer({"json": {}, "regex": "a"}), "exactly one"),
+           (lambda: structured_outputs_answer({"choice": []}), "list of non-empty strings"),
+           (lambda: structured_outputs_answer({"json": "{nope"}), "json is not JSON")]
     for make, message in bad:
         with pytest.raises(GrammarError, match=message):
             make()

@@ -2,16 +2,17 @@
 
 The request (anthropic-python's `message_create_params`) becomes the same template messages,
 tools and parsers as an OpenAI chat (`prompting.py`, `assistant_output.py`): `system`;
-`text`, `tool_use`, `tool_result` and `thinking` blocks; custom `tools`; `tool_choice` auto
-or none (any, a named tool and `disable_parallel_tool_use` are forced output, refused in
-`assistant_output.forced_output`); `stop_sequences`; `max_tokens`; and `temperature`,
-`top_p`, `top_k` (in the API before, still sent by clients), and the sampling extras of the
-OpenAI routes (`service.SamplingFields`: seed, penalties, logit_bias, min_p, ...). The
-answer comes back as `thinking`, `text` and `tool_use` blocks with `stop_reason` end_turn,
-max_tokens, stop_sequence or tool_use and the usage; streamed as message_start,
-content_block_start / content_block_delta (text_delta, thinking_delta, input_json_delta) /
-content_block_stop per block, message_delta and message_stop. Errors on these routes are
-Anthropic's error JSON.
+`text`, `tool_use`, `tool_result` and `thinking` blocks; custom `tools` (`strict` too);
+`tool_choice` auto, none, any, a named tool and `disable_parallel_tool_use`; structured
+output (`output_config.format`, a JSON schema: strict, as Anthropic's is); forced output
+becomes a grammar in `assistant_output.forced_output`; `stop_sequences`; `max_tokens`; and
+`temperature`, `top_p`, `top_k` (in the API before, still sent by clients), and the
+sampling extras of the OpenAI routes (`service.SamplingFields`: seed, penalties,
+logit_bias, min_p, ...). The answer comes back as `thinking`, `text` and `tool_use` blocks
+with `stop_reason` end_turn, max_tokens, stop_sequence or tool_use and the usage; streamed
+as message_start, content_block_start / content_block_delta (text_delta, thinking_delta,
+input_json_delta) / content_block_stop per block, message_delta and message_stop. Errors on
+these routes are Anthropic's error JSON.
 
 Labels and hints that change nothing (metadata, cache_control, service_tier, speed,
 inference_geo, the ids of user profiles and workspaces) are accepted; `redacted_thinking`
@@ -33,6 +34,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtimes.engine import TokenEvent
+from runtimes.grammar import AnswerFormat, json_answer
 
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
@@ -262,21 +264,39 @@ def template_tools(body: CountTokensBody) -> list[dict] | None:
             for tool in body.tools]
 
 
-def forced(body: CountTokensBody) -> ForcedOutput:
-    out = ForcedOutput()
+TOOL_CHOICES = {"auto": "auto", "none": "none", "any": "required"}
+
+
+def forced(body: MessagesBody) -> ForcedOutput:
+    """The request's tool_choice, strict tools and output format, in OpenAI's terms."""
     choice = body.tool_choice
-    if choice is not None and choice.type == "any":
-        out.tool_choice = ("tool_choice", 'type "any"')
+    tool_choice = None if choice is None else TOOL_CHOICES.get(choice.type)
     if choice is not None and choice.type == "tool":
-        out.tool_choice = ("tool_choice", f"the named tool {choice.name!r}")
-    if choice is not None and choice.disable_parallel_tool_use:
-        out.single_call = "tool_choice.disable_parallel_tool_use"
-    strict = [i for i, tool in enumerate(body.tools or ()) if tool.strict]
-    if strict:
-        out.strict_tools = f"tools.{strict[0]}.strict"
-    if body.output_config is not None and body.output_config.format is not None:
-        out.json_output = ("output_config.format", body.output_config.format.type)
-    return out
+        if not choice.name:
+            raise bad_request("tool_choice.name", "a tool choice of type tool names the tool")
+        tool_choice = {"type": "function", "function": {"name": choice.name}}
+    tools = [{"type": "function", "function": {"name": tool.name,
+                                               "parameters": tool.input_schema,
+                                               "strict": bool(tool.strict)}}
+             for tool in body.tools or ()]
+    return ForcedOutput(tools, tool_choice,
+                        parallel=not (choice is not None and choice.disable_parallel_tool_use),
+                        answer=output_format(body), tool_schema_param="tools.{}.input_schema",
+                        answer_param="output_config.format")
+
+
+def output_format(body: MessagesBody) -> AnswerFormat | None:
+    """Anthropic's structured output (`output_config.format`: {"type": "json_schema",
+    "schema": {...}}), strict as Anthropic's is."""
+    spec = body.output_config.format if body.output_config is not None else None
+    if spec is None:
+        return None
+    schema = (spec.model_extra or {}).get("schema")
+    if spec.type != "json_schema" or not isinstance(schema, dict) or \
+            set(spec.model_extra) != {"schema"}:
+        raise bad_request("output_config.format", 'must be {"type": "json_schema", "schema": '
+                                                  '{...}}')
+    return json_answer(schema, strict=True)
 
 
 def template_kwargs(body: CountTokensBody) -> dict:
@@ -288,7 +308,6 @@ def template_kwargs(body: CountTokensBody) -> dict:
 
 
 def prompt_of(service: Service, body: CountTokensBody):
-    forced_output(forced(body))
     return render_chat(service.tokenizer, template_messages(body), template_tools(body),
                        template_kwargs(body))
 
@@ -385,10 +404,11 @@ async def messages(service: Service, body: MessagesBody, http_request: HTTPReque
     reader = AnswerReader.for_request(
         service.options.tool_call_parser, service.options.reasoning_parser, tools,
         body.tool_choice is None or body.tool_choice.type != "none", prompt.text)
+    grammar = forced_output(service, forced(body), reader)
     stop = body.stop_sequences or []
     generation = service.submit(prompt.ids, body.max_tokens, body.sampling(service), stop,
                                 service.loops_for(body.model, body.loops),
-                                http_request=http_request)
+                                http_request=http_request, grammar=grammar)
     message_id = f"msg_{generation.id}"
     model = service.model_id(generation.requests[0].loops)
 

@@ -3,19 +3,24 @@
 Both APIs (OpenAI's chat completions, Anthropic's messages) read answers here, whole
 (`read_answer`) or streamed (`AnswerStream`): first the reasoning block (`reasoning.py`),
 then the calls in the rest (`tool_parsers.py`). `AnswerReader` says which parsers a request
-gets. `forced_output` is the one place where a request asks for output the model must be
-forced to write (a required or named tool, one call at most, strict schemas, JSON output):
-that needs grammar-constrained decoding, which is not wired into the server yet, so it is
-refused there, by name.
+gets. `forced_output` is the one place where what a request forces on the answer (a
+required or named tool, one call at most, strict tool schemas, JSON or regex output) becomes
+the grammar its decoding follows (`runtimes.grammar.answer_grammar`), in the call format of
+the same tool parser that reads the answer back, after the reasoning block its reasoning
+parser reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+
+from runtimes.grammar import TOOL_CALL_FORMATS, AnswerFormat, Grammar, GrammarCompiler, \
+    GrammarError, ReasoningBlock, answer_constrained, answer_grammar
 
 from .reasoning import REASONING_PARSERS, ReasoningStream, ThinkTags, prompt_opens_block, \
     split_reasoning
-from .service import bad_request
+from .service import Service, bad_request
 from .tool_parsers import TOOL_PARSERS, CallFormat, ParsedCall, ToolCallStream, \
     parse_tool_calls
 
@@ -99,29 +104,60 @@ class AnswerStream:
 # ---- forced output -------------------------------------------------------------------------------
 @dataclass
 class ForcedOutput:
-    """What a request asks the output to be, beyond 'text, with tool calls if the model
-    wants': each field is (the API's parameter name, its value) or None."""
+    """What a request asks its answer to be, in OpenAI's terms (each API maps its own fields
+    here), and where those fields are in the request (its errors name them)."""
 
-    tool_choice: tuple[str, str] | None = None      # "required" or "function NAME"
-    single_call: str | None = None                  # the parameter asking for at most one call
-    strict_tools: str | None = None                 # the parameter of a strict tool schema
-    json_output: tuple[str, str] | None = None      # "json_object" or "json_schema"
+    tools: list[dict] = field(default_factory=list)  # OpenAI function tools, `strict` kept
+    tool_choice: str | dict | None = None           # OpenAI's tool_choice; None: "auto"
+    parallel: bool = True                           # False: one call at most
+    answer: AnswerFormat | None = None              # what a text answer must be
+    tool_schema_param: str = "tools.{}.function.parameters"  # tool i's schema
+    tool_choice_param: str = "tool_choice"
+    answer_param: str = "response_format"
 
 
-def forced_output(forced: ForcedOutput) -> None:
-    """Turn what the request forces into decoding constraints. Grammar-constrained decoding
-    (runtimes/grammar.py) is not wired into the server yet, so every forced output is
-    refused here, naming its parameter; the later wiring replaces this function."""
-    later = "needs grammar-constrained decoding, which this server does not run yet"
-    if forced.tool_choice is not None:
-        param, value = forced.tool_choice
-        raise bad_request(param, f"{value} {later}; use \"auto\" or \"none\"")
-    if forced.single_call is not None:
-        raise bad_request(forced.single_call, f"limiting the answer to one tool call {later}")
-    if forced.strict_tools is not None:
-        raise bad_request(forced.strict_tools, f"strict tool schemas {later}; send strict: "
-                                               f"false (the arguments are then parsed, not "
-                                               f"enforced)")
-    if forced.json_output is not None:
-        param, value = forced.json_output
-        raise bad_request(param, f"{value} output {later}")
+@contextlib.contextmanager
+def refused_as(param: str):
+    """A GrammarError raised inside (a schema the library cannot compile, a bad format) as
+    the 400 of the request field `param`."""
+    try:
+        yield
+    except GrammarError as exc:
+        raise bad_request(param, str(exc)) from None
+
+
+def forced_output(service: Service, forced: ForcedOutput, reader: AnswerReader
+                  ) -> Grammar | None:
+    """The grammar that makes the answer what `forced` asks (None: nothing to enforce, and
+    nothing is built): calls in the format of the reader's tool parser, after the reasoning
+    block its reasoning parser reads; compiled once per distinct request shape (the
+    compiler's LRU). An error names the field at fault."""
+    call_format = TOOL_CALL_FORMATS[reader.tool_format.name] if reader.tool_format else None
+    tools = forced.tools if call_format is not None else []
+    with refused_as(forced.tool_choice_param):
+        if not answer_constrained(forced.answer, tools, forced.tool_choice, call_format,
+                                  forced.parallel):
+            return None
+    reasoning = ReasoningBlock(reader.think.start, reader.think.end, reader.opened) \
+        if reader.think else None
+    with refused_as(forced.answer_param if forced.answer else forced.tool_choice_param):
+        compiler = service.grammar_compiler()
+    try:
+        return answer_grammar(compiler, forced.answer, tools, forced.tool_choice, call_format,
+                              forced.parallel, reasoning)
+    except GrammarError as exc:
+        raise field_at_fault(compiler, forced, tools, exc) from None
+
+
+def field_at_fault(compiler: GrammarCompiler, forced: ForcedOutput, tools: list[dict],
+                   error: GrammarError):
+    """The 400 of a grammar that did not compile, naming the field at fault: the answer's
+    format or a tool's schema when it does not compile alone, else the tool choice."""
+    with refused_as(forced.answer_param):
+        if forced.answer is not None:
+            forced.answer.grammar(compiler)
+    for i, tool in enumerate(tools):
+        with refused_as(forced.tool_schema_param.format(i)):
+            compiler.json_schema(tool["function"].get("parameters") or {},
+                                 bool(tool["function"].get("strict")))
+    return bad_request(forced.tool_choice_param, str(error))

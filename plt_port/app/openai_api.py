@@ -12,6 +12,13 @@ Chat answers go through the tool-call and reasoning parsers (`assistant_output.p
 `message.tool_calls` with `finish_reason: "tool_calls"`, `reasoning_content` (vLLM's name);
 streamed as `delta.tool_calls` fragments (index, id, type and name first, then the
 arguments) and `delta.reasoning_content`.
+
+Structured output (grammar-constrained decoding, `assistant_output.forced_output`): chat's
+`response_format` json_object / json_schema (strict too), forced `tool_choice` ("required"
+or a named function), `parallel_tool_calls: false` and strict function schemas; both
+endpoints take `response_format` (vLLM does on completions too) and vLLM's extras
+`structured_outputs` (json, regex, choice, json_object) and `guided_json`, `guided_regex`,
+`guided_choice`; one of them per request.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from runtimes.engine import TokenEvent
 from runtimes.generate import encode_prompt
+from runtimes.grammar import AnswerFormat, response_format_answer, structured_outputs_answer
 
-from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output
+from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output, refused_as
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
 from .service import APIError, ChoiceEvent, Generation, SamplingFields, Service, Strict, \
     bad_request, event_stream, skippable, sse_data, whole_response
@@ -52,8 +60,14 @@ class StreamOptions(Strict):
     include_obfuscation: bool | None = None
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")  # json_schema's own fields
+    type: Literal["text", "json_object", "json_schema"]
+
+
 class GenerationBody(SamplingFields):
-    """Fields both endpoints take (OpenAI's, the sampling extras, this server's loops)."""
+    """Fields both endpoints take (OpenAI's, the sampling extras, the structured-output
+    fields, this server's loops)."""
 
     model: str | None = None
     max_tokens: int | None = None
@@ -63,6 +77,17 @@ class GenerationBody(SamplingFields):
     stream_options: StreamOptions | None = None
     user: str | None = None
     loops: int | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's structured-output extras
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: Any = None
+
+
+# vLLM's older guided_* fields: the structured_outputs key each one is
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
 
 
 class CompletionBody(GenerationBody):
@@ -150,11 +175,6 @@ class NamedToolChoice(Strict):
     function: NamedFunction
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")  # json_schema's own fields
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatBody(GenerationBody):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
@@ -163,7 +183,6 @@ class ChatBody(GenerationBody):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's
     # accepted, no effect on the answer: labels, routing and caching hints
     metadata: dict[str, str] | None = None
@@ -212,6 +231,27 @@ def check_stream_options(body: GenerationBody) -> bool:
         raise bad_request("stream_options.include_obfuscation", "stream obfuscation is not "
                                                                 "supported")
     return bool(options.include_usage)
+
+
+def requested_answer(body: GenerationBody) -> tuple[AnswerFormat | None, str]:
+    """(the format the text answer must have, the field that asks for it): response_format,
+    structured_outputs or one guided_* field, at most one of them."""
+    if body.guided_grammar is not None:
+        raise bad_request("guided_grammar", "grammars are not supported; use guided_json, "
+                                            "guided_regex or guided_choice")
+    given = [name for name in ("response_format", "structured_outputs", *GUIDED_FIELDS)
+             if getattr(body, name) is not None]
+    if len(given) > 1:
+        raise bad_request(given[1], f"give one of {', '.join(given)}, not several")
+    if not given:
+        return None, "response_format"
+    param = given[0]
+    with refused_as(param):
+        if param == "response_format":
+            return response_format_answer(body.response_format.model_dump()), param
+        spec = body.structured_outputs if param == "structured_outputs" else \
+            {GUIDED_FIELDS[param]: getattr(body, param)}
+        return structured_outputs_answer(spec), param
 
 
 def envelope(kind: str, service: Service, generation: Generation, choices: list) -> dict:
@@ -269,10 +309,14 @@ async def completions(service: Service, body: CompletionBody, http_request: HTTP
     tokenizer = service.tokenizer
     prompt_ids = completion_prompt(service, body)
     echo = tokenizer.decode(prompt_ids) if body.echo else ""
+    answer, answer_param = requested_answer(body)
+    grammar = forced_output(service, ForcedOutput(answer=answer, answer_param=answer_param),
+                            AnswerReader())
     generation = service.submit(
         prompt_ids, body.max_tokens if body.max_tokens is not None
         else DEFAULT_COMPLETION_MAX_TOKENS, body.sampling(service), body.stop,
-        service.loops_for(body.model, body.loops), body.n or 1, body.logprobs, http_request)
+        service.loops_for(body.model, body.loops), body.n or 1, body.logprobs, http_request,
+        grammar=grammar)
 
     def logprobs(events: list[TokenEvent], offset: int = 0) -> dict | None:
         if body.logprobs is None:
@@ -387,20 +431,13 @@ def check_chat_fields(body: ChatBody) -> ForcedOutput:
         raise bad_request("top_logprobs", f"must be in 0..{MAX_CHAT_TOP_LOGPROBS}")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs", "needs logprobs: true")
-    forced = ForcedOutput()
+    answer, answer_param = requested_answer(body)
     choice = body.tool_choice
-    if isinstance(choice, NamedToolChoice):
-        forced.tool_choice = ("tool_choice", f"the named function {choice.function.name!r}")
-    elif choice == "required":
-        forced.tool_choice = ("tool_choice", '"required"')
-    if body.parallel_tool_calls is False and body.tools:
-        forced.single_call = "parallel_tool_calls"
-    strict = [i for i, tool in enumerate(body.tools or ()) if tool.function.strict]
-    if strict:
-        forced.strict_tools = f"tools.{strict[0]}.function.strict"
-    if body.response_format is not None and body.response_format.type != "text":
-        forced.json_output = ("response_format", body.response_format.type)
-    return forced
+    return ForcedOutput(
+        tools=[tool.model_dump(exclude_none=True) for tool in body.tools or ()],
+        tool_choice=choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
+        parallel=body.parallel_tool_calls is not False, answer=answer,
+        answer_param=answer_param)
 
 
 def chat_reader(service: Service, body: ChatBody, tools: list[dict] | None,
@@ -432,13 +469,14 @@ def chat_finish_reason(finish: str | None, has_calls: bool) -> str | None:
 
 
 async def chat_completions(service: Service, body: ChatBody, http_request: HTTPRequest):
-    forced_output(check_chat_fields(body))
+    forced = check_chat_fields(body)
     usage_chunk = check_stream_options(body)
     tokenizer = service.tokenizer
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    tools = forced.tools or None
     prompt = render_chat(tokenizer, template_messages(body.messages), tools,
                          body.chat_template_kwargs)
     reader = chat_reader(service, body, tools, prompt.text)
+    grammar = forced_output(service, forced, reader)
     limit_param = "max_completion_tokens" if body.max_completion_tokens is not None \
         else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None \
@@ -447,7 +485,7 @@ async def chat_completions(service: Service, body: ChatBody, http_request: HTTPR
         prompt.ids, service.chat_max_tokens(requested, len(prompt.ids)),
         body.sampling(service), body.stop, service.loops_for(body.model, body.loops),
         body.n or 1, (body.top_logprobs or 0) if body.logprobs else None, http_request,
-        limit_param)
+        limit_param, grammar)
 
     def logprobs(events: list[TokenEvent]) -> dict | None:
         if not body.logprobs:

@@ -27,6 +27,7 @@ from plt_port.config import MAX_LOOPS
 from plt_port.errors import PLTError
 from runtimes.engine import BatchEngine, QueueFullError, Request, TokenEvent
 from runtimes.generate import ContextLengthError
+from runtimes.grammar import Grammar, GrammarCompiler, model_compiler
 from runtimes.sampling import SamplingParams
 
 from .server_options import ServerOptions
@@ -273,6 +274,14 @@ class Service:
         self.model_ids = {model_name: self.default_loops} | {
             f"{model_name}@loops={k}": k for k in range(1, MAX_LOOPS + 1)}
         self.created = int(time.time())
+        self.compiler: GrammarCompiler | None = None
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The model's grammar compiler: its vocabulary is built on the first request with
+        structured output, then kept (a GrammarError when llguidance is not installed)."""
+        if self.compiler is None:
+            self.compiler = model_compiler(self.tokenizer, self.engine.backend)
+        return self.compiler
 
     def model_card(self, model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": self.created,
@@ -314,8 +323,10 @@ class Service:
     def submit(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
                stop: str | Sequence[str] | None, loops: int, n: int = 1,
                top_logprobs: int | None = None, http_request: HTTPRequest | None = None,
-               max_tokens_param: str = "max_tokens") -> Generation:
-        """Queue n sequences of one prompt (seeds seed, seed+1, ... when a seed is given)."""
+               max_tokens_param: str = "max_tokens", grammar: Grammar | None = None
+               ) -> Generation:
+        """Queue n sequences of one prompt (seeds seed, seed+1, ... when a seed is given),
+        each following `grammar` with its own matcher when one is given."""
         if max_tokens < 1:
             raise bad_request(max_tokens_param, f"must be >= 1, got {max_tokens}")
         if not 1 <= n <= self.engine.max_batch:
@@ -333,7 +344,7 @@ class Service:
         requests = [Request(prompt_ids, max_tokens, emit_for(i),
                             sampling if sampling.seed is None or i == 0
                             else replace(sampling, seed=sampling.seed + i),
-                            stop, loops, top_logprobs) for i in range(n)]
+                            stop, loops, top_logprobs, grammar=grammar) for i in range(n)]
         requests[0].siblings = requests[1:]
         self.engine.submit(requests[0])
         self.metrics.prompt_tokens.inc(len(prompt_ids))
