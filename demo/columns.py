@@ -30,6 +30,7 @@ from plt_port.memory import FP32, available_memory_bytes
 from plt_port.tokenizer import Tokenizer
 from runtimes.backends.base import DECODE_MODES
 from runtimes.engine import BatchEngine, EngineClosedError, Request, TokenEvent
+from runtimes.prompt_cache import PromptCache
 from runtimes.sampling import SamplingParams
 
 log = logging.getLogger("plt_port.demo")
@@ -134,7 +135,8 @@ class EnginePool:
             if engine is None or (engine.ready.is_set() and not engine.alive):  # failed load
                 engine = BatchEngine(
                     lambda loops: self._load(*key, spec.loops if loops is None else loops),
-                    tokenizer, max_batch=self.max_batch, max_queue=self.max_batch).start(wait=False)
+                    tokenizer, max_batch=self.max_batch, max_queue=self.max_batch,
+                    prompt_cache=PromptCache()).start(wait=False)
             self._engines[key] = engine  # now the most recently used
             self._evict_over_budget()
             return engine

@@ -112,17 +112,27 @@ def atomic_dir(out_dir: str | os.PathLike, inputs: tuple[str, ...] = ()) -> Iter
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a uniquely named temp file beside it, renamed over `path`."""
+def atomic_write_file(path: str | os.PathLike, write) -> None:
+    """`write(tmp_path)` fills a uniquely named temp file beside `path`, then it is renamed
+    over `path`: a reader sees the old file or the whole new one, never part of it."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_temps(os.path.dirname(path))
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path, "tmp"), suffix=".plt-port",
                                dir=os.path.dirname(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.remove(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a uniquely named temp file beside it, renamed over `path`."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write_file(path, write)

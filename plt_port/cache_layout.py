@@ -117,3 +117,27 @@ def cache_bytes(config: PLTConfig, loops: int, batch: int, capacity: int, itemsi
     carry = 0 if config.is_v1 else (loops - 1) * batch * config.hidden_size
     return (2 * layers * global_kv_bytes(config, batch, capacity, itemsize, kv_quant)
             + (ring_kv + carry) * itemsize)
+
+
+def ring_entry_bytes(config: PLTConfig, loops: int, itemsize: int) -> int:
+    """Bytes of one position's K and V in every ring (loops 2..L) and layer."""
+    return 2 * config.num_hidden_layers * (loops - 1) * config.num_key_value_heads \
+        * config.head_dim * itemsize
+
+
+def carry_bytes(config: PLTConfig, loops: int, itemsize: int) -> int:
+    """Bytes of one sequence's CLP carry (0 for v1 checkpoints)."""
+    return 0 if config.is_v1 or loops == 1 else (loops - 1) * config.hidden_size * itemsize
+
+
+def journal_bytes(config: PLTConfig, loops: int, positions: int, itemsize: int) -> int:
+    """Bytes of an undo journal of `positions` positions (the ring entries each overwrote and
+    the carry before it), for one sequence."""
+    return positions * (ring_entry_bytes(config, loops, itemsize)
+                        + carry_bytes(config, loops, itemsize))
+
+
+def snapshot_bytes(config: PLTConfig, loops: int, position: int, itemsize: int) -> int:
+    """Bytes of a snapshot of one sequence's rings and carry after `position` tokens."""
+    return (min(config.window, position) * ring_entry_bytes(config, loops, itemsize)
+            + carry_bytes(config, loops, itemsize))

@@ -6,8 +6,10 @@ contract, with no HTTP in it. The server, the demo, `plt-port chat` and `stream_
 halves, `launch()` then `finish()`:
 
 - launch: admit waiting requests while fewer than `max_batch` sequences run (`_admit`: each
-  is prefilled alone, samples its first token and joins the running batch of its loop count
-  and decode mode with `write_slot`); let cancelled sequences go (`free_slot`); then per
+  is prefilled alone, from the prompt cache's entry sharing its longest prefix where there is
+  one (`runtimes.prompt_cache`), samples its first token and joins the running batch of its
+  loop count and decode mode with `write_slot`); a finished sequence's state becomes a prompt
+  cache entry; let cancelled sequences go (`free_slot`); then per
   batch hand out the tokens that end their sequence (eos, the last allowed), start one
   `backend.step_async` for the rest and, while it computes, turn their tokens into text and
   send them (`_deliver`);
@@ -42,6 +44,7 @@ from plt_port import cache_layout
 from plt_port.errors import PLTError
 
 from .backends.base import Backend, DecodeState
+from .prompt_cache import PromptCache
 from .sampling import Sampler, SamplingParams, log_softmax
 from .sequence import SequenceText, check_request
 
@@ -76,6 +79,7 @@ class SequenceStats:
     loops: int
     decode_mode: str                # the mode run ("naive" where there is no CLP: L=1, v1)
     prompt_tokens: int
+    cached_tokens: int = 0          # of the prompt, reused from the prompt cache
     prefill_s: float = 0.0          # the prefill call
     ttft_s: float = 0.0             # the prefill and the first token's sampling
     decode_s: float = 0.0           # the decode steps of its batch, launch to sampled tokens
@@ -195,7 +199,8 @@ class RunningBatch:
         """Copy the running sequences into the first slots of a fresh state `width` wide."""
         old_state, live = self.state, [(i, s) for i, s in enumerate(self.slots) if s is not None]
         self.state = self.backend.empty_state(
-            width, allocated_positions(self.backend, max(s.positions for _, s in live)))
+            width, allocated_positions(self.backend, max(s.positions for _, s in live)),
+            old_state.history.policy if old_state.history is not None else None)
         self.slots = [None] * width
         for slot, (old_slot, sequence) in enumerate(live):
             self.backend.write_slot(self.state, slot, old_state, old_slot)
@@ -228,10 +233,11 @@ class EngineCore:
     (`launch()`, `finish()`) until the requests end."""
 
     def __init__(self, load: Callable[[int | None], Backend], tokenizer, *, max_batch: int = 16,
-                 decode_mode: str = "clp"):
+                 decode_mode: str = "clp", prompt_cache: PromptCache | None = None):
         if max_batch < 1:
             raise EngineError(f"max_batch must be >= 1, got {max_batch}")
         self.load = load
+        self.prompt_cache = prompt_cache  # None: every prompt is prefilled from scratch
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.decode_mode = decode_mode
@@ -249,6 +255,8 @@ class EngineCore:
         self.backend = self._backend_for(None)
         self.tokenizer.check_fits(self.backend.config.vocab_size)
         self.backend.mode_run(self.decode_mode)
+        if self.prompt_cache is not None:
+            self.prompt_cache.load_files(self.backend)
         return self
 
     def check(self, request: Request) -> int:
@@ -337,8 +345,14 @@ class EngineCore:
         backend = self._backend_for(request.loops)
         mode = backend.mode_run(request.decode_mode or self.decode_mode)
         start = time.perf_counter()
-        state, logits = backend.prefill([request.prompt_ids], self._capacity(backend, positions),
-                                        request.prefill_chunk_size)
+        capacity = self._capacity(backend, positions)
+        if self.prompt_cache is not None:
+            state, logits, cached = self.prompt_cache.start(backend, request.prompt_ids, capacity,
+                                                            request.prefill_chunk_size)
+        else:
+            state, logits = backend.prefill([request.prompt_ids], capacity,
+                                            request.prefill_chunk_size)
+            cached = 0
         prefill_s = time.perf_counter() - start
         key = (backend.loops, mode)
         if key not in self.batches:
@@ -346,7 +360,8 @@ class EngineCore:
         for each in (request, *request.siblings):
             self._join(each, request, self.batches[key], state, logits[0], positions,
                        SequenceStats(backend.name, backend.loops, mode, len(request.prompt_ids),
-                                     prefill_s=prefill_s, cache_bytes=backend.cache_bytes(state),
+                                     cached, prefill_s=prefill_s,
+                                     cache_bytes=backend.cache_bytes(state),
                                      peak_memory_bytes=backend.peak_memory_bytes()), start)
 
     def _join(self, request: Request, prompt: Request, batch: RunningBatch,
@@ -391,6 +406,7 @@ class EngineCore:
         ended = batch.slots_where(lambda s: s.text.ends_at(s.last_token))
         for slot in ended:  # never fed to a step
             self._deliver(batch.slots[slot])
+        self._keep_in_prompt_cache(batch, ended)
         batch.release(ended)
         if batch.state is None:
             return
@@ -420,6 +436,7 @@ class EngineCore:
                     self._fail(sequence.request, exc)
                     done.append(slot)
         try:
+            self._keep_in_prompt_cache(batch, done)
             batch.release(done)
         except Exception as exc:  # noqa: BLE001
             self._fail_batch(batch, exc)
@@ -430,6 +447,19 @@ class EngineCore:
         for sequence in batch.sequences:
             sequence.stats.decode_s += own_s
             sequence.stats.cache_bytes, sequence.stats.peak_memory_bytes = cache_bytes, peak
+
+    def _keep_in_prompt_cache(self, batch: RunningBatch, slots: Sequence[int]) -> None:
+        """The states of the sequences in `slots` that finished (their prompt and the answer
+        tokens fed to the model) become prompt cache entries."""
+        if self.prompt_cache is None:
+            return
+        for slot in slots:
+            if batch.slots[slot].text.finish_reason is None:
+                continue
+            try:
+                self.prompt_cache.insert(batch.backend, batch.backend.slot_state(batch.state, slot))
+            except Exception:  # noqa: BLE001 (the request is done either way)
+                log.error("could not keep a finished request in the prompt cache", exc_info=True)
 
     def _backend_for(self, loops: int | None) -> Backend:
         default = self.backend
@@ -480,10 +510,12 @@ class BatchEngine(EngineCore):
     `close()` ends every request, `drain()` ends the thread once the requests have finished."""
 
     def __init__(self, load: Callable[[int | None], Backend], tokenizer, *, max_batch: int = 16,
-                 max_queue: int = 64, decode_mode: str = "clp"):
+                 max_queue: int = 64, decode_mode: str = "clp",
+                 prompt_cache: PromptCache | None = None):
         if max_queue < 1:
             raise EngineError(f"max_queue must be >= 1, got {max_queue}")
-        super().__init__(load, tokenizer, max_batch=max_batch, decode_mode=decode_mode)
+        super().__init__(load, tokenizer, max_batch=max_batch, decode_mode=decode_mode,
+                         prompt_cache=prompt_cache)
         self.max_queue = max_queue
         self.wake = threading.Event()
         self.ready = threading.Event()  # set once the default backend loaded, or failed to

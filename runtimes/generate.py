@@ -60,10 +60,12 @@ def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
                     max_new_tokens: int = 256, sampling: SamplingParams | None = None,
                     stop: Sequence[str] = (), decode_mode: str = "clp",
                     prefill_chunk_size: int | None = None, add_bos: bool | None = None,
-                    grammar=None) -> Iterator[GenerationResponse]:
+                    grammar=None, prompt_cache=None) -> Iterator[GenerationResponse]:
     """`grammar`: a `runtimes.grammar.Grammar` the answer must follow (it ends at eos once the
-    grammar is complete; at max_new_tokens before that its finish_reason is "length")."""
-    core = EngineCore(lambda _: backend, tokenizer, max_batch=1, decode_mode=decode_mode).open()
+    grammar is complete; at max_new_tokens before that its finish_reason is "length");
+    `prompt_cache`: a `runtimes.prompt_cache.PromptCache` the prompt may start from."""
+    core = EngineCore(lambda _: backend, tokenizer, max_batch=1, decode_mode=decode_mode,
+                      prompt_cache=prompt_cache).open()
     if add_bos is None:
         add_bos = tokenizer.add_bos_token
     request = Request(

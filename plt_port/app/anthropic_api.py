@@ -419,8 +419,8 @@ async def messages(service: Service, body: MessagesBody, http_request: HTTPReque
                 "content": content,
                 "stop_reason": stop_reason(finish, has_calls, stop_sequence) if finish else None,
                 "stop_sequence": stop_sequence,
-                "usage": {"input_tokens": generation.prompt_tokens,
-                          "output_tokens": generation.completion_tokens}}
+                "usage": generation.anthropic_input_usage()
+                | {"output_tokens": generation.completion_tokens}}
 
     if not body.stream:
         def final(choices: list[list[TokenEvent]]) -> dict:
@@ -437,7 +437,7 @@ async def messages(service: Service, body: MessagesBody, http_request: HTTPReque
     def encode(events: list[ChoiceEvent]) -> str:
         out = [] if seen else [("message_start", {"message": message([], [], False) | {
             "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": generation.prompt_tokens, "output_tokens": 0}}})]
+            "usage": generation.anthropic_input_usage() | {"output_tokens": 0}}})]
         for _, event in events:
             seen.append(event)
             parts = stream.feed(event.text)

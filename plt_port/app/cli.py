@@ -33,6 +33,7 @@ COMMANDS = {
     "demo": "Gradio demo comparing loop counts and backends side by side",
     "serve": "OpenAI-compatible HTTP server with continuous batching (/v1/completions, chat)",
     "chat": "chat with a model in the terminal (a REPL with history; reads stdin lines)",
+    "cache-prompt": "prefill a long prefix once and save its state for generate/chat/serve",
 }
 
 
@@ -81,7 +82,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _command_module(name: str):
-    return importlib.import_module(f"plt_port.app.commands.{name}")
+    return importlib.import_module(f"plt_port.app.commands.{name.replace('-', '_')}")
 
 
 def version() -> str:

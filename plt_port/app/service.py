@@ -123,6 +123,22 @@ class ServerMetrics:
               registry=r).set_function(lambda: engine.queued_count)
         Gauge("plt_cache_bytes", "Bytes held by the running batches' caches",
               registry=r).set_function(lambda: engine.cache_bytes)
+        # the prompt cache (runtimes.prompt_cache); tokens as vLLM's prefix_cache_queries/hits
+        self.prompt_cache_hits = Counter("plt_prompt_cache_hits",
+                                         "Requests that started from a cached prefix", registry=r)
+        self.prompt_cache_misses = Counter("plt_prompt_cache_misses",
+                                           "Requests prefilled from scratch", registry=r)
+        self.prompt_cache_queries = Counter("plt_prompt_cache_queried_tokens",
+                                            "Prompt tokens looked up in the prompt cache",
+                                            registry=r)
+        self.prompt_cache_hit_tokens = Counter("plt_prompt_cache_hit_tokens",
+                                               "Prompt tokens reused from the prompt cache",
+                                               registry=r)
+        cache = engine.prompt_cache
+        Gauge("plt_prompt_cache_bytes", "Bytes held by the prompt cache's entries",
+              registry=r).set_function(lambda: cache.nbytes if cache is not None else 0)
+        Gauge("plt_prompt_cache_entries", "Entries of the prompt cache",
+              registry=r).set_function(lambda: len(cache) if cache is not None else 0)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
@@ -143,6 +159,7 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
     last_times: list[float | None] = field(default_factory=list)
+    cached_tokens: int = 0  # of the prompt, reused from the prompt cache
     started: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
 
@@ -164,7 +181,15 @@ class Generation:
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    def anthropic_input_usage(self) -> dict:
+        """Anthropic's input token counts: `input_tokens` those prefilled, the rest read from
+        the prompt cache."""
+        return {"input_tokens": self.prompt_tokens - self.cached_tokens,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": self.cached_tokens}
 
     async def next_events(self, http_request: HTTPRequest | None) -> list[ChoiceEvent]:
         """The next token and those already queued behind it (one write for them all); while
@@ -186,6 +211,8 @@ class Generation:
             raise event
         self.metrics.generation_tokens.inc()
         last = self.last_times[choice]
+        if last is None and choice == 0 and event.stats is not None:
+            self.note_prompt_cache(event.stats.cached_tokens)
         if last is None:
             self.metrics.ttft.observe(event.time - self.requests[choice].arrived)
         else:
@@ -194,6 +221,13 @@ class Generation:
         self.tokens[choice] += 1
         self.finish_reasons[choice] = event.finish_reason
         return choice, event
+
+    def note_prompt_cache(self, cached_tokens: int) -> None:
+        self.cached_tokens = cached_tokens
+        metrics = self.metrics
+        (metrics.prompt_cache_hits if cached_tokens else metrics.prompt_cache_misses).inc()
+        metrics.prompt_cache_queries.inc(self.prompt_tokens)
+        metrics.prompt_cache_hit_tokens.inc(cached_tokens)
 
     async def stream(self, http_request: HTTPRequest | None) -> AsyncIterator[list[ChoiceEvent]]:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import ml_dtypes
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -20,6 +21,7 @@ from exporters import mlx_export
 from exporters.export_store import ensure_exported
 from plt_port import checkpoint
 from plt_port.cache_layout import kv_quant_option
+from plt_port.prompt_cache_file import global_names
 from plt_port.quantization import Quantization, quantized_shapes
 
 from runtimes.models import mlx_model
@@ -30,6 +32,7 @@ KERNEL_CHOICES = {"auto": None, "on": True, "off": False}
 
 class MLXBackend(Backend):
     name = "mlx"
+    supports_rewind = True
 
     def __init__(self, model_dir: str, loops: int | None = None, kernel: str = "auto",
                  dtype: str | None = None, quantize: int | None = None, group_size: int = 64,
@@ -107,13 +110,87 @@ class MLXBackend(Backend):
         caches.quantize_global(self.kv_quant)
         return caches
 
+    # ---- rewinds (rings [R, B, G, Wr, D] per layer, carry [R, B, d]) ------------------------
+    def gather_ring(self, caches, slots, ring_slots):
+        if not caches.ring_k:
+            return None
+        index = mx.array(ring_slots.astype(np.int32))[:, None, None, :, None]  # [k, 1, 1, m, 1]
+        batch = mx.array(slots.astype(np.int32))
+        rows = [mx.take_along_axis(ring[:, batch].transpose(1, 0, 2, 3, 4), index, axis=3)
+                for ring in caches.ring_k + caches.ring_v]  # [k, R, G, m, D]
+        mx.async_eval(rows)
+        return rows
+
+    def scatter_ring(self, caches, slot, ring_slots, rows, row, columns):
+        index = mx.array(ring_slots.astype(np.int32))[None, None, :, None]
+        picked = mx.array(columns.astype(np.int32))
+        for ring_list, saved in ((caches.ring_k, rows[:len(caches.ring_k)]),
+                                 (caches.ring_v, rows[len(caches.ring_k):])):
+            for ring, layer_rows in zip(ring_list, saved):
+                values = mx.take(layer_rows[row], picked, axis=2)  # [R, G, m', D]
+                ring[:, slot] = mx.put_along_axis(ring[:, slot], index, values, axis=2)
+        mx.eval(caches.arrays())
+        return caches
+
+    def gather_carry(self, caches, slots):
+        if caches.carry is None:
+            return None
+        carry = caches.carry[:, mx.array(slots.astype(np.int32))].transpose(1, 0, 2)[:, :, None]
+        mx.async_eval(carry)
+        return [carry]  # [k, L-1, 1, d]
+
+    def scatter_carry(self, caches, slot, carries, row, column):
+        caches.carry[:, slot] = 0 if carries is None else carries[0][row, :, column]
+        mx.eval(caches.carry)
+        return caches
+
+    def own_rows(self, arrays, row):
+        rows = [mx.take(a, mx.array([row]), axis=0) for a in arrays]  # a gather: its own memory
+        mx.eval(rows)
+        return rows
+
+    # ---- saved prompt caches (packed quantized values: uint32 here, uint8 in the file) ------
+    def export_slot(self, caches, slot, length):
+        arrays, held = {}, min(self.config.window, length)
+        quantized = caches.kv_quant is not None
+        for name, kvs in (("key", caches.global_k), ("value", caches.global_v)):
+            for i, kv in enumerate(kvs):
+                for part_name, part in zip(global_names(i, name, quantized), mlx_model.kv_parts(kv)):
+                    arrays[part_name] = to_numpy(part[slot, :, :length])
+        for name, rings in (("key", caches.ring_k), ("value", caches.ring_v)):
+            for i, ring in enumerate(rings):
+                arrays[f"ring.{i}.{name}"] = to_numpy(ring[:, slot, :, :held])
+        if caches.carry is not None:
+            arrays["carry"] = to_numpy(caches.carry[:, slot])
+        return arrays
+
+    def import_slot(self, caches, slot, arrays):
+        quantized = caches.kv_quant is not None
+        for name, kvs in (("key", caches.global_k), ("value", caches.global_v)):
+            for i, kv in enumerate(kvs):
+                for part_name, part in zip(global_names(i, name, quantized), mlx_model.kv_parts(kv)):
+                    value = from_numpy(arrays[part_name], part.dtype)
+                    part[slot, :, :value.shape[1]] = value
+        for name, rings in (("key", caches.ring_k), ("value", caches.ring_v)):
+            for i, ring in enumerate(rings):
+                value = from_numpy(arrays[f"ring.{i}.{name}"], ring.dtype)
+                ring[:, slot, :, :value.shape[2]] = value
+        if caches.carry is not None:
+            caches.carry[:, slot] = from_numpy(arrays["carry"], caches.carry.dtype)
+        mx.eval(caches.arrays())
+        return caches
+
     # ---- running -----------------------------------------------------------------------
-    def prefill_chunk(self, caches, ids, start, num_new):
-        h = self.model.prefill(mx.array(ids.astype(np.int32)), caches, start, start + num_new)
+    def prefill_chunk(self, caches, ids, start, num_new, trace=False):
+        carries = [] if trace else None
+        h = self.model.prefill(mx.array(ids.astype(np.int32)), caches, start, start + num_new,
+                               carries)
         last = mx.array(self.last_token_index(num_new)[:, None, None])
         logits = self.model.lm_logits(mx.take_along_axis(h, last, axis=1)[:, 0])
-        mx.eval(logits, caches.arrays())
-        return self._numpy(logits)
+        carries = [mx.stack(carries, axis=1)] if carries else None  # [B, L-1, C, d]
+        mx.eval(logits, caches.arrays(), *(carries or []))
+        logits = self._numpy(logits)
+        return (logits, carries) if trace else logits
 
     def decode_rows(self, caches, tokens, positions, mode):
         return self.start_decode_rows(caches, tokens, positions, mode)()
@@ -126,6 +203,24 @@ class MLXBackend(Backend):
     @staticmethod
     def _numpy(logits: mx.array) -> np.ndarray:
         return np.array(logits.astype(mx.float32))
+
+
+def to_numpy(array: mx.array) -> np.ndarray:
+    """An MLX array as numpy: bf16 as `ml_dtypes.bfloat16`, packed uint32 as its bytes."""
+    if array.dtype == mx.bfloat16:
+        return np.array(array.view(mx.uint16)).view(ml_dtypes.bfloat16)
+    if array.dtype == mx.uint32:
+        return np.array(array.view(mx.uint8))
+    return np.array(array)
+
+
+def from_numpy(array: np.ndarray, dtype) -> mx.array:
+    """`to_numpy` undone, into an array of `dtype`."""
+    if dtype == mx.bfloat16:
+        return mx.array(np.ascontiguousarray(array).view(np.uint16)).view(mx.bfloat16)
+    if dtype == mx.uint32:
+        return mx.array(np.ascontiguousarray(array)).view(mx.uint32)
+    return mx.array(array)
 
 
 # ---- loading ---------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ def choose_device(provider: str) -> str:
 
 class ONNXBackend(Backend):
     name = "onnx"
+    supports_rewind = True
     loops_share_weights = False  # one export (graphs and weights) per loop count
 
     def __init__(self, model_dir: str, loops: int | None = None, provider: str = "auto",
@@ -177,6 +178,66 @@ class ONNXBackend(Backend):
             value.update_inplace(array)
         return caches
 
+    # ---- rewinds (rings [R, B, G, Wr, D] per layer, carry [R, B, d]) ------------------------
+    def gather_ring(self, caches, slots, ring_slots):
+        if "ring" not in caches:
+            return None
+        index = ring_slots[:, None, None, :, None]
+        return [np.take_along_axis(value.numpy()[:, slots].swapaxes(0, 1), index, axis=3)
+                for layer in caches["ring"] for value in layer.values()]  # [k, R, G, m, D]
+
+    def scatter_ring(self, caches, slot, ring_slots, rows, row, columns):
+        values = [value for layer in caches["ring"] for value in layer.values()]
+        for value, saved in zip(values, rows):
+            array = value.numpy()  # the OrtValue's own memory on the CPU, a copy on a GPU
+            array[:, slot][:, :, ring_slots] = saved[row][:, :, columns]
+            value.update_inplace(array)
+        return caches
+
+    def gather_carry(self, caches, slots):
+        if "carry" not in caches:
+            return None
+        return [caches["carry"].numpy()[:, slots].swapaxes(0, 1)[:, :, None]]  # [k, L-1, 1, d]
+
+    def scatter_carry(self, caches, slot, carries, row, column):
+        array = caches["carry"].numpy()
+        array[:, slot] = 0 if carries is None else carries[0][row, :, column]
+        caches["carry"].update_inplace(array)
+        return caches
+
+    def own_rows(self, arrays, row):
+        return [a[row:row + 1].copy() for a in arrays]
+
+    # ---- saved prompt caches ---------------------------------------------------------------
+    def export_slot(self, caches, slot, length):
+        held = min(self.config.window, length)
+        arrays = {f"global.{i}.{kv}": value.numpy()[slot, :, :length].copy()
+                  for i, layer in enumerate(caches["global"]) for kv, value in layer.items()}
+        arrays.update({f"ring.{i}.{kv}": value.numpy()[:, slot, :, :held].copy()
+                       for i, layer in enumerate(caches.get("ring", []))
+                       for kv, value in layer.items()})
+        if "carry" in caches:
+            arrays["carry"] = caches["carry"].numpy()[:, slot].copy()
+        return arrays
+
+    def import_slot(self, caches, slot, arrays):
+        def put(value, name, index):
+            array = value.numpy()
+            source = arrays[name]
+            array[index(source)] = source
+            value.update_inplace(array)
+
+        for i, layer in enumerate(caches["global"]):
+            for kv, value in layer.items():
+                put(value, f"global.{i}.{kv}", lambda a: (slot, slice(None), slice(0, a.shape[1])))
+        for i, layer in enumerate(caches.get("ring", [])):
+            for kv, value in layer.items():
+                put(value, f"ring.{i}.{kv}",
+                    lambda a: (slice(None), slot, slice(None), slice(0, a.shape[2])))
+        if "carry" in caches:
+            put(caches["carry"], "carry", lambda a: (slice(None), slot))
+        return caches
+
     def cache_nbytes(self, caches) -> int:
         return sum(int(np.prod(v.shape())) * self.np_dtype.itemsize for v in self._values(caches))
 
@@ -216,17 +277,25 @@ class ONNXBackend(Backend):
             holder[key] = value
         return logits, handover.get("hidden")
 
-    def _loops_in_turn(self, caches, ids, start, num_new) -> np.ndarray:
-        """Loop 1, 2, ... L over the chunk, each call handing its outputs to the next."""
+    def _loops_in_turn(self, caches, ids, start, num_new, carries: list | None = None):
+        """Loop 1, 2, ... L over the chunk, each call handing its outputs to the next;
+        `carries` receives each loop r < L's hand-over (PLT: its shifted carries)."""
         hidden = self._zeros((*ids.shape, self.config.hidden_size)) if self.loops > 1 else None
         for r in range(1, self.loops + 1):
             logits, hidden = self._run(caches, ids, start, num_new, [r], hidden)
+            if carries is not None and r < self.loops:
+                carries.append(hidden)
         return logits
 
-    def prefill_chunk(self, caches, ids, start, num_new):
-        # Every chunk is as wide as the longest remaining prompt, so padded writes stay below
-        # the longest prompt length <= capacity.
-        return self._loops_in_turn(caches, ids, np.full(len(ids), start, np.int64), num_new)
+    def prefill_chunk(self, caches, ids, start, num_new, trace=False):
+        # A chunk is never wider than the longest remaining prompt, so padded writes stay
+        # below the longest prompt length <= capacity.
+        carries = [] if trace and "carry" in caches else None
+        logits = self._loops_in_turn(caches, ids, np.full(len(ids), start, np.int64), num_new,
+                                     carries)
+        if not trace:
+            return logits
+        return logits, [np.stack([c.numpy() for c in carries], axis=1)] if carries else None
 
     def decode_rows(self, caches, tokens, positions, mode):
         ids, num_new = tokens[:, None], np.ones(len(tokens), np.int64)

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import torch
 
 from plt_port.cache_layout import kv_quant_option, ring_slot, ring_slot_positions, ring_slots
 from plt_port.model import (TORCH_DTYPES, PLTForCausalLM, attend, causal_mask, gate_mix,
-                            gated_swa, run_dtype)
+                            gated_swa, run_dtype, to_torch)
+from plt_port.prompt_cache_file import global_names
 
 from .base import Backend, BackendError
 from .torch_kv import GlobalKV
@@ -55,6 +57,14 @@ class TorchCaches:
         return kv + ([self.clp_carry] if self.clp_carry is not None else [])
 
 
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A copy of a tensor as a numpy array (bf16 as `ml_dtypes.bfloat16`)."""
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy().copy().view(ml_dtypes.bfloat16)
+    return tensor.numpy().copy()
+
+
 def per_loop(ring: torch.Tensor, rings: int) -> torch.Tensor:
     """A ring tensor [B, G, R*Wr, D] viewed as [B, G, R, Wr, D]."""
     return ring.unflatten(2, (rings, -1))
@@ -62,6 +72,7 @@ def per_loop(ring: torch.Tensor, rings: int) -> torch.Tensor:
 
 class TorchBackend(Backend):
     name = "torch"
+    supports_rewind = True
 
     def __init__(self, model_dir: str, loops: int | None = None, dtype: str | None = None,
                  device: str = "cpu", threads: int | None = None, kv_bits: int | None = None,
@@ -148,6 +159,75 @@ class TorchBackend(Backend):
         caches.global_kv = [store.to_quantized(self.kv_quant) for store in caches.global_kv]
         return caches
 
+    # ---- rewinds ------------------------------------------------------------------------
+    def _ring_index(self, caches: TorchCaches, ring_slots: np.ndarray) -> torch.Tensor:
+        """Columns of the [B, G, R*Wr, D] ring tensors of ring slots [..., m] in every loop:
+        [..., R*m], loop by loop."""
+        loops = np.arange(caches.rings)[:, None] * caches.ring_slots
+        index = loops + ring_slots[..., None, :]
+        return torch.from_numpy(index.reshape(*ring_slots.shape[:-1], -1)).to(self.device)
+
+    def gather_ring(self, caches, slots, ring_slots):
+        if not caches.ring_kv:
+            return None
+        batch = torch.from_numpy(slots).to(self.device)[:, None]
+        index = self._ring_index(caches, ring_slots)  # [k, R*m]
+        return [ring[batch, :, index] for pair in caches.ring_kv for ring in pair]  # [k, R*m, G, D]
+
+    def scatter_ring(self, caches, slot, ring_slots, rows, row, columns):
+        width = rows[0].shape[1] // caches.rings  # m of the gather
+        index = self._ring_index(caches, ring_slots)
+        source = torch.from_numpy((np.arange(caches.rings)[:, None] * width
+                                   + columns[None]).reshape(-1)).to(self.device)
+        for ring, saved in zip((t for pair in caches.ring_kv for t in pair), rows):
+            ring[slot][:, index] = saved[row][source].transpose(0, 1)
+        return caches
+
+    def gather_carry(self, caches, slots):
+        if caches.clp_carry is None:
+            return None
+        index = torch.from_numpy(slots).to(self.device)
+        return [caches.clp_carry[:, index].transpose(0, 1)[:, :, None]]  # [k, L-1, 1, d], a copy
+
+    def scatter_carry(self, caches, slot, carries, row, column):
+        caches.clp_carry[:, slot] = 0 if carries is None else carries[0][row, :, column]
+        return caches
+
+    def own_rows(self, arrays, row):
+        return [a[row:row + 1].clone() for a in arrays]
+
+    # ---- saved prompt caches ---------------------------------------------------------------
+    def export_slot(self, caches, slot, length):
+        arrays, held = {}, min(self.window, length)
+        for i, store in enumerate(caches.global_kv):
+            for kv, parts in (("key", store.keys), ("value", store.values)):
+                for name, part in zip(global_names(i, kv, store.quantized), parts):
+                    arrays[name] = to_numpy(part[slot, :, :length])
+        for i, pair in enumerate(caches.ring_kv):
+            for kv, ring in zip(("key", "value"), pair):  # [G, R, Wr, D] -> [R, G, Wn, D]
+                arrays[f"ring.{i}.{kv}"] = to_numpy(
+                    per_loop(ring, caches.rings)[slot, :, :, :held].transpose(0, 1))
+        if caches.clp_carry is not None:
+            arrays["carry"] = to_numpy(caches.clp_carry[:, slot])
+        return arrays
+
+    def import_slot(self, caches, slot, arrays):
+        def tensor(name):
+            return to_torch(arrays[name]).to(self.device)
+
+        for i, store in enumerate(caches.global_kv):
+            for kv, parts in (("key", store.keys), ("value", store.values)):
+                for name, part in zip(global_names(i, kv, store.quantized), parts):
+                    value = tensor(name)
+                    part[slot, :, :value.shape[1]] = value
+        for i, pair in enumerate(caches.ring_kv):
+            for kv, ring in zip(("key", "value"), pair):
+                value = tensor(f"ring.{i}.{kv}").transpose(0, 1)
+                per_loop(ring, caches.rings)[slot, :, :, :value.shape[2]] = value
+        if caches.clp_carry is not None:
+            caches.clp_carry[:, slot] = tensor("carry")
+        return caches
+
     def _logits(self, h_last: torch.Tensor) -> np.ndarray:
         return self.model.lm_logits(h_last).float().cpu().numpy()
 
@@ -156,7 +236,7 @@ class TorchBackend(Backend):
 
     # ---- prefill -----------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill_chunk(self, caches, ids, start, num_new):
+    def prefill_chunk(self, caches, ids, start, num_new, trace=False):
         model, cfg, W = self.model, self.config, self.window
         ids = torch.from_numpy(ids).to(self.device)
         T = ids.shape[1]
@@ -195,6 +275,7 @@ class TorchBackend(Backend):
             return attention
 
         h = embeddings
+        carries = []  # loop r's shifted input: the carry before each chunk position
         for loop in range(1, self.loops + 1):
             for i, layer in enumerate(model.model.layers):
                 h = layer(h, cos, sin, attention_for(loop, i))
@@ -204,7 +285,9 @@ class TorchBackend(Backend):
                 shifted = torch.cat([previous[:, None], carry[:, :-1]], dim=1)
                 previous.copy_(torch.where(has_tokens[:, None], carry[batch_index, last], previous))
                 h = model.next_loop_input(embeddings, shifted)
-        return self._logits(h[batch_index, last])
+                carries.append(shifted)
+        logits = self._logits(h[batch_index, last])
+        return (logits, [torch.stack(carries, dim=1)] if carries else None) if trace else logits
 
     def _write_ring_chunk(self, ring, chunk_kv, start: int, ends):
         """Write each sequence's last real chunk positions (those < ends[b]) into its ring

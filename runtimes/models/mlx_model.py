@@ -347,10 +347,12 @@ class Model(nn.Module):
         return logits
 
     # ---- prefill ---------------------------------------------------------------------------
-    def prefill(self, tokens: mx.array, cache: PLTCache, start: int, ends: np.ndarray) -> mx.array:
+    def prefill(self, tokens: mx.array, cache: PLTCache, start: int, ends: np.ndarray,
+                carries: list | None = None) -> mx.array:
         """Run a chunk `tokens` [B, C] at positions start..start+C-1 through every loop, writing
         the caches; sequence b's real tokens end at ends[b] (rows past it are padding and
-        leave its ring and carry alone). Returns h^(L) [B, C, d]."""
+        leave its ring and carry alone). Returns h^(L) [B, C, d]; `carries` (a list) receives
+        each loop r < L's shifted input [B, C, d] (the carry before every chunk position)."""
         C = tokens.shape[1]
         ends = np.clip(np.asarray(ends), start, start + C)
         embeddings = self.model.embed_tokens(tokens)
@@ -366,6 +368,8 @@ class Model(nn.Module):
                 last = mx.take_along_axis(carry, last_in_chunk[:, None, None], axis=1)[:, 0]
                 cache.carry[r - 2] = mx.where(has_tokens[:, None], last, cache.carry[r - 2])
                 h = self.next_loop_input(embeddings, shifted)
+                if carries is not None:
+                    carries.append(shifted)
             for i, layer in enumerate(self.layers):
                 attention = partial(self._prefill_attention, i, r, cache, start, local_mask,
                                     ring_update)

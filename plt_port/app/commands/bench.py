@@ -64,6 +64,17 @@ def add_arguments(parser):
     parser.add_argument("--windows", type=comma_list(int), default=None, metavar="W,...",
                         help="with --contexts and --random: the same random model at each "
                              "local window of W keys, timed together (e.g. 64,8192)")
+    parser.add_argument("--rewind", action="store_true",
+                        help="instead: what rewinding a sequence costs (SPEC section 4): undo "
+                             "of the journal, a snapshot restore, the prefills a snapshot or "
+                             "an exact recompute runs again, the journal's cost per decode "
+                             "step, at each --contexts (default 1024) and --windows")
+    parser.add_argument("--chat-turns", type=int, default=None, metavar="N",
+                        help="instead: time to first token of each of N turns of a chat re-sent "
+                             "whole every turn, prompt cache on and off (--system-tokens, then "
+                             "30 tokens a turn and a 16-token greedy answer)")
+    parser.add_argument("--system-tokens", type=int, default=2000,
+                        help="with --chat-turns: the system prompt's tokens (default 2000)")
     parser.add_argument("--quantize", type=int, choices=(4, 8), default=None,
                         help="onnx and mlx backends: weight-only quantization of an export "
                              "made on first use (onnx: MatMulNBits, block 32, accuracy level 4; "
@@ -101,6 +112,10 @@ def run(args):
         backend_options={name: {**backend_options(mlx_weights(name), args),
                                 **quantize_option(mlx_weights(name), args)}
                          for name in args.backend})
+    if args.rewind:
+        return run_rewind(args, settings)
+    if args.chat_turns is not None:
+        return run_chat_turns(args, settings)
     if args.contexts is not None:
         return run_contexts(args, settings)
     if args.windows is not None:
@@ -118,21 +133,70 @@ def run_contexts(args, settings) -> int:
     """`--contexts`: step time by context, for each loop count, mode and --windows model."""
     from dataclasses import asdict
 
-    from runtimes.benchmark import (BenchError, format_context_table, load_for_bench,
-                                    random_model_dir, time_contexts, write_json)
+    from runtimes.benchmark import format_context_table, time_contexts, write_json
+
+    model_dirs, backends = window_backends(args, settings)
+    rows = time_contexts(backends, args.contexts, settings, progress=True)
+    print(format_context_table(rows))
+    if args.json:
+        write_json({"settings": asdict(settings), "contexts": args.contexts,
+                    "model_dirs": model_dirs, "rows": rows}, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def window_backends(args, settings) -> tuple[list[str], list]:
+    """(model dirs, backends): --model, or a --random model at each of --windows, at every
+    backend and loop count asked."""
+    from runtimes.benchmark import BenchError, load_for_bench, random_model_dir
 
     if args.windows is not None and args.model is not None:
         raise BenchError("--windows makes random models: give --random, not --model")
     model_dirs = [args.model] if args.model else [
         random_model_dir(args.random or "small", window=window)
         for window in (args.windows or [None])]
-    backends = [load_for_bench(name, model_dir, loops, settings.backend_options.get(name, {}))
-                for model_dir in model_dirs for name in settings.backends
-                for loops in settings.loops]
-    rows = time_contexts(backends, args.contexts, settings, progress=True)
-    print(format_context_table(rows))
+    return model_dirs, [load_for_bench(name, model_dir, loops,
+                                       settings.backend_options.get(name, {}))
+                        for model_dir in model_dirs for name in settings.backends
+                        for loops in settings.loops]
+
+
+def run_rewind(args, settings) -> int:
+    """`--rewind`: the cost of each way to rewind, by backend, loop count, window, context."""
+    from runtimes.rewind_study import format_rewind_table, time_rewinds
+
+    results = []
+    for backend in window_backends(args, settings)[1]:
+        if backend.loops == 1:
+            continue  # no rings, no carry: a rewind only shortens the sequence
+        for context in args.contexts or [1024]:
+            rows = time_rewinds(backend, context, [1, 4, 16, 64], snapshot_every=256)
+            title = (f"{backend.name} L{backend.loops} window {backend.config.window} "
+                     f"context {context} ({backend.run_dtype})")
+            results.append((title, rows, format_rewind_table(title, rows)))
+    return report(args, "rewind", results)
+
+
+def run_chat_turns(args, settings) -> int:
+    """`--chat-turns`: TTFT by turn with the prompt cache on and off."""
+    from runtimes.rewind_study import format_chat_table, time_chat_turns
+
+    results = []
+    for backend in window_backends(args, settings)[1]:
+        rows = time_chat_turns(backend, args.chat_turns, args.system_tokens, seed=args.seed)
+        title = f"{backend.name} L{backend.loops} {backend.model_dir} ({backend.run_dtype})"
+        results.append((title, rows, format_chat_table(title, rows)))
+    return report(args, "chat_turns", results)
+
+
+def report(args, key: str, results: list[tuple[str, list, str]]) -> int:
+    """Print each (title, rows, table); with --json write {key: [{title, rows}]}."""
+    from runtimes.benchmark import write_json
+
+    for _, _, table in results:
+        print(table + "\n")
     if args.json:
-        write_json({"settings": asdict(settings), "contexts": args.contexts,
-                    "model_dirs": model_dirs, "rows": rows}, args.json)
+        write_json({key: [dict(title=title, rows=rows) for title, rows, _ in results]},
+                   args.json)
         print(f"wrote {args.json}")
     return 0

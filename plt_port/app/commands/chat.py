@@ -40,7 +40,10 @@ Ctrl-C stops a reply (that turn is dropped, the conversation stays)"""
 
 
 def add_arguments(parser):
+    from .cache_prompt import add_prompt_cache_arguments
+
     add_model_arguments(parser)
+    add_prompt_cache_arguments(parser)
 
 
 # ---- input -----------------------------------------------------------------------------------
@@ -183,10 +186,13 @@ def run(args):
     from plt_port.tokenizer import Tokenizer
     from runtimes.engine import BatchEngine
 
+    from .cache_prompt import prompt_cache_from
+
     resolve_model(args)
     tokenizer = Tokenizer.from_dir(args.model)
     engine = BatchEngine(lambda loops: load_model(args, loops), tokenizer, max_batch=1,
-                         max_queue=1, decode_mode=args.decode).start()
+                         max_queue=1, decode_mode=args.decode,
+                         prompt_cache=prompt_cache_from(args)).start()
     reader = LineReader(sys.stdin.isatty())
     if reader.interactive:
         print("plt-port chat: /help lists the commands, Ctrl-C stops a reply, Ctrl-D ends",

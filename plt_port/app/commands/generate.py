@@ -121,6 +121,9 @@ def add_arguments(parser):
     structured.add_argument("--regex", metavar="PATTERN",
                             help="answer with text matching the regular expression PATTERN "
                                  "whole (grammar-constrained decoding)")
+    from .cache_prompt import add_prompt_cache_arguments
+
+    add_prompt_cache_arguments(parser, lru=False)
 
 
 BACKEND_HELP = ("torch, onnx or mlx (default: the model directory's: torch for a PyTorch "
@@ -229,6 +232,20 @@ def prompt_text(args) -> str:
     return prompt
 
 
+def cached_prompt(args, backend, tokenizer, prompt: str):
+    """(prompt, prompt cache): with --prompt-cache-file, the file's tokens and then PROMPT's
+    as plain text continuing them (mlx-lm's generate --prompt-cache-file), the file loaded
+    as the cache's entry; else the (templated) prompt and no cache."""
+    if args.prompt_cache_file is None:
+        return templated_prompt(tokenizer, prompt, args), None
+    from runtimes.prompt_cache import PromptCache, load_state
+
+    state = load_state(args.prompt_cache_file, backend)
+    cache = PromptCache(max_entries=1)
+    cache.insert(backend, state, pinned=True)
+    return state.history.slots[0].tokens + tokenizer.encode(prompt, add_bos=False), cache
+
+
 def run(args):
     from plt_port.tokenizer import Tokenizer
     from runtimes.generate import stream_generate
@@ -238,13 +255,15 @@ def run(args):
     backend = load_model(args)
     tokenizer = Tokenizer.from_dir(args.model)
     grammar = answer_grammar(args, backend, tokenizer)
+    prompt, prompt_cache = cached_prompt(args, backend, tokenizer, prompt)
     last = None
-    for last in stream_generate(backend, tokenizer, templated_prompt(tokenizer, prompt, args),
+    for last in stream_generate(backend, tokenizer, prompt,
                                 max_new_tokens=args.max_new_tokens,
                                 sampling=sampling_params(args, backend),
                                 stop=args.stop, decode_mode=args.decode,
                                 prefill_chunk_size=args.prefill_chunk_size,
-                                add_bos=False if args.no_bos else None, grammar=grammar):
+                                add_bos=False if args.no_bos else None, grammar=grammar,
+                                prompt_cache=prompt_cache):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

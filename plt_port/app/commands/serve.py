@@ -24,6 +24,7 @@ import time
 from dataclasses import replace
 
 from plt_port.app.cli import check_port, model_path, positive_int
+from plt_port.app.commands.cache_prompt import add_prompt_cache_arguments, prompt_cache_from
 from plt_port.app.commands.generate import (BACKEND_HELP, add_backend_arguments, backend_options,
                                             resolve_model)
 from plt_port.app.reasoning import REASONING_PARSERS
@@ -76,6 +77,7 @@ def add_arguments(parser):
     parser.add_argument("--max-tokens", type=positive_int, default=DEFAULT_CHAT_MAX_TOKENS,
                         help="answer length of a chat request that sets none, capped by the "
                              f"context left (default {DEFAULT_CHAT_MAX_TOKENS})")
+    add_prompt_cache_arguments(parser)
     parser.add_argument("--bench", type=positive_int, metavar="STREAMS",
                         help="measure 1 vs STREAMS concurrent streams on a local port and exit")
     parser.add_argument("--bench-tokens", type=positive_int, default=64,
@@ -86,10 +88,11 @@ def add_arguments(parser):
 def open_server(model_dir: str, backend: str = "torch", loops: int | None = None, *,
                 max_batch: int = 16, max_queue: int = 64, decode_mode: str = "clp",
                 options: dict | None = None, served_model_name: str | None = None,
-                chat_template: str | None = None, server_options=None):
+                chat_template: str | None = None, server_options=None, prompt_cache=None):
     """(engine, app): the engine started with the backend loaded on its thread.
     `chat_template`: a template's text, used instead of the model's; `server_options`: a
-    `ServerOptions` (its tool parser: the template's when unset)."""
+    `ServerOptions` (its tool parser: the template's when unset); `prompt_cache`: a
+    `runtimes.prompt_cache.PromptCache` (None: off)."""
     from plt_port.app.server import create_app
     from plt_port.tokenizer import Tokenizer
     from runtimes.backends import load_backend
@@ -107,7 +110,7 @@ def open_server(model_dir: str, backend: str = "torch", loops: int | None = None
                             **(options or {}))
 
     engine = BatchEngine(load, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                         decode_mode=decode_mode).start()
+                         decode_mode=decode_mode, prompt_cache=prompt_cache).start()
     name = served_model_name or os.path.basename(os.path.normpath(model_dir))
     return engine, create_app(engine, tokenizer, name, server_options)
 
@@ -169,6 +172,7 @@ def run(args):
                               options=backend_options(args.backend, args),
                               served_model_name=args.served_model_name,
                               chat_template=read_chat_template(args.chat_template),
+                              prompt_cache=prompt_cache_from(args),
                               server_options=server_options)
     try:
         if args.bench:
