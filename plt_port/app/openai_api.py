@@ -85,6 +85,11 @@ class GenerationBody(SamplingFields):
     guided_choice: list[str] | None = None
     guided_grammar: Any = None
 
+    @property
+    def choice_count(self) -> int:
+        """n (None: 1; 0 goes on to be refused by name, not taken as 1)."""
+        return 1 if self.n is None else self.n
+
 
 # vLLM's older guided_* fields: the structured_outputs key each one is
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
@@ -295,7 +300,7 @@ def completion_prompt(service: Service, body: CompletionBody) -> list[int]:
 def check_completion_fields(body: CompletionBody) -> None:
     if body.suffix is not None:
         raise bad_request("suffix", "fill-in-the-middle (suffix) is not supported")
-    if body.best_of is not None and body.best_of != (body.n or 1):
+    if body.best_of is not None and body.best_of != body.choice_count:
         raise bad_request("best_of", "best_of other than n is not supported; use n")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
         raise bad_request("logprobs", f"must be in 0..{MAX_COMPLETION_LOGPROBS}")
@@ -315,7 +320,7 @@ async def completions(service: Service, body: CompletionBody, http_request: HTTP
     generation = service.submit(
         prompt_ids, body.max_tokens if body.max_tokens is not None
         else DEFAULT_COMPLETION_MAX_TOKENS, body.sampling(service), body.stop,
-        service.loops_for(body.model, body.loops), body.n or 1, body.logprobs, http_request,
+        service.loops_for(body.model, body.loops), body.choice_count, body.logprobs, http_request,
         grammar=grammar)
 
     def logprobs(events: list[TokenEvent], offset: int = 0) -> dict | None:
@@ -484,7 +489,7 @@ async def chat_completions(service: Service, body: ChatBody, http_request: HTTPR
     generation = service.submit(
         prompt.ids, service.chat_max_tokens(requested, len(prompt.ids)),
         body.sampling(service), body.stop, service.loops_for(body.model, body.loops),
-        body.n or 1, (body.top_logprobs or 0) if body.logprobs else None, http_request,
+        body.choice_count, (body.top_logprobs or 0) if body.logprobs else None, http_request,
         limit_param, grammar)
 
     def logprobs(events: list[TokenEvent]) -> dict | None:
