@@ -1,0 +1,150 @@
+"""Tests for the one-line bugs planted for issue 26 that the fast suite let through
+(docs/planted_bugs_26.md has the table): each test names its plant and fails with it in.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ConstantBackend, requires
+from plt_port.tokenizer import Tokenizer
+from runtimes.engine import BatchEngine, Request, RunningBatch, RunningSequence, TokenEvent
+from runtimes.sampling import Sampler, SamplingParams
+from runtimes.sequence import SequenceText
+
+
+def wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def events_of(events: queue.Queue) -> list[TokenEvent]:
+    got = [events.get(timeout=30)]
+    while isinstance(got[-1], TokenEvent) and got[-1].finish_reason is None:
+        got.append(events.get(timeout=30))
+    assert isinstance(got[-1], TokenEvent), got[-1]
+    return got
+
+
+# ---- the engine ----------------------------------------------------------------------------
+def test_a_batch_narrows_when_exactly_half_its_width_would_do(make_model, tokenizer_dir):
+    """E2: 4 sequences in a batch 4 wide, two leave: 2 rows would do, the batch is 2 wide
+    (and 1 wide once one more leaves)."""
+    backend = ConstantBackend(make_model("plt"))
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    batch = RunningBatch(backend, max_batch=8)
+    for k in range(4):
+        prompt = [3 + k, 4]
+        state, _ = backend.prefill([prompt], 8)
+        batch.add(RunningSequence(Request(prompt, 4, print), SequenceText(tokenizer, prompt, 4),
+                                  Sampler(), 8, 5), state)
+    assert batch.state.batch_size == 4
+    batch.release([0, 1])
+    assert batch.state.batch_size == 2 and len(batch.sequences) == 2
+    batch.release([1])
+    assert batch.state.batch_size == 1
+
+
+def test_decode_time_adds_up_every_step(make_model):
+    """E6: stats.decode_s sums the sequence's steps; each step of this fake sleeps call_s, so
+    19 steps take at least 19 call_s (a lower bound: sleeps never end early)."""
+    model_dir = make_model()
+    engine = BatchEngine(lambda loops: ConstantBackend(model_dir, loops),
+                         Tokenizer.from_dir(model_dir), max_batch=2).start()
+    try:
+        events = queue.Queue()
+        engine.submit(Request([1, 2, 3], 20, events.put))
+        got = events_of(events)
+    finally:
+        engine.close()
+    assert len(got) == 20
+    assert got[-1].stats.decode_s >= 19 * ConstantBackend.call_s
+
+
+def test_time_to_first_token_is_measured_from_the_prefill(make_model):
+    """E9: ttft_s covers the prefill and the first sampling: at least prefill_s, at most the
+    time from submitting to receiving the first token."""
+    model_dir = make_model()
+    engine = BatchEngine(lambda loops: ConstantBackend(model_dir, loops),
+                         Tokenizer.from_dir(model_dir), max_batch=2).start()
+    try:
+        events = queue.Queue()
+        submitted = time.perf_counter()
+        engine.submit(Request([1, 2, 3], 3, events.put))
+        first = events.get(timeout=30)
+        received = time.perf_counter()
+        events_of(events) if first.finish_reason is None else None
+    finally:
+        engine.close()
+    stats = first.stats
+    assert stats.prefill_s <= stats.ttft_s <= received - submitted
+
+
+class CountingBackend(ConstantBackend):
+    prefills = 0
+
+    def prefill_chunk(self, caches, ids, start, num_new):
+        CountingBackend.prefills += 1
+        return super().prefill_chunk(caches, ids, start, num_new)
+
+
+def test_a_request_cancelled_while_waiting_is_never_prefilled(make_model):
+    """E10: with one slot busy, a waiting request is cancelled; once the slot frees, the
+    engine skips it (no prefill, no event) instead of admitting it."""
+    model_dir = make_model()
+    CountingBackend.prefills = 0
+    engine = BatchEngine(lambda loops: CountingBackend(model_dir, loops),
+                         Tokenizer.from_dir(model_dir), max_batch=1).start()
+    try:
+        running, waiting_events = Request([1, 2], 400, queue.Queue().put), queue.Queue()
+        engine.submit(running)
+        wait_for(lambda: engine.running_count == 1)
+        waiting = Request([3, 4], 5, waiting_events.put)
+        engine.submit(waiting)
+        waiting.cancel()
+        running.cancel()
+        wait_for(lambda: engine.idle)
+        later = queue.Queue()
+        engine.submit(Request([5, 6], 2, later.put))
+        assert len(events_of(later)) == 2
+    finally:
+        engine.close()
+    assert CountingBackend.prefills == 2  # the running request and the later one
+    assert waiting_events.empty() or isinstance(waiting_events.get(), Exception)
+
+
+# ---- the server ----------------------------------------------------------------------------
+@requires("fastapi")
+@requires("httpx")
+def test_anthropic_usage_splits_the_prompt_into_prefilled_and_cached(make_model):
+    """S3: a repeated /v1/messages prompt reads part of itself from the prompt cache:
+    input_tokens + cache_read_input_tokens is the prompt (count_tokens), not more."""
+    import httpx
+
+    from plt_port.app.commands.serve import open_server, start_in_thread
+    from runtimes.prompt_cache import PromptCache
+
+    engine, app = open_server(make_model(), "torch", prompt_cache=PromptCache())
+    server, thread, url = start_in_thread(app)
+    body = {"model": "model-plt-0", "max_tokens": 3, "temperature": 0,
+            "messages": [{"role": "user", "content": "def read(path):\n    with open(path)"}]}
+    try:
+        with httpx.Client(base_url=f"{url}/v1", timeout=60) as client:
+            name = client.get("/models").json()["data"][0]["id"]
+            body["model"] = name
+            prompt = client.post("/messages/count_tokens", json={
+                "model": name, "messages": body["messages"]}).json()["input_tokens"]
+            usages = [client.post("/messages", json=body).json()["usage"] for _ in range(2)]
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        engine.close()
+    assert usages[0]["input_tokens"] == prompt and usages[0]["cache_read_input_tokens"] == 0
+    assert usages[1]["cache_read_input_tokens"] > 0
+    assert usages[1]["input_tokens"] + usages[1]["cache_read_input_tokens"] == prompt
