@@ -148,3 +148,77 @@ def test_anthropic_usage_splits_the_prompt_into_prefilled_and_cached(make_model)
     assert usages[0]["input_tokens"] == prompt and usages[0]["cache_read_input_tokens"] == 0
     assert usages[1]["cache_read_input_tokens"] > 0
     assert usages[1]["input_tokens"] + usages[1]["cache_read_input_tokens"] == prompt
+
+
+@pytest.fixture(scope="module")
+def http(tmp_path_factory, tokenizer_dir):
+    """An httpx client of a server on a tiny random model (torch, batches of up to 4)."""
+    import httpx
+
+    from conftest import LOUD_STD, tiny_config
+    from plt_port.app.commands.serve import open_server, start_in_thread
+    from plt_port.random_model import save_random_model
+
+    model_dir = save_random_model(tmp_path_factory.mktemp("survivors") / "model",
+                                  tiny_config("plt"), 0, tokenizer_dir=tokenizer_dir,
+                                  std=LOUD_STD)
+    engine, app = open_server(model_dir, "torch", max_batch=4)
+    server, thread, url = start_in_thread(app)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        client.engine = engine
+        yield client
+    server.should_exit = True
+    thread.join(15)
+    engine.close()
+
+
+def metric(http, name: str) -> float:
+    import re
+
+    return float(re.search(rf"^{name} (\S+)$", http.get("/metrics").text, re.M).group(1))
+
+
+@requires("fastapi")
+@requires("httpx")
+def test_prompt_token_metric_counts_every_prompt_token(http):
+    """S5: plt_prompt_tokens_total grows by the prompts' tokens (usage.prompt_tokens)."""
+    before = metric(http, "plt_prompt_tokens_total")
+    used = [http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1}).json()
+            ["usage"]["prompt_tokens"] for prompt in ([5, 6, 7], "def f(x):\n    return x")]
+    assert metric(http, "plt_prompt_tokens_total") - before == sum(used)
+
+
+@requires("fastapi")
+@requires("httpx")
+def test_streamed_echo_starts_with_the_prompt(http):
+    """S6: echo: true streams the prompt's text first, as the whole response does."""
+    import json
+
+    body = {"prompt": "def add(a, b):\n", "max_tokens": 4, "temperature": 0, "echo": True}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stream = http.post("/v1/completions", json=body | {"stream": True}).text
+    chunks = [json.loads(line[6:]) for line in stream.splitlines()
+              if line.startswith("data: {")]
+    streamed = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert whole.startswith(body["prompt"]) and streamed == whole
+
+
+@requires("fastapi")
+@requires("httpx")
+def test_text_offsets_are_where_each_token_text_starts(http):
+    """S7: logprobs.text_offset[i] is the length of the text before token i (after the
+    echoed prompt), streamed chunk by chunk and in the whole response alike."""
+    import json
+
+    body = {"prompt": "class Stack:\n    def push(self", "max_tokens": 6, "temperature": 0,
+            "logprobs": 1, "echo": False}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    stream = http.post("/v1/completions", json=body | {"stream": True}).text
+    chunks = [json.loads(line[6:])["choices"][0] for line in stream.splitlines()
+              if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+    texts = [c["text"] for c in chunks]
+    starts = [sum(map(len, texts[:i])) for i in range(len(texts))]
+    assert [c["logprobs"]["text_offset"][0] for c in chunks] == starts
+    assert whole["logprobs"]["text_offset"] == starts and whole["text"] == "".join(texts)
+    echoed = http.post("/v1/completions", json=body | {"echo": True, "logprobs": None}).json()
+    assert echoed["choices"][0]["text"].startswith(body["prompt"])
