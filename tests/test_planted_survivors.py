@@ -222,3 +222,52 @@ def test_text_offsets_are_where_each_token_text_starts(http):
     assert whole["logprobs"]["text_offset"] == starts and whole["text"] == "".join(texts)
     echoed = http.post("/v1/completions", json=body | {"echo": True, "logprobs": None}).json()
     assert echoed["choices"][0]["text"].startswith(body["prompt"])
+
+
+@requires("fastapi")
+@requires("httpx")
+def test_a_completion_without_max_tokens_gets_openais_16(http):
+    """S8: /v1/completions' default max_tokens is OpenAI's 16 (eos suppressed so the greedy
+    answer runs to its limit)."""
+    done = http.post("/v1/completions", json={"prompt": [5, 6, 7], "temperature": 0,
+                                              "logit_bias": {"2": -100}}).json()
+    assert (done["usage"]["completion_tokens"], done["choices"][0]["finish_reason"]) == \
+        (16, "length")
+
+
+@requires("fastapi")
+@requires("httpx")
+def test_health_is_503_once_the_engine_has_stopped(make_model):
+    """S12: /health answers 200 while the engine runs, 503 with status "stopped" after."""
+    import httpx
+
+    from plt_port.app.commands.serve import open_server, start_in_thread
+
+    engine, app = open_server(make_model(), "torch")
+    server, thread, url = start_in_thread(app)
+    try:
+        up = httpx.get(f"{url}/health", timeout=30)
+        engine.close()
+        down = httpx.get(f"{url}/health", timeout=30)
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        engine.close()
+    assert (up.status_code, up.json()["status"]) == (200, "ok")
+    assert (down.status_code, down.json()["status"]) == (503, "stopped")
+
+
+@requires("fastapi")
+@requires("httpx")
+def test_anthropic_honours_every_stop_sequence(http):
+    """S13: the second of two stop_sequences ends the message (stop_reason stop_sequence,
+    stop_sequence the one matched) like the first would."""
+    messages = [{"role": "user", "content": "def fib(n):\n    "}]
+    body = {"model": http.get("/v1/models").json()["data"][0]["id"], "messages": messages,
+            "max_tokens": 16, "temperature": 0, "logit_bias": {"2": -100}}
+    full = http.post("/v1/messages", json=body).json()["content"][0]["text"]
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip(), full
+    cut = http.post("/v1/messages", json=body | {"stop_sequences": ["\x00never", stop]}).json()
+    assert (cut["stop_reason"], cut["stop_sequence"]) == ("stop_sequence", stop)
+    assert cut["content"][0]["text"] == full[:full.index(stop)]
