@@ -271,3 +271,28 @@ def test_anthropic_honours_every_stop_sequence(http):
     cut = http.post("/v1/messages", json=body | {"stop_sequences": ["\x00never", stop]}).json()
     assert (cut["stop_reason"], cut["stop_sequence"]) == ("stop_sequence", stop)
     assert cut["content"][0]["text"] == full[:full.index(stop)]
+
+
+# ---- tool-call and reasoning parsers -------------------------------------------------------
+def test_qwen3_coder_enum_parameters_stay_strings():
+    """T3: a parameter the schema types "enum" (vLLM's string-like types) keeps its text, even
+    when it reads as JSON; "integer" is parsed."""
+    from plt_port.app.tool_parsers import Qwen3CoderFormat, parse_tool_calls
+
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"level": {"type": "enum"}, "n": {"type": "integer"}}}}}]
+    text = ("<tool_call>\n<function=pick>\n<parameter=level>\n10\n</parameter>\n"
+            "<parameter=n>\n10\n</parameter>\n</function>\n</tool_call>")
+    _, calls = parse_tool_calls(text, Qwen3CoderFormat(tools))
+    assert [c.arguments for c in calls] == ['{"level": "10", "n": 10}']
+
+
+def test_a_hermes_body_with_other_keys_is_not_a_call():
+    """T4: Hermes bodies are {"name", "arguments"}; another key makes it text (kept whole)."""
+    from plt_port.app.tool_parsers import HermesFormat, parse_tool_calls
+
+    text = '<tool_call>{"name": "f", "arguments": {}, "extra": 1}</tool_call>'
+    assert parse_tool_calls(text, HermesFormat()) == (text, [])
+    ok = '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'
+    assert [c.arguments for c in parse_tool_calls(ok, HermesFormat())[1]] == ['{"a": 1}']
+
