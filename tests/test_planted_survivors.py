@@ -296,3 +296,19 @@ def test_a_hermes_body_with_other_keys_is_not_a_call():
     ok = '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'
     assert [c.arguments for c in parse_tool_calls(ok, HermesFormat())[1]] == ['{"a": 1}']
 
+
+
+# ---- grammars ------------------------------------------------------------------------------
+def test_strict_mode_leaves_an_object_with_pattern_properties_open():
+    """G3: OpenAI's strict mode closes objects that say nothing about other properties; one
+    with patternProperties allows the keys they match, so it is left as it is."""
+    from runtimes.grammar import closed_objects
+
+    open_keys = {"type": "object", "properties": {"a": {"type": "integer"}},
+                 "patternProperties": {"^x_": {"type": "string"}}}
+    nested = {"type": "object", "properties": {"inner": open_keys,
+                                               "plain": {"type": "object", "properties": {}}}}
+    closed = closed_objects(nested)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["plain"]["additionalProperties"] is False
+    assert closed["properties"]["inner"] == open_keys
