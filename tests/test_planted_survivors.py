@@ -312,3 +312,97 @@ def test_strict_mode_leaves_an_object_with_pattern_properties_open():
     assert closed["additionalProperties"] is False
     assert closed["properties"]["plain"]["additionalProperties"] is False
     assert closed["properties"]["inner"] == open_keys
+
+
+# ---- the prompt cache and rewinds ----------------------------------------------------------
+def prefill_counter(backend, monkeypatch) -> list[int]:
+    """Tokens every later prefill chunk of `backend` runs (a list of one counter)."""
+    count, chunk = [0], backend.prefill_chunk
+
+    def counted(caches, ids, start, num_new, trace=False):
+        count[0] += int(num_new.max())
+        return chunk(caches, ids, start, num_new, trace=trace)
+
+    monkeypatch.setattr(backend, "prefill_chunk", counted)
+    return count
+
+
+def test_prompt_cache_hit_tokens_are_the_tokens_not_prefilled(make_model, monkeypatch):
+    """P2: an entry of 600 tokens (journal: its last 256; snapshots at 256 and 512) and a
+    prompt sharing its first 300: the rewind restores the snapshot at 256 and prefills the
+    rest, so 256 tokens are reused; hit_tokens counts those, not the 300 shared."""
+    from conftest import random_prompts
+    from runtimes.backends import load_backend
+    from runtimes.prompt_cache import PromptCache, history_policy
+
+    backend = load_backend("torch", make_model("plt", max_position_embeddings=1024), loops=2)
+    tokens = random_prompts([600], seed=8)[0]
+    cache = PromptCache(max_entries=2)
+    state, _ = backend.prefill([tokens], 608, history=history_policy(backend))
+    cache.insert(backend, state)
+    prompt = tokens[:300] + random_prompts([20], seed=9)[0]
+    prefilled = prefill_counter(backend, monkeypatch)
+    _, _, reused = cache.start(backend, prompt, 336)
+    assert reused == 256 and prefilled[0] == len(prompt) - 256
+    assert (cache.stats.hits, cache.stats.hit_tokens, cache.stats.queried_tokens) == \
+        (1, 256, len(prompt))
+
+
+@pytest.fixture
+def rewind_backend(tmp_path, tokenizer_dir):
+    from conftest import LOUD_STD, tiny_config
+    from plt_port.random_model import save_random_model
+    from runtimes.backends import load_backend
+
+    model_dir = save_random_model(tmp_path / "rewind", tiny_config("plt"), 0,
+                                  tokenizer_dir=tokenizer_dir, std=LOUD_STD)
+    return load_backend("torch", model_dir, loops=3)
+
+
+TOKENS = list(range(10, 50))
+
+
+def test_a_rewind_to_a_snapshot_keeps_that_snapshot(rewind_backend, monkeypatch):
+    """P4: rewinding to 8, a snapshot position, keeps the snapshot at 8: a later rewind to 9
+    prefills 1 token from it, not 5 from the one at 4."""
+    from runtimes.backends.history import HistoryPolicy
+
+    backend = rewind_backend
+    state, _ = backend.prefill([TOKENS[:30]], 64, history=HistoryPolicy(snapshot_every=4))
+    backend.rewind(state, 0, 8)
+    backend.extend(state, TOKENS[8:20])
+    prefilled = prefill_counter(backend, monkeypatch)
+    backend.rewind(state, 0, 9)
+    assert prefilled[0] == 1
+
+
+def test_a_rewind_to_the_journals_first_position_undoes(rewind_backend, monkeypatch):
+    """P6: the journal reaches back to its first record's start: a rewind to exactly there
+    is undone (nothing prefilled again), and equals a cold prefill."""
+    from runtimes.backends.history import HistoryPolicy
+
+    backend = rewind_backend
+    state, _ = backend.prefill([TOKENS[:30]], 64, history=HistoryPolicy(depth=6))
+    first = state.history.slots[0].journal_start
+    assert 0 < first <= 24
+    prefilled = prefill_counter(backend, monkeypatch)
+    backend.rewind(state, 0, first)
+    assert prefilled[0] == 0
+    cold, _ = backend.prefill([TOKENS[:first]], 64)
+    np.testing.assert_allclose(backend.extend(state, TOKENS[first:first + 3]),
+                               backend.extend(cold, TOKENS[first:first + 3]), atol=1e-5, rtol=0)
+
+
+def test_a_rewind_into_a_record_keeps_its_first_positions(rewind_backend, monkeypatch):
+    """P7: a rewind to one position past a record's start keeps that record's first position
+    in the journal, so a later rewind to the record's start is still an undo."""
+    from runtimes.backends.history import HistoryPolicy
+
+    backend = rewind_backend
+    state, _ = backend.prefill([TOKENS[:30]], 64, chunk_size=7, history=HistoryPolicy(depth=64))
+    record = next(r for r in state.history.slots[0].journal if r.start > 0 and r.count >= 2)
+    backend.rewind(state, 0, record.start + 1)
+    backend.extend(state, TOKENS[record.start + 1:record.start + 4])
+    prefilled = prefill_counter(backend, monkeypatch)
+    backend.rewind(state, 0, record.start)
+    assert prefilled[0] == 0
