@@ -406,3 +406,23 @@ def test_a_rewind_into_a_record_keeps_its_first_positions(rewind_backend, monkey
     prefilled = prefill_counter(backend, monkeypatch)
     backend.rewind(state, 0, record.start)
     assert prefilled[0] == 0
+
+
+# ---- KV quantization -----------------------------------------------------------------------
+def test_quantized_kv_start_quantizes_at_exactly_start_tokens(make_model):
+    """K1: mlx-lm's quantized_kv_start: a call that leaves a sequence with >= start tokens
+    quantizes; 19 tokens of a start of 20 stay dense, the step to 20 quantizes, and so does
+    a prefill of exactly 20."""
+    from conftest import random_prompts
+    from runtimes.backends import load_backend
+
+    backend = load_backend("torch", make_model("plt", head_dim=32, plt_window_size=[15, 0]),
+                           loops=2, kv_bits=8, kv_group_size=32, quantized_kv_start=20)
+    prompt = random_prompts([20], seed=10)[0]
+    state, logits = backend.prefill([prompt[:19]], 32)
+    assert not backend.global_quantized(state.caches)
+    backend.step(state, logits.argmax(-1))
+    assert backend.global_quantized(state.caches)
+    exact, _ = backend.prefill([prompt], 32)
+    assert backend.global_quantized(exact.caches)
+    assert backend.cache_bytes(exact) == backend.expected_cache_bytes(1, 32, 4)
