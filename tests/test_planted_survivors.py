@@ -376,21 +376,20 @@ def test_a_rewind_to_a_snapshot_keeps_that_snapshot(rewind_backend, monkeypatch)
     assert prefilled[0] == 1
 
 
-def test_a_rewind_to_the_journals_first_position_undoes(rewind_backend, monkeypatch):
-    """P6: the journal reaches back to its first record's start: a rewind to exactly there
-    is undone (nothing prefilled again), and equals a cold prefill."""
+def test_the_journal_reaches_back_exactly_its_depth(rewind_backend, monkeypatch):
+    """P5, P6: a journal of depth 6 after a prefill of 30 holds positions 24..29; a rewind
+    to 24, its first position, is an undo (nothing prefilled again) equal to a cold prefill."""
     from runtimes.backends.history import HistoryPolicy
 
     backend = rewind_backend
     state, _ = backend.prefill([TOKENS[:30]], 64, history=HistoryPolicy(depth=6))
-    first = state.history.slots[0].journal_start
-    assert 0 < first <= 24
+    assert state.history.slots[0].journal_start == 24
     prefilled = prefill_counter(backend, monkeypatch)
-    backend.rewind(state, 0, first)
+    backend.rewind(state, 0, 24)
     assert prefilled[0] == 0
-    cold, _ = backend.prefill([TOKENS[:first]], 64)
-    np.testing.assert_allclose(backend.extend(state, TOKENS[first:first + 3]),
-                               backend.extend(cold, TOKENS[first:first + 3]), atol=1e-5, rtol=0)
+    cold, _ = backend.prefill([TOKENS[:24]], 64)
+    np.testing.assert_allclose(backend.extend(state, TOKENS[24:27]),
+                               backend.extend(cold, TOKENS[24:27]), atol=1e-5, rtol=0)
 
 
 def test_a_rewind_into_a_record_keeps_its_first_positions(rewind_backend, monkeypatch):
