@@ -79,7 +79,8 @@ def test_time_to_first_token_is_measured_from_the_prefill(make_model):
         engine.submit(Request([1, 2, 3], 3, events.put))
         first = events.get(timeout=30)
         received = time.perf_counter()
-        events_of(events) if first.finish_reason is None else None
+        if first.finish_reason is None:
+            events_of(events)
     finally:
         engine.close()
     stats = first.stats
