@@ -39,7 +39,7 @@ from runtimes.grammar import AnswerFormat, json_answer
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
 from .service import APIError, ChoiceEvent, SamplingFields, Service, Strict, bad_request, \
-    event_stream, matched_stop, whole_response
+    event_stream, matched_stop, stop_strings, whole_response
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
@@ -405,7 +405,7 @@ async def messages(service: Service, body: MessagesBody, http_request: HTTPReque
         service.options.tool_call_parser, service.options.reasoning_parser, tools,
         body.tool_choice is None or body.tool_choice.type != "none", prompt.text)
     grammar = forced_output(service, forced(body), reader)
-    stop = body.stop_sequences or []
+    stop = stop_strings(body.stop_sequences, "stop_sequences")
     generation = service.submit(prompt.ids, body.max_tokens, body.sampling(service), stop,
                                 service.loops_for(body.model, body.loops),
                                 http_request=http_request, grammar=grammar)

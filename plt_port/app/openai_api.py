@@ -38,7 +38,7 @@ from runtimes.grammar import AnswerFormat, response_format_answer, structured_ou
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output, refused_as
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
 from .service import APIError, ChoiceEvent, Generation, SamplingFields, Service, Strict, \
-    bad_request, event_stream, skippable, sse_data, whole_response
+    bad_request, event_stream, skippable, sse_data, stop_strings, whole_response
 
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -314,7 +314,8 @@ async def completions(service: Service, body: CompletionBody, http_request: HTTP
                             AnswerReader())
     generation = service.submit(
         prompt_ids, body.max_tokens if body.max_tokens is not None
-        else DEFAULT_COMPLETION_MAX_TOKENS, body.sampling(service), body.stop,
+        else DEFAULT_COMPLETION_MAX_TOKENS, body.sampling(service),
+        stop_strings(body.stop, "stop"),
         service.loops_for(body.model, body.loops), body.n or 1, body.logprobs, http_request,
         grammar=grammar)
 
@@ -483,7 +484,8 @@ async def chat_completions(service: Service, body: ChatBody, http_request: HTTPR
         else body.max_tokens
     generation = service.submit(
         prompt.ids, service.chat_max_tokens(requested, len(prompt.ids)),
-        body.sampling(service), body.stop, service.loops_for(body.model, body.loops),
+        body.sampling(service), stop_strings(body.stop, "stop"),
+        service.loops_for(body.model, body.loops),
         body.n or 1, (body.top_logprobs or 0) if body.logprobs else None, http_request,
         limit_param, grammar)
 

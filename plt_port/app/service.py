@@ -34,7 +34,8 @@ from .server_options import ServerOptions
 
 log = logging.getLogger("plt_port.app.server")
 
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS = 16  # vLLM sets no bound, OpenAI 4: this keeps vLLM clients working
+MAX_STOP_CHARS = 16384  # all stop strings together (a stop string cannot outlast the context)
 DISCONNECT_POLL_S = 1.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -65,6 +66,18 @@ def api_error(exc: BaseException) -> APIError:
 
 def bad_request(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param)
+
+
+def stop_strings(stop: str | Sequence[str] | None, param: str) -> list[str]:
+    """A request's stop strings, bounded in number and in total length."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise bad_request(param, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    chars = sum(map(len, stop))
+    if chars > MAX_STOP_CHARS:
+        raise bad_request(param, f"at most {MAX_STOP_CHARS} characters of stop strings in "
+                                 f"all, got {chars}")
+    return stop
 
 
 class Strict(BaseModel):
@@ -321,7 +334,7 @@ class Service:
         return max(min(self.options.default_max_tokens, self.context - prompt_tokens + 1), 1)
 
     def submit(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
-               stop: str | Sequence[str] | None, loops: int, n: int = 1,
+               stop: Sequence[str], loops: int, n: int = 1,
                top_logprobs: int | None = None, http_request: HTTPRequest | None = None,
                max_tokens_param: str = "max_tokens", grammar: Grammar | None = None
                ) -> Generation:
@@ -332,9 +345,6 @@ class Service:
         if not 1 <= n <= self.engine.max_batch:
             raise bad_request("n", f"must be in 1..{self.engine.max_batch} (the server's "
                                    f"--max-batch), got {n}")
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stop) > MAX_STOP_STRINGS:
-            raise bad_request("stop", f"at most {MAX_STOP_STRINGS} stop strings")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
