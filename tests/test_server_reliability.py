@@ -154,3 +154,130 @@ def test_stop_strings_are_bounded_in_number_and_length_at_the_boundary(server):
         "model": "plt", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}],
         "stop_sequences": ["q" * (MAX_STOP_CHARS + 1)]})
     assert anthropic.status_code == 400 and "stop_sequences" in anthropic.text
+
+
+# ---- request bodies --------------------------------------------------------------------------
+LIMIT = 4096
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    from plt_port.app.server_options import ServerOptions
+
+    running = Running(server_options=ServerOptions(max_request_bytes=LIMIT))
+    yield running
+    running.stop()
+
+
+def raw_exchange(url: str, request: bytes) -> tuple[bytes, bool]:
+    """(the response's bytes, whether the server then closed the connection)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += sock.recv(65536)
+        sock.settimeout(1)  # uvicorn closes an idle connection after 5 s
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        return head + b"\r\n\r\n" + body, closed
+
+
+def padded_body(size: int) -> bytes:
+    """A completion request of exactly `size` bytes."""
+    import json
+
+    body = {"prompt": "", "max_tokens": 1}
+    body["prompt"] = "x" * (size - len(json.dumps(body)))
+    data = json.dumps(body).encode()
+    assert len(data) == size
+    return data
+
+
+def test_the_body_limit_is_413_json_past_it_and_closes_the_connection(small_server):
+    import json
+
+    exact = small_server.post("/v1/completions", None, content=padded_body(LIMIT),
+                              headers={"content-type": "application/json"})
+    assert exact.status_code != 413, exact.text
+    over = padded_body(LIMIT + 1)
+    response, closed = raw_exchange(small_server.url, b"POST /v1/completions HTTP/1.1\r\n"
+                                    b"Host: x\r\nContent-Type: application/json\r\n"
+                                    b"Content-Length: %d\r\n\r\n" % len(over) + over)
+    assert response.startswith(b"HTTP/1.1 413") and closed
+    error = json.loads(response.partition(b"\r\n\r\n")[2])["error"]
+    assert "--max-request-bytes" in error["message"] and str(LIMIT) in error["message"]
+
+    def chunks():  # no Content-Length: the limit counts what arrives
+        yield over[:LIMIT // 2]
+        yield over[LIMIT // 2:]
+
+    chunked = small_server.post("/v1/messages", None, content=chunks())
+    assert chunked.status_code == 413 and chunked.json()["type"] == "error"
+
+
+def test_transfer_encoding_with_content_length_is_answered_then_closed(server):
+    body = b'{"prompt": "def f", "max_tokens": 1}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    response, closed = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n" % len(chunked)
+                                    + chunked)
+    assert response.startswith(b"HTTP/1.1 400") and b"Transfer-Encoding" in response and closed
+    response, closed = raw_exchange(server.url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 200") and not closed  # keep-alive otherwise
+
+
+def test_head_health_is_200(server):
+    import httpx
+
+    response = httpx.head(f"{server.url}/health", timeout=30)
+    assert response.status_code == 200 and response.content == b""
+
+
+def test_a_prompt_list_of_a_million_items_is_one_error_in_bounded_memory():
+    import tracemalloc
+
+    from pydantic import ValidationError
+
+    from plt_port.app.openai_api import CompletionBody
+
+    body = {"prompt": ["a"] + [7] * 1_000_000}  # neither a list of strings nor of ids
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValidationError) as caught:
+            CompletionBody.model_validate(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(caught.value.errors()) == 1 and peak < 5_000_000
+
+
+def test_long_lists_in_a_request_get_one_400_naming_the_field(server):
+    from plt_port.app.service import MAX_MESSAGES
+
+    context = server.engine.backend.config.max_position_embeddings
+    ids = server.post("/v1/completions", {"prompt": [1] * (context + 1), "max_tokens": 1})
+    assert error_of(ids)["param"] == "prompt" and "context" in error_of(ids)["message"]
+    assert server.post("/v1/completions", {"prompt": [1] * (context - 1),
+                                           "max_tokens": 1}).status_code == 200
+    mixed = server.post("/v1/completions", {"prompt": [1] * 100_000 + ["a"], "max_tokens": 1})
+    assert error_of(mixed)["param"] == "prompt"
+    turn = {"role": "user", "content": "hi"}
+    many = server.post("/v1/chat/completions", {"messages": [turn] * (MAX_MESSAGES + 1)})
+    assert error_of(many)["param"] == "messages"
+    at_bound = server.post("/v1/chat/completions", {"messages": [turn] * MAX_MESSAGES})
+    assert at_bound.json()["error"]["param"] != "messages"  # the context refuses it
+    blocks = server.post("/v1/messages", {"model": "x", "max_tokens": 1, "messages": [
+        {"role": "user", "content": [{"type": "nope"}] * 200_000}]})
+    assert blocks.status_code == 400 and blocks.json()["type"] == "error"

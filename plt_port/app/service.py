@@ -17,11 +17,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Annotated
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from plt_port.config import MAX_LOOPS
 from plt_port.errors import PLTError
@@ -80,6 +81,20 @@ def stop_strings(stop: str | Sequence[str] | None, param: str) -> list[str]:
     return stop
 
 
+MAX_MESSAGES = 8192  # a chat's turns (each costs a few tokens of the template at least)
+
+
+def items(item_type, max_items: int | None = None):
+    """`list[item_type]` validated up to its first bad item: one error, where a plain list
+    builds one per bad item (a body of a million of them, a million errors)."""
+    return Annotated[list[item_type], Field(max_length=max_items, fail_fast=True)]
+
+
+def mapping(value_type):
+    """`dict[str, value_type]` validated up to its first bad value (as `items`)."""
+    return Annotated[dict[str, value_type], Field(fail_fast=True)]
+
+
 class Strict(BaseModel):
     """A request body part that refuses fields it does not define."""
 
@@ -95,7 +110,7 @@ class SamplingFields(Strict):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: mapping(float) | None = None
     top_k: int | None = None        # 0 or -1: off
     min_p: float | None = None
     repetition_penalty: float | None = None

@@ -28,7 +28,8 @@ from plt_port.app.commands.cache_prompt import add_prompt_cache_arguments, promp
 from plt_port.app.commands.generate import (BACKEND_HELP, add_backend_arguments, backend_options,
                                             resolve_model)
 from plt_port.app.reasoning import REASONING_PARSERS
-from plt_port.app.server_options import DEFAULT_CHAT_MAX_TOKENS, ServerOptions
+from plt_port.app.server_options import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_MAX_REQUEST_BYTES,
+                                         ServerOptions)
 from plt_port.app.tool_parsers import TOOL_PARSERS, resolve_tool_parser
 from plt_port.errors import PLTError
 
@@ -77,6 +78,10 @@ def add_arguments(parser):
     parser.add_argument("--max-tokens", type=positive_int, default=DEFAULT_CHAT_MAX_TOKENS,
                         help="answer length of a chat request that sets none, capped by the "
                              f"context left (default {DEFAULT_CHAT_MAX_TOKENS})")
+    parser.add_argument("--max-request-bytes", type=positive_int,
+                        default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="largest request body; larger ones get 413 (default "
+                             f"{DEFAULT_MAX_REQUEST_BYTES}: a 128k-token context of text)")
     add_prompt_cache_arguments(parser)
     parser.add_argument("--bench", type=positive_int, metavar="STREAMS",
                         help="measure 1 vs STREAMS concurrent streams on a local port and exit")
@@ -166,7 +171,8 @@ def run(args):
     server_options = ServerOptions(
         api_key=args.api_key or os.environ.get("PLT_PORT_API_KEY") or None,
         allowed_origins=tuple(args.allowed_origins), tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser, default_max_tokens=args.max_tokens)
+        reasoning_parser=args.reasoning_parser, default_max_tokens=args.max_tokens,
+        max_request_bytes=args.max_request_bytes)
     engine, app = open_server(args.model, args.backend, args.loops, max_batch=args.max_batch,
                               max_queue=args.max_queue, decode_mode=args.decode,
                               options=backend_options(args.backend, args),
