@@ -281,3 +281,82 @@ def test_long_lists_in_a_request_get_one_400_naming_the_field(server):
     blocks = server.post("/v1/messages", {"model": "x", "max_tokens": 1, "messages": [
         {"role": "user", "content": [{"type": "nope"}] * 200_000}]})
     assert blocks.status_code == 400 and blocks.json()["type"] == "error"
+
+
+# ---- shutdown --------------------------------------------------------------------------------
+def read_stream(port: int, path: str, body: dict, started, seen: list) -> None:
+    """Read one stream to its end: `seen` gets its lines, or the exception that cut it."""
+    import httpx
+
+    try:
+        with httpx.stream("POST", f"http://127.0.0.1:{port}{path}", json=body,
+                          timeout=60) as response:
+            for line in response.iter_lines():
+                seen.append(line)
+                started.release()
+    except Exception as exc:  # noqa: BLE001 (a cut stream: httpx.RemoteProtocolError)
+        seen.append(exc)
+    started.release()
+
+
+def serve_process(*args):
+    import os
+    import subprocess
+
+    import httpx
+
+    from plt_port.app.commands.serve import free_port
+
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen([sys.executable, "-m", "plt_port.app.cli", "serve", "--port",
+                                str(port), "--threads", "1", *args], cwd=root,
+                               stderr=subprocess.PIPE, text=True,
+                               env=os.environ | {"PYTHONPATH": root})
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return process, port
+        except httpx.TransportError:
+            assert process.poll() is None, process.stderr.read()
+            __import__("time").sleep(0.1)
+    raise AssertionError("the server did not start")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_ends_every_stream_cleanly_closes_the_engine_and_exits_0(sig):
+    import signal
+    import threading
+
+    import httpx
+
+    process, port = serve_process("--max-batch", "4")
+    try:
+        model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+        greedy = {"max_tokens": 2000, "temperature": 0, "stream": True}  # no eos before 2000
+        streams = [("/v1/completions", greedy | {"prompt": f"def f{i}"}) for i in range(3)]
+        streams.append(("/v1/messages", greedy | {
+            "model": model, "messages": [{"role": "user", "content": "def g"}]}))
+        started, seen = threading.Semaphore(0), [[] for _ in streams]
+        threads = [threading.Thread(target=read_stream, args=(port, path, body, started, out))
+                   for (path, body), out in zip(streams, seen)]
+        for thread in threads:
+            thread.start()
+        for _ in threads:
+            assert started.acquire(timeout=60)  # every stream has sent something
+        process.send_signal(getattr(signal, sig))
+        for thread in threads:
+            thread.join(30)
+        assert process.wait(timeout=30) == 0
+        stderr = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    for lines in seen[:3]:
+        assert lines[-2:] == ["data: [DONE]", ""] or lines[-1:] == ["data: [DONE]"], lines[-4:]
+        errors = [line for line in lines if line.startswith('data: {"error"')]
+        assert len(errors) == 1 and "shutting down" in errors[0]
+    assert "event: error" in seen[3] and "shutting down" in "".join(seen[3][-3:]), seen[3][-6:]
+    assert "Traceback" not in stderr and "plt-port serve: stopped" in stderr

@@ -289,13 +289,15 @@ def events_by_choice(events: list[ChoiceEvent]) -> dict[int, list[TokenEvent]]:
 
 
 def openai_stream(service, generation, usage_chunk: bool, chunks, empty_chunk):
-    """Server-sent events: `chunks(events)` per batch, a usage chunk when asked, [DONE]."""
+    """Server-sent events: `chunks(events)` per batch, a usage chunk when asked, [DONE]; an
+    error after the first chunk is an error event, then [DONE] (as vLLM's)."""
     def end():
         usage = sse_data(empty_chunk() | {"usage": generation.usage()}) if usage_chunk else ""
         return usage + "data: [DONE]\n\n"
 
     return event_stream(generation, lambda events: "".join(map(sse_data, chunks(events))),
-                        end, lambda error: sse_data(error_body(error)), error_response)
+                        end, lambda error: sse_data(error_body(error)) + "data: [DONE]\n\n",
+                        error_response)
 
 
 # ---- /v1/completions -----------------------------------------------------------------------------

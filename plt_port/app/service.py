@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated
@@ -63,6 +64,10 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc))
     log.error("internal error", exc_info=exc)
     return APIError(500, "internal server error; the server log has the details", "server_error")
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", "server_error", code="shutting_down")
 
 
 def bad_request(param: str, message: str) -> APIError:
@@ -176,7 +181,7 @@ class ServerMetrics:
 ChoiceEvent = tuple[int, TokenEvent]  # (choice index, token event)
 
 
-@dataclass
+@dataclass(eq=False)  # one per API call: compared and hashed by identity
 class Generation:
     """The requests of one API call (one per choice) and their token events, read on the
     event loop."""
@@ -303,6 +308,15 @@ class Service:
             f"{model_name}@loops={k}": k for k in range(1, MAX_LOOPS + 1)}
         self.created = int(time.time())
         self.compiler: GrammarCompiler | None = None
+        self.generations: weakref.WeakSet[Generation] = weakref.WeakSet()  # those in flight
+        self.stopping = False
+
+    def stop_generations(self) -> None:
+        """The server is stopping: every generation in flight ends with a 503 (a stream's
+        last event) and new ones are refused."""
+        self.stopping = True
+        for generation in list(self.generations):
+            generation.events.put_nowait((0, shutting_down()))
 
     def grammar_compiler(self) -> GrammarCompiler:
         """The model's grammar compiler: its vocabulary is built on the first request with
@@ -355,6 +369,8 @@ class Service:
                ) -> Generation:
         """Queue n sequences of one prompt (seeds seed, seed+1, ... when a seed is given),
         each following `grammar` with its own matcher when one is given."""
+        if self.stopping:
+            raise shutting_down()
         if max_tokens < 1:
             raise bad_request(max_tokens_param, f"must be >= 1, got {max_tokens}")
         if not 1 <= n <= self.engine.max_batch:
@@ -374,6 +390,7 @@ class Service:
         self.engine.submit(requests[0])
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         generation = Generation(requests, events, self.metrics)
+        self.generations.add(generation)
         if http_request is not None:
             http_request.state.generation = generation  # read by the access log
         return generation

@@ -4,11 +4,11 @@ NAME] [--reasoning-parser NAME]: an OpenAI- and Anthropic-compatible server with
 batching.
 
 Without --model it serves the embedded two-loop model. Each request gets one access-log line
-on stderr. Ctrl-C stops it: requests in flight
-get GRACEFUL_SHUTDOWN_S to finish, then are cancelled. `--bench STREAMS` starts the server on
-a free local port, measures one stream and STREAMS concurrent ones over HTTP (the best of
-BENCH_ROUNDS alternating rounds of each), prints the figures and the server's /metrics
-(all rounds), and exits.
+on stderr. Ctrl-C or SIGTERM stops it: requests in flight end with a 503 (a stream with an
+error event and its clean end), the engine closes, and the command exits 0. `--bench
+STREAMS` starts the server on a free local port, measures one stream and STREAMS concurrent
+ones over HTTP (the best of BENCH_ROUNDS alternating rounds of each), prints the figures and
+the server's /metrics (all rounds), and exits.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -141,8 +142,20 @@ def log_access_to_stderr() -> None:
 def uvicorn_server(app, host: str, port: int):
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    class Server(uvicorn.Server):
+        """uvicorn's server; on shutdown the streams in flight end first, with an error
+        event, so their connections close cleanly within the grace period."""
+
+        async def shutdown(self, sockets=None):
+            app.state.service.stop_generations()
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def start_in_thread(app, host: str = "127.0.0.1", port: int | None = None):
@@ -190,9 +203,10 @@ def run(args):
               f"{'API key required; ' if server_options.api_key else ''}Ctrl-C stops)",
               file=sys.stderr, flush=True)
         log_access_to_stderr()
+        signal.signal(signal.SIGTERM, interrupt)  # a stop like Ctrl-C's, ending in exit 0
         try:
             uvicorn_server(app, args.host, args.port).run()
-        except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down
+        except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
             pass
     finally:
         engine.close()
