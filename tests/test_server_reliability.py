@@ -105,14 +105,14 @@ def test_a_one_mib_stop_string_costs_work_linear_in_the_text():
 
 # ---- the server ------------------------------------------------------------------------------
 class Running:
-    """A server on a free 127.0.0.1 port in this process (the embedded model)."""
+    """A server on a free 127.0.0.1 port in this process (default: the embedded model)."""
 
-    def __init__(self, **options):
+    def __init__(self, model_dir: str | None = None, backend: str = "torch", **options):
         from plt_port.app.commands.serve import open_server, start_in_thread
         from plt_port.family import default_model_dir
 
-        self.engine, app = open_server(default_model_dir(), "torch", **options)
-        self.server, self.thread, self.url = start_in_thread(app)
+        self.engine, self.app = open_server(model_dir or default_model_dir(), backend, **options)
+        self.server, self.thread, self.url = start_in_thread(self.app)
 
     def post(self, path: str, body, **kwargs):
         import httpx
@@ -360,3 +360,35 @@ def test_a_signal_ends_every_stream_cleanly_closes_the_engine_and_exits_0(sig):
         assert len(errors) == 1 and "shutting down" in errors[0]
     assert "event: error" in seen[3] and "shutting down" in "".join(seen[3][-3:]), seen[3][-6:]
     assert "Traceback" not in stderr and "plt-port serve: stopped" in stderr
+
+
+# ---- small items -----------------------------------------------------------------------------
+def test_sampling_errors_name_their_field(server):
+    for field, value in [("temperature", -1), ("top_p", 0), ("min_p", 2),
+                         ("presence_penalty", 3)]:
+        error = error_of(server.post("/v1/completions", {"prompt": "def f", "max_tokens": 1,
+                                                         field: value}))
+        assert error["param"] == field, error
+
+
+def test_a_model_directory_deleted_under_an_onnx_server_gives_a_500_without_its_path(
+        tmp_path):
+    import shutil
+
+    from plt_port.family import default_model_dir
+    from runtimes.backends import backend_unavailable_reason
+
+    if backend_unavailable_reason("onnx"):
+        pytest.skip(backend_unavailable_reason("onnx"))
+    model_dir = tmp_path / "served-model"
+    shutil.copytree(default_model_dir(), model_dir)
+    running = Running(str(model_dir), "onnx")
+    try:
+        model = running.app.state.service.model_name
+        shutil.rmtree(model_dir)
+        response = running.post("/v1/completions", {"model": f"{model}@loops=3",
+                                                    "prompt": "def f", "max_tokens": 1})
+        assert response.status_code == 500 and str(tmp_path) not in response.text
+        assert response.json()["error"]["type"] == "server_error"
+    finally:
+        running.stop()

@@ -30,7 +30,7 @@ from plt_port.errors import PLTError
 from runtimes.engine import BatchEngine, QueueFullError, Request, TokenEvent
 from runtimes.generate import ContextLengthError
 from runtimes.grammar import Grammar, GrammarCompiler, model_compiler
-from runtimes.sampling import SamplingParams
+from runtimes.sampling import SamplingError, SamplingParams
 
 from .server_options import ServerOptions
 
@@ -60,6 +60,8 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(429, str(exc), "rate_limit_error", code="queue_full")
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, SamplingError):
+        return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, PLTError):
         return APIError(400, str(exc))
     log.error("internal error", exc_info=exc)

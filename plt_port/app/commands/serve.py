@@ -36,6 +36,10 @@ from plt_port.errors import PLTError
 
 
 GRACEFUL_SHUTDOWN_S = 5
+
+
+class ModelLoadError(RuntimeError):
+    """A served model that no longer loads (a 500: its paths stay in the server log)."""
 BENCH_ROUNDS = 3
 BENCH_PROMPTS = ("def parse_args(argv):\n    ", "class Cache:\n    def __init__(self", "import os\n\n",
                  "def walk(root):\n    for ", "    return sorted(", "with open(path) as f:\n    ")
@@ -112,8 +116,12 @@ def open_server(model_dir: str, backend: str = "torch", loops: int | None = None
         server_options.tool_call_parser, tokenizer.chat_template))
 
     def load(at_loops):
-        return load_backend(backend, model_dir, loops=loops if at_loops is None else at_loops,
-                            **(options or {}))
+        if at_loops is None:  # at the start: a bad model is the command's error
+            return load_backend(backend, model_dir, loops=loops, **(options or {}))
+        try:
+            return load_backend(backend, model_dir, loops=at_loops, **(options or {}))
+        except PLTError as exc:  # the model changed under the server: not the client's fault
+            raise ModelLoadError(f"could not load the model for {at_loops} loops") from exc
 
     engine = BatchEngine(load, tokenizer, max_batch=max_batch, max_queue=max_queue,
                          decode_mode=decode_mode, prompt_cache=prompt_cache).start()
