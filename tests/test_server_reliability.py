@@ -7,6 +7,7 @@ Transfer-Encoding with Content-Length), and a bounded fuzz of the HTTP layer.
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 
 import pytest
@@ -392,3 +393,99 @@ def test_a_model_directory_deleted_under_an_onnx_server_gives_a_500_without_its_
         assert response.json()["error"]["type"] == "server_error"
     finally:
         running.stop()
+
+
+# ---- the HTTP fuzzer -------------------------------------------------------------------------
+PATHS = ["/v1/completions", "/v1/chat/completions", "/v1/messages",
+         "/v1/messages/count_tokens", "/v1/models", "/v1/models/plt-stdlib-L2@loops=2",
+         "/health", "/metrics", "/nowhere"]
+BASES = {  # a valid body of each route, which the fuzzer then bends
+    "/v1/completions": {"prompt": "def f", "max_tokens": 2},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/v1/messages": {"model": "plt-stdlib-L2", "max_tokens": 2,
+                     "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/messages/count_tokens": {"model": "plt-stdlib-L2",
+                                  "messages": [{"role": "user", "content": "hi"}]},
+}
+FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "n", "stop",
+          "stop_sequences", "stream", "stream_options", "temperature", "top_p", "top_k",
+          "min_p", "seed", "logit_bias", "logprobs", "top_logprobs", "echo", "tools",
+          "tool_choice", "response_format", "structured_outputs", "guided_regex",
+          "guided_choice", "guided_json", "loops", "model", "system", "thinking", "suffix",
+          "best_of", "repetition_penalty", "presence_penalty", "chat_template_kwargs",
+          "metadata", "user", "content", "role", "x"]
+
+
+def fuzz_strategies():
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | \
+        st.floats(allow_nan=False) | st.text(max_size=40)
+    json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
+        st.sampled_from(FIELDS) | st.text(max_size=8), inner, max_size=5), max_leaves=25)
+    small = st.integers(-3, 6)  # answer lengths that keep the run short
+    overrides = st.dictionaries(st.sampled_from(FIELDS), json_values | small, max_size=4)
+    path = st.sampled_from(PATHS)
+
+    def body_for(path, data):
+        base = BASES.get(path, {})
+        bent = base | data.draw(overrides)
+        for field in ("max_tokens", "max_completion_tokens", "n"):
+            if isinstance(bent.get(field), int) and bent[field] > 6:
+                bent[field] = 6
+        return bent
+
+    headers = st.dictionaries(
+        st.sampled_from(["content-type", "authorization", "x-api-key", "accept", "x-any",
+                         "anthropic-version", "content-encoding"]),
+        st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30).map(str.strip),
+        max_size=3)  # (httpx refuses to send a value with spaces around it)
+    raw = st.binary(max_size=200) | st.text(max_size=200).map(str.encode)
+    return path, body_for, headers, raw
+
+
+def check_answer(response) -> None:
+    assert response.status_code < 500 and response.status_code >= 200, response.text[:500]
+    kind = response.headers.get("content-type", "")
+    if response.request.method == "HEAD":
+        assert response.content == b""
+    elif kind.startswith("text/event-stream"):
+        for line in response.text.splitlines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                json.loads(line[6:])
+    elif kind.startswith("application/json"):
+        json.loads(response.text)
+    else:
+        assert response.request.url.path == "/metrics", (kind, response.text[:200])
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
+
+
+def test_fuzzed_requests_get_json_2xx_or_4xx_and_the_server_keeps_answering(server):
+    import httpx
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    path, body_for, headers, raw = fuzz_strategies()
+    client = httpx.Client(base_url=server.url, timeout=60)
+    before = rss_bytes()
+
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(path=path, data=st.data(), extra=headers, method=st.sampled_from(
+        ["POST", "POST", "POST", "GET", "HEAD", "PUT", "DELETE", "OPTIONS"]),
+        use_raw=st.booleans())
+    def one_request(path, data, extra, method, use_raw):
+        content = data.draw(raw) if use_raw else json.dumps(body_for(path, data)).encode()
+        request_headers = {"content-type": "application/json"} | extra
+        check_answer(client.request(method, path, content=content, headers=request_headers))
+
+    try:
+        one_request()
+        assert client.get("/health").status_code == 200
+    finally:
+        client.close()
+    assert rss_bytes() - before < 200 << 20
