@@ -227,6 +227,15 @@ def test_the_body_limit_is_413_json_past_it_and_closes_the_connection(small_serv
     assert chunked.status_code == 413 and chunked.json()["type"] == "error"
 
 
+def test_the_default_body_limit_fits_the_context_and_is_at_least_1_mib(server):
+    from plt_port.app.server_options import ServerOptions
+
+    assert ServerOptions().request_bytes_limit(128 * 1024) == 4 << 20  # 32 bytes a token
+    assert ServerOptions().request_bytes_limit(2048) == 1 << 20
+    assert ServerOptions(max_request_bytes=10).request_bytes_limit(128 * 1024) == 10
+    assert server.app.state.service.max_request_bytes == 1 << 20  # the embedded model's
+
+
 def test_transfer_encoding_with_content_length_is_answered_then_closed(server):
     body = b'{"prompt": "def f", "max_tokens": 1}'
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)

@@ -39,7 +39,8 @@ from runtimes.grammar import AnswerFormat, json_answer
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
 from .service import MAX_MESSAGES, APIError, ChoiceEvent, SamplingFields, Service, Strict, \
-    bad_request, event_stream, items, mapping, matched_stop, stop_strings, whole_response
+    bad_request, event_stream, items, mapping, matched_stop, off_loop, stop_strings, \
+    whole_response
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
@@ -399,7 +400,7 @@ async def messages(service: Service, body: MessagesBody, http_request: HTTPReque
     for name, why in REFUSED_FIELDS.items():
         if getattr(body, name) is not None:
             raise bad_request(name, why)
-    prompt = prompt_of(service, body)
+    prompt = await off_loop(prompt_of, service, body)
     tools = template_tools(body)
     reader = AnswerReader.for_request(
         service.options.tool_call_parser, service.options.reasoning_parser, tools,
@@ -468,5 +469,5 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens_route(body: CountTokensBody):
         service.loops_for(body.model, None)
-        return {"input_tokens": len(prompt_of(service, body).ids)}
+        return {"input_tokens": len((await off_loop(prompt_of, service, body)).ids)}
 

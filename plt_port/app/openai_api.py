@@ -38,8 +38,8 @@ from runtimes.grammar import AnswerFormat, response_format_answer, structured_ou
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output, refused_as
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
 from .service import MAX_MESSAGES, APIError, ChoiceEvent, Generation, SamplingFields, Service, \
-    Strict, bad_request, event_stream, items, mapping, skippable, sse_data, stop_strings, \
-    whole_response
+    Strict, bad_request, event_stream, items, mapping, off_loop, skippable, sse_data, \
+    stop_strings, whole_response
 
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -329,7 +329,7 @@ async def completions(service: Service, body: CompletionBody, http_request: HTTP
     check_completion_fields(body)
     usage_chunk = check_stream_options(body)
     tokenizer = service.tokenizer
-    prompt_ids = completion_prompt(service, body)
+    prompt_ids = await off_loop(completion_prompt, service, body)
     echo = tokenizer.decode(prompt_ids) if body.echo else ""
     answer, answer_param = requested_answer(body)
     grammar = forced_output(service, ForcedOutput(answer=answer, answer_param=answer_param),
@@ -496,8 +496,8 @@ async def chat_completions(service: Service, body: ChatBody, http_request: HTTPR
     usage_chunk = check_stream_options(body)
     tokenizer = service.tokenizer
     tools = forced.tools or None
-    prompt = render_chat(tokenizer, template_messages(body.messages), tools,
-                         body.chat_template_kwargs)
+    prompt = await off_loop(lambda: render_chat(tokenizer, template_messages(body.messages),
+                                                tools, body.chat_template_kwargs))
     reader = chat_reader(service, body, tools, prompt.text)
     grammar = forced_output(service, forced, reader)
     limit_param = "max_completion_tokens" if body.max_completion_tokens is not None \

@@ -108,8 +108,8 @@ class ServerMiddleware:
             # RFC 9112 6.3: a request smuggling attempt behind a proxy; answer, then close
             return APIError(400, "a request with both Transfer-Encoding and Content-Length")
         length = headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > self.service.options.max_request_bytes:
-            return too_large(self.service.options.max_request_bytes)
+        if not length.isdigit() or int(length) > self.service.max_request_bytes:
+            return too_large(self.service.max_request_bytes)
         return None
 
     async def __call__(self, scope, receive, send):
@@ -129,9 +129,9 @@ class ServerMiddleware:
                        for name, value in scope["headers"]}
             error = self.refusal(headers)
             body = None if error else \
-                await bounded_body(receive, self.service.options.max_request_bytes)
+                await bounded_body(receive, self.service.max_request_bytes)
             if error is None and body is None:
-                error = too_large(self.service.options.max_request_bytes)
+                error = too_large(self.service.max_request_bytes)
             if error is not None:  # the body is left unread: the connection ends here
                 response = error_response(scope["path"], error)
                 response.headers["connection"] = "close"

@@ -306,6 +306,7 @@ class Service:
         self.default_loops = engine.backend.loops
         self.context = engine.backend.config.max_position_embeddings
         self.vocab_size = engine.backend.config.vocab_size
+        self.max_request_bytes = options.request_bytes_limit(self.context)
         self.model_ids = {model_name: self.default_loops} | {
             f"{model_name}@loops={k}": k for k in range(1, MAX_LOOPS + 1)}
         self.created = int(time.time())
@@ -396,6 +397,12 @@ class Service:
         if http_request is not None:
             http_request.state.generation = generation  # read by the access log
         return generation
+
+
+async def off_loop(fn: Callable, *args):
+    """`fn(*args)` in a worker thread: a request's chat template and tokenization (seconds for
+    a long prompt) must not hold up the event loop (every other request, /health)."""
+    return await asyncio.to_thread(fn, *args)
 
 
 # ---- responses -----------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from plt_port.app.commands.cache_prompt import add_prompt_cache_arguments, promp
 from plt_port.app.commands.generate import (BACKEND_HELP, add_backend_arguments, backend_options,
                                             resolve_model)
 from plt_port.app.reasoning import REASONING_PARSERS
-from plt_port.app.server_options import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_MAX_REQUEST_BYTES,
-                                         ServerOptions)
+from plt_port.app.server_options import (DEFAULT_CHAT_MAX_TOKENS, MIN_MAX_REQUEST_BYTES,
+                                         REQUEST_BYTES_PER_TOKEN, ServerOptions)
 from plt_port.app.tool_parsers import TOOL_PARSERS, resolve_tool_parser
 from plt_port.errors import PLTError
 
@@ -84,9 +84,9 @@ def add_arguments(parser):
                         help="answer length of a chat request that sets none, capped by the "
                              f"context left (default {DEFAULT_CHAT_MAX_TOKENS})")
     parser.add_argument("--max-request-bytes", type=positive_int,
-                        default=DEFAULT_MAX_REQUEST_BYTES,
-                        help="largest request body; larger ones get 413 (default "
-                             f"{DEFAULT_MAX_REQUEST_BYTES}: a 128k-token context of text)")
+                        help="largest request body; larger ones get 413 (default: the "
+                             f"model's context at {REQUEST_BYTES_PER_TOKEN} bytes a token, at "
+                             f"least {MIN_MAX_REQUEST_BYTES}; 4 MiB for a 128k context)")
     add_prompt_cache_arguments(parser)
     parser.add_argument("--bench", type=positive_int, metavar="STREAMS",
                         help="measure 1 vs STREAMS concurrent streams on a local port and exit")
