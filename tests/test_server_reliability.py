@@ -289,7 +289,7 @@ def test_long_lists_in_a_request_get_one_400_naming_the_field(server):
     at_bound = server.post("/v1/chat/completions", {"messages": [turn] * MAX_MESSAGES})
     assert at_bound.json()["error"]["param"] != "messages"  # the context refuses it
     blocks = server.post("/v1/messages", {"model": "x", "max_tokens": 1, "messages": [
-        {"role": "user", "content": [{"type": "nope"}] * 200_000}]})
+        {"role": "user", "content": [{"type": "nope"}] * 60_000}]})
     assert blocks.status_code == 400 and blocks.json()["type"] == "error"
 
 
