@@ -295,7 +295,8 @@ def test_long_lists_in_a_request_get_one_400_naming_the_field(server):
 
 # ---- shutdown --------------------------------------------------------------------------------
 def read_stream(port: int, path: str, body: dict, started, seen: list) -> None:
-    """Read one stream to its end: `seen` gets its lines, or the exception that cut it."""
+    """Read one stream to its end: `seen` gets its lines, or the exception that cut it;
+    `started` is set at its first line."""
     import httpx
 
     try:
@@ -303,10 +304,10 @@ def read_stream(port: int, path: str, body: dict, started, seen: list) -> None:
                           timeout=60) as response:
             for line in response.iter_lines():
                 seen.append(line)
-                started.release()
+                started.set()
     except Exception as exc:  # noqa: BLE001 (a cut stream: httpx.RemoteProtocolError)
         seen.append(exc)
-    started.release()
+    started.set()
 
 
 def serve_process(*args):
@@ -348,13 +349,13 @@ def test_a_signal_ends_every_stream_cleanly_closes_the_engine_and_exits_0(sig):
         streams = [("/v1/completions", greedy | {"prompt": f"def f{i}"}) for i in range(3)]
         streams.append(("/v1/messages", greedy | {
             "model": model, "messages": [{"role": "user", "content": "def g"}]}))
-        started, seen = threading.Semaphore(0), [[] for _ in streams]
-        threads = [threading.Thread(target=read_stream, args=(port, path, body, started, out))
-                   for (path, body), out in zip(streams, seen)]
+        started, seen = [threading.Event() for _ in streams], [[] for _ in streams]
+        threads = [threading.Thread(target=read_stream, args=(port, path, body, event, out))
+                   for (path, body), event, out in zip(streams, started, seen)]
         for thread in threads:
             thread.start()
-        for _ in threads:
-            assert started.acquire(timeout=60)  # every stream has sent something
+        for event in started:
+            assert event.wait(timeout=60)  # every stream has sent something
         process.send_signal(getattr(signal, sig))
         for thread in threads:
             thread.join(30)
