@@ -153,8 +153,9 @@ def main() -> int:
         reset_peak(process.pid)
         status, seconds = post(port, "/v1/completions", legit)
         legit_peak = status_kib(process.pid, "VmHWM")
-        print(f"body limit {limit / MIB:g} MiB; idle RSS {idle / 1024:.0f} MiB; largest legitimate request ({context - 8} "
-              f"prompt tokens): {status} in {seconds:.2f}s, peak {legit_peak / 1024:.0f} MiB")
+        print(f"body limit {limit / MIB:g} MiB; idle RSS {idle / 1024:.0f} MiB; largest "
+              f"legitimate request ({context - 8} prompt tokens): {status} in {seconds:.2f}s, "
+              f"peak {legit_peak / 1024:.0f} MiB")
         probe = HealthProbe(port)
         reset_peak(process.pid)
         probe.start()

@@ -157,6 +157,22 @@ def test_stop_strings_are_bounded_in_number_and_length_at_the_boundary(server):
     assert anthropic.status_code == 400 and "stop_sequences" in anthropic.text
 
 
+def test_anthropic_names_the_stop_sequence_that_ended_first(server):
+    """Two stop strings in one token, the shorter a prefix of the longer: it ends first."""
+    greedy = {"max_tokens": 24, "temperature": 0}
+    choice = server.post("/v1/completions", greedy | {"prompt": "def g", "logprobs": 0}).json()
+    full, logprobs = choice["choices"][0]["text"], choice["choices"][0]["logprobs"]
+    token, offset = next((t, o) for t, o in zip(logprobs["tokens"], logprobs["text_offset"])
+                         if len(t) >= 3 and full.find(t[:2]) == o)
+    stops = [token, token[:2]]
+    model = server.app.state.service.model_name
+    answer = server.post("/v1/messages", greedy | {  # the same prompt: no chat template
+        "model": model, "messages": [{"role": "user", "content": "def g"}],
+        "stop_sequences": stops}).json()
+    assert "".join(block["text"] for block in answer["content"]) == full[:offset]
+    assert (answer["stop_reason"], answer["stop_sequence"]) == ("stop_sequence", token[:2])
+
+
 # ---- request bodies --------------------------------------------------------------------------
 LIMIT = 4096
 
@@ -279,7 +295,7 @@ def test_long_lists_in_a_request_get_one_400_naming_the_field(server):
     context = server.engine.backend.config.max_position_embeddings
     ids = server.post("/v1/completions", {"prompt": [1] * (context + 1), "max_tokens": 1})
     assert error_of(ids)["param"] == "prompt" and "context" in error_of(ids)["message"]
-    assert server.post("/v1/completions", {"prompt": [1] * (context - 1),
+    assert server.post("/v1/completions", {"prompt": [1] * context,
                                            "max_tokens": 1}).status_code == 200
     mixed = server.post("/v1/completions", {"prompt": [1] * 100_000 + ["a"], "max_tokens": 1})
     assert error_of(mixed)["param"] == "prompt"

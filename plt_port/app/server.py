@@ -2,13 +2,14 @@
 
 Routes: OpenAI's `POST /v1/completions` and `POST /v1/chat/completions` (`openai_api.py`),
 Anthropic's `POST /v1/messages` and `POST /v1/messages/count_tokens` (`anthropic_api.py`),
-`GET /v1/models` and `GET /v1/models/{id}` (with `max_model_len`), `GET /health` and
+`GET /v1/models` and `GET /v1/models/{id}` (with `max_model_len`), `GET`/`HEAD /health` and
 `GET /metrics` (Prometheus text). Model ids name the loop count: `NAME` runs the default one,
 `NAME@loops=K` runs K loops (so does the extra body field `"loops": K`).
 
-Around every route (`ServerMiddleware`): the API key (`--api-key`: `Authorization: Bearer
-KEY`, or `x-api-key: KEY` on the Anthropic routes; 401 without it on every route but
-/health), one request count by route and status, and one access-log line (method, path,
+Around every route (`ServerMiddleware`): the body's size (413 past `--max-request-bytes`) and
+framing (Transfer-Encoding with Content-Length: 400, connection closed), the API key
+(`--api-key`: `Authorization: Bearer KEY`, or `x-api-key: KEY` on the Anthropic routes; 401
+without it on every route but /health), one request count by route and status, and one access-log line (method, path,
 status, prompt and completion tokens, seconds). CORS only for `--allowed-origins`.
 Errors are OpenAI's error JSON, Anthropic's on the Anthropic routes.
 """
