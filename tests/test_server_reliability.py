@@ -447,8 +447,9 @@ def fuzz_strategies():
 
     scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | \
         st.floats(allow_nan=False) | st.text(max_size=40)
-    json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
-        st.sampled_from(FIELDS) | st.text(max_size=8), inner, max_size=5), max_leaves=25)
+    keys = st.sampled_from(FIELDS) | st.text(max_size=8)
+    json_values = st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=5), st.dictionaries(keys, inner, max_size=5)), max_leaves=25)
     small = st.integers(-3, 6)  # answer lengths that keep the run short
     overrides = st.dictionaries(st.sampled_from(FIELDS), json_values | small, max_size=4)
     path = st.sampled_from(PATHS)
