@@ -187,6 +187,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def run(args):
+    previous = signal.signal(signal.SIGTERM, interrupt)  # a stop like Ctrl-C's
+    try:
+        return run_server(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_server(args):
     check_port(args.port)
     resolve_model(args)
     server_options = ServerOptions(
@@ -211,7 +219,6 @@ def run(args):
               f"{'API key required; ' if server_options.api_key else ''}Ctrl-C stops)",
               file=sys.stderr, flush=True)
         log_access_to_stderr()
-        signal.signal(signal.SIGTERM, interrupt)  # a stop like Ctrl-C's, ending in exit 0
         try:
             uvicorn_server(app, args.host, args.port).run()
         except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
