@@ -92,11 +92,13 @@ def post(port: int, path: str, body: bytes) -> tuple[int | str, float]:
 
 
 class HealthProbe(threading.Thread):
-    """Asks for /health every 20 ms; `slowest` is the longest answer."""
+    """Asks for /health every 20 ms; `slowest` is the longest answer (`case_slowest`: since
+    the caller last reset it)."""
 
     def __init__(self, port: int):
         super().__init__(daemon=True)
         self.port, self.slowest, self.count, self.done = port, 0.0, 0, threading.Event()
+        self.case_slowest = 0.0
 
     def run(self):
         while not self.done.is_set():
@@ -105,7 +107,9 @@ class HealthProbe(threading.Thread):
             connection.request("GET", "/health")
             assert connection.getresponse().status == 200
             connection.close()
-            self.slowest = max(self.slowest, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.slowest, self.case_slowest = max(self.slowest, seconds), \
+                max(self.case_slowest, seconds)
             self.count += 1
             time.sleep(0.02)
 
@@ -161,9 +165,11 @@ def main() -> int:
         probe.start()
         for _ in range(args.rounds):
             for name, path, body in cases:
+                probe.case_slowest = 0.0
                 status, seconds = post(port, path, body)
                 print(f"  {name} ({len(body) / MIB:.1f} MiB): {status} in {seconds:.2f}s, "
-                      f"peak so far {status_kib(process.pid, 'VmHWM') / 1024:.0f} MiB")
+                      f"peak so far {status_kib(process.pid, 'VmHWM') / 1024:.0f} MiB, "
+                      f"slowest /health {probe.case_slowest * 1e3:.0f} ms")
         probe.done.set()
         probe.join()
         peak = status_kib(process.pid, "VmHWM")
