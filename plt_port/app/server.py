@@ -9,8 +9,9 @@ Anthropic's `POST /v1/messages` and `POST /v1/messages/count_tokens` (`anthropic
 Around every route (`ServerMiddleware`): the body's size (413 past `--max-request-bytes`) and
 framing (Transfer-Encoding with Content-Length: 400, connection closed), the API key
 (`--api-key`: `Authorization: Bearer KEY`, or `x-api-key: KEY` on the Anthropic routes; 401
-without it on every route but /health), one request count by route and status, and one access-log line (method, path,
-status, prompt and completion tokens, seconds). CORS only for `--allowed-origins`.
+without it on every route but /health), one request count by route and status, and one
+access-log line (method, path, status, prompt and completion tokens, seconds). CORS only for
+`--allowed-origins`.
 Errors are OpenAI's error JSON, Anthropic's on the Anthropic routes.
 """
 

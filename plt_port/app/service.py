@@ -288,8 +288,8 @@ def skippable(event: TokenEvent) -> bool:
 
 def matched_stop(tokenizer, events: Sequence[TokenEvent], stop: Sequence[str]) -> str | None:
     """The stop string that ended a sequence whose events these are (None: eos or length).
-    The emitted text stops right before it: the full decoded text goes on with it, and with
-    no shorter one (that would have ended first: `runtimes.sequence.StopMatcher`)."""
+    The emitted text stops right before it: of the stop strings the full decoded text goes on
+    with, the shortest (it ended first: `runtimes.sequence.StopMatcher`)."""
     if not events or events[-1].finish_reason != "stop" or not stop:
         return None
     full = tokenizer.decode([e.token for e in events])

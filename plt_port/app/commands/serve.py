@@ -36,13 +36,13 @@ from plt_port.errors import PLTError
 
 
 GRACEFUL_SHUTDOWN_S = 5
+BENCH_ROUNDS = 3
+BENCH_PROMPTS = ("def parse_args(argv):\n    ", "class Cache:\n    def __init__(self", "import os\n\n",
+                 "def walk(root):\n    for ", "    return sorted(", "with open(path) as f:\n    ")
 
 
 class ModelLoadError(RuntimeError):
     """A served model that no longer loads (a 500: its paths stay in the server log)."""
-BENCH_ROUNDS = 3
-BENCH_PROMPTS = ("def parse_args(argv):\n    ", "class Cache:\n    def __init__(self", "import os\n\n",
-                 "def walk(root):\n    for ", "    return sorted(", "with open(path) as f:\n    ")
 
 
 def add_arguments(parser):
