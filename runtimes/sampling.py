@@ -31,7 +31,11 @@ MAX_LOGIT_BIAS = 100.0   # OpenAI's range for logit_bias values
 
 
 class SamplingError(PLTError, ValueError):
-    """Sampling parameters out of range."""
+    """Sampling parameters out of range; `param` names the one (None: not one field)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class NonFiniteLogitsError(PLTError, ArithmeticError):
@@ -53,7 +57,8 @@ class SamplingParams:
 
     def __post_init__(self):
         def fail(name, why):
-            raise SamplingError(f"sampling parameter {name}: {why}, got {getattr(self, name)!r}")
+            raise SamplingError(f"sampling parameter {name}: {why}, got {getattr(self, name)!r}",
+                                name)
 
         def is_int(value):
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

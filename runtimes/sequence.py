@@ -6,6 +6,7 @@ string, or the last token allowed).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 
 from plt_port.errors import PLTError
@@ -22,28 +23,66 @@ class ContextLengthError(GenerateError):
     """A prompt and answer longer than the model's context."""
 
 
+def prefix_function(pattern: str) -> array:
+    """Knuth-Morris-Pratt's table: `table[i]` is the length of the longest proper prefix of
+    `pattern[:i + 1]` that is also its suffix (built in O(len(pattern)))."""
+    table = array("l", bytes(8 * len(pattern)))
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = table[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        table[i] = k
+    return table
+
+
 class StopMatcher:
-    """Splits streamed text into what can be emitted now and what must wait for more."""
+    """Splits streamed text into what can be emitted now and what must wait for more.
+
+    One Knuth-Morris-Pratt state per stop string (the length of the longest suffix of the text
+    so far that starts it), so each character costs O(number of stop strings) amortized
+    whatever their length. The text stops at the first character that ends a stop string (the
+    longest one ending there when several do), cut before that stop string: the same answer
+    however the text is split into tokens."""
 
     def __init__(self, stop: Sequence[str]):
         self.stop = [s for s in stop if s]
+        self.tables = [prefix_function(s) for s in self.stop]
+        self.states = [0] * len(self.stop)
         self.pending = ""
 
     def add(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was reached)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
-        held = max((n for s in self.stop for n in range(1, len(s))
-                    if self.pending.endswith(s[:n])), default=0)
-        cut = len(self.pending) - held
-        out, self.pending = self.pending[:cut], self.pending[cut:]
+        for i, char in enumerate(text):
+            matched = self.advance(char)
+            if matched:
+                seen = self.pending + text[:i + 1]
+                self.pending, self.states = "", [0] * len(self.stop)
+                return seen[:len(seen) - matched], True
+        seen = self.pending + text
+        held = max(self.states, default=0)
+        cut = len(seen) - held
+        out, self.pending = seen[:cut], seen[cut:]
         return out, False
 
+    def advance(self, char: str) -> int:
+        """Feed one character to every stop string's state; the length of the longest stop
+        string it completes (0: none)."""
+        matched = 0
+        for k, (stop, table) in enumerate(zip(self.stop, self.tables)):
+            state = self.states[k]
+            while state and stop[state] != char:
+                state = table[state - 1]
+            if stop[state] == char:
+                state += 1
+            if state == len(stop):
+                matched = max(matched, state)
+            self.states[k] = state
+        return matched
+
     def flush(self) -> str:
-        out, self.pending = self.pending, ""
+        out, self.pending, self.states = self.pending, "", [0] * len(self.stop)
         return out
 
 

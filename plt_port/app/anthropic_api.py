@@ -38,8 +38,9 @@ from runtimes.grammar import AnswerFormat, json_answer
 
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
-from .service import APIError, ChoiceEvent, SamplingFields, Service, Strict, bad_request, \
-    event_stream, matched_stop, whole_response
+from .service import MAX_MESSAGES, APIError, ChoiceEvent, SamplingFields, Service, Strict, \
+    bad_request, event_stream, items, mapping, matched_stop, off_loop, stop_strings, \
+    whole_response
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
@@ -79,7 +80,7 @@ class ToolUseBlock(Strict):
     type: Literal["tool_use"]
     id: str
     name: str
-    input: dict[str, Any]
+    input: mapping(Any)
     cache_control: dict | None = None
     caller: dict | None = None
     toolset_name: str | None = None
@@ -88,7 +89,7 @@ class ToolUseBlock(Strict):
 class ToolResultBlock(Strict):
     type: Literal["tool_result"]
     tool_use_id: str
-    content: str | list[Annotated[TextBlock | OtherBlock, Field(discriminator="type")]] = ""
+    content: str | items(Annotated[TextBlock | OtherBlock, Field(discriminator="type")]) = ""
     is_error: bool | None = None
     cache_control: dict | None = None
     toolset_name: str | None = None
@@ -111,19 +112,19 @@ Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock |
 
 class Message(Strict):
     role: Literal["user", "assistant", "system"]
-    content: str | list[Block]
+    content: str | items(Block)
 
 
 class Tool(Strict):
     name: str
-    input_schema: dict[str, Any]
+    input_schema: mapping(Any)
     description: str | None = None
     type: Literal["custom"] | None = None
     strict: bool | None = None
     cache_control: dict | None = None
     eager_input_streaming: bool | None = None
     defer_loading: Literal[False] | None = None
-    allowed_callers: list[Literal["direct"]] | None = None
+    allowed_callers: items(Literal["direct"]) | None = None
     input_examples: list | None = None
 
 
@@ -151,9 +152,9 @@ class OutputConfig(Strict):
 
 class CountTokensBody(Strict):
     model: str
-    messages: list[Message]
-    system: str | list[TextBlock] | None = None
-    tools: list[Tool] | None = None
+    messages: items(Message, MAX_MESSAGES)
+    system: str | items(TextBlock) | None = None
+    tools: items(Tool) | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
     cache_control: dict | None = None
@@ -168,7 +169,7 @@ class MessagesBody(CountTokensBody, SamplingFields):
     before) and the sampling extras both APIs take here (`service.SamplingFields`)."""
 
     max_tokens: int
-    stop_sequences: list[str] | None = None
+    stop_sequences: items(str) | None = None
     stream: bool | None = None
     metadata: dict | None = None
     service_tier: Literal["auto", "standard_only"] | None = None
@@ -399,13 +400,13 @@ async def messages(service: Service, body: MessagesBody, http_request: HTTPReque
     for name, why in REFUSED_FIELDS.items():
         if getattr(body, name) is not None:
             raise bad_request(name, why)
-    prompt = prompt_of(service, body)
+    prompt = await off_loop(prompt_of, service, body)
     tools = template_tools(body)
     reader = AnswerReader.for_request(
         service.options.tool_call_parser, service.options.reasoning_parser, tools,
         body.tool_choice is None or body.tool_choice.type != "none", prompt.text)
     grammar = forced_output(service, forced(body), reader)
-    stop = body.stop_sequences or []
+    stop = stop_strings(body.stop_sequences, "stop_sequences")
     generation = service.submit(prompt.ids, body.max_tokens, body.sampling(service), stop,
                                 service.loops_for(body.model, body.loops),
                                 http_request=http_request, grammar=grammar)
@@ -468,5 +469,5 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens_route(body: CountTokensBody):
         service.loops_for(body.model, None)
-        return {"input_tokens": len(prompt_of(service, body).ids)}
+        return {"input_tokens": len((await off_loop(prompt_of, service, body)).ids)}
 

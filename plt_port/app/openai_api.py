@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError
 
 from runtimes.engine import TokenEvent
 from runtimes.generate import encode_prompt
@@ -37,8 +37,9 @@ from runtimes.grammar import AnswerFormat, response_format_answer, structured_ou
 
 from .assistant_output import AnswerReader, ForcedOutput, Part, forced_output, refused_as
 from .prompting import joined_text, not_text, render_chat, tool_call_turn
-from .service import APIError, ChoiceEvent, Generation, SamplingFields, Service, Strict, \
-    bad_request, event_stream, skippable, sse_data, whole_response
+from .service import MAX_MESSAGES, APIError, ChoiceEvent, Generation, SamplingFields, Service, \
+    Strict, bad_request, event_stream, items, mapping, off_loop, skippable, sse_data, \
+    stop_strings, whole_response
 
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -72,17 +73,17 @@ class GenerationBody(SamplingFields):
     model: str | None = None
     max_tokens: int | None = None
     n: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | items(str) | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
     loops: int | None = None
     response_format: ResponseFormat | None = None
     # vLLM's structured-output extras
-    structured_outputs: dict[str, Any] | None = None
+    structured_outputs: mapping(Any) | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
-    guided_choice: list[str] | None = None
+    guided_choice: items(str) | None = None
     guided_grammar: Any = None
 
     @property
@@ -95,8 +96,24 @@ class GenerationBody(SamplingFields):
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
 
 
+def prompt_value(value):
+    """The completion prompt's shapes (a string, token ids, or a list of either), checked in
+    one pass with one error: a union would try each shape and build an error per item."""
+    if isinstance(value, str) or is_token_ids(value):
+        return value
+    if isinstance(value, list) and (all(isinstance(item, str) for item in value)
+                                    or all(is_token_ids(item) for item in value)):
+        return value
+    raise ValueError("must be a string, a list of token ids (integers), or a list of either")
+
+
+def is_token_ids(value) -> bool:
+    return isinstance(value, list) and all(type(item) is int for item in value)
+
+
 class CompletionBody(GenerationBody):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]],
+                      PlainValidator(prompt_value)]
     best_of: int | None = None
     echo: bool | None = None
     logprobs: int | None = None
@@ -117,13 +134,13 @@ class OtherPart(BaseModel):
 
 class SystemMessage(Strict):
     role: Literal["system", "developer"]
-    content: str | list[TextPart]
+    content: str | items(TextPart)
     name: str | None = None
 
 
 class UserMessage(Strict):
     role: Literal["user"]
-    content: str | list[TextPart | OtherPart]
+    content: str | items(TextPart | OtherPart)
     name: str | None = None
 
 
@@ -140,8 +157,8 @@ class ToolCallParam(Strict):
 
 class AssistantMessage(Strict):
     role: Literal["assistant"]
-    content: str | list[TextPart | OtherPart] | None = None
-    tool_calls: list[ToolCallParam] | None = None
+    content: str | items(TextPart | OtherPart) | None = None
+    tool_calls: items(ToolCallParam) | None = None
     name: str | None = None
     refusal: str | None = None
     reasoning_content: str | None = None  # vLLM's: the reasoning of an earlier turn
@@ -151,7 +168,7 @@ class AssistantMessage(Strict):
 
 class ToolMessage(Strict):
     role: Literal["tool"]
-    content: str | list[TextPart]
+    content: str | items(TextPart)
     tool_call_id: str
 
 
@@ -181,21 +198,21 @@ class NamedToolChoice(Strict):
 
 
 class ChatBody(GenerationBody):
-    messages: list[dict[str, Any]]
+    messages: items(dict[str, Any], MAX_MESSAGES)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[ToolDefinition] | None = None
+    tools: items(ToolDefinition) | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's
     # accepted, no effect on the answer: labels, routing and caching hints
-    metadata: dict[str, str] | None = None
+    metadata: mapping(str) | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     service_tier: Literal["auto", "default"] | None = None
     store: Literal[False] | None = None
-    modalities: list[Literal["text"]] | None = None
+    modalities: items(Literal["text"]) | None = None
     # refused when given (REFUSED_CHAT_FIELDS)
     audio: Any = None
     function_call: Any = None
@@ -277,13 +294,15 @@ def events_by_choice(events: list[ChoiceEvent]) -> dict[int, list[TokenEvent]]:
 
 
 def openai_stream(service, generation, usage_chunk: bool, chunks, empty_chunk):
-    """Server-sent events: `chunks(events)` per batch, a usage chunk when asked, [DONE]."""
+    """Server-sent events: `chunks(events)` per batch, a usage chunk when asked, [DONE]; an
+    error after the first chunk is an error event, then [DONE] (as vLLM's)."""
     def end():
         usage = sse_data(empty_chunk() | {"usage": generation.usage()}) if usage_chunk else ""
         return usage + "data: [DONE]\n\n"
 
     return event_stream(generation, lambda events: "".join(map(sse_data, chunks(events))),
-                        end, lambda error: sse_data(error_body(error)), error_response)
+                        end, lambda error: sse_data(error_body(error)) + "data: [DONE]\n\n",
+                        error_response)
 
 
 # ---- /v1/completions -----------------------------------------------------------------------------
@@ -294,6 +313,9 @@ def completion_prompt(service: Service, body: CompletionBody) -> list[int]:
             raise bad_request("prompt", "one prompt per request; send several requests (or "
                                         "n for several answers)")
         prompt = prompt[0]
+    if isinstance(prompt, list) and len(prompt) > service.context:
+        raise bad_request("prompt", f"{len(prompt)} token ids, more than the model's context "
+                                    f"({service.context})")
     return encode_prompt(service.tokenizer, prompt, service.tokenizer.add_bos_token)
 
 
@@ -312,14 +334,15 @@ async def completions(service: Service, body: CompletionBody, http_request: HTTP
     check_completion_fields(body)
     usage_chunk = check_stream_options(body)
     tokenizer = service.tokenizer
-    prompt_ids = completion_prompt(service, body)
+    prompt_ids = await off_loop(completion_prompt, service, body)
     echo = tokenizer.decode(prompt_ids) if body.echo else ""
     answer, answer_param = requested_answer(body)
     grammar = forced_output(service, ForcedOutput(answer=answer, answer_param=answer_param),
                             AnswerReader())
     generation = service.submit(
         prompt_ids, body.max_tokens if body.max_tokens is not None
-        else DEFAULT_COMPLETION_MAX_TOKENS, body.sampling(service), body.stop,
+        else DEFAULT_COMPLETION_MAX_TOKENS, body.sampling(service),
+        stop_strings(body.stop, "stop"),
         service.loops_for(body.model, body.loops), body.choice_count, body.logprobs, http_request,
         grammar=grammar)
 
@@ -478,8 +501,8 @@ async def chat_completions(service: Service, body: ChatBody, http_request: HTTPR
     usage_chunk = check_stream_options(body)
     tokenizer = service.tokenizer
     tools = forced.tools or None
-    prompt = render_chat(tokenizer, template_messages(body.messages), tools,
-                         body.chat_template_kwargs)
+    prompt = await off_loop(lambda: render_chat(tokenizer, template_messages(body.messages),
+                                                tools, body.chat_template_kwargs))
     reader = chat_reader(service, body, tools, prompt.text)
     grammar = forced_output(service, forced, reader)
     limit_param = "max_completion_tokens" if body.max_completion_tokens is not None \
@@ -488,7 +511,8 @@ async def chat_completions(service: Service, body: ChatBody, http_request: HTTPR
         else body.max_tokens
     generation = service.submit(
         prompt.ids, service.chat_max_tokens(requested, len(prompt.ids)),
-        body.sampling(service), body.stop, service.loops_for(body.model, body.loops),
+        body.sampling(service), stop_strings(body.stop, "stop"),
+        service.loops_for(body.model, body.loops),
         body.choice_count, (body.top_logprobs or 0) if body.logprobs else None, http_request,
         limit_param, grammar)
 

@@ -2,14 +2,16 @@
 
 Routes: OpenAI's `POST /v1/completions` and `POST /v1/chat/completions` (`openai_api.py`),
 Anthropic's `POST /v1/messages` and `POST /v1/messages/count_tokens` (`anthropic_api.py`),
-`GET /v1/models` and `GET /v1/models/{id}` (with `max_model_len`), `GET /health` and
+`GET /v1/models` and `GET /v1/models/{id}` (with `max_model_len`), `GET`/`HEAD /health` and
 `GET /metrics` (Prometheus text). Model ids name the loop count: `NAME` runs the default one,
 `NAME@loops=K` runs K loops (so does the extra body field `"loops": K`).
 
-Around every route (`ServerMiddleware`): the API key (`--api-key`: `Authorization: Bearer
-KEY`, or `x-api-key: KEY` on the Anthropic routes; 401 without it on every route but
-/health), one request count by route and status, and one access-log line (method, path,
-status, prompt and completion tokens, seconds). CORS only for `--allowed-origins`.
+Around every route (`ServerMiddleware`): the body's size (413 past `--max-request-bytes`) and
+framing (Transfer-Encoding with Content-Length: 400, connection closed), the API key
+(`--api-key`: `Authorization: Bearer KEY`, or `x-api-key: KEY` on the Anthropic routes; 401
+without it on every route but /health), one request count by route and status, and one
+access-log line (method, path, status, prompt and completion tokens, seconds). CORS only for
+`--allowed-origins`.
 Errors are OpenAI's error JSON, Anthropic's on the Anthropic routes.
 """
 
@@ -51,22 +53,66 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, f"{param or 'body'}: {first['msg']}", param=param)
 
 
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is over {limit} bytes (the server's "
+                         f"--max-request-bytes)", code="request_too_large")
+
+
+async def bounded_body(receive, limit: int) -> bytes | None:
+    """The request's body, read to its end unless it passes `limit` bytes (None then)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left: the route sees an empty body
+            return b""
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replayed(body: bytes, receive):
+    """An ASGI `receive` that gives `body` first, then what the client sends (a disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 class ServerMiddleware:
-    """ASGI middleware: the API key, one count and one access-log line per request."""
+    """ASGI middleware: the request's framing and size (`--max-request-bytes`, 413 past it),
+    the API key, one count and one access-log line per request."""
 
     def __init__(self, app, service: Service, paths: set[str]):
         self.app, self.service, self.paths = app, service, paths
 
-    def authorized(self, scope) -> bool:
+    def authorized(self, scope, headers: dict[str, str]) -> bool:
         key = self.service.options.api_key
         if key is None or scope["path"] in OPEN_PATHS:
             return True
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1")
-                   for name, value in scope["headers"]}
         offered = [headers.get("authorization", "").removeprefix("Bearer ").strip()]
         if scope["path"].startswith(ANTHROPIC_PREFIX):
             offered.append(headers.get("x-api-key", "").strip())
         return any(hmac.compare_digest(k.encode(), key.encode()) for k in offered if k)
+
+    def refusal(self, headers: dict[str, str]) -> APIError | None:
+        """What refuses a request before its body is read (None: nothing)."""
+        if "transfer-encoding" in headers and "content-length" in headers:
+            # RFC 9112 6.3: a request smuggling attempt behind a proxy; answer, then close
+            return APIError(400, "a request with both Transfer-Encoding and Content-Length")
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.service.max_request_bytes:
+            return too_large(self.service.max_request_bytes)
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -81,13 +127,24 @@ class ServerMiddleware:
             await send(message)
 
         try:
-            if self.authorized(scope):
-                await self.app(scope, receive, observed_send)
-            else:
+            headers = {name.decode("latin-1").lower(): value.decode("latin-1")
+                       for name, value in scope["headers"]}
+            error = self.refusal(headers)
+            body = None if error else \
+                await bounded_body(receive, self.service.max_request_bytes)
+            if error is None and body is None:
+                error = too_large(self.service.max_request_bytes)
+            if error is not None:  # the body is left unread: the connection ends here
+                response = error_response(scope["path"], error)
+                response.headers["connection"] = "close"
+                await response(scope, receive, observed_send)
+            elif not self.authorized(scope, headers):
                 error = APIError(401, "a valid API key is required (Authorization: Bearer "
                                       "KEY, or x-api-key on /v1/messages)",
                                  "authentication_error", code="invalid_api_key")
                 await error_response(scope["path"], error)(scope, receive, observed_send)
+            else:
+                await self.app(scope, replayed(body, receive), observed_send)
         finally:
             generation = scope.get("state", {}).get("generation")
             tokens = f"prompt={generation.prompt_tokens} completion=" \
@@ -136,7 +193,7 @@ def create_app(engine: BatchEngine, tokenizer, model_name: str,
         service.loops_for(model_id, None)  # 404 for an unknown id
         return service.model_card(model_id)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         status = "ok" if engine.alive else "stopped"
         return JSONResponse({"status": status, "running": engine.running_count,

@@ -15,26 +15,29 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Annotated
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from plt_port.config import MAX_LOOPS
 from plt_port.errors import PLTError
 from runtimes.engine import BatchEngine, QueueFullError, Request, TokenEvent
 from runtimes.generate import ContextLengthError
 from runtimes.grammar import Grammar, GrammarCompiler, model_compiler
-from runtimes.sampling import SamplingParams
+from runtimes.sampling import SamplingError, SamplingParams
 
 from .server_options import ServerOptions
 
 log = logging.getLogger("plt_port.app.server")
 
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS = 16  # vLLM sets no bound, OpenAI 4: this keeps vLLM clients working
+MAX_STOP_CHARS = 16384  # all stop strings together (a stop string cannot outlast the context)
 DISCONNECT_POLL_S = 1.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -57,14 +60,46 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(429, str(exc), "rate_limit_error", code="queue_full")
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, SamplingError):
+        return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, PLTError):
         return APIError(400, str(exc))
     log.error("internal error", exc_info=exc)
     return APIError(500, "internal server error; the server log has the details", "server_error")
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+
+
 def bad_request(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param)
+
+
+def stop_strings(stop: str | Sequence[str] | None, param: str) -> list[str]:
+    """A request's stop strings, bounded in number and in total length."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise bad_request(param, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    chars = sum(map(len, stop))
+    if chars > MAX_STOP_CHARS:
+        raise bad_request(param, f"at most {MAX_STOP_CHARS} characters of stop strings in "
+                                 f"all, got {chars}")
+    return stop
+
+
+MAX_MESSAGES = 8192  # a chat's turns (each costs a few tokens of the template at least)
+
+
+def items(item_type, max_items: int | None = None):
+    """`list[item_type]` validated up to its first bad item: one error, where a plain list
+    builds one per bad item (a body of a million of them, a million errors)."""
+    return Annotated[list[item_type], Field(max_length=max_items, fail_fast=True)]
+
+
+def mapping(value_type):
+    """`dict[str, value_type]` validated up to its first bad value (as `items`)."""
+    return Annotated[dict[str, value_type], Field(fail_fast=True)]
 
 
 class Strict(BaseModel):
@@ -82,7 +117,7 @@ class SamplingFields(Strict):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: mapping(float) | None = None
     top_k: int | None = None        # 0 or -1: off
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -148,7 +183,7 @@ class ServerMetrics:
 ChoiceEvent = tuple[int, TokenEvent]  # (choice index, token event)
 
 
-@dataclass
+@dataclass(eq=False)  # one per API call: compared and hashed by identity
 class Generation:
     """The requests of one API call (one per choice) and their token events, read on the
     event loop."""
@@ -253,12 +288,13 @@ def skippable(event: TokenEvent) -> bool:
 
 def matched_stop(tokenizer, events: Sequence[TokenEvent], stop: Sequence[str]) -> str | None:
     """The stop string that ended a sequence whose events these are (None: eos or length).
-    The emitted text stops right before it: the full decoded text goes on with it."""
+    The emitted text stops right before it: of the stop strings the full decoded text goes on
+    with, the shortest (it ended first: `runtimes.sequence.StopMatcher`)."""
     if not events or events[-1].finish_reason != "stop" or not stop:
         return None
     full = tokenizer.decode([e.token for e in events])
     rest = full[len("".join(e.text for e in events)):]
-    return next((s for s in stop if rest.startswith(s)), None)
+    return min((s for s in stop if rest.startswith(s)), key=len, default=None)
 
 
 class Service:
@@ -271,10 +307,20 @@ class Service:
         self.default_loops = engine.backend.loops
         self.context = engine.backend.config.max_position_embeddings
         self.vocab_size = engine.backend.config.vocab_size
+        self.max_request_bytes = options.request_bytes_limit(self.context)
         self.model_ids = {model_name: self.default_loops} | {
             f"{model_name}@loops={k}": k for k in range(1, MAX_LOOPS + 1)}
         self.created = int(time.time())
         self.compiler: GrammarCompiler | None = None
+        self.generations: weakref.WeakSet[Generation] = weakref.WeakSet()  # those in flight
+        self.stopping = False
+
+    def stop_generations(self) -> None:
+        """The server is stopping: every generation in flight ends with a 503 (a stream's
+        last event) and new ones are refused."""
+        self.stopping = True
+        for generation in list(self.generations):
+            generation.events.put_nowait((0, shutting_down()))
 
     def grammar_compiler(self) -> GrammarCompiler:
         """The model's grammar compiler: its vocabulary is built on the first request with
@@ -321,20 +367,19 @@ class Service:
         return max(min(self.options.default_max_tokens, self.context - prompt_tokens + 1), 1)
 
     def submit(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
-               stop: str | Sequence[str] | None, loops: int, n: int = 1,
+               stop: Sequence[str], loops: int, n: int = 1,
                top_logprobs: int | None = None, http_request: HTTPRequest | None = None,
                max_tokens_param: str = "max_tokens", grammar: Grammar | None = None
                ) -> Generation:
         """Queue n sequences of one prompt (seeds seed, seed+1, ... when a seed is given),
         each following `grammar` with its own matcher when one is given."""
+        if self.stopping:
+            raise shutting_down()
         if max_tokens < 1:
             raise bad_request(max_tokens_param, f"must be >= 1, got {max_tokens}")
         if not 1 <= n <= self.engine.max_batch:
             raise bad_request("n", f"must be in 1..{self.engine.max_batch} (the server's "
                                    f"--max-batch), got {n}")
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stop) > MAX_STOP_STRINGS:
-            raise bad_request("stop", f"at most {MAX_STOP_STRINGS} stop strings")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -349,9 +394,16 @@ class Service:
         self.engine.submit(requests[0])
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         generation = Generation(requests, events, self.metrics)
+        self.generations.add(generation)
         if http_request is not None:
             http_request.state.generation = generation  # read by the access log
         return generation
+
+
+async def off_loop(fn: Callable, *args):
+    """`fn(*args)` in a worker thread: a request's chat template and tokenization (seconds for
+    a long prompt) must not hold up the event loop (every other request, /health)."""
+    return await asyncio.to_thread(fn, *args)
 
 
 # ---- responses -----------------------------------------------------------------------------------

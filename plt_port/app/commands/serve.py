@@ -4,11 +4,11 @@ NAME] [--reasoning-parser NAME]: an OpenAI- and Anthropic-compatible server with
 batching.
 
 Without --model it serves the embedded two-loop model. Each request gets one access-log line
-on stderr. Ctrl-C stops it: requests in flight
-get GRACEFUL_SHUTDOWN_S to finish, then are cancelled. `--bench STREAMS` starts the server on
-a free local port, measures one stream and STREAMS concurrent ones over HTTP (the best of
-BENCH_ROUNDS alternating rounds of each), prints the figures and the server's /metrics
-(all rounds), and exits.
+on stderr. Ctrl-C or SIGTERM stops it: requests in flight end with a 503 (a stream with an
+error event and its clean end), the engine closes, and the command exits 0. `--bench
+STREAMS` starts the server on a free local port, measures one stream and STREAMS concurrent
+ones over HTTP (the best of BENCH_ROUNDS alternating rounds of each), prints the figures and
+the server's /metrics (all rounds), and exits.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -28,7 +29,8 @@ from plt_port.app.commands.cache_prompt import add_prompt_cache_arguments, promp
 from plt_port.app.commands.generate import (BACKEND_HELP, add_backend_arguments, backend_options,
                                             resolve_model)
 from plt_port.app.reasoning import REASONING_PARSERS
-from plt_port.app.server_options import DEFAULT_CHAT_MAX_TOKENS, ServerOptions
+from plt_port.app.server_options import (DEFAULT_CHAT_MAX_TOKENS, MIN_MAX_REQUEST_BYTES,
+                                         REQUEST_BYTES_PER_TOKEN, ServerOptions)
 from plt_port.app.tool_parsers import TOOL_PARSERS, resolve_tool_parser
 from plt_port.errors import PLTError
 
@@ -37,6 +39,10 @@ GRACEFUL_SHUTDOWN_S = 5
 BENCH_ROUNDS = 3
 BENCH_PROMPTS = ("def parse_args(argv):\n    ", "class Cache:\n    def __init__(self", "import os\n\n",
                  "def walk(root):\n    for ", "    return sorted(", "with open(path) as f:\n    ")
+
+
+class ModelLoadError(RuntimeError):
+    """A served model that no longer loads (a 500: its paths stay in the server log)."""
 
 
 def add_arguments(parser):
@@ -77,6 +83,10 @@ def add_arguments(parser):
     parser.add_argument("--max-tokens", type=positive_int, default=DEFAULT_CHAT_MAX_TOKENS,
                         help="answer length of a chat request that sets none, capped by the "
                              f"context left (default {DEFAULT_CHAT_MAX_TOKENS})")
+    parser.add_argument("--max-request-bytes", type=positive_int,
+                        help="largest request body; larger ones get 413 (default: the "
+                             f"model's context at {REQUEST_BYTES_PER_TOKEN} bytes a token, at "
+                             f"least {MIN_MAX_REQUEST_BYTES}; 4 MiB for a 128k context)")
     add_prompt_cache_arguments(parser)
     parser.add_argument("--bench", type=positive_int, metavar="STREAMS",
                         help="measure 1 vs STREAMS concurrent streams on a local port and exit")
@@ -106,8 +116,12 @@ def open_server(model_dir: str, backend: str = "torch", loops: int | None = None
         server_options.tool_call_parser, tokenizer.chat_template))
 
     def load(at_loops):
-        return load_backend(backend, model_dir, loops=loops if at_loops is None else at_loops,
-                            **(options or {}))
+        if at_loops is None:  # at the start: a bad model is the command's error
+            return load_backend(backend, model_dir, loops=loops, **(options or {}))
+        try:
+            return load_backend(backend, model_dir, loops=at_loops, **(options or {}))
+        except PLTError as exc:  # the model changed under the server: not the client's fault
+            raise ModelLoadError(f"could not load the model for {at_loops} loops") from exc
 
     engine = BatchEngine(load, tokenizer, max_batch=max_batch, max_queue=max_queue,
                          decode_mode=decode_mode, prompt_cache=prompt_cache).start()
@@ -136,8 +150,20 @@ def log_access_to_stderr() -> None:
 def uvicorn_server(app, host: str, port: int):
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    class Server(uvicorn.Server):
+        """uvicorn's server; on shutdown the streams in flight end first, with an error
+        event, so their connections close cleanly within the grace period."""
+
+        async def shutdown(self, sockets=None):
+            app.state.service.stop_generations()
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def start_in_thread(app, host: str = "127.0.0.1", port: int | None = None):
@@ -161,12 +187,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def run(args):
+    previous = signal.signal(signal.SIGTERM, interrupt)  # a stop like Ctrl-C's
+    try:
+        return run_server(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_server(args):
     check_port(args.port)
     resolve_model(args)
     server_options = ServerOptions(
         api_key=args.api_key or os.environ.get("PLT_PORT_API_KEY") or None,
         allowed_origins=tuple(args.allowed_origins), tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser, default_max_tokens=args.max_tokens)
+        reasoning_parser=args.reasoning_parser, default_max_tokens=args.max_tokens,
+        max_request_bytes=args.max_request_bytes)
     engine, app = open_server(args.model, args.backend, args.loops, max_batch=args.max_batch,
                               max_queue=args.max_queue, decode_mode=args.decode,
                               options=backend_options(args.backend, args),
@@ -186,7 +221,7 @@ def run(args):
         log_access_to_stderr()
         try:
             uvicorn_server(app, args.host, args.port).run()
-        except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down
+        except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
             pass
     finally:
         engine.close()
