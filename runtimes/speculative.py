@@ -74,23 +74,21 @@ class SpeculativeConfig:
                 raise SpeculativeError(f"speculative {name} must be an integer in 1.."
                                        f"{top or 'n'}, got {value!r}")
         if (self.method == "draft") != (self.draft_model is not None):
-            raise SpeculativeError("--draft-model goes with --speculative draft, and "
-                                   "--speculative draft needs --draft-model DIR")
+            raise SpeculativeError("--speculative draft needs --draft-model DIR (and a "
+                                   "draft model needs --speculative draft)")
 
 
 def speculative_config(method: str, num_tokens: int | None, ngram_size: int | None,
                        draft_model: str | None) -> SpeculativeConfig | None:
     """The config of the CLI's options (None: --speculative off); an option given for a
     method that does not use it is refused by name."""
-    if method == "off" or method is None:
-        given = [name for name, value in (("--num-speculative-tokens", num_tokens),
-                                          ("--ngram-size", ngram_size),
-                                          ("--draft-model", draft_model)) if value is not None]
-        if given:
-            raise SpeculativeError(f"{', '.join(given)} needs --speculative ngram or draft")
+    for option, value, methods in (("--num-speculative-tokens", num_tokens, "ngram or draft"),
+                                   ("--ngram-size", ngram_size, "ngram"),
+                                   ("--draft-model", draft_model, "draft")):
+        if value is not None and method not in methods.split(" or "):
+            raise SpeculativeError(f"{option} needs --speculative {methods}")
+    if method == "off":
         return None
-    if method == "draft" and ngram_size is not None:
-        raise SpeculativeError("--ngram-size goes with --speculative ngram")
     return SpeculativeConfig(method, num_tokens or DEFAULT_NUM_TOKENS,
                              ngram_size or DEFAULT_NGRAM_SIZE, draft_model)
 

@@ -9,6 +9,7 @@ rule checked by a chi-square test of the token drawn after a draft.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -299,3 +300,62 @@ def test_sampling_keeps_the_target_distribution(model_dirs):
         assert set(draws.tolist()) <= set(top.tolist())
         counts = np.array([(draws == t).sum() for t in top])
         assert chi_square(counts, probs) < 20.5, (draft, counts, probs)
+
+
+COPY_PROMPT = "def area(w, h):\n    return w * h\n\n\ndef area(w, h):\n"
+
+
+def test_generate_cli_prints_the_same_text_and_the_speculative_stats(capsys):
+    from plt_port.app.cli import main
+
+    runs = {}
+    for flags in ([], ["--speculative", "ngram", "--num-speculative-tokens", "3"]):
+        assert main(["generate", "--max-tokens", "24", "--temp", "0", *flags, COPY_PROMPT]) == 0
+        runs[bool(flags)] = capsys.readouterr()
+    assert runs[True].out == runs[False].out
+    assert "speculative:" not in runs[False].err
+    assert re.search(r"speculative: \d+/\d+ drafts accepted \(\d+%\), [\d.]+ tokens/verify "
+                     r"over [1-9]\d* verifies", runs[True].err)
+    assert main(["generate", "--ngram-size", "2", "x"]) == 1
+    assert "--ngram-size needs --speculative ngram" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_help_names_the_speculative_options(command, capsys):
+    from plt_port.app.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--speculative {off,ngram,draft}" in out and "--num-speculative-tokens K" in out
+    assert "decodes one request alone" in out
+
+
+def test_server_usage_and_metrics_count_the_drafts():
+    from plt_port.family import default_model_dir
+
+    from test_server import serve
+
+    running = serve(default_model_dir(), speculation=Speculation(SpeculativeConfig("ngram", 3)))
+    plain = serve(default_model_dir())
+    try:
+        body = dict(model=running.client.models.list().data[0].id, prompt=COPY_PROMPT,
+                    max_tokens=24, temperature=0)
+        spec = running.client.completions.create(**body)
+        assert spec.choices[0].text == plain.client.completions.create(**body).choices[0].text
+        usage = spec.usage.model_extra["speculative"]
+        assert usage["verify_passes"] > 0 and 0 < usage["accepted_tokens"] <= \
+            usage["drafted_tokens"]
+        assert usage["tokens_per_verify"] == pytest.approx(
+            (usage["accepted_tokens"] + usage["verify_passes"]) / usage["verify_passes"], abs=1e-3)
+        metrics = running.get("/metrics").text
+        for name, key in (("draft_tokens", "drafted_tokens"), ("accepted_tokens",
+                                                               "accepted_tokens"),
+                          ("verify_passes", "verify_passes")):
+            value = re.search(rf"^plt_speculative_{name}_total (\S+)$", metrics, re.M).group(1)
+            assert float(value) == usage[key]
+        assert "speculative" not in plain.client.completions.create(**body).usage.model_extra
+    finally:
+        running.stop()
+        plain.stop()
