@@ -39,6 +39,7 @@ from plt_port.errors import PLTError
 
 from .backends.base import Backend
 from .backends.history import HistoryPolicy
+from .prompt_cache import shared_prefix
 
 METHODS = ("off", "ngram", "draft")
 DEFAULT_NUM_TOKENS = 5
@@ -127,8 +128,9 @@ class SpeculativeStats:
 
 class NgramProposer:
     """Prompt lookup: for n = max_n down to min_n, the last n tokens of the context matched
-    against every earlier position; at the most recent match, the (up to) k tokens that
-    followed it."""
+    against every earlier position; at the most recent match, the k tokens that followed it,
+    copied as LZ77 copies: past the context's end, on from the drafts themselves (a match
+    one period back drafts the repetition on, not one token)."""
 
     def __init__(self, max_n: int = DEFAULT_NGRAM_SIZE, min_n: int = 1):
         self.max_n, self.min_n = max_n, min_n
@@ -140,15 +142,9 @@ class NgramProposer:
             windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
             hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
             if hits.size:
-                follow = int(hits[-1]) + n
-                return tokens[follow:follow + k].tolist()
+                copied = tokens[int(hits[-1]) + n:].tolist()  # at least one token
+                return (copied * -(-k // len(copied)))[:k]
         return []
-
-
-def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(differ[0]) if differ.size else n
 
 
 class DraftModelProposer:

@@ -28,9 +28,9 @@ import numpy as np
 
 from plt_port.data import stdlib_dir
 
-from .benchmark import aligned_table
+from .benchmark import BenchError, aligned_table
 from .generate import stream_generate
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, shared_prefix
 from .sampling import SamplingParams
 from .speculative import Speculation
 
@@ -52,9 +52,14 @@ def edit_prompt(tokenizer, new_tokens: int, max_positions: int) -> tuple[list[in
         text = (f"# {EDIT_FILE}\n{source}\n\n# {EDIT_FILE} again, with {OLD[6:-1]} renamed "
                 f"{NEW[6:-1]}:\n{copied}")
         ids = tokenizer.encode(text, add_bos=tokenizer.add_bos_token)
-        if len(ids) + new_tokens <= max_positions or len(lines) <= 1:
+        if len(ids) + new_tokens <= max_positions:
             return ids, len(lines)
-        lines = lines[:-1]
+        fitting = len(lines) * (max_positions - new_tokens) // len(ids)  # about as many
+        if fitting <= copied.count("\n") + 1:
+            raise BenchError(f"--speculative: the edit-this-file workload does not fit a "
+                             f"context of {max_positions} positions with {new_tokens} new "
+                             f"tokens")
+        lines = lines[:min(fitting, len(lines) - 1)]
 
 
 def run_answer(backend, tokenizer, ids, new_tokens, cache, speculation):
@@ -103,11 +108,14 @@ def time_speculative(backend, tokenizer, config, new_tokens: int, repeats: int,
     plain_tps = statistics.median(r[1] for r in runs["plain"])
     spec_tps = statistics.median(r[1] for r in runs["speculative"])
     stats = runs["speculative"][0][2]
+    answers = [r[0] for kind in runs for r in runs[kind]]
     return dict(
         backend=backend.name, loops=backend.loops, method=config.method,
         num_tokens=config.num_tokens, ngram_size=config.ngram_size,
         prompt_tokens=len(ids), file_lines=lines, new_tokens=new_tokens,
-        identical=all(r[0] == plain for kind in runs for r in runs[kind]),
+        identical=all(answer == plain for answer in answers),
+        first_difference=min((shared_prefix(answer, plain) for answer in answers
+                              if answer != plain), default=None),
         plain_tps=plain_tps, speculative_tps=spec_tps, speedup=spec_tps / plain_tps,
         step_ms=step_ms, verify_ms=verify_ms, verify_per_step=verify_ms / step_ms,
         **stats.as_dict())
@@ -118,7 +126,8 @@ def format_speculative_table(title: str, rows: list[dict]) -> str:
               "accepted", "tokens/verify", "step ms", "verify ms", "verify/step"]
     table = [header] + [[
         r["backend"], str(r["loops"]), str(r["num_tokens"]), f"{r['plain_tps']:.1f}",
-        f"{r['speculative_tps']:.1f}", f"{r['speedup']:.2f}x", "yes" if r["identical"] else "NO",
+        f"{r['speculative_tps']:.1f}", f"{r['speedup']:.2f}x",
+        "yes" if r["identical"] else f"from token {r['first_difference']}",
         f"{r['accepted_tokens']}/{r['drafted_tokens']} ({r['acceptance_rate']:.0%})",
         f"{r['tokens_per_verify']:.2f}", f"{r['step_ms']:.2f}", f"{r['verify_ms']:.2f}",
         f"{r['verify_per_step']:.2f}"] for r in rows]

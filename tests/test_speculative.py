@@ -128,7 +128,8 @@ def test_ngram_proposer_takes_the_most_recent_longest_match():
     assert proposer.propose([1, 2, 8, 1, 2, 9, 1, 2], 3) == [9, 1, 2]  # the most recent 1 2
     assert NgramProposer(max_n=1).propose([1, 2, 8, 1, 2, 9, 1, 2], 1) == [9]
     assert proposer.propose([4, 5, 6], 3) == []       # no earlier match
-    assert proposer.propose([7, 7, 7, 7], 5) == [7]   # the match right before the tail
+    assert proposer.propose([7, 7, 7, 7], 5) == [7] * 5  # copied on from its own drafts
+    assert proposer.propose([5, 1, 2, 3, 1, 2, 3], 5) == [1, 2, 3, 1, 2]
 
 
 def test_eos_stop_and_max_tokens_inside_an_accepted_run(model_dirs, tokenizer, tmp_path):
@@ -359,3 +360,20 @@ def test_server_usage_and_metrics_count_the_drafts():
     finally:
         running.stop()
         plain.stop()
+
+
+def test_bench_speculative_rows(tmp_path, capsys):
+    from plt_port.app.cli import main
+
+    out = tmp_path / "spec.json"
+    tiny = "hidden_size=64,num_hidden_layers=2,intermediate_size=96,vocab_size=512"
+    assert main(["bench", "--speculative", "ngram", "--random", tiny, "--loops", "1,2",
+                 "--steps", "12", "--repeats", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "edit-this-file workload" in table and "tokens/verify" in table
+    rows = json.loads(out.read_text())["speculative"][0]["rows"]
+    assert [r["loops"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["identical"] and r["file_lines"] == 200
+        assert r["speedup"] == pytest.approx(r["speculative_tps"] / r["plain_tps"])
+        assert r["verify_ms"] > 0 and r["step_ms"] > 0
