@@ -44,8 +44,8 @@ from plt_port import cache_layout
 from plt_port.errors import PLTError
 
 from .backends.base import Backend, DecodeState
-from .prompt_cache import PromptCache
 from .backends.history import HistoryPolicy
+from .prompt_cache import PromptCache
 from .sampling import Sampler, SamplingParams, log_softmax
 from .sequence import SequenceText, check_request
 from .speculative import Speculation, SpeculativeStats, verify_drafts
@@ -450,25 +450,25 @@ class EngineCore:
         sequence = batch.slots[0]
         room = sequence.request.max_new_tokens - sequence.text.generated - 2
         k = min(self.speculation.config.num_tokens, room)
-        drafts = sequence.proposer.propose(sequence.text.history + [sequence.last_token], k) \
-            if k > 0 else []
-        if not drafts:
-            return False
 
         def keep(_token: int) -> bool:
             self._deliver(sequence)
             return sequence.text.finish_reason is None
 
         try:
+            drafts = sequence.proposer.propose(sequence.text.history + [sequence.last_token],
+                                               k) if k > 0 else []
+            if not drafts:
+                return False
             last = sequence.last_token
-            self._deliver(sequence)
-            accepted = verify_drafts(batch.backend, batch.state, last, drafts,
-                                     lambda row: self._produce(sequence, row), keep)
+            if keep(last):  # (a stop string it completes ends the sequence: no verify)
+                accepted = verify_drafts(batch.backend, batch.state, last, drafts,
+                                         lambda row: self._produce(sequence, row), keep)
+                for stats in (sequence.stats.speculative, self.speculation.stats):
+                    stats.add(SpeculativeStats(len(drafts), accepted, 1))
         except Exception as exc:  # noqa: BLE001 (this request ends; the engine goes on)
             self._fail_batch(batch, exc)
             return True
-        for stats in (sequence.stats.speculative, self.speculation.stats):
-            stats.add(SpeculativeStats(len(drafts), accepted, 1))
         done = batch.slots_where(lambda s: s.text.finish_reason is not None
                                  or s.request.cancelled.is_set())
         self._settle(batch, done, 0.0, start)

@@ -142,8 +142,19 @@ def test_eos_stop_and_max_tokens_inside_an_accepted_run(model_dirs, tokenizer, t
         got, last = tokens_of(backend, tokenizer, REPETITIVE, speculation_with(all_right),
                               max_new_tokens=limit)
         assert got == plain[:limit] and last.finish_reason == "length"
-    # a stop string made of the text of tokens 5..6 of the plain answer
+    # a stop string completed by each of tokens 3..10: the last sampled token a verify
+    # starts from, or an accepted draft
     text = [tokenizer.decode([t]) for t in plain]
+    for i in range(3, 11):
+        stop = "".join(text[i - 1:i + 1])
+        if not stop.strip():
+            continue
+        expected, _ = generate(backend, tokenizer, REPETITIVE, max_new_tokens=NEW,
+                               sampling=GREEDY, stop=[stop], add_bos=False)
+        events = engine_events(backend, tokenizer, REPETITIVE, speculation_with(all_right),
+                               max_new_tokens=NEW, stop=[stop])
+        assert "".join(e.text for e in events) == expected and events[-1].finish_reason == "stop"
+    # a stop string made of the text of tokens 5..6 of the plain answer
     stop = next(text[i] + text[i + 1] for i in range(5, NEW - 1)
                 if (text[i] + text[i + 1]).strip())
     plain_text, plain_last = generate(backend, tokenizer, REPETITIVE, max_new_tokens=NEW,
