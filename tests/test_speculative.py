@@ -388,3 +388,29 @@ def test_bench_speculative_rows(tmp_path, capsys):
         assert r["identical"] and r["file_lines"] == 200
         assert r["speedup"] == pytest.approx(r["speculative_tps"] / r["plain_tps"])
         assert r["verify_ms"] > 0 and r["step_ms"] > 0
+
+
+def test_seeded_sampling_penalties_and_grammar_give_the_plain_tokens():
+    """Every kept token goes through the sequence's own sampler (penalties over its history,
+    top-p, temperature, a grammar's mask) with one draw per token: seeded runs, constrained
+    or not, give plain decoding's tokens, drafts right or wrong."""
+    from plt_port import family
+    from runtimes.grammar import model_compiler
+
+    model_dir = family.default_model_dir()
+    backend = load_backend("torch", model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    compiler = model_compiler(tokenizer, backend)
+    prompt = tokenizer.encode(COPY_PROMPT * 2)
+    for seed in range(3):
+        sampling = SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.3,
+                                  presence_penalty=0.5, seed=seed)
+        for grammar in (None, compiler.regex(r"[a-z_]{1,12}\(\d{1,3}(, \d{1,3}){0,3}\)")):
+            options = dict(max_new_tokens=20, sampling=sampling, grammar=grammar)
+            plain, plain_last = tokens_of(backend, tokenizer, prompt, **options)
+            for wrong_at in (1, None):
+                proposer = ScriptedProposer(prompt, plain, wrong_at)
+                got, last = tokens_of(backend, tokenizer, prompt, speculation_with(proposer),
+                                      **options)
+                assert got == plain and last.finish_reason == plain_last.finish_reason
+                assert last.speculative.accepted > 0
