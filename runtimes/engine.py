@@ -48,7 +48,7 @@ from .backends.history import HistoryPolicy
 from .prompt_cache import PromptCache
 from .sampling import Sampler, SamplingParams, log_softmax
 from .sequence import SequenceText, check_request
-from .speculative import Speculation, SpeculativeStats, verify_drafts
+from .speculative import Backoff, Speculation, SpeculativeStats, verify_drafts
 
 log = logging.getLogger("plt_port.engine")
 
@@ -139,6 +139,7 @@ class RunningSequence:
     logprobs: TokenLogprobs | None = None
     stats: SequenceStats | None = None
     proposer: object = None         # its drafts' proposer (runtimes.speculative)
+    backoff: Backoff | None = None  # when its drafting pays
 
 
 def batch_width(sequences: int, max_batch: int) -> int:
@@ -395,7 +396,8 @@ class EngineCore:
             Sampler(request.sampling,
                     request.grammar.constraint() if request.grammar is not None else None),
             positions, stats=stats,
-            proposer=self.speculation.proposer() if self.speculation is not None else None)
+            proposer=self.speculation.proposer() if self.speculation is not None else None,
+            backoff=Backoff())
         self._produce(sequence, logits)
         stats.ttft_s = sequence.sampled_at - start
         batch.add(sequence, prefilled)
@@ -442,12 +444,15 @@ class EngineCore:
     def _speculate(self, batch: RunningBatch, start: float) -> bool:
         """A verify of drafts instead of a decode step, when the engine speculates and runs
         this one sequence alone (a verify costs about L decode steps at batch 1, where a
-        batch's step already shares its weight streaming) and the proposer has drafts;
-        whether it ran. The drafts stop two tokens short of max_new_tokens: the last token
-        allowed is never fed (as in plain decoding), and is the verify's correction or bonus."""
+        batch's step already shares its weight streaming), its backoff says drafting pays and
+        the proposer has drafts; whether it ran. The drafts stop two tokens short of
+        max_new_tokens: the last token allowed is never fed (as in plain decoding), and is the
+        verify's correction or bonus."""
         if self.speculation is None or self.running_count != 1 or batch.state.batch_size != 1:
             return False
         sequence = batch.slots[0]
+        if not sequence.backoff.ready():
+            return False
         room = sequence.request.max_new_tokens - sequence.text.generated - 2
         k = min(self.speculation.config.num_tokens, room)
 
@@ -464,6 +469,7 @@ class EngineCore:
             if keep(last):  # (a stop string it completes ends the sequence: no verify)
                 accepted = verify_drafts(batch.backend, batch.state, last, drafts,
                                          lambda row: self._produce(sequence, row), keep)
+                sequence.backoff.note(accepted, batch.backend.loops)
                 for stats in (sequence.stats.speculative, self.speculation.stats):
                     stats.add(SpeculativeStats(len(drafts), accepted, 1))
         except Exception as exc:  # noqa: BLE001 (this request ends; the engine goes on)

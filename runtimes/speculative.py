@@ -45,6 +45,7 @@ METHODS = ("off", "ngram", "draft")
 DEFAULT_NUM_TOKENS = 5
 DEFAULT_NGRAM_SIZE = 3
 MAX_NUM_TOKENS = 64
+MAX_BACKOFF = 16  # plain decode steps at most between verifies that do not pay
 
 
 class SpeculativeError(PLTError, ValueError):
@@ -187,6 +188,31 @@ class DraftModelProposer:
             logits = self.backend.extend(self.state, context[keep:])
         self.fed = context
         return logits
+
+
+class Backoff:
+    """When drafting pays: a verify costs about L decode steps (L passes), so one that yields
+    fewer than max(2, L) tokens (its accepted drafts and the correction) loses time; after
+    each such verify in a row the sequence decodes plainly for 1, 2, 4 .. MAX_BACKOFF steps,
+    and a verify that pays starts it over. The output is the same either way."""
+
+    def __init__(self):
+        self.failures = 0
+        self.waiting = 0
+
+    def ready(self) -> bool:
+        """Whether to draft at this step (else one plain step is counted off)."""
+        if self.waiting:
+            self.waiting -= 1
+            return False
+        return True
+
+    def note(self, accepted: int, loops: int) -> None:
+        if accepted + 1 >= max(2, loops):
+            self.failures = 0
+        else:
+            self.waiting = min(2 ** self.failures, MAX_BACKOFF)
+            self.failures += 1
 
 
 class Speculation:

@@ -23,7 +23,7 @@ from runtimes.backends.history import HistoryPolicy
 from runtimes.engine import EngineCore, Request
 from runtimes.generate import generate, stream_generate
 from runtimes.sampling import Sampler, SamplingParams
-from runtimes.speculative import (NgramProposer, Speculation, SpeculativeConfig,
+from runtimes.speculative import (Backoff, NgramProposer, Speculation, SpeculativeConfig,
                                   SpeculativeError, speculative_config, verify_drafts)
 
 K = 4
@@ -414,3 +414,24 @@ def test_seeded_sampling_penalties_and_grammar_give_the_plain_tokens():
                                       **options)
                 assert got == plain and last.finish_reason == plain_last.finish_reason
                 assert last.speculative.accepted > 0
+
+
+def test_backoff_decodes_plainly_while_verifies_do_not_pay(model_dirs, tokenizer):
+    backoff = Backoff()
+    waits = []
+    for accepted in (0, 0, 0, 0, 0, 0, 1, 0):  # at L = 2 a verify pays with one draft accepted
+        backoff.note(accepted, 2)
+        waits.append(backoff.waiting)
+        while not backoff.ready():
+            pass
+    assert waits == [1, 2, 4, 8, 16, 16, 0, 1]
+    backoff.note(2, 4)
+    assert backoff.waiting == 2  # L = 4: 3 tokens for about 4 steps' cost
+    # end to end: every first draft wrong, 40 tokens: a verify each time 1, 2, 4, 8, 16 plain
+    # steps have passed (verifies from tokens 1, 3, 6, 11, 20 and 37)
+    backend = load_backend("torch", model_dirs["plt"], loops=2)
+    plain, _ = tokens_of(backend, tokenizer, REPETITIVE, max_new_tokens=40)
+    proposer = ScriptedProposer(REPETITIVE, plain, 0)
+    got, last = tokens_of(backend, tokenizer, REPETITIVE, speculation_with(proposer),
+                          max_new_tokens=40)
+    assert got == plain and last.speculative.verifies == proposer.proposals == 6
