@@ -16,6 +16,10 @@ halves, `launch()` then `finish()`:
 - finish: wait for each step's logits, let finished sequences go, and sample every other
   sequence's next token with its own seeded `Sampler` (`_produce`).
 
+An engine made with a `runtimes.speculative.Speculation` runs a verify of drafts in place of
+a sequence's decode step while that sequence runs alone (`_speculate`, in launch: the tokens
+it accepts are delivered at once, the sequence's next token is sampled from the verify).
+
 `BatchEngine` runs an EngineCore on its own thread (it owns the backends: they are not
 thread-safe, and MLX streams are thread-local); callers `submit` requests from any thread and
 receive each request's tokens through its `emit` callback. `EngineCore.stream` runs one
