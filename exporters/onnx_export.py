@@ -29,7 +29,8 @@ from plt_port.files import check_regular_file, read_json_object
 MANIFEST = "plt_onnx.json"
 WEIGHTS = "weights.bin"
 GRAPH = "model.onnx"
-FORMAT_VERSION = 4  # 4: rings of min(window, capacity) slots; 3: one graph per loop group
+FORMAT_VERSION = 5  # 5: logit_rows (a speculative verify's logits); 4: rings of min(window,
+# capacity) slots; 3: one graph per loop group
 DTYPES = ("float32", "float16")
 BITS = (4, 8)
 BLOCK_SIZES = (32, 64, 128)
@@ -123,6 +124,9 @@ def manifest(config: PLTConfig, loops: int, dtype: str, quant, model, weights,
             "start": "tokens already in each sequence's caches (= position of its first new token)",
             "num_new": "valid tokens of each sequence in this chunk",
             "loops": "the loop number (1-based) of each row group",
+            "logit_rows": "[R]: logits of each sequence's last R chunk positions (its last "
+                          "valid token and the R-1 before it), [batch * R, vocab] sequence "
+                          "by sequence; 1 but for a speculative verify (R = chunk)",
             "past_key_values.{i}.key/value": "loop-1 K/V of layer i, slot = position",
             "past_ring.{i}.key/value": "K/V of loop r >= 2 (index r-2), "
                                        "position p in slot p % window (< ring_slots)",
@@ -140,6 +144,9 @@ def manifest(config: PLTConfig, loops: int, dtype: str, quant, model, weights,
                          "past_hidden": "zeros [batch, 1, hidden_size]"},
             "naive_step": {"loops": "[r] for r = 1..loops in turn", "chunk": 1,
                            "past_hidden": "present_hidden of the previous call (zeros for r = 1)"},
+            "verify": {"loops": "[r] for r = 1..loops in turn, as prefill",
+                       "chunk": "the last sampled token and the drafts (batch 1)",
+                       "logit_rows": "chunk, in the last call (1 in the others)"},
         },
         # "state": each present output is the next call's past input; "in_place": outputs a
         # runtime may bind to their past input's buffer (the graph only scatters into them)

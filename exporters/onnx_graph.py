@@ -6,7 +6,8 @@ group) times the T tokens of `input_ids`. Every MatMul weight feeds exactly one 
 runtime that pre-packs weights (ONNX Runtime on the CPU) holds each once, packed, in one
 session that serves every call:
 - prefill of a chunk: one call per loop in turn, loops=[r], each call taking the previous
-  loop's outputs over the chunk (`past_hidden` <- `present_hidden`); the last call's logits;
+  loop's outputs over the chunk (`past_hidden` <- `present_hidden`); the last call's logits
+  (of each sequence's last `logit_rows` positions: 1, or the chunk for a speculative verify);
 - CLP decode step (PLT, L > 1): one call with loops=[1, ..., L] and T = 1 (the L rows of
   SPEC section 4 in one pass);
 - naive decode step: the prefill calls with T = 1.
@@ -383,11 +384,14 @@ def kv_slot_indices(b: GraphBuilder, batch: str, slots: str) -> str:
     return b.op("Concat", *[b.unsqueeze(b.op("Expand", a, shape), -1) for a in axes], axis=-1)
 
 
-def take_position(b: GraphBuilder, x: str, index: str) -> str:
-    """x [B, T, d], index [B] -> x[b, index[b]] as [B, d]."""
+def take_rows(b: GraphBuilder, x: str, last: str, count: str) -> str:
+    """x [B, T, d], last [B], count [1] -> x[b, last[b] - count + 1 .. last[b]] as [B * count, d]
+    (row indices below 0 clamped to 0)."""
     d = b.cfg.hidden_size
-    idx = b.op("Expand", b.op("Reshape", index, b.ints(-1, 1, 1)),
-               b.op("Concat", b.dim(x, 0), b.ints(1, d), axis=0))
+    first = b.op("Sub", b.unsqueeze(last, 1), b.op("Sub", count, b.ints(1)))           # [B, 1]
+    index = b.op("Max", b.op("Add", first, b.unsqueeze(b.arange(count), 0)), b.ints(0))  # [B, R]
+    idx = b.op("Expand", b.unsqueeze(index, 2),
+               b.op("Concat", b.dim(x, 0), count, b.ints(d), axis=0))
     return b.op("Reshape", b.op("GatherElements", x, idx, axis=1), b.ints(-1, d))
 
 
@@ -536,6 +540,7 @@ def build_step(b: GraphBuilder) -> onnx.ModelProto:
     start = b.input("start", TensorProto.INT64, ["batch"])
     num_new = b.input("num_new", TensorProto.INT64, ["batch"])
     loops = b.input("loops", TensorProto.INT64, ["groups"])
+    logit_rows = b.input("logit_rows", TensorProto.INT64, [1])
     past = [{kv: b.input(f"past_key_values.{i}.{kv}", b.onnx_dtype, dims["global"])
              for kv in ("key", "value")} for i in range(cfg.num_hidden_layers)]
     if L > 1:
@@ -592,8 +597,8 @@ def build_step(b: GraphBuilder) -> onnx.ModelProto:
     last_group = b.op("Squeeze", b.op("Sub", b.dim(loops, 0), b.ints(1)))
     last = b.op("Max", b.op("Sub", num_new, b.ints(1)), b.ints(0))
     h_last = b.op("Gather", b.op("Reshape", h, group_shape), last_group, axis=1)       # [B, T, d]
-    b.output(lm_logits(b, take_position(b, h_last, last)), "logits", TensorProto.FLOAT,
-             ["batch", cfg.vocab_size])
+    b.output(lm_logits(b, take_rows(b, h_last, last, logit_rows)), "logits", TensorProto.FLOAT,
+             ["logit_rows_of_batch", cfg.vocab_size])
     for i in range(cfg.num_hidden_layers):
         for n in ("key", "value"):
             b.output(f"present.{i}.{n}", f"present.{i}.{n}", b.onnx_dtype, dims["global"])

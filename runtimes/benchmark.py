@@ -430,11 +430,15 @@ def format_table(result: dict) -> str:
                      + [f"{r['decode_tps']:.1f}", ratio(r["vs_naive"]), ratio(r["vs_loops1"])]
                      + [ratio(r.get("vs_free")), percent(r.get("grammar_overhead"))] * grammar
                      + [f"{r['cache_bytes'] / 2**20:.3f}"])
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    table.insert(1, ["-" * w for w in widths])
-    lines += ["| " + " | ".join(cell.rjust(w) for cell, w in zip(row, widths)) + " |"
-              for row in table]
-    return "\n".join(lines)
+    return "\n".join(lines + aligned_table(table))
+
+
+def aligned_table(table: list[list[str]]) -> list[str]:
+    """The lines of a table (its first row the header) with right-aligned columns."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    table = [table[0], ["-" * w for w in widths], *table[1:]]
+    return ["| " + " | ".join(cell.rjust(w) for cell, w in zip(row, widths)) + " |"
+            for row in table]
 
 
 def write_json(result: dict, path: str) -> None:

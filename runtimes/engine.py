@@ -16,6 +16,10 @@ halves, `launch()` then `finish()`:
 - finish: wait for each step's logits, let finished sequences go, and sample every other
   sequence's next token with its own seeded `Sampler` (`_produce`).
 
+An engine made with a `runtimes.speculative.Speculation` runs a verify of drafts in place of
+a sequence's decode step while that sequence runs alone (`_speculate`, in launch: the tokens
+it accepts are delivered at once, the sequence's next token is sampled from the verify).
+
 `BatchEngine` runs an EngineCore on its own thread (it owns the backends: they are not
 thread-safe, and MLX streams are thread-local); callers `submit` requests from any thread and
 receive each request's tokens through its `emit` callback. `EngineCore.stream` runs one
@@ -44,9 +48,11 @@ from plt_port import cache_layout
 from plt_port.errors import PLTError
 
 from .backends.base import Backend, DecodeState
+from .backends.history import HistoryPolicy
 from .prompt_cache import PromptCache
 from .sampling import Sampler, SamplingParams, log_softmax
 from .sequence import SequenceText, check_request
+from .speculative import Backoff, Speculation, SpeculativeStats, verify_drafts
 
 log = logging.getLogger("plt_port.engine")
 
@@ -85,6 +91,7 @@ class SequenceStats:
     decode_s: float = 0.0           # the decode steps of its batch, launch to sampled tokens
     cache_bytes: int = 0            # its running batch's caches
     peak_memory_bytes: int | None = None
+    speculative: SpeculativeStats | None = None  # None: the engine does not speculate
 
 
 @dataclass
@@ -135,6 +142,8 @@ class RunningSequence:
     sampled_at: float = 0.0
     logprobs: TokenLogprobs | None = None
     stats: SequenceStats | None = None
+    proposer: object = None         # its drafts' proposer (runtimes.speculative)
+    backoff: Backoff | None = None  # when its drafting pays
 
 
 def batch_width(sequences: int, max_batch: int) -> int:
@@ -233,11 +242,13 @@ class EngineCore:
     (`launch()`, `finish()`) until the requests end."""
 
     def __init__(self, load: Callable[[int | None], Backend], tokenizer, *, max_batch: int = 16,
-                 decode_mode: str = "clp", prompt_cache: PromptCache | None = None):
+                 decode_mode: str = "clp", prompt_cache: PromptCache | None = None,
+                 speculation: Speculation | None = None):
         if max_batch < 1:
             raise EngineError(f"max_batch must be >= 1, got {max_batch}")
         self.load = load
         self.prompt_cache = prompt_cache  # None: every prompt is prefilled from scratch
+        self.speculation = speculation  # None: plain decoding only
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.decode_mode = decode_mode
@@ -257,6 +268,8 @@ class EngineCore:
         self.backend.mode_run(self.decode_mode)
         if self.prompt_cache is not None:
             self.prompt_cache.load_files(self.backend)
+        if self.speculation is not None:
+            self.speculation.check_target(self.backend)
         return self
 
     def check(self, request: Request) -> int:
@@ -351,7 +364,7 @@ class EngineCore:
                                                             request.prefill_chunk_size)
         else:
             state, logits = backend.prefill([request.prompt_ids], capacity,
-                                            request.prefill_chunk_size)
+                                            request.prefill_chunk_size, self._history())
             cached = 0
         prefill_s = time.perf_counter() - start
         key = (backend.loops, mode)
@@ -362,7 +375,17 @@ class EngineCore:
                        SequenceStats(backend.name, backend.loops, mode, len(request.prompt_ids),
                                      cached, prefill_s=prefill_s,
                                      cache_bytes=backend.cache_bytes(state),
-                                     peak_memory_bytes=backend.peak_memory_bytes()), start)
+                                     peak_memory_bytes=backend.peak_memory_bytes(),
+                                     speculative=None if self.speculation is None
+                                     else SpeculativeStats()),
+                       start)
+
+    def _history(self) -> HistoryPolicy | None:
+        """What a prefilled state keeps: the undo journal of a verify's drafts, when the
+        engine speculates (the rejected ones are rewound)."""
+        if self.speculation is None:
+            return None
+        return HistoryPolicy(depth=self.speculation.config.num_tokens + 1)
 
     def _join(self, request: Request, prompt: Request, batch: RunningBatch,
               prefilled: DecodeState, logits: np.ndarray, positions: int, stats: SequenceStats,
@@ -376,7 +399,9 @@ class EngineCore:
                                   prompt.stop, backend.eos_token_ids),
             Sampler(request.sampling,
                     request.grammar.constraint() if request.grammar is not None else None),
-            positions, stats=stats)
+            positions, stats=stats,
+            proposer=self.speculation.proposer() if self.speculation is not None else None,
+            backoff=Backoff())
         self._produce(sequence, logits)
         stats.ttft_s = sequence.sampled_at - start
         batch.add(sequence, prefilled)
@@ -386,13 +411,14 @@ class EngineCore:
         exact for a batch of one, whose shape never changes."""
         return positions if self.max_batch == 1 else allocated_positions(backend, positions)
 
-    def _produce(self, sequence: RunningSequence, logits: np.ndarray) -> None:
+    def _produce(self, sequence: RunningSequence, logits: np.ndarray) -> int:
         """The sequence's next token from its logits [V], sampled with its own sampler."""
         token = int(sequence.sampler(logits[None], [sequence.text.history])[0])
         top_logprobs = sequence.request.top_logprobs
         sequence.logprobs = None if top_logprobs is None \
             else token_logprobs(logits, token, top_logprobs)
         sequence.last_token, sequence.sampled_at = token, time.perf_counter()
+        return token
 
     def _deliver(self, sequence: RunningSequence) -> None:
         """Turn the sequence's sampled token into text and send it."""
@@ -408,7 +434,7 @@ class EngineCore:
             self._deliver(batch.slots[slot])
         self._keep_in_prompt_cache(batch, ended)
         batch.release(ended)
-        if batch.state is None:
+        if batch.state is None or self._speculate(batch, start):
             return
         try:
             logits = batch.step_async()
@@ -418,6 +444,45 @@ class EngineCore:
         for sequence in batch.sequences:
             self._deliver(sequence)
         self.launched.append(LaunchedStep(batch, logits, time.perf_counter() - start))
+
+    def _speculate(self, batch: RunningBatch, start: float) -> bool:
+        """A verify of drafts instead of a decode step, when the engine speculates and runs
+        this one sequence alone (a verify costs about L decode steps at batch 1, where a
+        batch's step already shares its weight streaming), its backoff says drafting pays and
+        the proposer has drafts; whether it ran. The drafts stop two tokens short of
+        max_new_tokens: the last token allowed is never fed (as in plain decoding), and is the
+        verify's correction or bonus."""
+        if self.speculation is None or self.running_count != 1 or batch.state.batch_size != 1:
+            return False
+        sequence = batch.slots[0]
+        if not sequence.backoff.ready():
+            return False
+        room = sequence.request.max_new_tokens - sequence.text.generated - 2
+        k = min(self.speculation.config.num_tokens, room)
+
+        def keep(_token: int) -> bool:
+            self._deliver(sequence)
+            return sequence.text.finish_reason is None
+
+        try:
+            drafts = sequence.proposer.propose(sequence.text.history + [sequence.last_token],
+                                               k) if k > 0 else []
+            if not drafts:
+                return False
+            last = sequence.last_token
+            if keep(last):  # (a stop string it completes ends the sequence: no verify)
+                accepted = verify_drafts(batch.backend, batch.state, last, drafts,
+                                         lambda row: self._produce(sequence, row), keep)
+                sequence.backoff.note(accepted, batch.backend.loops)
+                for stats in (sequence.stats.speculative, self.speculation.stats):
+                    stats.add(SpeculativeStats(len(drafts), accepted, 1))
+        except Exception as exc:  # noqa: BLE001 (this request ends; the engine goes on)
+            self._fail_batch(batch, exc)
+            return True
+        done = batch.slots_where(lambda s: s.text.finish_reason is not None
+                                 or s.request.cancelled.is_set())
+        self._settle(batch, done, 0.0, start)
+        return True
 
     def _finish_step(self, step: LaunchedStep) -> None:
         start, batch = time.perf_counter(), step.batch
@@ -435,13 +500,19 @@ class EngineCore:
                 except Exception as exc:  # noqa: BLE001 (e.g. NaN logits: this sequence ends)
                     self._fail(sequence.request, exc)
                     done.append(slot)
+        self._settle(batch, done, step.launch_s, start)
+
+    def _settle(self, batch: RunningBatch, done: list[int], launch_s: float,
+                start: float) -> None:
+        """After a step: let the sequences in `done` go, and add the step's time (`launch_s`
+        and since `start`) to the others' stats."""
         try:
             self._keep_in_prompt_cache(batch, done)
             batch.release(done)
         except Exception as exc:  # noqa: BLE001
             self._fail_batch(batch, exc)
             return
-        own_s = step.launch_s + time.perf_counter() - start
+        own_s = launch_s + time.perf_counter() - start
         cache_bytes = batch.backend.cache_bytes(batch.state) if batch.state is not None else 0
         peak = batch.backend.peak_memory_bytes()
         for sequence in batch.sequences:
@@ -511,11 +582,12 @@ class BatchEngine(EngineCore):
 
     def __init__(self, load: Callable[[int | None], Backend], tokenizer, *, max_batch: int = 16,
                  max_queue: int = 64, decode_mode: str = "clp",
-                 prompt_cache: PromptCache | None = None):
+                 prompt_cache: PromptCache | None = None,
+                 speculation: Speculation | None = None):
         if max_queue < 1:
             raise EngineError(f"max_queue must be >= 1, got {max_queue}")
         super().__init__(load, tokenizer, max_batch=max_batch, decode_mode=decode_mode,
-                         prompt_cache=prompt_cache)
+                         prompt_cache=prompt_cache, speculation=speculation)
         self.max_queue = max_queue
         self.wake = threading.Event()
         self.ready = threading.Event()  # set once the default backend loaded, or failed to

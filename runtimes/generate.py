@@ -19,6 +19,7 @@ from .engine import EngineCore, Request, TokenEvent
 from .sampling import SamplingParams, resolve_sampling
 from .sequence import (ContextLengthError, GenerateError, SequenceText, StopMatcher,
                        chat_prompt_ids, check_request, encode_prompt)
+from .speculative import Speculation, SpeculativeStats
 
 __all__ = ["ContextLengthError", "GenerateError", "GenerationResponse", "SequenceText",
            "StopMatcher", "chat_prompt_ids", "check_request", "encode_prompt", "generate",
@@ -40,6 +41,7 @@ class GenerationResponse:
     backend: str
     loops: int
     decode_mode: str             # the mode actually run ("naive" when the model has no CLP)
+    speculative: SpeculativeStats | None = None  # drafts verified so far (None: not speculating)
 
 
 def response(event: TokenEvent, first_token_at: float) -> GenerationResponse:
@@ -53,19 +55,22 @@ def response(event: TokenEvent, first_token_at: float) -> GenerationResponse:
         generation_tps=(event.index - 1) / decode_s if event.index > 1 and decode_s > 0 else 0.0,
         ttft_s=stats.ttft_s, cache_bytes=stats.cache_bytes,
         peak_memory_bytes=stats.peak_memory_bytes, finish_reason=event.finish_reason,
-        backend=stats.backend, loops=stats.loops, decode_mode=stats.decode_mode)
+        backend=stats.backend, loops=stats.loops, decode_mode=stats.decode_mode,
+        speculative=stats.speculative)
 
 
 def stream_generate(backend: Backend, tokenizer, prompt: str | list[int], *,
                     max_new_tokens: int = 256, sampling: SamplingParams | None = None,
                     stop: Sequence[str] = (), decode_mode: str = "clp",
                     prefill_chunk_size: int | None = None, add_bos: bool | None = None,
-                    grammar=None, prompt_cache=None) -> Iterator[GenerationResponse]:
+                    grammar=None, prompt_cache=None,
+                    speculation: Speculation | None = None) -> Iterator[GenerationResponse]:
     """`grammar`: a `runtimes.grammar.Grammar` the answer must follow (it ends at eos once the
     grammar is complete; at max_new_tokens before that its finish_reason is "length");
-    `prompt_cache`: a `runtimes.prompt_cache.PromptCache` the prompt may start from."""
+    `prompt_cache`: a `runtimes.prompt_cache.PromptCache` the prompt may start from;
+    `speculation`: drafts verified several tokens at a time (`runtimes.speculative`)."""
     core = EngineCore(lambda _: backend, tokenizer, max_batch=1, decode_mode=decode_mode,
-                      prompt_cache=prompt_cache).open()
+                      prompt_cache=prompt_cache, speculation=speculation).open()
     if add_bos is None:
         add_bos = tokenizer.add_bos_token
     request = Request(

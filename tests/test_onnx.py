@@ -293,6 +293,7 @@ def test_manifest_drives_another_runtime(make_model, tmp_path):
     def run(feeds, chunk):
         dims = {"batch": batch, "capacity": capacity, "chunk": chunk,
                 "ring_slots": min(manifest["window"], capacity)}
+        feeds["logit_rows"] = np.array([1], np.int64)  # manifest["inputs_meaning"]: 1 here
         for spec in graph["inputs"]:
             if spec["name"] not in feeds:   # caches: zeros on first use, then the last outputs
                 shape = [dims.get(d, d) for d in spec["shape"]]

@@ -31,6 +31,7 @@ from runtimes.engine import BatchEngine, QueueFullError, Request, TokenEvent
 from runtimes.generate import ContextLengthError
 from runtimes.grammar import Grammar, GrammarCompiler, model_compiler
 from runtimes.sampling import SamplingError, SamplingParams
+from runtimes.speculative import SpeculativeStats
 
 from .server_options import ServerOptions
 
@@ -174,6 +175,13 @@ class ServerMetrics:
               registry=r).set_function(lambda: cache.nbytes if cache is not None else 0)
         Gauge("plt_prompt_cache_entries", "Entries of the prompt cache",
               registry=r).set_function(lambda: len(cache) if cache is not None else 0)
+        # speculative decoding (runtimes.speculative), counted as requests finish
+        self.speculative_drafted = Counter("plt_speculative_draft_tokens",
+                                           "Draft tokens verified", registry=r)
+        self.speculative_accepted = Counter("plt_speculative_accepted_tokens",
+                                            "Draft tokens accepted", registry=r)
+        self.speculative_verifies = Counter("plt_speculative_verify_passes",
+                                            "Verify passes (prefill chunks of drafts)", registry=r)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
@@ -195,6 +203,7 @@ class Generation:
     finish_reasons: list[str | None] = field(default_factory=list)
     last_times: list[float | None] = field(default_factory=list)
     cached_tokens: int = 0  # of the prompt, reused from the prompt cache
+    speculative: SpeculativeStats | None = None  # the finished choices' (None: not speculating)
     started: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
 
@@ -215,9 +224,12 @@ class Generation:
         return sum(self.tokens)
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                 "total_tokens": self.prompt_tokens + self.completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        if self.speculative is not None:
+            usage["speculative"] = self.speculative.as_dict()
+        return usage
 
     def anthropic_input_usage(self) -> dict:
         """Anthropic's input token counts: `input_tokens` those prefilled, the rest read from
@@ -255,7 +267,17 @@ class Generation:
         self.last_times[choice] = event.time
         self.tokens[choice] += 1
         self.finish_reasons[choice] = event.finish_reason
+        if event.finish_reason is not None and event.stats is not None \
+                and event.stats.speculative is not None:
+            self.note_speculative(event.stats.speculative)
         return choice, event
+
+    def note_speculative(self, stats: SpeculativeStats) -> None:
+        self.speculative = self.speculative or SpeculativeStats()
+        self.speculative.add(stats)
+        self.metrics.speculative_drafted.inc(stats.drafted)
+        self.metrics.speculative_accepted.inc(stats.accepted)
+        self.metrics.speculative_verifies.inc(stats.verifies)
 
     def note_prompt_cache(self, cached_tokens: int) -> None:
         self.cached_tokens = cached_tokens

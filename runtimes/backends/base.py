@@ -78,6 +78,7 @@ class Backend(abc.ABC):
     loops_share_weights: bool = True
     kv_quant: cache_layout.KVQuant | None = None  # quantized global K/V (torch, MLX)
     supports_rewind: bool = False  # implements the hooks of rewinds and saved prompt caches
+    supports_verify: bool = False  # prefill_chunk gives every row's logits (`verify`)
 
     def __init__(self, model_dir: str, loops: int | None = None):
         self.model_dir = str(model_dir)
@@ -98,7 +99,9 @@ class Backend(abc.ABC):
         leave its ring and carry alone). Returns fp32 logits [B, V] of each sequence's token
         at index num_new[b] - 1 of the chunk (any row where num_new[b] == 0); with `trace`,
         (logits, carries): carries = [an array [B, L-1, C, d] of the backend's], [b, r-1, j]
-        the carry n(h^(r)) before chunk position j (loop r's shifted input); None: no carry."""
+        the carry n(h^(r)) before chunk position j (loop r's shifted input); None: no carry.
+        Passed `every_row=True` (a speculative verify), the logits are [B, C, V]: every chunk
+        position's (a backend without it raises BackendError naming speculative decoding)."""
 
     @abc.abstractmethod
     def decode_rows(self, caches, tokens: np.ndarray, positions: np.ndarray,
@@ -228,34 +231,56 @@ class Backend(abc.ABC):
         state.active[0] = True
         return self._feed(state, [tokens], chunk_size)
 
+    def verify(self, state: DecodeState, tokens: list[int]) -> np.ndarray:
+        """A speculative verify: append `tokens` (the last sampled token, then the drafts) to
+        the one sequence of `state` as one prefill chunk (loop r over every token after loop
+        r-1: L passes); return fp32 logits [len(tokens), V], row j those a decode step of
+        tokens[j] would give. `rewind` then drops the rejected tail."""
+        if not self.supports_verify:
+            raise BackendError(f"the {self.name} backend cannot verify drafts (speculative "
+                               f"decoding needs every row's logits of a prefill chunk)")
+        if state.batch_size != 1:
+            raise BackendError(f"verify takes a state of one sequence, got a batch of "
+                               f"{state.batch_size}")
+        length = int(state.lengths[0])
+        self.check_prompts([tokens], self.config.max_position_embeddings - length)
+        self.ensure_capacity(state, length + len(tokens))
+        return self._feed(state, [tokens], None, every_row=True)
+
     def _feed(self, state: DecodeState, prompts: list[list[int]],
-              chunk_size: int | None) -> np.ndarray:
+              chunk_size: int | None, every_row: bool = False) -> np.ndarray:
         """Run `prompts` on from `start`, the length every slot of `state` has; logits of each
-        prompt's last token. Records the journal and snapshots the history asks for."""
+        prompt's last token (`every_row`, one prompt: [T, V], each of its tokens'). Records
+        the journal and snapshots the history asks for."""
         start = int(state.lengths[0])
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         ids = np.zeros((len(prompts), int(lengths.max())), dtype=np.int64)  # right-padded
         for b, prompt in enumerate(prompts):
             ids[b, :len(prompt)] = prompt
         logits = np.zeros((len(prompts), self.config.vocab_size), dtype=np.float32)
+        options = {"every_row": True} if every_row else {}
+        chunk_rows = []
         record_from = self._record_from(state, start, lengths)
         for first, end in self._chunk_bounds(state, start, lengths, chunk_size, record_from):
             num_new = np.clip(start + lengths - first, 0, end - first)
             chunk = ids[:, first - start:end - start]
             if first >= record_from:
-                chunk_logits = self._recorded_chunk(state, chunk, first, num_new)
+                chunk_logits = self._recorded_chunk(state, chunk, first, num_new, options)
             else:
-                chunk_logits = self.prefill_chunk(state.caches, chunk, first, num_new)
+                chunk_logits = self.prefill_chunk(state.caches, chunk, first, num_new, **options)
             self.maybe_quantize_kv(state, int((first + num_new).max()))
-            ends_here = (num_new > 0) & (first + num_new == start + lengths)
-            logits[ends_here] = chunk_logits[ends_here]
+            if every_row:
+                chunk_rows.append(chunk_logits[0])
+            else:
+                ends_here = (num_new > 0) & (first + num_new == start + lengths)
+                logits[ends_here] = chunk_logits[ends_here]
             self._snapshot_at_multiples(state, first + num_new, num_new > 0)
         state.lengths = start + lengths
         if state.history is not None:
             for slot, prompt in zip(state.history.slots, prompts):
                 if slot.tokens is not None:
                     slot.tokens.extend(int(t) for t in prompt)
-        return logits
+        return np.concatenate(chunk_rows) if every_row else logits
 
     def _record_from(self, state: DecodeState, start: int, lengths: np.ndarray) -> int:
         """First position of a prompt run that the journal records (the run's end: none)."""
@@ -281,14 +306,15 @@ class Backend(abc.ABC):
         return list(zip(cuts, cuts[1:] + [end]))
 
     def _recorded_chunk(self, state: DecodeState, ids: np.ndarray, first: int,
-                        num_new: np.ndarray) -> np.ndarray:
+                        num_new: np.ndarray, options: dict) -> np.ndarray:
         """A prefill chunk of at most a ring's width whose undo entries go into the journal."""
         batch = np.arange(state.batch_size)
         ring_slots = cache_layout.ring_slot(np.arange(first, first + ids.shape[1]),
                                             self.config.window)
         rows = self.gather_ring(state.caches, batch, np.broadcast_to(ring_slots,
                                                                      (len(batch), len(ring_slots))))
-        logits, carries = self.prefill_chunk(state.caches, ids, first, num_new, trace=True)
+        logits, carries = self.prefill_chunk(state.caches, ids, first, num_new, trace=True,
+                                             **options)
         for b in np.flatnonzero(num_new > 0):
             self._journal(state, b, JournalRecord(first, int(num_new[b]), rows, carries, int(b)))
         return logits

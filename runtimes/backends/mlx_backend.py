@@ -33,6 +33,7 @@ KERNEL_CHOICES = {"auto": None, "on": True, "off": False}
 class MLXBackend(Backend):
     name = "mlx"
     supports_rewind = True
+    supports_verify = True
 
     def __init__(self, model_dir: str, loops: int | None = None, kernel: str = "auto",
                  dtype: str | None = None, quantize: int | None = None, group_size: int = 64,
@@ -181,12 +182,14 @@ class MLXBackend(Backend):
         return caches
 
     # ---- running -----------------------------------------------------------------------
-    def prefill_chunk(self, caches, ids, start, num_new, trace=False):
+    def prefill_chunk(self, caches, ids, start, num_new, trace=False, every_row=False):
         carries = [] if trace else None
         h = self.model.prefill(mx.array(ids.astype(np.int32)), caches, start, start + num_new,
                                carries)
-        last = mx.array(self.last_token_index(num_new)[:, None, None])
-        logits = self.model.lm_logits(mx.take_along_axis(h, last, axis=1)[:, 0])
+        if not every_row:
+            last = mx.array(self.last_token_index(num_new)[:, None, None])
+            h = mx.take_along_axis(h, last, axis=1)[:, 0]
+        logits = self.model.lm_logits(h)
         carries = [mx.stack(carries, axis=1)] if carries else None  # [B, L-1, C, d]
         mx.eval(logits, caches.arrays(), *(carries or []))
         logits = self._numpy(logits)

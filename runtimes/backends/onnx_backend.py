@@ -84,6 +84,7 @@ def choose_device(provider: str) -> str:
 class ONNXBackend(Backend):
     name = "onnx"
     supports_rewind = True
+    supports_verify = True
     loops_share_weights = False  # one export (graphs and weights) per loop count
 
     def __init__(self, model_dir: str, loops: int | None = None, provider: str = "auto",
@@ -243,12 +244,14 @@ class ONNXBackend(Backend):
 
     # ---- running ----------------------------------------------------------------------
     def _run(self, caches: dict, ids: np.ndarray, start: np.ndarray, num_new: np.ndarray,
-             loops: list[int], hidden):
+             loops: list[int], hidden, logit_rows: int = 1):
         """One call over the row groups `loops` (see exporters/onnx_graph.py); updates
-        `caches` and returns (fp32 logits, present_hidden or None)."""
+        `caches` and returns (fp32 logits [B, V], or [B, logit_rows, V] of each sequence's
+        last rows, present_hidden or None)."""
         binding = self.session.io_binding()
         feeds = {"input_ids": ids, "start": start, "num_new": num_new,
-                 "loops": np.array(loops, np.int64)}
+                 "loops": np.array(loops, np.int64),
+                 "logit_rows": np.array([logit_rows], np.int64)}
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         fresh = []  # outputs ORT allocates: the rings, the carry, the hidden hand-over
@@ -266,7 +269,7 @@ class ONNXBackend(Backend):
         if self.loops > 1:
             binding.bind_ortvalue_input("past_hidden", hidden)
             fresh.append(("present_hidden", handover, "hidden"))
-        logits = np.empty((len(ids), self.config.vocab_size), np.float32)
+        logits = np.empty((len(ids) * logit_rows, self.config.vocab_size), np.float32)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         for name, _, _ in fresh:
             binding.bind_output(name, self.device)
@@ -275,24 +278,30 @@ class ONNXBackend(Backend):
         values = binding.get_outputs()
         for (_, holder, key), value in zip(fresh, values[len(values) - len(fresh):]):
             holder[key] = value
+        if logit_rows > 1:
+            logits = logits.reshape(len(ids), logit_rows, -1)
         return logits, handover.get("hidden")
 
-    def _loops_in_turn(self, caches, ids, start, num_new, carries: list | None = None):
+    def _loops_in_turn(self, caches, ids, start, num_new, carries: list | None = None,
+                       logit_rows: int = 1):
         """Loop 1, 2, ... L over the chunk, each call handing its outputs to the next;
-        `carries` receives each loop r < L's hand-over (PLT: its shifted carries)."""
+        `carries` receives each loop r < L's hand-over (PLT: its shifted carries); the last
+        call gives the logits of `logit_rows` rows."""
         hidden = self._zeros((*ids.shape, self.config.hidden_size)) if self.loops > 1 else None
         for r in range(1, self.loops + 1):
-            logits, hidden = self._run(caches, ids, start, num_new, [r], hidden)
+            rows = logit_rows if r == self.loops else 1
+            logits, hidden = self._run(caches, ids, start, num_new, [r], hidden, rows)
             if carries is not None and r < self.loops:
                 carries.append(hidden)
         return logits
 
-    def prefill_chunk(self, caches, ids, start, num_new, trace=False):
+    def prefill_chunk(self, caches, ids, start, num_new, trace=False, every_row=False):
         # A chunk is never wider than the longest remaining prompt, so padded writes stay
-        # below the longest prompt length <= capacity.
+        # below the longest prompt length <= capacity. Every row: the last T rows of a chunk
+        # whose sequences fill it (a verify's one sequence).
         carries = [] if trace and "carry" in caches else None
         logits = self._loops_in_turn(caches, ids, np.full(len(ids), start, np.int64), num_new,
-                                     carries)
+                                     carries, ids.shape[1] if every_row else 1)
         if not trace:
             return logits
         return logits, [np.stack([c.numpy() for c in carries], axis=1)] if carries else None

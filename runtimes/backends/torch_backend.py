@@ -73,6 +73,7 @@ def per_loop(ring: torch.Tensor, rings: int) -> torch.Tensor:
 class TorchBackend(Backend):
     name = "torch"
     supports_rewind = True
+    supports_verify = True
 
     def __init__(self, model_dir: str, loops: int | None = None, dtype: str | None = None,
                  device: str = "cpu", threads: int | None = None, kv_bits: int | None = None,
@@ -236,7 +237,7 @@ class TorchBackend(Backend):
 
     # ---- prefill -----------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill_chunk(self, caches, ids, start, num_new, trace=False):
+    def prefill_chunk(self, caches, ids, start, num_new, trace=False, every_row=False):
         model, cfg, W = self.model, self.config, self.window
         ids = torch.from_numpy(ids).to(self.device)
         T = ids.shape[1]
@@ -286,7 +287,7 @@ class TorchBackend(Backend):
                 previous.copy_(torch.where(has_tokens[:, None], carry[batch_index, last], previous))
                 h = model.next_loop_input(embeddings, shifted)
                 carries.append(shifted)
-        logits = self._logits(h[batch_index, last])
+        logits = self._logits(h if every_row else h[batch_index, last])
         return (logits, [torch.stack(carries, dim=1)] if carries else None) if trace else logits
 
     def _write_ring_chunk(self, ring, chunk_kv, start: int, ends):

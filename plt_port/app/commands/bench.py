@@ -11,7 +11,7 @@ import argparse
 from plt_port.app.cli import model_path
 from plt_port.errors import PLTError
 
-from .generate import add_backend_arguments, backend_options
+from .generate import add_backend_arguments, add_speculative_arguments, backend_options
 
 
 def comma_list(kind):
@@ -80,6 +80,10 @@ def add_arguments(parser):
                              "made on first use (onnx: MatMulNBits, block 32, accuracy level 4; "
                              "mlx: affine, group 64)")
     add_backend_arguments(parser)
+    add_speculative_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=3, metavar="N",
+                        help="with --speculative: greedy answers timed plain and speculative, "
+                             "N of each in turn (default 3; --steps: the answer's tokens)")
 
 
 def quantize_option(name: str, args) -> dict:
@@ -112,6 +116,8 @@ def run(args):
         backend_options={name: {**backend_options(mlx_weights(name), args),
                                 **quantize_option(mlx_weights(name), args)}
                          for name in args.backend})
+    if args.speculative != "off":
+        return run_speculative(args, settings)
     if args.rewind:
         return run_rewind(args, settings)
     if args.chat_turns is not None:
@@ -175,6 +181,29 @@ def run_rewind(args, settings) -> int:
                      f"context {context} ({backend.run_dtype})")
             results.append((title, rows, format_rewind_table(title, rows)))
     return report(args, "rewind", results)
+
+
+def run_speculative(args, settings) -> int:
+    """`--speculative`: the "edit this file" workload, plain and speculative, by backend and
+    loop count (runtimes.speculative_bench)."""
+    from runtimes.benchmark import bench_tokenizer, load_for_bench
+    from runtimes.speculative import speculative_config
+    from runtimes.speculative_bench import format_speculative_table, time_speculative
+
+    config = speculative_config(args.speculative, args.num_speculative_tokens, args.ngram_size,
+                                args.draft_model)
+    model_dirs, backends = window_backends(args, settings)
+    rows = []
+    for backend in backends:
+        options = settings.backend_options.get(backend.name, {})
+        rows.append(time_speculative(
+            backend, bench_tokenizer(model_dirs[0], backend.config.vocab_size), config,
+            args.steps, args.repeats,
+            lambda path, loops, name=backend.name: load_for_bench(name, path, loops, options)))
+    title = (f"{model_dirs[0]}: {args.speculative} speculation, edit-this-file workload "
+             f"({rows[0]['file_lines']} lines, {rows[0]['prompt_tokens']} prompt tokens, "
+             f"{args.steps} new tokens; median of {args.repeats} runs)")
+    return report(args, "speculative", [(title, rows, format_speculative_table(title, rows))])
 
 
 def run_chat_turns(args, settings) -> int:

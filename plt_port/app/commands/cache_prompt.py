@@ -52,7 +52,7 @@ def add_prompt_cache_arguments(parser, lru: bool = True) -> None:
                                               f"{DEFAULT_MAX_ENTRIES}; 0: off)")
         parser.add_argument("--prompt-cache-bytes", type=byte_count, default=None,
                             metavar="BYTES", help="at most this many bytes of them, e.g. 2G "
-                                                  f"(default: {DEFAULT_MEMORY_FRACTION:.0%} of the "
+                                                  f"(default: {DEFAULT_MEMORY_FRACTION:.0%}% of the "
                                                   "memory available at start)")
 
 

@@ -20,7 +20,8 @@ import re
 import sys
 
 from plt_port.app.commands.generate import (add_model_arguments, load_model, resolve_model,
-                                            sampling_params, system_messages)
+                                            sampling_params, speculation_from,
+                                            system_messages)
 from plt_port.errors import PLTError
 
 PROMPT = ">> "
@@ -178,8 +179,9 @@ def turn_stats(event) -> str:
     decode_tokens = event.index - 1
     tps = f"{decode_tokens / stats.decode_s:.1f} tok/s" if decode_tokens and stats.decode_s \
         else "- tok/s"
+    speculative = f", {stats.speculative.line()}" if stats.speculative is not None else ""
     return (f"[{event.index} tokens, {tps}, TTFT {stats.ttft_s * 1e3:.0f} ms, "
-            f"finish: {event.finish_reason}]")
+            f"finish: {event.finish_reason}{speculative}]")
 
 
 def run(args):
@@ -192,7 +194,8 @@ def run(args):
     tokenizer = Tokenizer.from_dir(args.model)
     engine = BatchEngine(lambda loops: load_model(args, loops), tokenizer, max_batch=1,
                          max_queue=1, decode_mode=args.decode,
-                         prompt_cache=prompt_cache_from(args)).start()
+                         prompt_cache=prompt_cache_from(args),
+                         speculation=speculation_from(args)).start()
     reader = LineReader(sys.stdin.isatty())
     if reader.interactive:
         print("plt-port chat: /help lists the commands, Ctrl-C stops a reply, Ctrl-D ends",

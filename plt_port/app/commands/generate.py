@@ -99,6 +99,50 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--system-prompt", metavar="TEXT",
                         help="system message (needs the model's chat template)")
     add_backend_arguments(parser)
+    add_speculative_arguments(parser)
+
+
+SPECULATIVE_HELP = (
+    "speculative decoding (default off): ngram = prompt lookup (the context's last n tokens "
+    "matched earlier in it, the tokens that followed drafted), draft = a draft model's greedy "
+    "tokens (--draft-model). The model verifies the drafts in one prefill chunk: greedy output "
+    "is unchanged and sampling keeps its distribution. It runs while the engine decodes one "
+    "request alone: a verify of K drafts costs about L decode steps at batch 1 (L passes "
+    "over K+1 rows), a win once more than L-1 drafts are accepted on average; a batch's "
+    "decode step already shares its weight streaming among its requests, so requests side "
+    "by side decode plainly")
+
+
+def add_speculative_arguments(parser) -> None:
+    """--speculative and its options (generate, chat, serve)."""
+    from runtimes.speculative import (DEFAULT_NGRAM_SIZE, DEFAULT_NUM_TOKENS, MAX_NUM_TOKENS,
+                                      METHODS)
+
+    parser.add_argument("--speculative", choices=METHODS, default="off", help=SPECULATIVE_HELP)
+    parser.add_argument("--draft-model", metavar="DIR|NAME", type=model_path,
+                        help="--speculative draft: the draft model (same tokenizer; run on "
+                             "the same backend, e.g. plt-stdlib-L1 for plt-stdlib-L2)")
+    parser.add_argument("--num-speculative-tokens", type=positive_int, metavar="K",
+                        help=f"drafts per verify (vLLM's name; default {DEFAULT_NUM_TOKENS}, "
+                             f"at most {MAX_NUM_TOKENS})")
+    parser.add_argument("--ngram-size", type=positive_int, metavar="N",
+                        help=f"--speculative ngram: the longest n-gram looked up, then "
+                             f"shorter ones down to 1 (vLLM's prompt_lookup_max; default "
+                             f"{DEFAULT_NGRAM_SIZE})")
+
+
+def speculation_from(args):
+    """The engine's `runtimes.speculative.Speculation` of the --speculative options (None:
+    off); a draft model loads on the model's backend with its options."""
+    from runtimes.backends import load_backend
+    from runtimes.speculative import Speculation, speculative_config
+
+    config = speculative_config(args.speculative, args.num_speculative_tokens, args.ngram_size,
+                                args.draft_model)
+    if config is None:
+        return None
+    return Speculation(config, lambda path, loops: load_backend(
+        args.backend, path, loops=loops, **backend_options(args.backend, args)))
 
 
 def add_arguments(parser):
@@ -194,7 +238,8 @@ def format_stats(last, requested_mode: str) -> str:
             f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
             f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
             f"ttft: {last.ttft_s * 1e3:.1f} ms | cache: {last.cache_bytes / 2**20:.2f} MiB | "
-            f"finish: {last.finish_reason}")
+            f"finish: {last.finish_reason}"
+            + (f" | {last.speculative.line()}" if last.speculative is not None else ""))
 
 
 def read_stdin() -> str:
@@ -256,6 +301,7 @@ def run(args):
     tokenizer = Tokenizer.from_dir(args.model)
     grammar = answer_grammar(args, backend, tokenizer)
     prompt, prompt_cache = cached_prompt(args, backend, tokenizer, prompt)
+    speculation = speculation_from(args)
     last = None
     for last in stream_generate(backend, tokenizer, prompt,
                                 max_new_tokens=args.max_new_tokens,
@@ -263,7 +309,7 @@ def run(args):
                                 stop=args.stop, decode_mode=args.decode,
                                 prefill_chunk_size=args.prefill_chunk_size,
                                 add_bos=False if args.no_bos else None, grammar=grammar,
-                                prompt_cache=prompt_cache):
+                                prompt_cache=prompt_cache, speculation=speculation):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -26,8 +26,9 @@ from dataclasses import replace
 
 from plt_port.app.cli import check_port, model_path, positive_int
 from plt_port.app.commands.cache_prompt import add_prompt_cache_arguments, prompt_cache_from
-from plt_port.app.commands.generate import (BACKEND_HELP, add_backend_arguments, backend_options,
-                                            resolve_model)
+from plt_port.app.commands.generate import (BACKEND_HELP, add_backend_arguments,
+                                            add_speculative_arguments, backend_options,
+                                            resolve_model, speculation_from)
 from plt_port.app.reasoning import REASONING_PARSERS
 from plt_port.app.server_options import (DEFAULT_CHAT_MAX_TOKENS, MIN_MAX_REQUEST_BYTES,
                                          REQUEST_BYTES_PER_TOKEN, ServerOptions)
@@ -93,16 +94,19 @@ def add_arguments(parser):
     parser.add_argument("--bench-tokens", type=positive_int, default=64,
                         help="tokens per stream of --bench (default 64)")
     add_backend_arguments(parser)
+    add_speculative_arguments(parser)
 
 
 def open_server(model_dir: str, backend: str = "torch", loops: int | None = None, *,
                 max_batch: int = 16, max_queue: int = 64, decode_mode: str = "clp",
                 options: dict | None = None, served_model_name: str | None = None,
-                chat_template: str | None = None, server_options=None, prompt_cache=None):
+                chat_template: str | None = None, server_options=None, prompt_cache=None,
+                speculation=None):
     """(engine, app): the engine started with the backend loaded on its thread.
     `chat_template`: a template's text, used instead of the model's; `server_options`: a
     `ServerOptions` (its tool parser: the template's when unset); `prompt_cache`: a
-    `runtimes.prompt_cache.PromptCache` (None: off)."""
+    `runtimes.prompt_cache.PromptCache` (None: off); `speculation`: a
+    `runtimes.speculative.Speculation` (None: off)."""
     from plt_port.app.server import create_app
     from plt_port.tokenizer import Tokenizer
     from runtimes.backends import load_backend
@@ -124,7 +128,8 @@ def open_server(model_dir: str, backend: str = "torch", loops: int | None = None
             raise ModelLoadError(f"could not load the model for {at_loops} loops") from exc
 
     engine = BatchEngine(load, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                         decode_mode=decode_mode, prompt_cache=prompt_cache).start()
+                         decode_mode=decode_mode, prompt_cache=prompt_cache,
+                         speculation=speculation).start()
     name = served_model_name or os.path.basename(os.path.normpath(model_dir))
     return engine, create_app(engine, tokenizer, name, server_options)
 
@@ -208,6 +213,7 @@ def run_server(args):
                               served_model_name=args.served_model_name,
                               chat_template=read_chat_template(args.chat_template),
                               prompt_cache=prompt_cache_from(args),
+                              speculation=speculation_from(args),
                               server_options=server_options)
     try:
         if args.bench:
