@@ -323,8 +323,8 @@ class Service:
     def submit(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
                stop: str | Sequence[str] | None, loops: int, n: int = 1,
                top_logprobs: int | None = None, http_request: HTTPRequest | None = None,
-               max_tokens_param: str = "max_tokens", grammar: Grammar | None = None
-               ) -> Generation:
+               max_tokens_param: str = "max_tokens", grammar: Grammar | None = None,
+               ignore_eos: bool = False) -> Generation:
         """Queue n sequences of one prompt (seeds seed, seed+1, ... when a seed is given),
         each following `grammar` with its own matcher when one is given."""
         if max_tokens < 1:
@@ -344,7 +344,8 @@ class Service:
         requests = [Request(prompt_ids, max_tokens, emit_for(i),
                             sampling if sampling.seed is None or i == 0
                             else replace(sampling, seed=sampling.seed + i),
-                            stop, loops, top_logprobs, grammar=grammar) for i in range(n)]
+                            stop, loops, top_logprobs, grammar=grammar, ignore_eos=ignore_eos)
+                    for i in range(n)]
         requests[0].siblings = requests[1:]
         self.engine.submit(requests[0])
         self.metrics.prompt_tokens.inc(len(prompt_ids))
