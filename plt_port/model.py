@@ -245,9 +245,9 @@ class PLTForCausalLM(nn.Module):
 
     def lm_logits(self, h_last: torch.Tensor) -> torch.Tensor:
         h = self.model.norm(h_last)
-        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings \
-            else self.lm_head.weight
-        return F.linear(h, weight)
+        if self.config.tie_word_embeddings:
+            return F.linear(h, self.model.embed_tokens.weight)
+        return self.lm_head(h)
 
     def loop_carry(self, h: torch.Tensor) -> torch.Tensor:
         """n(h): what a loop's output contributes to the next loop's (shifted) input."""
