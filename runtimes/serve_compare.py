@@ -3,7 +3,9 @@ run of `plt-port serve` and vLLM's OpenAI server on the same model (`plt-port se
 
 The client sends N concurrent streaming `/v1/completions` requests, greedy, `ignore_eos` so
 that every stream makes its `max_tokens` tokens (vLLM's field; plt-port honours it too), and
-reads the token count from the usage chunk; tok/s = tokens of all streams / wall time.
+reads the token count from the usage chunk; tok/s = tokens of all streams / wall time. Beside
+it, the CPU time the server's processes spent per token (Linux: /proc), which other load on a
+shared machine disturbs much less than the wall time.
 
 `compare` runs each server alone (started, warmed up with one request per batch width
 measured, measured at each stream count, stopped), plt-port then vLLM for each checkpoint
@@ -169,16 +171,40 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) of process `pid` and its descendants so far; None off Linux."""
+    if not os.path.exists(f"/proc/{pid}/stat"):
+        return None
+    parents, seconds = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()  # after the command's name
+        except OSError:  # ended meanwhile
+            continue
+        parents[int(entry)] = int(fields[1])
+        seconds[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tree, grown = {pid}, {pid}
+    while grown:
+        grown = {child for child, parent in parents.items() if parent in grown}
+        tree |= grown
+    return sum(seconds.get(p, 0.0) for p in tree)
+
+
 @contextlib.contextmanager
-def running(command: list[str], env: dict[str, str] | None, port: int) -> Iterator[str]:
-    """The server `command` started, its base URL once /health answers; stopped after."""
+def running(command: list[str], env: dict[str, str] | None,
+            port: int) -> Iterator[tuple[str, int]]:
+    """The server `command` started: (its base URL once /health answers, its pid); stopped
+    after."""
     with tempfile.TemporaryFile("w+") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(server, url, log)
-            yield url
+            yield url, server.pid
         finally:
             server.terminate()
             try:
@@ -207,11 +233,19 @@ def wait_healthy(server: subprocess.Popen, url: str, log) -> None:
         time.sleep(1)
 
 
-def measure(url: str, streams: Sequence[int], max_tokens: int) -> dict[int, float]:
-    """tok/s at each stream count, after a short warm-up at each."""
+def measure(url: str, pid: int, streams: Sequence[int], max_tokens: int) -> dict:
+    """{"tok_s": {streams: tok/s}, "cpu_ms": {streams: server CPU ms per token}}, after a
+    short warm-up at each stream count."""
     for n in streams:
         concurrent_streams(url, n, 4, SERVED_NAME)
-    return {n: concurrent_streams(url, n, max_tokens, SERVED_NAME)[0] for n in streams}
+    figures = {"tok_s": {}, "cpu_ms": {}}
+    for n in streams:
+        before = tree_cpu_seconds(pid)
+        figures["tok_s"][n] = concurrent_streams(url, n, max_tokens, SERVED_NAME)[0]
+        after = tree_cpu_seconds(pid)
+        figures["cpu_ms"][n] = None if before is None else \
+            (after - before) * 1e3 / (n * max_tokens)
+    return figures
 
 
 def compare(vllm_python: str, formats: Sequence[str] = ("v2", "v1"),
@@ -229,21 +263,25 @@ def compare(vllm_python: str, formats: Sequence[str] = ("v2", "v1"),
             else:
                 command = vllm_command(vllm_python, model_dir, port, batch, fmt)
                 env = vllm_env(threads, fmt)
-            with running(command, env, port) as url:
+            with running(command, env, port) as (url, pid):
                 rows.append({"format": fmt, "server": server,
-                             "tok_s": measure(url, streams, max_tokens)})
+                             **measure(url, pid, streams, max_tokens)})
             if progress is not None:
                 progress(rows[-1])
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    """A markdown table: a row per (format, server), a column per stream count."""
+    """A markdown table: a row per (format, server); tok/s, then server CPU ms per token,
+    a column per stream count."""
     streams = sorted(rows[0]["tok_s"])
     lines = ["| format | server | " + " | ".join(f"{n} stream{'s' * (n > 1)} tok/s"
-                                                for n in streams) + " |",
-             "|---|---|" + "---:|" * len(streams)]
+                                                for n in streams)
+             + " | " + " | ".join(f"CPU ms/token at {n}" for n in streams) + " |",
+             "|---|---|" + "---:|" * 2 * len(streams)]
     for row in rows:
+        cpu = [row["cpu_ms"].get(n) for n in streams]
         lines.append(f"| {row['format']} | {row['server']} | "
-                     + " | ".join(f"{row['tok_s'][n]:.1f}" for n in streams) + " |")
+                     + " | ".join(f"{row['tok_s'][n]:.1f}" for n in streams) + " | "
+                     + " | ".join("-" if c is None else f"{c:.2f}" for c in cpu) + " |")
     return "\n".join(lines)

@@ -186,8 +186,9 @@ def test_the_comparison_client_counts_every_token_of_every_stream(server):
     assert tokens == 7 and 0 < first <= seconds
     tok_s, firsts = concurrent_streams(server.url, 3, 5, "plt-chat")
     assert len(firsts) == 3 and tok_s > 0
-    assert table([{"format": "v2", "server": "plt-port", "tok_s": {1: 1.25, 16: 20.0}}]) \
-        .splitlines()[-1] == "| v2 | plt-port | 1.2 | 20.0 |"
+    assert table([{"format": "v2", "server": "plt-port", "tok_s": {1: 1.25, 16: 20.0},
+                   "cpu_ms": {1: 8.0, 16: None}}]).splitlines()[-1] \
+        == "| v2 | plt-port | 1.2 | 20.0 | 8.00 | - |"
 
 
 def test_logprobs_of_the_chosen_tokens(server):
