@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from plt_port.cache_layout import kv_quant_option, ring_slot, ring_slot_positions, ring_slots
+from plt_port.cache_layout import (grown_capacity, kv_quant_option, ring_slot,
+                                   ring_slot_positions, ring_slots)
 from plt_port.model import (TORCH_DTYPES, PLTForCausalLM, attend, causal_mask, gate_mix,
                             gated_swa, run_dtype, to_torch)
 from plt_port.prompt_cache_file import global_names
@@ -110,6 +111,19 @@ def pack_linears(module: nn.Module) -> None:
             pack_linears(child)
 
 
+@dataclass
+class StepRows:
+    """What every pass of one decode step shares (all its rows sit at their sequence's
+    position t): computed once per step, not once per loop pass."""
+
+    t: torch.Tensor                 # [B] positions
+    cos: torch.Tensor               # [B, 1, D] RoPE at t, broadcast over the rows
+    sin: torch.Tensor
+    kv_len: int                     # global slots read: 0..max(t)
+    global_mask: torch.Tensor | None  # [B, 1, 1, kv_len]; None: one length in the batch
+    batch_index: torch.Tensor       # [B]
+
+
 def per_loop(ring: torch.Tensor, rings: int) -> torch.Tensor:
     """A ring tensor [B, G, R*Wr, D] viewed as [B, G, R, Wr, D]."""
     return ring.unflatten(2, (rings, -1))
@@ -146,6 +160,7 @@ class TorchBackend(Backend):
             pack_linears(self.model)
             self.decode_attend = grouped_attend
         self.window = self.config.window
+        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [P, D]
 
     def peak_memory_bytes(self) -> int | None:
         if self.device.type == "cuda":
@@ -351,41 +366,55 @@ class TorchBackend(Backend):
         ring.copy_(torch.where(written[:, None, :, None], new, ring))
 
     # ---- decode ------------------------------------------------------------------------
+    def _rope_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos, sin [B, D] at positions t [B], from a table of the positions so far
+        (grown as the caches grow): the same values `model.rope` computes."""
+        needed = int(t.max()) + 1
+        if self.rope_table is None or self.rope_table[0].shape[0] < needed:
+            size = grown_capacity(needed, self.config.max_position_embeddings)
+            self.rope_table = self.model.rope(torch.arange(size, device=self.device))
+        return self.rope_table[0][t], self.rope_table[1][t]
+
+    def _step_rows(self, positions: np.ndarray) -> StepRows:
+        t = torch.from_numpy(positions).to(self.device)
+        cos, sin = self._rope_at(t)
+        kv_len = int(positions.max()) + 1
+        # every row of a step attends to the same global slots 0..t: with one length in the
+        # batch that is the whole slice, and attention runs without a mask
+        global_mask = None if (positions == positions[0]).all() else \
+            causal_mask(t[:, None], torch.arange(kv_len, device=self.device))[:, None]
+        return StepRows(t, cos[:, None], sin[:, None], kv_len, global_mask,
+                        torch.arange(len(positions), device=self.device))
+
     @torch.inference_mode()
     def decode_rows(self, caches, tokens, positions, mode):
         model = self.model
-        t = torch.from_numpy(positions).to(self.device)
+        step = self._step_rows(positions)
         embeddings = model.model.embed_tokens(torch.from_numpy(tokens).to(self.device))[:, None]
         if self.config.is_v1:  # loop r's input is loop r-1's output: sequential by nature
             h = embeddings
             for loop in range(1, self.loops + 1):
-                h = self._run_rows(caches, h, loop, t)
+                h = self._run_rows(caches, h, loop, step)
             return self._logits(h[:, -1])
         x = embeddings
         if self.loops > 1:
             later = model.next_loop_input(embeddings, caches.clp_carry.transpose(0, 1))
             x = torch.cat([x, later], dim=1)  # [B, L, d]: the L rows of this step
         if mode == "clp":
-            h = self._run_rows(caches, x, 1, t)
+            h = self._run_rows(caches, x, 1, step)
         else:
-            h = torch.cat([self._run_rows(caches, x[:, r:r + 1], r + 1, t)
+            h = torch.cat([self._run_rows(caches, x[:, r:r + 1], r + 1, step)
                            for r in range(self.loops)], dim=1)
         if self.loops > 1:
             caches.clp_carry.copy_(model.loop_carry(h[:, :-1]).transpose(0, 1))
         return self._logits(h[:, -1])
 
-    def _run_rows(self, caches: TorchCaches, x, first_loop: int, t):
+    def _run_rows(self, caches: TorchCaches, x, first_loop: int, step: StepRows):
         """One pass of the stack over rows x [B, R, d] = loops first_loop.. at positions t [B]."""
         model, W, Wr = self.model, self.window, caches.ring_slots
         B, R, _ = x.shape
-        positions = t[:, None].expand(B, R)
-        cos, sin = model.rope(positions)
-        kv_len = int(t.max()) + 1
-        # every row of a step attends to the same global slots 0..t: with one length in the
-        # batch that is the whole slice, and SDPA runs without a mask
-        global_mask = None if bool((t == t[0]).all()) else \
-            causal_mask(positions, torch.arange(kv_len, device=self.device))[:, None]
-        batch_index = torch.arange(B, device=self.device)
+        t, kv_len, global_mask, batch_index = step.t, step.kv_len, step.global_mask, \
+            step.batch_index
         plain_rows = 1 if first_loop == 1 else 0  # loop 1's row: causal attention only
         ring_loops = torch.arange(first_loop + plain_rows, first_loop + R, device=self.device)
         if len(ring_loops):
@@ -418,5 +447,5 @@ class TorchBackend(Backend):
             return attention
 
         for i, layer in enumerate(model.model.layers):
-            x = layer(x, cos, sin, attention_for(i))
+            x = layer(x, step.cos, step.sin, attention_for(i))
         return x
