@@ -13,11 +13,11 @@ TOL = 1e-4
 
 
 def test_clp_reads_each_weight_once_per_step(make_model):
-    """CLP: one pass (each projection called once per layer); naive: L passes."""
+    """CLP: one pass (each MLP called once per layer); naive: L passes."""
     backend = TorchBackend(make_model("plt"), loops=3)
     layers = backend.model.config.num_hidden_layers
     calls = []
-    handles = [layer.self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
+    handles = [layer.mlp.register_forward_hook(lambda *a: calls.append(1))
                for layer in backend.model.model.layers]
     state, logits = backend.prefill([[5, 6, 7]], max_tokens=8)
     for mode, passes in [("clp", 1), ("naive", 3)]:
