@@ -9,7 +9,7 @@ shared machine disturbs much less than the wall time.
 
 `compare` runs each server alone (started, warmed up with one request per batch width
 measured, measured at each stream count, stopped), plt-port then vLLM for each checkpoint
-format, so the two alternate on the shared machine. Both get the same thread count, batch
+format (and round), so the two alternate on the shared machine. Both get the same thread count, batch
 limit and fp32. vLLM serves v2 with the project's plugin and v1 with its own model class
 (plugins off: `VLLM_PLUGINS=""`).
 """
@@ -17,6 +17,7 @@ limit and fp32. vLLM serves v2 with the project's plugin and v1 with its own mod
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -250,25 +251,41 @@ def measure(url: str, pid: int, streams: Sequence[int], max_tokens: int) -> dict
 
 def compare(vllm_python: str, formats: Sequence[str] = ("v2", "v1"),
             streams: Sequence[int] = (1, 16), max_tokens: int = 64, threads: int = 2,
-            progress=None) -> list[dict]:
-    """One row per (format, server): tok/s at each stream count; plt-port and vLLM alternate."""
+            rounds: int = 1, baseline: str | None = None, progress=None) -> list[dict]:
+    """One row per (round, format, server): tok/s and CPU ms per token at each stream count;
+    plt-port and vLLM alternate. `baseline`: a checkout of another plt-port version, served
+    first in each alternation (its packages ahead on PYTHONPATH) as "plt-port (baseline)"."""
     rows = []
     batch = max(streams)
-    for fmt in formats:
-        model_dir = compare_model_dir(fmt)
-        for server in ("plt-port", "vllm"):
-            port = free_port()
-            if server == "plt-port":
-                command, env = plt_command(model_dir, port, threads, batch), None
-            else:
-                command = vllm_command(vllm_python, model_dir, port, batch, fmt)
-                env = vllm_env(threads, fmt)
-            with running(command, env, port) as (url, pid):
-                rows.append({"format": fmt, "server": server,
-                             **measure(url, pid, streams, max_tokens)})
-            if progress is not None:
-                progress(rows[-1])
+    servers = ("plt-port (baseline)",) * (baseline is not None) + ("plt-port", "vllm")
+    for round_, fmt, server in itertools.product(range(rounds), formats, servers):
+        model_dir, port = compare_model_dir(fmt), free_port()
+        if server.startswith("plt-port"):
+            command = plt_command(model_dir, port, threads, batch)
+            env = None if server == "plt-port" else {**os.environ, "PYTHONPATH": baseline}
+        else:
+            command = vllm_command(vllm_python, model_dir, port, batch, fmt)
+            env = vllm_env(threads, fmt)
+        with running(command, env, port) as (url, pid):
+            rows.append({"round": round_, "format": fmt, "server": server,
+                         **measure(url, pid, streams, max_tokens)})
+        if progress is not None:
+            progress(rows[-1])
     return rows
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """Per (format, server) over the rounds: the highest tok/s and the lowest CPU ms per token
+    at each stream count (other load on the machine only slows a run)."""
+    best: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        kept = best.setdefault((row["format"], row["server"]), {
+            "format": row["format"], "server": row["server"], "tok_s": {}, "cpu_ms": {}})
+        for n, tok_s in row["tok_s"].items():
+            kept["tok_s"][n] = max(tok_s, kept["tok_s"].get(n, 0.0))
+            cpu = [c for c in (row["cpu_ms"][n], kept["cpu_ms"].get(n)) if c is not None]
+            kept["cpu_ms"][n] = min(cpu, default=None)
+    return list(best.values())
 
 
 def table(rows: list[dict]) -> str:

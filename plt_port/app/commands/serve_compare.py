@@ -1,5 +1,5 @@
 """plt-port serve-compare --vllm-python PYTHON [--formats v2,v1] [--streams 1,16] [--tokens 64]
-[--threads 2] [--json FILE]: `plt-port serve` and vLLM's OpenAI server side by side on the same
+[--threads 2] [--rounds 1] [--baseline CHECKOUT] [--json FILE]: `plt-port serve` and vLLM's OpenAI server side by side on the same
 random ~25M-parameter fp32 model, measured by one HTTP client (`runtimes.serve_compare`): N
 concurrent greedy streams of `--tokens` tokens each, tok/s = all tokens / wall time. Each server
 runs alone, plt-port then vLLM for each format; prints a markdown table.
@@ -28,11 +28,17 @@ def add_arguments(parser):
                         help="tokens per stream (default 64)")
     parser.add_argument("--threads", type=positive_int, default=2,
                         help="CPU threads of each server (default 2)")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--rounds", type=positive_int, default=1,
+                        help="alternations of the two servers; the table shows each one's "
+                             "best (default 1: one run each)")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="also serve the plt-port of this checkout (e.g. a `git worktree` "
+                             "of an older commit), before this one in each alternation")
+    parser.add_argument("--json", metavar="FILE", help="also write every round's rows as JSON")
 
 
 def run(args):
-    from runtimes.serve_compare import FORMATS, compare, table
+    from runtimes.serve_compare import FORMATS, best_rows, compare, table
 
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown or any(n < 1 for n in args.streams):
@@ -40,13 +46,13 @@ def run(args):
                        f"got {','.join(args.formats)} / {args.streams}")
 
     def progress(row):
-        print(f"{row['format']} {row['server']}: " + ", ".join(
+        print(f"round {row['round'] + 1} {row['format']} {row['server']}: " + ", ".join(
             f"{n}: {tps:.1f} tok/s" for n, tps in row["tok_s"].items()), file=sys.stderr,
             flush=True)
 
     rows = compare(args.vllm_python, args.formats, args.streams, args.tokens, args.threads,
-                   progress)
-    print(table(rows))
+                   args.rounds, args.baseline, progress)
+    print(table(best_rows(rows)))
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=1))
     return 0
