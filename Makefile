@@ -11,7 +11,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PIP_ARGS ?=
 PORT ?= 7860
 
-.PHONY: demo test test-fast test-vllm check-cuda browser-deps clean
+.PHONY: demo test test-fast test-vllm bench-vllm check-cuda browser-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -60,6 +60,11 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm.txt
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q -ra tests/test_vllm.py
 	$(VLLM_VENV)/bin/python tests/vllm_engine.py --bench
+
+# plt-port serve against vLLM's server on the same ~25M fp32 model, one HTTP client (README,
+# "Serving speed vs vLLM").
+bench-vllm: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/plt-port serve-compare --vllm-python $(VLLM_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) $(VLLM_VENV) .pytest_cache

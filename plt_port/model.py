@@ -167,11 +167,15 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor, cos, sin):
         """x [B, T, d] -> post-RoPE q [B, H, T, D], k and v [B, G, T, D]."""
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return rope_heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.head_dim, cos, sin)
+
+
+def rope_heads(q, k, v, head_dim: int, cos, sin):
+    """Projected q [B, T, H * D], k and v [B, T, G * D] -> post-RoPE q [B, H, T, D], k and v
+    [B, G, T, D]."""
+    B, T, _ = q.shape
+    q, k, v = (x.view(B, T, -1, head_dim).transpose(1, 2) for x in (q, k, v))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class MLP(nn.Module):
@@ -245,9 +249,9 @@ class PLTForCausalLM(nn.Module):
 
     def lm_logits(self, h_last: torch.Tensor) -> torch.Tensor:
         h = self.model.norm(h_last)
-        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings \
-            else self.lm_head.weight
-        return F.linear(h, weight)
+        if self.config.tie_word_embeddings:
+            return F.linear(h, self.model.embed_tokens.weight)
+        return self.lm_head(h)
 
     def loop_carry(self, h: torch.Tensor) -> torch.Tensor:
         """n(h): what a loop's output contributes to the next loop's (shifted) input."""

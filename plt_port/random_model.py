@@ -26,6 +26,8 @@ PRESETS = {
                  max_position_embeddings=512),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=688, vocab_size=4096),   # ~5M
+    "25m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                num_key_value_heads=2, intermediate_size=1408, vocab_size=8192),    # ~25M
     "100m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=4, intermediate_size=2048, vocab_size=16384),  # ~100M
     "300m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,

@@ -120,9 +120,10 @@ class Request:
     decode_mode: str | None = None  # None: the engine's
     prefill_chunk_size: int | None = None
     grammar: object = None          # a runtimes.grammar.Grammar the answer must follow
+    ignore_eos: bool = False        # eos ends nothing: max_new_tokens tokens (vLLM's ignore_eos)
     # more samples of this prompt (OpenAI's n > 1), each with its own emit, sampling and
     # grammar: prefilled once with this request, whose prompt_ids, max_new_tokens, stop,
-    # loops and decode mode they share
+    # ignore_eos, loops and decode mode they share
     siblings: Sequence["Request"] = ()
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -396,7 +397,7 @@ class EngineCore:
         backend = batch.backend
         sequence = RunningSequence(
             request, SequenceText(self.tokenizer, prompt.prompt_ids, prompt.max_new_tokens,
-                                  prompt.stop, backend.eos_token_ids),
+                                  prompt.stop, backend.eos_token_ids, prompt.ignore_eos),
             Sampler(request.sampling,
                     request.grammar.constraint() if request.grammar is not None else None),
             positions, stats=stats,

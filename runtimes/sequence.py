@@ -110,12 +110,15 @@ def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
 
 class SequenceText:
     """One sequence's token -> text bookkeeping: whole UTF-8 characters, stop strings held back
-    and cut, and the finish at eos, at a stop string or after `max_new_tokens` tokens."""
+    and cut, and the finish at eos (unless `ignore_eos`), at a stop string or after
+    `max_new_tokens` tokens."""
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int,
-                 stop: Sequence[str] = (), eos_ids: Sequence[int] = ()):
+                 stop: Sequence[str] = (), eos_ids: Sequence[int] = (),
+                 ignore_eos: bool = False):
         self.max_new_tokens = max_new_tokens
-        self.eos_ids = set(tokenizer.eos_ids) | set(eos_ids)
+        # ignore_eos (vLLM's): an eos token is text like any other and ends nothing
+        self.eos_ids = set() if ignore_eos else set(tokenizer.eos_ids) | set(eos_ids)
         self.detokenizer = tokenizer.detokenizer()
         self.stop_matcher = StopMatcher([stop] if isinstance(stop, str) else stop)
         self.history = list(prompt_ids)  # prompt and generated tokens (the repetition penalty's)

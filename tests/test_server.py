@@ -158,6 +158,42 @@ def test_streaming_equals_non_streaming_with_usage(server):
     assert usage.total_tokens == whole.usage.total_tokens == whole.usage.prompt_tokens + 16
 
 
+def test_ignore_eos_makes_every_token_asked_for(server):
+    """vLLM's ignore_eos (the speed comparison's client sends it): eos, forced here by a logit
+    bias, ends nothing."""
+    eos = str(server.engine.tokenizer.eos_ids[0])
+    kwargs = dict(model="plt-chat", prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                  logit_bias={eos: 100})
+    stopped = server.client.completions.create(**kwargs)
+    assert stopped.usage.completion_tokens == 1 and stopped.choices[0].finish_reason == "stop"
+    for extra in ({"ignore_eos": True}, {"ignore_eos": True, "n": 2}):
+        kept = server.client.completions.create(**kwargs, extra_body=extra)
+        assert kept.usage.completion_tokens == 6 * len(kept.choices)
+        assert {c.finish_reason for c in kept.choices} == {"length"}
+    text, usage, finish = stream_text(server.client.chat.completions.create(
+        model="plt-chat", messages=[{"role": "user", "content": "x"}], max_tokens=6,
+        temperature=0, logit_bias={eos: 100}, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True}))
+    assert usage.completion_tokens == 6 and finish == "length"
+
+
+def test_the_comparison_client_counts_every_token_of_every_stream(server):
+    """`plt-port serve-compare`'s client (the same for vLLM's server): each stream's tokens
+    from its usage chunk, tok/s over the wall time of all of them."""
+    from runtimes.serve_compare import best_rows, concurrent_streams, stream_completion, table
+
+    first, seconds, tokens = stream_completion(server.url, PROMPTS[0], 7, "plt-chat")
+    assert tokens == 7 and 0 < first <= seconds
+    tok_s, firsts = concurrent_streams(server.url, 3, 5, "plt-chat")
+    assert len(firsts) == 3 and tok_s > 0
+    rounds = [{"round": 0, "format": "v2", "server": "plt-port", "tok_s": {1: 1.25, 16: 20.0},
+               "cpu_ms": {1: 8.0, 16: None}},
+              {"round": 1, "format": "v2", "server": "plt-port", "tok_s": {1: 1.0, 16: 25.0},
+               "cpu_ms": {1: 9.0, 16: None}}]
+    assert table(best_rows(rounds)).splitlines()[2:] == [
+        "| v2 | plt-port | 1.2 | 25.0 | 8.00 | - |"]
+
+
 def test_logprobs_of_the_chosen_tokens(server):
     completion = server.client.completions.create(model="plt-chat", prompt=PROMPTS[0],
                                                   max_tokens=5, temperature=0, logprobs=3)

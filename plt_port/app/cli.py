@@ -32,6 +32,7 @@ COMMANDS = {
     "card": "the model family's MODEL_CARD.md and heldout.json from a training run and eval rows",
     "demo": "Gradio demo comparing loop counts and backends side by side",
     "serve": "OpenAI-compatible HTTP server with continuous batching (/v1/completions, chat)",
+    "serve-compare": "serving speed of plt-port serve against vLLM's server on the same model",
     "chat": "chat with a model in the terminal (a REPL with history; reads stdin lines)",
     "cache-prompt": "prefill a long prefix once and save its state for generate/chat/serve",
 }

@@ -3,8 +3,8 @@
 Every field OpenAI defines for these endpoints (openai-python's `completion_create_params`
 and `chat/completion_create_params`) is honoured or refused with a 400 naming it; a field
 OpenAI does not define is a 400 too (`extra="forbid"`), except the sampling extras vLLM and
-mlx-lm take (`top_k`, `min_p`, `repetition_penalty`, vLLM's `chat_template_kwargs`) and
-this server's `loops`. Fields that only label or route a request (`user`, `metadata`,
+mlx-lm take (`top_k`, `min_p`, `repetition_penalty`, vLLM's `chat_template_kwargs` and
+`ignore_eos`) and this server's `loops`. Fields that only label or route a request (`user`, `metadata`,
 `safety_identifier`, `prompt_cache_key`, `service_tier` auto/default, `store` false) are
 accepted and change nothing; `REFUSED_CHAT_FIELDS` lists the rest with the reason.
 
@@ -85,6 +85,7 @@ class GenerationBody(SamplingFields):
     guided_regex: str | None = None
     guided_choice: items(str) | None = None
     guided_grammar: Any = None
+    ignore_eos: bool | None = None  # vLLM's: eos ends nothing, max_tokens tokens are made
 
     @property
     def choice_count(self) -> int:
@@ -344,7 +345,7 @@ async def completions(service: Service, body: CompletionBody, http_request: HTTP
         else DEFAULT_COMPLETION_MAX_TOKENS, body.sampling(service),
         stop_strings(body.stop, "stop"),
         service.loops_for(body.model, body.loops), body.choice_count, body.logprobs, http_request,
-        grammar=grammar)
+        grammar=grammar, ignore_eos=bool(body.ignore_eos))
 
     def logprobs(events: list[TokenEvent], offset: int = 0) -> dict | None:
         if body.logprobs is None:
@@ -514,7 +515,7 @@ async def chat_completions(service: Service, body: ChatBody, http_request: HTTPR
         body.sampling(service), stop_strings(body.stop, "stop"),
         service.loops_for(body.model, body.loops),
         body.choice_count, (body.top_logprobs or 0) if body.logprobs else None, http_request,
-        limit_param, grammar)
+        limit_param, grammar, bool(body.ignore_eos))
 
     def logprobs(events: list[TokenEvent]) -> dict | None:
         if not body.logprobs:

@@ -3,7 +3,8 @@ the event loop to `runtimes.engine.BatchEngine`.
 
 Handlers run on the event loop and never touch a backend: `Service.submit` hands the engine
 one request per choice (OpenAI's n: siblings prefilled once), whose `emit` callbacks put each
-token back on the loop's queue; a `Generation` reads them. Errors are `APIError`s, which each
+token back on the loop's queue (through a `LoopInbox`: one wake-up of the loop for the tokens
+the engine sends together); a `Generation` reads them. Errors are `APIError`s, which each
 API renders in its own error JSON; anything that is not the client's fault is a 500 whose
 details stay in the server log.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 import weakref
@@ -241,13 +243,15 @@ class Generation:
     async def next_events(self, http_request: HTTPRequest | None) -> list[ChoiceEvent]:
         """The next token and those already queued behind it (one write for them all); while
         waiting, a gone client (when `http_request` is given) cancels the request."""
-        while True:
+        while http_request is not None:
             try:
                 item = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
                 break
             except asyncio.TimeoutError:
-                if http_request is not None and await http_request.is_disconnected():
+                if await http_request.is_disconnected():
                     raise APIError(499, "the client closed the request") from None
+        else:  # a stream: its response is cancelled when the client goes
+            item = await self.events.get()
         events = [self.accept(*item)]
         while not self.finished and not self.events.empty():
             events.append(self.accept(*self.events.get_nowait()))
@@ -319,6 +323,32 @@ def matched_stop(tokenizer, events: Sequence[TokenEvent], stop: Sequence[str]) -
     return min((s for s in stop if rest.startswith(s)), key=len, default=None)
 
 
+class LoopInbox:
+    """Token events from the engine thread to one event loop's queues: the events posted
+    while the loop has not yet taken the earlier ones ride on one wake-up (a step's tokens
+    for every stream: one `call_soon_threadsafe`, not one per token)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, object]] = []
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        if self.loop.is_closed():  # the engine then cancels the request
+            raise RuntimeError("the event loop is closed")
+        with self.lock:
+            self.pending.append((queue, item))
+            if len(self.pending) > 1:
+                return  # the wake-up of the first one is on its way
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
 class Service:
     """The engine, the tokenizer and the model ids behind every route."""
 
@@ -336,6 +366,12 @@ class Service:
         self.compiler: GrammarCompiler | None = None
         self.generations: weakref.WeakSet[Generation] = weakref.WeakSet()  # those in flight
         self.stopping = False
+        self.inbox: LoopInbox | None = None
+
+    def inbox_of(self, loop: asyncio.AbstractEventLoop) -> LoopInbox:
+        if self.inbox is None or self.inbox.loop is not loop:
+            self.inbox = LoopInbox(loop)
+        return self.inbox
 
     def stop_generations(self) -> None:
         """The server is stopping: every generation in flight ends with a 503 (a stream's
@@ -391,8 +427,8 @@ class Service:
     def submit(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
                stop: Sequence[str], loops: int, n: int = 1,
                top_logprobs: int | None = None, http_request: HTTPRequest | None = None,
-               max_tokens_param: str = "max_tokens", grammar: Grammar | None = None
-               ) -> Generation:
+               max_tokens_param: str = "max_tokens", grammar: Grammar | None = None,
+               ignore_eos: bool = False) -> Generation:
         """Queue n sequences of one prompt (seeds seed, seed+1, ... when a seed is given),
         each following `grammar` with its own matcher when one is given."""
         if self.stopping:
@@ -402,16 +438,17 @@ class Service:
         if not 1 <= n <= self.engine.max_batch:
             raise bad_request("n", f"must be in 1..{self.engine.max_batch} (the server's "
                                    f"--max-batch), got {n}")
-        loop = asyncio.get_running_loop()
+        inbox = self.inbox_of(asyncio.get_running_loop())
         events: asyncio.Queue = asyncio.Queue()
 
         def emit_for(choice: int) -> Callable:
-            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (choice, event))
+            return lambda event: inbox.post(events, (choice, event))
 
         requests = [Request(prompt_ids, max_tokens, emit_for(i),
                             sampling if sampling.seed is None or i == 0
                             else replace(sampling, seed=sampling.seed + i),
-                            stop, loops, top_logprobs, grammar=grammar) for i in range(n)]
+                            stop, loops, top_logprobs, grammar=grammar, ignore_eos=ignore_eos)
+                    for i in range(n)]
         requests[0].siblings = requests[1:]
         self.engine.submit(requests[0])
         self.metrics.prompt_tokens.inc(len(prompt_ids))

@@ -32,7 +32,7 @@ def add_arguments(parser):
     source.add_argument("-m", "--model", metavar="DIR|NAME", type=model_path,
                         help="PyTorch PLT model directory or shipped model name")
     source.add_argument("--random", metavar="SIZE",
-                        help="random PLT model: a preset (tiny, small ~5M, 100m ~100M, 300m "
+                        help="random PLT model: a preset (tiny, small ~5M, 25m, 100m ~100M, 300m "
                              "~340M parameters) or config fields, e.g. "
                              "hidden_size=512,num_hidden_layers=8 (over 'small'); default small")
     parser.add_argument("--backend", type=comma_list(str), default=["torch"],

@@ -13,11 +13,9 @@ the server's /metrics (all rounds), and exits.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import socket
 import statistics
 import sys
 import threading
@@ -34,12 +32,11 @@ from plt_port.app.server_options import (DEFAULT_CHAT_MAX_TOKENS, MIN_MAX_REQUES
                                          REQUEST_BYTES_PER_TOKEN, ServerOptions)
 from plt_port.app.tool_parsers import TOOL_PARSERS, resolve_tool_parser
 from plt_port.errors import PLTError
+from runtimes.serve_compare import free_port
 
 
 GRACEFUL_SHUTDOWN_S = 5
 BENCH_ROUNDS = 3
-BENCH_PROMPTS = ("def parse_args(argv):\n    ", "class Cache:\n    def __init__(self", "import os\n\n",
-                 "def walk(root):\n    for ", "    return sorted(", "with open(path) as f:\n    ")
 
 
 class ModelLoadError(RuntimeError):
@@ -185,12 +182,6 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int | None = None):
     return server, thread, f"http://{host}:{port}"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def run(args):
     previous = signal.signal(signal.SIGTERM, interrupt)  # a stop like Ctrl-C's
     try:
@@ -236,55 +227,11 @@ def run_server(args):
 
 
 # ---- --bench -----------------------------------------------------------------------------------
-def stream_completion(url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    """(seconds to the first token, seconds in all, completion tokens) of one greedy stream."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    address = urlsplit(url)
-    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    connection.request("POST", "/v1/completions", json.dumps(body),
-                       {"Content-Type": "application/json"})
-    response = connection.getresponse()
-    if response.status != 200:
-        raise PLTError(f"bench request failed: {response.status} {response.read()[:200]!r}")
-    first, tokens = None, 0
-    for line in response:
-        if not line.startswith(b"data: {"):
-            continue
-        first = first or time.perf_counter() - start
-        if b'"usage"' in line:  # only the last chunk: the client stays cheap
-            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-    connection.close()
-    return first, time.perf_counter() - start, tokens
-
-
-def concurrent_streams(url: str, streams: int, max_tokens: int) -> tuple[float, list[float]]:
-    """(aggregate tokens/s, time to first token of each stream) of `streams` streams at once."""
-    results = [None] * streams
-
-    def one(i):
-        results[i] = stream_completion(url, BENCH_PROMPTS[i % len(BENCH_PROMPTS)] + f"x{i} = ",
-                                       max_tokens)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
-    if any(r is None for r in results):
-        raise PLTError("a bench stream failed (see the log above)")
-    return sum(r[2] for r in results) / wall, [r[0] for r in results]
-
-
 def bench(app, streams: int, max_tokens: int) -> int:
     import multiprocessing
     import urllib.request
+
+    from runtimes.serve_compare import concurrent_streams
 
     server, thread, url = start_in_thread(app)
     try:
