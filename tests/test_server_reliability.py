@@ -259,7 +259,10 @@ def test_transfer_encoding_with_content_length_is_answered_then_closed(server):
                                     b"Content-Type: application/json\r\nContent-Length: %d\r\n"
                                     b"Transfer-Encoding: chunked\r\n\r\n" % len(chunked)
                                     + chunked)
-    assert response.startswith(b"HTTP/1.1 400") and b"Transfer-Encoding" in response and closed
+    # uvicorn's httptools parser (installed with the serve extra) refuses the framing itself
+    # in plain text; under h11 the server's own JSON error names it: a 400 and a close either way
+    assert response.startswith(b"HTTP/1.1 400") and closed
+    assert b"Transfer-Encoding" in response or b"Invalid HTTP request" in response
     response, closed = raw_exchange(server.url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 200") and not closed  # keep-alive otherwise
 
