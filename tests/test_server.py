@@ -51,6 +51,7 @@ class Running:
     """A server on a free port in this process; `client` is an openai.OpenAI for it."""
 
     def __init__(self, engine, app):
+        import httpx  # noqa: F401 (whole before client threads race to import it through openai)
         import openai
 
         from plt_port.app.commands.serve import start_in_thread
