@@ -27,6 +27,7 @@ from plt_port import checkpoint
 from plt_port.atomic import atomic_dir
 from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
+from plt_port.files import read_json_object
 from plt_port.quantization import QUANTIZABLE_SUFFIXES, quantizable
 
 from .mlx_model_file import MODEL_FILE, model_file_source
@@ -47,8 +48,7 @@ def is_mlx_dir(model_dir: str) -> bool:
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         return False
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json_object(path, ExportError)
     return any(key in config for key in (MARKER, "quantization", "quantization_config"))
 
 
