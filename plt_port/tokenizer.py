@@ -17,6 +17,7 @@ import re
 
 import sentencepiece as spm
 
+from .chat_template import TemplateLimitError, named_templates, render, template_for
 from .errors import PLTError
 from .files import check_regular_file, parse_json, read_json_object
 
@@ -69,7 +70,10 @@ class Tokenizer:
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = sorted({i for i in (self._token_id(e, defaults["eos"]) for e in eos)
                                if i is not None})
-        self.chat_template = config.get("chat_template")
+        try:
+            self.chat_templates = named_templates(config.get("chat_template"), CONFIG_FILE)
+        except TemplateLimitError as exc:
+            raise TokenizerError(str(exc)) from None
         # HF's `add_bos_token` (default true): whether prompts start with BOS by default.
         self.add_bos_token = bool(config.get("add_bos_token", True)) and self.bos_id is not None
 
@@ -138,9 +142,20 @@ class Tokenizer:
         return StreamingDetokenizer(self)
 
     @property
+    def chat_template(self) -> str | None:
+        """The default chat template (HF's "default" of a list of named templates)."""
+        return template_for(self.chat_templates, None)
+
+    @chat_template.setter
+    def chat_template(self, text: str | None) -> None:
+        """Replace every template by `text` (serve's --chat-template)."""
+        self.chat_templates = named_templates(text, "chat_template")
+
+    @property
     def chat_template_has_tools(self) -> bool:
         """Whether the template reads the `tools` variable (renders tool definitions)."""
-        return bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
+        text = template_for(self.chat_templates, tools=True)
+        return bool(text) and re.search(r"\btools\b", text) is not None
 
     def special_token_strings(self) -> dict[str, str]:
         """bos_token, eos_token, ... as the template sees them (HF's special_tokens_map)."""
@@ -158,22 +173,15 @@ class Tokenizer:
         `apply_chat_template(messages, tools=..., add_generation_prompt=True, **kwargs)`
         does: the same variables (messages, tools, add_generation_prompt, the special token
         strings, extra kwargs), filters and whitespace rules."""
-        if not self.chat_template:
+        text = template_for(self.chat_templates, tools)
+        if not text:
             raise TokenizerError("this tokenizer has no chat_template")
         import jinja2
 
-        # a template comes with a model directory: it must not reach Python objects, and
-        # its work is bounded (steps, not seconds, so a render passes or fails everywhere)
+        variables = {**self.special_token_strings(), **template_kwargs, "messages": messages,
+                     "tools": tools, "add_generation_prompt": add_generation_prompt}
         try:
-            template = bounded_template_environment().from_string(self.chat_template)
-            pieces = []
-            variables = {**self.special_token_strings(), **template_kwargs,
-                         "messages": messages, "tools": tools,
-                         "add_generation_prompt": add_generation_prompt}
-            for piece in template.generate(**variables):
-                pieces.append(piece)
-                template.environment.count_step()
-            return "".join(pieces)
+            return render(text, variables)
         except (jinja2.TemplateError, TemplateLimitError) as exc:
             raise TokenizerError(f"chat_template: {exc}") from None
 
@@ -277,90 +285,6 @@ class FastTokenizer(Tokenizer):
             alphabet = byte_level_alphabet()
             return b"".join(bytes([alphabet[c]]) if c in alphabet else c.encode() for c in piece)
         return piece.replace("\u2581", " ").encode()
-
-
-MAX_TEMPLATE_STEPS = 100_000   # lookups, calls, range items and output pieces of one render
-MAX_TEMPLATE_REPEAT = 1 << 20  # longest string or list `*` may build, in items
-
-
-class TemplateLimitError(Exception):
-    """A chat template that ran past MAX_TEMPLATE_STEPS (caught by apply_chat_template)."""
-
-
-def bounded_template_environment():
-    """A Jinja2 sandbox (no Python internals) set up as Hugging Face's chat templates expect
-    (trim_blocks, lstrip_blocks, loop controls, a `tojson` that keeps unicode and `<`,
-    `raise_exception`, `strftime_now`, the `{% generation %}` tag) that counts the steps of a
-    render: every attribute or item lookup, call, `range` item, `*`/`**` and output piece is
-    one step."""
-    import datetime
-
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(Extension):
-        """HF's `{% generation %}...{% endgeneration %}` (assistant-token masks): its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                          separators=separators, sort_keys=sort_keys)
-
-    class BoundedSandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "**"])
-
-        def __init__(self):
-            super().__init__(autoescape=False, trim_blocks=True, lstrip_blocks=True,
-                             extensions=[GenerationTag, loopcontrols])
-            self.steps = 0
-            self.globals["range"] = self.counted_range
-            self.globals["raise_exception"] = raise_exception
-            self.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-            self.filters["tojson"] = tojson
-
-        def count_step(self):
-            self.steps += 1
-            if self.steps > MAX_TEMPLATE_STEPS:
-                raise TemplateLimitError(f"rendering took more than {MAX_TEMPLATE_STEPS} steps")
-
-        def counted_range(self, *args):
-            for item in range(*args):
-                self.count_step()
-                yield item
-
-        def getattr(self, obj, attribute):
-            self.count_step()
-            return super().getattr(obj, attribute)
-
-        def getitem(self, obj, argument):
-            self.count_step()
-            return super().getitem(obj, argument)
-
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
-            __self.count_step()
-            return super().call(__context, __obj, *args, **kwargs)
-
-        def call_binop(self, context, operator, left, right):
-            self.count_step()
-            sizes = [len(x) for x in (left, right) if isinstance(x, (str, list, tuple))]
-            counts = [x for x in (left, right) if isinstance(x, int)]
-            if operator == "*" and sizes and counts and sizes[0] * counts[0] > MAX_TEMPLATE_REPEAT:
-                raise TemplateLimitError(f"'*' would build more than {MAX_TEMPLATE_REPEAT} items")
-            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-                raise TemplateLimitError("'**' with an exponent above 64")
-            return super().call_binop(context, operator, left, right)
-
-    return BoundedSandbox()
 
 
 class StreamingDetokenizer:

@@ -61,3 +61,103 @@ def test_export_mlx_refuses_a_broken_config_cleanly(make_model, tmp_path, conten
     line = cli_error(["export", "mlx", model_dir, str(tmp_path / "out")], capsys)
     assert message in line and "config.json" in line
     assert not os.path.exists(tmp_path / "out")
+
+
+# ---- 6. chat templates: output size, recursion, the list form ------------------------------------
+GROWING_TEMPLATES = {
+    "~": "{% set ns = namespace(s='x' * 1000) %}{% for i in range(40) %}"
+         "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+    "+": "{% set ns = namespace(s='x' * 1000) %}{% for i in range(40) %}"
+         "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
+    "center": "{{ 'x'|center(10 ** 10) }}",
+    "format": "{{ '%*s'|format(10 ** 10, 'x') }}",
+    "format width": "{{ '%9999999999s' % 'x' }}",
+    "str.format": "{{ '{:>99999999999}'.format('x') }}",
+    "ljust": "{{ 'x'.ljust(10 ** 10) }}",
+    "indent": "{{ ('\n' * 100000)|indent(100000) }}",
+    "replace": "{{ ('a' * 100000)|replace('a', 'b' * 100000) }}",
+    "join": "{{ (['x' * 100000] * 100000)|join }}",
+    "join of a generator": "{{ (['x' * 100000] * 100000)|select|join }}",
+    "output": "{% for i in range(90000) %}{{ 'x' * 1000000 }}{% endfor %}",
+    "block set": "{% set ns = namespace(s='x' * 1000) %}{% for i in range(40) %}"
+                 "{% set b %}{{ ns.s }}{{ ns.s }}{% endset %}{% set ns.s = b %}{% endfor %}",
+    "string of references": "{{ (['x' * 1000000] * 100000)|string }}",
+    "lipsum": "{{ lipsum(10000000) }}",
+    "slices": "{% set s = 'x' * 1000000 %}{% for i in range(90000) %}{% set t = s[1:] %}"
+              "{% endfor %}",
+    "tojson indent": "{{ [[[1]]]|tojson(indent=10 ** 9) }}",
+}
+
+
+@pytest.fixture
+def fast_tokenizer(tmp_path):
+    from conftest import write_fast_tokenizer
+    from plt_port.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(write_fast_tokenizer(tmp_path / "tok", vocab_size=300))
+
+
+@pytest.mark.parametrize("name", GROWING_TEMPLATES)
+def test_templates_that_build_huge_strings_are_refused(name, fast_tokenizer, no_hang):  # noqa: F811
+    from plt_port.tokenizer import TokenizerError
+
+    fast_tokenizer.chat_template = GROWING_TEMPLATES[name]
+    with pytest.raises(TokenizerError, match="chat_template: .*(budget|steps|tojson indent)"):
+        fast_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_a_recursive_macro_is_a_template_error(fast_tokenizer):
+    from plt_port.tokenizer import TokenizerError
+
+    fast_tokenizer.chat_template = "{% macro m(n) %}{{ m(n + 1) }}{% endmacro %}{{ m(0) }}"
+    with pytest.raises(TokenizerError, match="recurses too deeply"):
+        fast_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_a_long_legitimate_chat_fits_the_budgets(fast_tokenizer):
+    """A chat larger than the fixed budget renders: the size budget grows with the input."""
+    from plt_port.chat_template import MAX_TEMPLATE_SIZE
+
+    content = "y" * (MAX_TEMPLATE_SIZE // 4)
+    messages = [{"role": "user", "content": content}] * 8
+    fast_tokenizer.chat_template = ("{% for m in messages %}{% set text = m.content|trim %}"
+                                    "<{{ m.role }}>{{ text ~ '\n' }}{% endfor %}")
+    rendered = fast_tokenizer.apply_chat_template(messages)
+    assert rendered == "".join(f"<user>{content}\n" for _ in messages)
+
+
+def test_the_list_of_named_templates_picks_as_hugging_face(tokenizer_dir, tmp_path):
+    import shutil
+
+    from plt_port.tokenizer import Tokenizer
+
+    shutil.copytree(tokenizer_dir, tmp_path / "t")
+    path = tmp_path / "t" / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = [{"name": "default", "template": "D{{ messages[0].content }}"},
+                               {"name": "tool_use", "template": "T{{ tools|length }}"}]
+    path.write_text(json.dumps(config))
+    tokenizer = Tokenizer.from_dir(tmp_path / "t")
+    messages = [{"role": "user", "content": "hi"}]
+    assert tokenizer.apply_chat_template(messages) == "Dhi"
+    assert tokenizer.apply_chat_template(messages, tools=[{"type": "function"}]) == "T1"
+    assert tokenizer.chat_template_has_tools
+    config["chat_template"] = [{"name": "default", "template": "D"}]
+    path.write_text(json.dumps(config))
+    assert Tokenizer.from_dir(tmp_path / "t").apply_chat_template(messages, tools=[{}]) == "D"
+
+
+@pytest.mark.parametrize("value", [5, {"default": "x"}, [{"name": "default"}], ["x"],
+                                   [{"name": "a", "template": "x"}, {"name": "a", "template": "y"}]])
+def test_a_malformed_chat_template_entry_is_a_clean_error(tokenizer_dir, tmp_path, value):
+    import shutil
+
+    from plt_port.tokenizer import Tokenizer, TokenizerError
+
+    shutil.copytree(tokenizer_dir, tmp_path / "t")
+    path = tmp_path / "t" / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match="chat_template"):
+        Tokenizer.from_dir(tmp_path / "t")
