@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 
@@ -43,6 +44,22 @@ def check_text(text: str) -> None:
                              f"{exc.start})") from None
 
 
+def added_tokens(entries) -> dict[int, str]:
+    """tokenizer_config.json's `added_tokens_decoder`: {"id": {"content": str, ...}} (or a
+    bare string) -> {id: content}."""
+    if not isinstance(entries, dict):
+        raise TokenizerError(f"{CONFIG_FILE}: added_tokens_decoder must be an object, got "
+                             f"{type(entries).__name__}")
+    tokens = {}
+    for key, entry in entries.items():
+        content = entry.get("content") if isinstance(entry, dict) else entry
+        if not re.fullmatch(r"\d{1,9}", key) or not isinstance(content, str) or not content:
+            raise TokenizerError(f"{CONFIG_FILE}: added_tokens_decoder entry {key!r} must map "
+                                 f"an id to a non-empty content string, got {entry!r}")
+        tokens[int(key)] = content
+    return tokens
+
+
 class Tokenizer:
     """The engine-independent part: added tokens, special ids, chat templates, decoding.
 
@@ -52,30 +69,28 @@ class Tokenizer:
     def __init__(self, config: dict | None = None):
         config = config or {}
         self.config = config
-        try:
-            self.added_tokens = {int(i): (t["content"] if isinstance(t, dict) else str(t))
-                                 for i, t in config.get("added_tokens_decoder", {}).items()}
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise TokenizerError(f"{CONFIG_FILE}: bad added_tokens_decoder ({exc!r})") from None
-        if "" in self.added_tokens.values():
-            raise TokenizerError(f"{CONFIG_FILE}: an added token has empty content")
+        self.added_tokens = added_tokens(config.get("added_tokens_decoder", {}))
         self._added_ids = {content: i for i, content in self.added_tokens.items()}
         self._added_re = (re.compile("|".join(re.escape(t) for t in
                                               sorted(self._added_ids, key=len, reverse=True)))
                           if self._added_ids else None)
         defaults = self._default_ids()
-        self.bos_id = self._token_id(config.get("bos_token"), defaults["bos"])
-        self.pad_id = self._token_id(config.get("pad_token"), defaults["pad"])
+        self.bos_id = self._token_id(config.get("bos_token"), defaults["bos"], "bos_token")
+        self.pad_id = self._token_id(config.get("pad_token"), defaults["pad"], "pad_token")
         eos = config.get("eos_token")
         eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = sorted({i for i in (self._token_id(e, defaults["eos"]) for e in eos)
-                               if i is not None})
+        self.eos_ids = sorted({i for i in (self._token_id(e, defaults["eos"], "eos_token")
+                                           for e in eos) if i is not None})
         try:
             self.chat_templates = named_templates(config.get("chat_template"), CONFIG_FILE)
         except TemplateLimitError as exc:
             raise TokenizerError(str(exc)) from None
         # HF's `add_bos_token` (default true): whether prompts start with BOS by default.
-        self.add_bos_token = bool(config.get("add_bos_token", True)) and self.bos_id is not None
+        add_bos = config.get("add_bos_token", True)
+        if not isinstance(add_bos, bool):
+            raise TokenizerError(f"{CONFIG_FILE}: add_bos_token must be true or false, got "
+                                 f"{add_bos!r}")
+        self.add_bos_token = add_bos and self.bos_id is not None
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> "Tokenizer":
@@ -90,14 +105,17 @@ class Tokenizer:
             return FastTokenizer(fast_path, config)
         return SentencePieceTokenizer(sp_path, config)
 
-    def _token_id(self, token, default: int | None) -> int | None:
-        """An id from a config entry: an int, a token string, or {"content": ...}."""
+    def _token_id(self, token, default: int | None, field: str) -> int | None:
+        """An id from the config entry `field`: an int, a token string, or {"content": ...}."""
         if isinstance(token, dict):
             token = token.get("content")
         if token is None:
             return default
-        if isinstance(token, int):
+        if isinstance(token, int) and not isinstance(token, bool):
             return token
+        if not isinstance(token, str):
+            raise TokenizerError(f"{CONFIG_FILE}: {field} must be a token string, an id or "
+                                 f"{{\"content\": ...}}, got {token!r}")
         if token in self._added_ids:
             return self._added_ids[token]
         piece_id = self._piece_id(token)
@@ -235,6 +253,62 @@ class SentencePieceTokenizer(Tokenizer):
         return piece.replace("\u2581", " ").encode()
 
 
+def library_call(call, what: str):
+    """`call()` of the tokenizers library, whose failures are bare Exceptions and, for a
+    pattern its regex engine cannot run, a Rust panic (pyo3's PanicException, a BaseException
+    that `except Exception` misses)."""
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: B036 (the panic; see above)
+        raise TokenizerError(f"{what} ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+# how many times longer than its input a normalizer's output may be: an NFKC decomposition
+# reaches 18 characters (U+FDFA), a lowercase 3, a byte-level alphabet 4 per character
+NORMALIZER_GROWTH = {"NFC": 18, "NFD": 18, "NFKC": 18, "NFKD": 18, "Precompiled": 18,
+                     "Lowercase": 3, "BertNormalizer": 3, "ByteLevel": 4, "Strip": 1,
+                     "StripAccents": 1, "Nmt": 1}
+MAX_NORMALIZER_GROWTH = 64
+
+
+def normalizer_growth(normalizer) -> int:
+    """A bound on the factor by which a tokenizer.json normalizer lengthens text."""
+    if not isinstance(normalizer, dict):
+        return 1
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        return math.prod(normalizer_growth(n) for n in normalizer.get("normalizers") or ())
+    if kind == "Prepend":
+        return 1 + len(str(normalizer.get("prepend", "")))
+    if kind == "Replace":
+        pattern, content = normalizer.get("pattern"), str(normalizer.get("content", ""))
+        literal = pattern.get("String") if isinstance(pattern, dict) else None
+        if isinstance(literal, str) and literal:
+            return max(1, -(-len(content) // len(literal)))
+        return len(content) + 1  # a regex may match the empty string, between each character
+    return NORMALIZER_GROWTH.get(kind, 18)
+
+
+def check_fast_spec(spec: dict, path: str) -> None:
+    """What the tokenizers library accepts but would turn into garbage or a huge allocation:
+    vocabulary entries that share an id (no round trip), a normalizer that multiplies text."""
+    model = spec.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, dict):
+        seen = {}
+        for token, token_id in vocab.items():
+            if isinstance(token_id, int) and token_id in seen:
+                raise TokenizerError(f"{path}: the vocabulary gives id {token_id!r} to both "
+                                     f"{seen[token_id]!r} and {token!r}")
+            seen[token_id] = token
+    growth = normalizer_growth(spec.get("normalizer"))
+    if growth > MAX_NORMALIZER_GROWTH:
+        raise TokenizerError(f"{path}: the normalizer can make text {growth} times longer "
+                             f"(at most {MAX_NORMALIZER_GROWTH} is accepted)")
+
+
 @functools.cache
 def byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte-level pieces: the character standing for each byte -> the byte."""
@@ -255,10 +329,12 @@ class FastTokenizer(Tokenizer):
         check_regular_file(path, TokenizerError)
         with open(path, "rb") as f:
             spec = parse_json(f.read(), path, TokenizerError)
-        try:
-            self.hf = HFTokenizer.from_str(json.dumps(spec))
-        except Exception as exc:  # the library raises bare Exceptions for a malformed spec
-            raise TokenizerError(f"{path}: not a tokenizers file ({exc})") from None
+        if not isinstance(spec, dict):
+            raise TokenizerError(f"{path}: expected a JSON object")
+        check_fast_spec(spec, path)
+        self.path = path
+        self.hf = library_call(lambda: HFTokenizer.from_str(json.dumps(spec)),
+                               f"{path}: not a tokenizers file")
         self._base_vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         self.byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
         self.special_ids = {t["id"] for t in spec.get("added_tokens") or ()
@@ -272,7 +348,10 @@ class FastTokenizer(Tokenizer):
         return self.hf.token_to_id(piece)
 
     def _encode_plain(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids if text else []
+        if not text:
+            return []
+        return library_call(lambda: self.hf.encode(text, add_special_tokens=False).ids,
+                            f"{self.path}: encoding failed")
 
     def _piece_bytes(self, token_id: int) -> bytes:
         piece = self.hf.id_to_token(token_id)

@@ -161,3 +161,91 @@ def test_a_malformed_chat_template_entry_is_a_clean_error(tokenizer_dir, tmp_pat
     path.write_text(json.dumps(config))
     with pytest.raises(TokenizerError, match="chat_template"):
         Tokenizer.from_dir(tmp_path / "t")
+
+
+# ---- 7 and 10. tokenizer files: library panics, wrong types, shared ids, growing normalizers -----
+def _fast_dir(tmp_path, edit_spec=None, **config_changes) -> str:
+    from conftest import write_fast_tokenizer
+
+    out = write_fast_tokenizer(tmp_path / "tok", vocab_size=300)
+    for name, edit in (("tokenizer.json", edit_spec),
+                       ("tokenizer_config.json", lambda c: c.update(config_changes))):
+        path = os.path.join(out, name)
+        with open(path) as f:
+            data = json.load(f)
+        if edit is not None:
+            edit(data)
+        with open(path, "w") as f:
+            json.dump(data, f)
+    return out
+
+
+def test_a_tokenizers_library_panic_is_a_tokenizer_error(tmp_path):
+    from plt_port.tokenizer import Tokenizer, TokenizerError
+
+    def backtracking_split(spec):
+        spec["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+$"},
+                                 "behavior": "Isolated", "invert": False}
+
+    tokenizer = Tokenizer.from_dir(_fast_dir(tmp_path, backtracking_split))
+    assert tokenizer.encode("ab")
+    with pytest.raises(TokenizerError, match="encoding failed.*PanicException"):
+        tokenizer.encode("a" * 50000 + "b")
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"bos_token": ["<s>"]}, "bos_token must be"),
+    ({"eos_token": True}, "eos_token must be"),
+    ({"pad_token": 1.5}, "pad_token must be"),
+    ({"add_bos_token": "false"}, "add_bos_token must be true or false"),
+    ({"add_bos_token": 0}, "add_bos_token must be true or false"),
+    ({"added_tokens_decoder": {"300": {"content": 7}}}, "entry '300'"),
+    ({"added_tokens_decoder": {"x": {"content": "<a>"}}}, "entry 'x'"),
+    ({"added_tokens_decoder": ["<a>"]}, "must be an object"),
+])
+def test_tokenizer_config_types_are_strict(tmp_path, changes, message):
+    from plt_port.tokenizer import Tokenizer, TokenizerError
+
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.from_dir(_fast_dir(tmp_path, **changes))
+
+
+def test_strict_types_still_take_the_legitimate_forms(tmp_path):
+    from plt_port.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(_fast_dir(tmp_path, eos_token=["</s>", 0, {"content": "<s>"}],
+                                             add_bos_token=False))
+    assert tokenizer.eos_ids == [0, 1, 2] and not tokenizer.add_bos_token
+
+
+def test_vocabulary_entries_sharing_an_id_are_refused(tmp_path):
+    from plt_port.tokenizer import Tokenizer, TokenizerError
+
+    def share_ids(spec):
+        vocab = spec["model"]["vocab"]
+        for token in list(vocab)[100:200]:
+            vocab[token] = 100
+
+    with pytest.raises(TokenizerError, match="gives id 100 to both"):
+        Tokenizer.from_dir(_fast_dir(tmp_path, share_ids))
+
+
+@pytest.mark.parametrize("normalizer,refused", [
+    ({"type": "Replace", "pattern": {"String": "a"}, "content": "b" * 100}, True),
+    ({"type": "Replace", "pattern": {"Regex": ""}, "content": "bb" * 40}, True),
+    ({"type": "Sequence", "normalizers": [{"type": "Replace", "pattern": {"String": "a"},
+                                           "content": "aa"}] * 7}, True),
+    ({"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}, False),
+    ({"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}, False),
+])
+def test_normalizers_that_multiply_text_are_refused(tmp_path, normalizer, refused):
+    from plt_port.tokenizer import Tokenizer, TokenizerError
+
+    path = _fast_dir(tmp_path, lambda spec: spec.update(normalizer=normalizer))
+    if refused:
+        with pytest.raises(TokenizerError, match="normalizer can make text"):
+            Tokenizer.from_dir(path)
+    else:
+        assert Tokenizer.from_dir(path).encode("Ab c")
