@@ -249,3 +249,50 @@ def test_normalizers_that_multiply_text_are_refused(tmp_path, normalizer, refuse
             Tokenizer.from_dir(path)
     else:
         assert Tokenizer.from_dir(path).encode("Ab c")
+
+
+# ---- 9. mlx-community dirs: integer quantization parameters, mlx-lm's tensor dtypes -------------
+@pytest.fixture
+def community_dir(make_model, tmp_path):
+    """An mlx-lm quantized checkpoint (4 bits, group size 32, no plt-port marker)."""
+    pytest.importorskip("mlx.core")
+    from exporters.mlx_export import MARKER, export as export_mlx
+
+    out = export_mlx(make_model("plt"), tmp_path / "mlx-4bit", quantize=4, group_size=32)
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    del config[MARKER]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return out
+
+
+@pytest.mark.parametrize("key,value", [("bits", 4.0), ("group_size", 32.0), ("bits", True)])
+def test_quantization_parameters_must_be_integers(community_dir, key, value):
+    from runtimes.backends import load_backend
+
+    path = os.path.join(community_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["quantization"][key] = value
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(PLTError, match=f"{key} must be one of"):
+        load_backend("mlx", community_dir)
+
+
+@pytest.mark.parametrize("suffix,dtype", [("weight", "float32"), ("weight", "int8"),
+                                          ("scales", "int32"), ("biases", "uint32")])
+def test_quantized_tensors_must_have_mlx_lm_dtypes(community_dir, suffix, dtype):
+    import mlx.core as mx
+
+    from runtimes.backends import load_backend
+
+    path = os.path.join(community_dir, "model.safetensors")
+    weights = mx.load(path)
+    name = f"model.layers.0.self_attn.q_proj.{suffix}"
+    weights[name] = weights[name].astype(getattr(mx, dtype))
+    mx.save_safetensors(path, weights, metadata={"format": "mlx"})
+    with pytest.raises(PLTError, match=f"{name} is {dtype}"):
+        load_backend("mlx", community_dir)
