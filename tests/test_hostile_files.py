@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -296,3 +297,102 @@ def test_quantized_tensors_must_have_mlx_lm_dtypes(community_dir, suffix, dtype)
     mx.save_safetensors(path, weights, metadata={"format": "mlx"})
     with pytest.raises(PLTError, match=f"{name} is {dtype}"):
         load_backend("mlx", community_dir)
+
+
+# ---- 8 and 10. ONNX exports that disagree with themselves; weights.bin's sha256 -------------------
+@pytest.fixture
+def onnx_export_dir(make_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from exporters.onnx_export import export
+
+    return export(make_model("plt"), str(tmp_path / "export"), loops=2)
+
+
+def _edit_json(path, edit):
+    with open(path) as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def _update_record(export_dir, name):
+    """The manifest's size and sha256 of `name` set to the file's (an edit that hides)."""
+    from exporters.onnx_export import MANIFEST, file_record
+
+    _edit_json(os.path.join(export_dir, MANIFEST),
+               lambda m: m["files"].__setitem__(name, file_record(os.path.join(export_dir, name))))
+
+
+def _damage(export_dir, damage):
+    import numpy as np
+
+    from exporters.onnx_export import MANIFEST
+
+    manifest = os.path.join(export_dir, MANIFEST)
+    if damage in ("loops", "dtype"):
+        _edit_json(manifest, lambda m: m.update({"loops": 3} if damage == "loops"
+                                                else {"dtype": "float16"}))
+    elif damage == "random graph":
+        with open(os.path.join(export_dir, "model.onnx"), "wb") as f:
+            f.write(np.random.default_rng(0).bytes(5000))
+        _update_record(export_dir, "model.onnx")
+    elif damage == "external data outside":
+        import onnx
+
+        path = os.path.join(export_dir, "model.onnx")
+        model = onnx.load(path, load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = "../outside.bin"
+        onnx.save(model, path)
+        _update_record(export_dir, "model.onnx")
+    elif damage == "shuffled weights":
+        path = os.path.join(export_dir, "weights.bin")
+        data = bytearray(open(path, "rb").read())
+        data[:4096], data[4096:8192] = data[4096:8192], data[:4096]
+        with open(path, "wb") as f:
+            f.write(data)
+    else:  # a config.json field, same size (the size check alone would not see it)
+        key, value = damage.split("=")
+        _edit_json(os.path.join(export_dir, "config.json"), lambda c: c.update({key: int(value)}))
+        _update_record(export_dir, "config.json")
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("loops", "does not match config.json"), ("dtype", "does not match config.json"),
+    ("random graph", "ONNX Runtime cannot load it"),
+    ("external data outside", "ONNX Runtime cannot load it.*escapes"),
+    ("shuffled weights", "weights.bin differs"),
+    ("num_hidden_layers=3", "num_layers"), ("vocab_size=600", "vocab_size"),
+    ("plt_window_size=5", "window"),
+])
+def test_onnx_exports_that_disagree_with_themselves_are_one_error(onnx_export_dir, damage,
+                                                                  message, capsys):
+    if damage == "plt_window_size=5":
+        damage = None
+        _edit_json(os.path.join(onnx_export_dir, "config.json"),
+                   lambda c: c.update(plt_window_size=[5, 0]))
+        _update_record(onnx_export_dir, "config.json")
+    else:
+        _damage(onnx_export_dir, damage)
+    line = cli_error(["generate", "--model", onnx_export_dir, "--max-tokens", "2", "x"], capsys)
+    assert re.search(message, line), line
+
+
+def test_weights_bin_is_hashed_once_per_file_version(onnx_export_dir, monkeypatch):
+    from exporters import onnx_export
+
+    hashed = []
+    record = onnx_export.file_record
+    monkeypatch.setattr(onnx_export, "file_record", lambda path: hashed.append(path) or record(path))
+    monkeypatch.setattr(onnx_export, "_VERIFIED", {})
+    weights = os.path.join(onnx_export_dir, "weights.bin")
+    for _ in range(3):
+        onnx_export.check_export(onnx_export_dir)
+    assert hashed.count(weights) == 1
+    os.utime(weights, ns=(0, 0))  # a new mtime: read again
+    onnx_export.check_export(onnx_export_dir)
+    assert hashed.count(weights) == 2
