@@ -396,3 +396,50 @@ def test_weights_bin_is_hashed_once_per_file_version(onnx_export_dir, monkeypatc
     os.utime(weights, ns=(0, 0))  # a new mtime: read again
     onnx_export.check_export(onnx_export_dir)
     assert hashed.count(weights) == 2
+
+
+# ---- 11. full disks, generation_config.json named ---------------------------------------------
+@requires("mlx")
+@pytest.mark.parametrize("failure", ["short weights file", "save raises", "config.json ENOSPC"])
+def test_export_mlx_into_a_full_disk_is_one_error(make_model, tmp_path, monkeypatch, capsys,
+                                                  failure):
+    import builtins
+    import errno
+
+    import mlx.core as mx
+
+    model_dir = make_model()
+    save = mx.save_safetensors
+
+    def short_save(path, weights, metadata=None):
+        save(path, weights, metadata=metadata)
+        os.truncate(path, os.path.getsize(path) // 2)
+
+    def failing_save(path, weights, metadata=None):
+        raise RuntimeError("[save_safetensors] Failed to write")
+
+    real_open = builtins.open
+
+    def full_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and os.fspath(path).endswith("config.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", os.fspath(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    if failure == "config.json ENOSPC":
+        monkeypatch.setattr(builtins, "open", full_open)
+    else:
+        monkeypatch.setattr(mx, "save_safetensors",
+                            short_save if failure == "short weights file" else failing_save)
+    line = cli_error(["export", "mlx", model_dir, str(tmp_path / "out")], capsys)
+    assert ("[Errno 28]" if failure == "config.json ENOSPC" else "is the disk full") in line
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 2.0), ("top_k", -3),
+                                         ("min_p", 1.5), ("repetition_penalty", 0)])
+def test_generation_config_values_are_refused_naming_the_file(make_model, field, value, capsys):
+    model_dir = make_model()
+    with open(os.path.join(model_dir, "generation_config.json"), "w") as f:
+        json.dump({"do_sample": True, field: value}, f)
+    line = cli_error(["generate", "--model", model_dir, "--max-tokens", "2", "x"], capsys)
+    assert "generation_config.json" in line and field in line
