@@ -223,7 +223,8 @@ def check_export(export_dir: str | os.PathLike, error: type[PLTError] = ExportEr
     have their types, every file it lists is there with its recorded size, the graph and
     weights.bin also with their sha256 (weights.bin once per process: `file_sha256`), and
     every weight lies inside weights.bin (ONNX Runtime refuses external data out of the
-    export's folder, and the backend turns its load errors into one). Any damage is an `error` naming it."""
+    export's folder, and the backend turns its load errors into one). Any damage is an
+    `error` naming it."""
     export_dir = os.fspath(export_dir)
     path = os.path.join(export_dir, MANIFEST)
     data = read_json_object(path, error)

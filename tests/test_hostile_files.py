@@ -149,7 +149,8 @@ def test_the_list_of_named_templates_picks_as_hugging_face(tokenizer_dir, tmp_pa
 
 
 @pytest.mark.parametrize("value", [5, {"default": "x"}, [{"name": "default"}], ["x"],
-                                   [{"name": "a", "template": "x"}, {"name": "a", "template": "y"}]])
+                                   [{"name": "a", "template": "x"},
+                                    {"name": "a", "template": "y"}]])
 def test_a_malformed_chat_template_entry_is_a_clean_error(tokenizer_dir, tmp_path, value):
     import shutil
 
@@ -299,7 +300,7 @@ def test_quantized_tensors_must_have_mlx_lm_dtypes(community_dir, suffix, dtype)
         load_backend("mlx", community_dir)
 
 
-# ---- 8 and 10. ONNX exports that disagree with themselves; weights.bin's sha256 -------------------
+# ---- 8 and 10. ONNX exports that disagree with themselves; weights.bin's sha256 ----------------
 @pytest.fixture
 def onnx_export_dir(make_model, tmp_path):
     pytest.importorskip("onnxruntime")
@@ -387,7 +388,8 @@ def test_weights_bin_is_hashed_once_per_file_version(onnx_export_dir, monkeypatc
 
     hashed = []
     record = onnx_export.file_record
-    monkeypatch.setattr(onnx_export, "file_record", lambda path: hashed.append(path) or record(path))
+    monkeypatch.setattr(onnx_export, "file_record",
+                        lambda path: hashed.append(path) or record(path))
     monkeypatch.setattr(onnx_export, "_VERIFIED", {})
     weights = os.path.join(onnx_export_dir, "weights.bin")
     for _ in range(3):
