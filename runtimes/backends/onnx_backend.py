@@ -146,7 +146,7 @@ class ONNXBackend(Backend):
         G, D, H = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
         ids = ("tensor(int64)", [None])
         inputs = {"input_ids": ("tensor(int64)", [None, None]), "start": ids, "num_new": ids,
-                  "loops": ids}
+                  "loops": ids, "logit_rows": ("tensor(int64)", [1])}
         if R:
             inputs["past_hidden"] = (value, [None, None, H])
         for i in range(cfg.num_hidden_layers):

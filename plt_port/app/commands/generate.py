@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from plt_port.app.cli import model_path, thread_count
+from plt_port.app.cli import model_path, positive_int, thread_count
 from plt_port.errors import PLTError
 
 
