@@ -426,3 +426,46 @@ def test_quantized_kv_start_quantizes_at_exactly_start_tokens(make_model):
     exact, _ = backend.prefill([prompt], 32)
     assert backend.global_quantized(exact.caches)
     assert backend.cache_bytes(exact) == backend.expected_cache_bytes(1, 32, 4)
+
+
+# ---- stop strings (runtimes/sequence.py, Knuth-Morris-Pratt) --------------------------------
+def brute_prefix_function(pattern: str) -> list[int]:
+    """The longest proper prefix of each pattern[:i + 1] that is also its suffix, by trying
+    every length."""
+    return [max(k for k in range(i + 1) if pattern[:k] == pattern[i + 1 - k:i + 1])
+            for i in range(len(pattern))]
+
+
+def test_the_prefix_function_is_the_brute_force_one_on_every_short_pattern():
+    """X15: every pattern of up to 8 letters over "ab" (those need KMP's repeated fallbacks,
+    e.g. "aaab")."""
+    import itertools
+
+    from runtimes.sequence import prefix_function
+
+    for n in range(1, 9):
+        for letters in itertools.product("ab", repeat=n):
+            pattern = "".join(letters)
+            assert list(prefix_function(pattern)) == brute_prefix_function(pattern), pattern
+
+
+def test_stop_matcher_is_str_find_on_random_texts_and_splits():
+    """X15-X17: 400 seeded texts over a 2-3 letter alphabet, 1-4 stop strings each, cut into
+    random tokens: the streamed text is the reference's (str.find on the whole text: cut
+    before the stop string that ends first, the longest of those ending there)."""
+    import random
+
+    from test_server_reliability import first_stop, streamed
+
+    from runtimes.sequence import StopMatcher
+
+    rng = random.Random(26)
+    for case in range(400):
+        alphabet = "ab" if case % 2 else "abc"
+        word = lambda n: "".join(rng.choice(alphabet) for _ in range(n))  # noqa: E731
+        text = word(rng.randint(1, 24))
+        stop = [word(rng.randint(1, 6)) for _ in range(rng.randint(1, 4))]
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, len(text) - 1))) \
+            if len(text) > 1 else []
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        assert streamed(StopMatcher(stop), pieces) == first_stop(text, stop), (text, stop, pieces)
