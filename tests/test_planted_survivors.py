@@ -469,3 +469,64 @@ def test_stop_matcher_is_str_find_on_random_texts_and_splits():
             if len(text) > 1 else []
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
         assert streamed(StopMatcher(stop), pieces) == first_stop(text, stop), (text, stop, pieces)
+
+
+# ---- speculative decoding ------------------------------------------------------------------
+def test_speculative_num_tokens_and_ngram_size_at_their_bounds():
+    """X9: num_tokens 1 and MAX_NUM_TOKENS are taken, 0 and MAX_NUM_TOKENS + 1 refused;
+    ngram_size 1 is taken, 0 refused."""
+    from runtimes.speculative import MAX_NUM_TOKENS, SpeculativeConfig, SpeculativeError
+
+    for num_tokens in (1, MAX_NUM_TOKENS):
+        assert SpeculativeConfig("ngram", num_tokens, 1).num_tokens == num_tokens
+    for num_tokens, ngram_size in ((0, 3), (MAX_NUM_TOKENS + 1, 3), (4, 0)):
+        with pytest.raises(SpeculativeError, match="must be an integer in 1.."):
+            SpeculativeConfig("ngram", num_tokens, ngram_size)
+
+
+def scripted_run(make_model, max_new_tokens, k=4, max_drafts=None, **config):
+    """(plain tokens, speculative tokens, the last event's SpeculativeStats) of a greedy
+    request whose drafts are all right (at most `max_drafts` a proposal)."""
+    from test_speculative import GREEDY, REPETITIVE, ScriptedProposer, speculation_with, tokens_of
+
+    from runtimes.backends import load_backend
+
+    model_dir = make_model("plt", **config)
+    backend, tokenizer = load_backend("torch", model_dir, loops=2), Tokenizer.from_dir(model_dir)
+    options = dict(max_new_tokens=max_new_tokens, sampling=GREEDY)
+    plain, _ = tokens_of(backend, tokenizer, REPETITIVE, **options)
+    proposer = ScriptedProposer(REPETITIVE, plain, None)
+    if max_drafts is not None:
+        propose = proposer.propose
+        proposer.propose = lambda context, n: propose(context, n)[:max_drafts]
+    got, last = tokens_of(backend, tokenizer, REPETITIVE, speculation_with(proposer, k),
+                          **options)
+    return plain, got, last.speculative
+
+
+def test_one_verify_gives_k_plus_two_tokens_when_every_draft_is_right(make_model):
+    """X11: with k = 4 right drafts and max_new_tokens = k + 2, the first verify drafts all
+    4 (the drafts stop exactly two short of the limit) and yields every token: the verified
+    last token, 4 accepted drafts and the bonus."""
+    plain, got, stats = scripted_run(make_model, 6)
+    assert got == plain
+    assert (stats.verifies, stats.drafted, stats.accepted) == (1, 4, 4)
+
+
+def test_drafted_counts_the_drafts_proposed_not_the_drafts_asked_for(make_model):
+    """X12: a proposer giving 2 drafts where 4 are asked for: drafted is 2 a verify."""
+    plain, got, stats = scripted_run(make_model, 20, max_drafts=2)
+    assert got == plain and stats.verifies > 1
+    assert stats.drafted == stats.accepted == 2 * stats.verifies
+
+
+def test_speculation_fills_the_context_exactly(make_model):
+    """X13: a request of exactly the context's positions (prompt + max_new_tokens - 1 ==
+    max_position_embeddings), drafts all right: the last verify ends at the context's last
+    position and the tokens are plain decoding's."""
+    from test_speculative import REPETITIVE
+
+    context = 64
+    plain, got, stats = scripted_run(make_model, context - len(REPETITIVE) + 1,
+                                     max_position_embeddings=context)
+    assert got == plain and len(got) == context - len(REPETITIVE) + 1 and stats.verifies > 0
