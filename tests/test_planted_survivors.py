@@ -530,3 +530,33 @@ def test_speculation_fills_the_context_exactly(make_model):
     plain, got, stats = scripted_run(make_model, context - len(REPETITIVE) + 1,
                                      max_position_embeddings=context)
     assert got == plain and len(got) == context - len(REPETITIVE) + 1 and stats.verifies > 0
+
+
+# ---- the server's shutdown -------------------------------------------------------------------
+def test_stopping_generations_ends_a_stream_in_flight_and_refuses_new_ones():
+    """X22 (in the fast suite; the slow signal test covers it end to end): stop_generations,
+    which uvicorn's shutdown calls first, gives a stream in flight one "shutting down" error
+    event and its [DONE]; a request after it is a 503."""
+    import threading
+
+    from test_server_reliability import Running, read_stream
+
+    running = Running()
+    try:
+        port = int(running.url.rsplit(":", 1)[1])
+        started, seen = threading.Event(), []
+        body = {"prompt": "def f", "max_tokens": 2000, "temperature": 0, "stream": True}
+        reader = threading.Thread(target=read_stream,
+                                  args=(port, "/v1/completions", body, started, seen))
+        reader.start()
+        assert started.wait(timeout=60)
+        running.app.state.service.stop_generations()
+        reader.join(30)
+        assert not reader.is_alive()
+        later = running.post("/v1/completions", {"prompt": "def f", "max_tokens": 1})
+    finally:
+        running.stop()
+    assert [line for line in seen if line][-1] == "data: [DONE]", seen[-4:]
+    errors = [line for line in seen if line.startswith('data: {"error"')]
+    assert len(errors) == 1 and "shutting down" in errors[0]
+    assert later.status_code == 503
