@@ -560,3 +560,47 @@ def test_stopping_generations_ends_a_stream_in_flight_and_refuses_new_ones():
     errors = [line for line in seen if line.startswith('data: {"error"')]
     assert len(errors) == 1 and "shutting down" in errors[0]
     assert later.status_code == 503
+
+
+def test_the_draft_model_feeds_only_the_tokens_it_lacks(make_model):
+    """X8, X27: after proposing k drafts for a context, the draft state holds the context and
+    k - 1 drafts. The next context (one draft accepted, then the correction) rewinds to the
+    accepted draft and feeds the correction alone; a context shorter than what the state holds
+    rewinds to before its last token and feeds that one (the logits after it are needed);
+    with k = 1 the state holds exactly the context, and the same context again feeds nothing.
+    Every proposal is the cold one."""
+    from test_speculative import REPETITIVE
+
+    from runtimes.backends import load_backend
+    from runtimes.speculative import DraftModelProposer
+
+    backend = load_backend("torch", make_model("plt"), loops=2)
+    proposer = DraftModelProposer(backend, 4)
+    fed = []
+    extend, step = backend.extend, backend.step
+    backend.extend = lambda state, tokens: fed.append(list(tokens)) or extend(state, tokens)
+    backend.step = lambda state, tokens: fed.append(tokens.tolist()) or step(state, tokens)
+
+    def cold(context):
+        state, logits = backend.prefill([context], len(context) + 8)
+        drafts = []
+        for _ in range(4):
+            drafts.append(int(logits[0].argmax()))
+            logits = step(state, np.array(drafts[-1:]))
+        return drafts
+
+    context = list(REPETITIVE)
+    drafts = proposer.propose(context, 4)
+    assert drafts == cold(context) and fed == [[d] for d in drafts[:3]]
+    correction = (drafts[1] + 1) % 512
+    fed.clear()
+    following = context + [drafts[0], correction]
+    assert proposer.propose(following, 4) == cold(following)
+    assert fed[0] == [correction] and len(fed) == 4
+    fed.clear()
+    shorter = following[:-1]
+    assert proposer.propose(shorter, 4) == cold(shorter) and fed[0] == [drafts[0]]
+    one = DraftModelProposer(backend, 1)
+    assert one.propose(context, 1) == cold(context)[:1]
+    fed.clear()
+    assert one.propose(context, 1) == cold(context)[:1] and fed == []
