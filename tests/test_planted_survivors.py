@@ -604,3 +604,30 @@ def test_the_draft_model_feeds_only_the_tokens_it_lacks(make_model):
     assert one.propose(context, 1) == cold(context)[:1]
     fed.clear()
     assert one.propose(context, 1) == cold(context)[:1] and fed == []
+
+
+def test_a_verify_one_past_the_capacity_grows_the_cache_and_matches_decode_steps(make_model):
+    """X24: a state of capacity P + 2 verifying 3 tokens (P + 3 positions) grows first; its
+    rows are the logits of three decode steps (fp32, CLP at L = 2)."""
+    from test_speculative import RANDOM
+
+    from runtimes.backends import load_backend
+
+    backend = load_backend("torch", make_model("plt"), loops=2)
+    tokens = [7, 8, 9]
+    state, _ = backend.prefill([RANDOM], len(RANDOM) + 2)
+    rows = backend.verify(state, tokens)
+    assert state.capacity >= len(RANDOM) + 3 and int(state.lengths[0]) == len(RANDOM) + 3
+    plain, _ = backend.prefill([RANDOM], len(RANDOM) + 8)
+    steps = [backend.step(plain, np.array([t]))[0] for t in tokens]
+    np.testing.assert_allclose(rows, np.stack(steps), atol=1e-4, rtol=1e-4)
+
+
+def test_an_empty_stop_string_stops_nothing():
+    """X26: "" among the stop strings is ignored (it would match everywhere)."""
+    from test_server_reliability import streamed
+
+    from runtimes.sequence import StopMatcher
+
+    assert streamed(StopMatcher(["", "ab"]), ["xa", "b", "c"]) == ("x", True)
+    assert streamed(StopMatcher([""]), ["xyz", "w"]) == ("xyzw", False)
