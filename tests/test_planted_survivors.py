@@ -606,20 +606,27 @@ def test_the_draft_model_feeds_only_the_tokens_it_lacks(make_model):
     assert one.propose(context, 1) == cold(context)[:1] and fed == []
 
 
-def test_a_verify_one_past_the_capacity_grows_the_cache_and_matches_decode_steps(make_model):
-    """X24: a state of capacity P + 2 verifying 3 tokens (P + 3 positions) grows first; its
-    rows are the logits of three decode steps (fp32, CLP at L = 2)."""
+@pytest.mark.parametrize("drafts", [1, 2])
+@pytest.mark.parametrize("backend_name", ["torch", "onnx", "mlx"])
+def test_verify_rows_are_decode_steps_one_past_the_capacity_too(make_model, backend_name, drafts):
+    """X24, X25: every backend's verify of the last token and 1 or 2 drafts, from a state of
+    capacity P + 2 (2 drafts need P + 3 positions: the cache grows first), gives the logits
+    of as many decode steps (fp32, CLP at L = 2), one row each."""
     from test_speculative import RANDOM
 
-    from runtimes.backends import load_backend
+    from runtimes.backends import backend_unavailable_reason, load_backend
 
-    backend = load_backend("torch", make_model("plt"), loops=2)
-    tokens = [7, 8, 9]
+    if reason := backend_unavailable_reason(backend_name):
+        pytest.skip(reason)
+    backend = load_backend(backend_name, make_model("plt"), loops=2)
+    tokens = [7, 8, 9][:drafts + 1]
     state, _ = backend.prefill([RANDOM], len(RANDOM) + 2)
     rows = backend.verify(state, tokens)
-    assert state.capacity >= len(RANDOM) + 3 and int(state.lengths[0]) == len(RANDOM) + 3
+    assert state.capacity >= len(RANDOM) + len(tokens)
+    assert int(state.lengths[0]) == len(RANDOM) + len(tokens)
     plain, _ = backend.prefill([RANDOM], len(RANDOM) + 8)
     steps = [backend.step(plain, np.array([t]))[0] for t in tokens]
+    assert rows.shape == (len(tokens), backend.config.vocab_size)
     np.testing.assert_allclose(rows, np.stack(steps), atol=1e-4, rtol=1e-4)
 
 
