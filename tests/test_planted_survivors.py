@@ -426,3 +426,217 @@ def test_quantized_kv_start_quantizes_at_exactly_start_tokens(make_model):
     exact, _ = backend.prefill([prompt], 32)
     assert backend.global_quantized(exact.caches)
     assert backend.cache_bytes(exact) == backend.expected_cache_bytes(1, 32, 4)
+
+
+# ---- stop strings (runtimes/sequence.py, Knuth-Morris-Pratt) --------------------------------
+def brute_prefix_function(pattern: str) -> list[int]:
+    """The longest proper prefix of each pattern[:i + 1] that is also its suffix, by trying
+    every length."""
+    return [max(k for k in range(i + 1) if pattern[:k] == pattern[i + 1 - k:i + 1])
+            for i in range(len(pattern))]
+
+
+def test_the_prefix_function_is_the_brute_force_one_on_every_short_pattern():
+    """X15: every pattern of up to 8 letters over "ab" (those need KMP's repeated fallbacks,
+    e.g. "aaab")."""
+    import itertools
+
+    from runtimes.sequence import prefix_function
+
+    for n in range(1, 9):
+        for letters in itertools.product("ab", repeat=n):
+            pattern = "".join(letters)
+            assert list(prefix_function(pattern)) == brute_prefix_function(pattern), pattern
+
+
+def test_stop_matcher_is_str_find_on_random_texts_and_splits():
+    """X16 (X17 fails it too): 400 seeded texts over a 2-3 letter alphabet, 1-4 stop strings
+    each, cut into random tokens: the streamed text is the reference's (str.find on the
+    whole text: cut before the stop string that ends first, the longest of those ending
+    there)."""
+    import random
+
+    from test_server_reliability import first_stop, streamed
+
+    from runtimes.sequence import StopMatcher
+
+    rng = random.Random(26)
+    for case in range(400):
+        alphabet = "ab" if case % 2 else "abc"
+        word = lambda n: "".join(rng.choice(alphabet) for _ in range(n))  # noqa: E731
+        text = word(rng.randint(1, 24))
+        stop = [word(rng.randint(1, 6)) for _ in range(rng.randint(1, 4))]
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, len(text) - 1))) \
+            if len(text) > 1 else []
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        assert streamed(StopMatcher(stop), pieces) == first_stop(text, stop), (text, stop, pieces)
+
+
+# ---- speculative decoding ------------------------------------------------------------------
+def test_speculative_num_tokens_and_ngram_size_at_their_bounds():
+    """X9: num_tokens 1 and MAX_NUM_TOKENS are taken, 0 and MAX_NUM_TOKENS + 1 refused;
+    ngram_size 1 is taken, 0 refused."""
+    from runtimes.speculative import MAX_NUM_TOKENS, SpeculativeConfig, SpeculativeError
+
+    for num_tokens in (1, MAX_NUM_TOKENS):
+        assert SpeculativeConfig("ngram", num_tokens, 1).num_tokens == num_tokens
+    for num_tokens, ngram_size in ((0, 3), (MAX_NUM_TOKENS + 1, 3), (4, 0)):
+        with pytest.raises(SpeculativeError, match="must be an integer in 1.."):
+            SpeculativeConfig("ngram", num_tokens, ngram_size)
+
+
+def scripted_run(make_model, max_new_tokens, k=4, max_drafts=None, **config):
+    """(plain tokens, speculative tokens, the last event's SpeculativeStats) of a greedy
+    request whose drafts are all right (at most `max_drafts` a proposal)."""
+    from test_speculative import GREEDY, REPETITIVE, ScriptedProposer, speculation_with, tokens_of
+
+    from runtimes.backends import load_backend
+
+    model_dir = make_model("plt", **config)
+    backend, tokenizer = load_backend("torch", model_dir, loops=2), Tokenizer.from_dir(model_dir)
+    options = dict(max_new_tokens=max_new_tokens, sampling=GREEDY)
+    plain, _ = tokens_of(backend, tokenizer, REPETITIVE, **options)
+    proposer = ScriptedProposer(REPETITIVE, plain, None)
+    if max_drafts is not None:
+        propose = proposer.propose
+        proposer.propose = lambda context, n: propose(context, n)[:max_drafts]
+    got, last = tokens_of(backend, tokenizer, REPETITIVE, speculation_with(proposer, k),
+                          **options)
+    return plain, got, last.speculative
+
+
+def test_one_verify_gives_k_plus_two_tokens_when_every_draft_is_right(make_model):
+    """X11: with k = 4 right drafts and max_new_tokens = k + 2, the first verify drafts all
+    4 (the drafts stop exactly two short of the limit) and yields every token: the verified
+    last token, 4 accepted drafts and the bonus."""
+    plain, got, stats = scripted_run(make_model, 6)
+    assert got == plain
+    assert (stats.verifies, stats.drafted, stats.accepted) == (1, 4, 4)
+
+
+def test_drafted_counts_the_drafts_proposed_not_the_drafts_asked_for(make_model):
+    """X12: a proposer giving 2 drafts where 4 are asked for: drafted is 2 a verify."""
+    plain, got, stats = scripted_run(make_model, 20, max_drafts=2)
+    assert got == plain and stats.verifies > 1
+    assert stats.drafted == stats.accepted == 2 * stats.verifies
+
+
+def test_speculation_fills_the_context_exactly(make_model):
+    """X13: a request of exactly the context's positions (prompt + max_new_tokens - 1 ==
+    max_position_embeddings), drafts all right: the last verify ends at the context's last
+    position and the tokens are plain decoding's."""
+    from test_speculative import REPETITIVE
+
+    context = 64
+    plain, got, stats = scripted_run(make_model, context - len(REPETITIVE) + 1,
+                                     max_position_embeddings=context)
+    assert got == plain and len(got) == context - len(REPETITIVE) + 1 and stats.verifies > 0
+
+
+# ---- the server's shutdown -------------------------------------------------------------------
+def test_stopping_generations_ends_a_stream_in_flight_and_refuses_new_ones():
+    """X22 (in the fast suite; the slow signal test covers it end to end): stop_generations,
+    which uvicorn's shutdown calls first, gives a stream in flight one "shutting down" error
+    event and its [DONE]; a request after it is a 503."""
+    import threading
+
+    from test_server_reliability import Running, read_stream
+
+    running = Running()
+    try:
+        port = int(running.url.rsplit(":", 1)[1])
+        started, seen = threading.Event(), []
+        body = {"prompt": "def f", "max_tokens": 2000, "temperature": 0, "stream": True}
+        reader = threading.Thread(target=read_stream,
+                                  args=(port, "/v1/completions", body, started, seen))
+        reader.start()
+        assert started.wait(timeout=60)
+        running.app.state.service.stop_generations()
+        reader.join(30)
+        assert not reader.is_alive()
+        later = running.post("/v1/completions", {"prompt": "def f", "max_tokens": 1})
+    finally:
+        running.stop()
+    assert [line for line in seen if line][-1] == "data: [DONE]", seen[-4:]
+    errors = [line for line in seen if line.startswith('data: {"error"')]
+    assert len(errors) == 1 and "shutting down" in errors[0]
+    assert later.status_code == 503
+
+
+def test_the_draft_model_feeds_only_the_tokens_it_lacks(make_model):
+    """X8, X27: after proposing k drafts for a context, the draft state holds the context and
+    k - 1 drafts. The next context (one draft accepted, then the correction) rewinds to the
+    accepted draft and feeds the correction alone; a context shorter than what the state holds
+    rewinds to before its last token and feeds that one (the logits after it are needed);
+    with k = 1 the state holds exactly the context, and the same context again feeds nothing.
+    Every proposal is the cold one."""
+    from test_speculative import REPETITIVE
+
+    from runtimes.backends import load_backend
+    from runtimes.speculative import DraftModelProposer
+
+    backend = load_backend("torch", make_model("plt"), loops=2)
+    proposer = DraftModelProposer(backend, 4)
+    fed = []
+    extend, step = backend.extend, backend.step
+    backend.extend = lambda state, tokens: fed.append(list(tokens)) or extend(state, tokens)
+    backend.step = lambda state, tokens: fed.append(tokens.tolist()) or step(state, tokens)
+
+    def cold(context):
+        state, logits = backend.prefill([context], len(context) + 8)
+        drafts = []
+        for _ in range(4):
+            drafts.append(int(logits[0].argmax()))
+            logits = step(state, np.array(drafts[-1:]))
+        return drafts
+
+    context = list(REPETITIVE)
+    drafts = proposer.propose(context, 4)
+    assert drafts == cold(context) and fed == [[d] for d in drafts[:3]]
+    correction = (drafts[1] + 1) % 512
+    fed.clear()
+    following = context + [drafts[0], correction]
+    assert proposer.propose(following, 4) == cold(following)
+    assert fed[0] == [correction] and len(fed) == 4
+    fed.clear()
+    shorter = following[:-1]
+    assert proposer.propose(shorter, 4) == cold(shorter) and fed[0] == [drafts[0]]
+    one = DraftModelProposer(backend, 1)
+    assert one.propose(context, 1) == cold(context)[:1]
+    fed.clear()
+    assert one.propose(context, 1) == cold(context)[:1] and fed == []
+
+
+@pytest.mark.parametrize("drafts", [1, 2])
+@pytest.mark.parametrize("backend_name", ["torch", "onnx", "mlx"])
+def test_verify_rows_are_decode_steps_one_past_the_capacity_too(make_model, backend_name, drafts):
+    """X24 (and X14, X25, caught before by the onnx greedy test): every backend's verify
+    of the last token and 1 or 2 drafts, from a state of capacity P + 2 (2 drafts need
+    P + 3 positions: the cache grows first), gives the logits of as many decode steps
+    (fp32, CLP at L = 2), one row each."""
+    from test_speculative import RANDOM
+
+    from runtimes.backends import backend_unavailable_reason, load_backend
+
+    if reason := backend_unavailable_reason(backend_name):
+        pytest.skip(reason)
+    backend = load_backend(backend_name, make_model("plt"), loops=2)
+    tokens = [7, 8, 9][:drafts + 1]
+    state, _ = backend.prefill([RANDOM], len(RANDOM) + 2)
+    rows = backend.verify(state, tokens)
+    assert state.capacity >= len(RANDOM) + len(tokens)
+    assert int(state.lengths[0]) == len(RANDOM) + len(tokens)
+    plain, _ = backend.prefill([RANDOM], len(RANDOM) + 8)
+    steps = [backend.step(plain, np.array([t]))[0] for t in tokens]
+    assert rows.shape == (len(tokens), backend.config.vocab_size)
+    np.testing.assert_allclose(rows, np.stack(steps), atol=1e-4, rtol=1e-4)
+
+
+def test_an_empty_stop_string_stops_nothing():
+    """X26: "" among the stop strings is ignored (it would match everywhere)."""
+    from test_server_reliability import streamed
+
+    from runtimes.sequence import StopMatcher
+
+    assert streamed(StopMatcher(["", "ab"]), ["xa", "b", "c"]) == ("x", True)
+    assert streamed(StopMatcher([""]), ["xyz", "w"]) == ("xyzw", False)
