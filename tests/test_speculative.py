@@ -368,9 +368,24 @@ def test_server_usage_and_metrics_count_the_drafts():
             value = re.search(rf"^plt_speculative_{name}_total (\S+)$", metrics, re.M).group(1)
             assert float(value) == usage[key]
         assert "speculative" not in plain.client.completions.create(**body).usage.model_extra
+        # Anthropic's /v1/messages: the same extra in the usage, whole and streamed
+        message = dict(model=body["model"], max_tokens=24, temperature=0,
+                       messages=[{"role": "user", "content": COPY_PROMPT}])
+        whole = running.post("/v1/messages", message).json()["usage"]
+        assert whole["output_tokens"] == 24 and whole["speculative"]["verify_passes"] > 0
+        assert whole["speculative"]["accepted_tokens"] <= whole["speculative"]["drafted_tokens"]
+        delta = [event["usage"] for event in sse_events(running.post(
+            "/v1/messages", message | {"stream": True})) if event["type"] == "message_delta"]
+        assert delta == [{"output_tokens": 24, "speculative": whole["speculative"]}]
+        assert "speculative" not in plain.post("/v1/messages", message).json()["usage"]
     finally:
         running.stop()
         plain.stop()
+
+
+def sse_events(response) -> list[dict]:
+    return [json.loads(line.removeprefix("data: ")) for line in response.text.splitlines()
+            if line.startswith("data: ")]
 
 
 def test_bench_speculative_rows(tmp_path, capsys):
