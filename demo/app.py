@@ -21,9 +21,9 @@ from plt_port.family import CHAINS_EXAMPLES_JSON, display_names  # noqa: E402
 from plt_port.tasks import answer_of  # noqa: E402
 from runtimes.backends.base import DECODE_MODES  # noqa: E402
 
-from .columns import (BACKEND_LABELS, MAX_COLUMNS, SPECULATIVE_CHOICES,  # noqa: E402
-                      ColumnSpec, ColumnView, DemoInputError, EnginePool, Limits, answer_note,
-                      as_int, compare, error_view, make_request, make_spec, stopped_stats)
+from .columns import (BACKEND_LABELS, MAX_COLUMNS, ColumnSpec, ColumnView,  # noqa: E402
+                      DemoInputError, EnginePool, Limits, answer_note, as_int, compare,
+                      error_view, make_request, make_spec, stopped_stats)
 from .loop_analysis import heldout_fallback, loop_analysis  # noqa: E402
 
 log = logging.getLogger("plt_port.demo")
@@ -54,7 +54,8 @@ INTRO = """# Parallel Loop Transformer: loop counts side by side
 The same prompt runs in every column at once: pick a model, a backend, how many times the
 shared layer stack loops, and the decode mode (**clp**: all loops of a token in one pass;
 **naive**: one pass per loop), and speculative decoding (**ngram**: drafts looked up in the
-context, verified by the model in one chunk; the text is the same as **off** when greedy).
+context, **draft** *model*: drafts by another model, verified by the column's model in one
+chunk; the text is the same as **off** when greedy).
 Tokens/s and time to first token count only each column's own
 backend time, so the columns do not slow each other's figures."""
 
@@ -259,10 +260,10 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
                             mode = gr.Dropdown(list(DECODE_MODES), value=spec.decode_mode,
                                                label="Decode", elem_id=f"mode-{i}", min_width=80,
                                                **choice)
-                            speculative = gr.Dropdown(list(SPECULATIVE_CHOICES),
-                                                      value=spec.speculative, label="Speculative",
-                                                      elem_id=f"speculative-{i}", min_width=80,
-                                                      **choice)
+                        # full width too: "draft <model name>"
+                        speculative = gr.Dropdown(pool.speculative_choices(),
+                                                  value=spec.speculative, label="Speculative",
+                                                  elem_id=f"speculative-{i}", **choice)
                         output = gr.Code(language="python", label=f"Column {i + 1}", lines=14,
                                          max_lines=14, interactive=False, wrap_lines=True,
                                          buttons=["copy"], elem_id=f"output-{i}",

@@ -37,7 +37,7 @@ from runtimes.speculative import Speculation, SpeculativeConfig
 log = logging.getLogger("plt_port.demo")
 
 MAX_COLUMNS = 4
-SPECULATIVE_CHOICES = ("off", "ngram")  # a column's speculative decoding (runtimes.speculative)
+DRAFT = "draft "  # a column's speculative setting "draft NAME": model NAME drafts for it
 BACKEND_LABELS = {"torch": "PyTorch", "mlx": "MLX", "onnx": "ONNX Runtime"}
 # Backends that export a PyTorch model dir on first use (exporters.export_store.ensure_exported).
 EXPORTED_BACKENDS = {"mlx", "onnx"}
@@ -68,7 +68,7 @@ class ColumnSpec:
     backend: str
     loops: int
     decode_mode: str
-    speculative: str = "off"  # one of SPECULATIVE_CHOICES
+    speculative: str = "off"  # off, ngram or draft NAME (EnginePool.speculative_choices)
 
 
 @dataclass(frozen=True)
@@ -135,25 +135,49 @@ class EnginePool:
         still be loading); it first loads the column's loop count."""
         key = (self.model_dir(spec.model), spec.backend, spec.speculative)
         tokenizer, config = self.tokenizer(spec.model), self.config(spec.model)
+        draft = draft_model(spec.speculative)
+        draft_config = self.config(draft) if draft is not None else None
         with self._lock:
             self._weight_bytes[key[0]] = FP32 * parameter_count(config)
+            if draft is not None:
+                self._weight_bytes[self.models[draft]] = FP32 * parameter_count(draft_config)
             engine = self._engines.pop(key, None)
             if engine is None or (engine.ready.is_set() and not engine.alive):  # failed load
                 engine = BatchEngine(
                     lambda loops: self._load(*key[:2], spec.loops if loops is None else loops),
                     tokenizer, max_batch=self.max_batch, max_queue=self.max_batch,
                     prompt_cache=PromptCache(),
-                    speculation=speculation(spec.speculative)).start(wait=False)
+                    speculation=self._speculation(spec)).start(wait=False)
             self._engines[key] = engine  # now the most recently used
             self._evict_over_budget()
             return engine
 
+    def speculative_choices(self) -> list[str]:
+        """A column's speculative settings: off, ngram (prompt lookup), or a model of the
+        demo drafting (same tokenizer, at its own loop count, on the column's backend)."""
+        return ["off", "ngram", *(DRAFT + model for model in self.models)]
+
+    def _speculation(self, spec: ColumnSpec) -> Speculation | None:
+        """What the engine of the column's speculative setting speculates with (None: off)."""
+        if spec.speculative == "off":
+            return None
+        draft = draft_model(spec.speculative)
+        if draft is None:
+            return Speculation(SpeculativeConfig(spec.speculative))
+        return Speculation(SpeculativeConfig("draft", draft_model=self.models[draft]),
+                           lambda model_dir, loops: self._load(model_dir, spec.backend, loops))
+
     def _held_bytes(self) -> int:
         """Estimated fp32 weights the engines hold: one copy per loop count loaded where the
-        backend bakes the loop count in (ONNX), else one."""
+        backend bakes the loop count in (ONNX), else one; and a drafting engine's draft."""
         return sum(self._weight_bytes[model_dir] * (
             1 if engine.backend is None or engine.backend.loops_share_weights
-            else len(engine.backends)) for (model_dir, *_), engine in self._engines.items())
+            else len(engine.backends)) + self._draft_bytes(speculative)
+            for (model_dir, _, speculative), engine in self._engines.items())
+
+    def _draft_bytes(self, speculative: str) -> int:
+        draft = draft_model(speculative)
+        return 0 if draft is None else self._weight_bytes[self.models[draft]]
 
     def _evict_over_budget(self) -> None:
         """Drain least recently used engines (never the newest) until the rest fit."""
@@ -168,7 +192,7 @@ class EnginePool:
         with self._lock:
             return list(self._engines)
 
-    def _load(self, model_dir: str, backend: str, loops: int):
+    def _load(self, model_dir: str, backend: str, loops: int | None):
         options = self._options.get(backend, {})
         if self._loader is not None:
             return self._loader(backend, model_dir, loops=loops, **options)
@@ -183,9 +207,9 @@ class EnginePool:
             engine.close()
 
 
-def speculation(method: str) -> Speculation | None:
-    """What an engine for columns of this speculative setting speculates with (None: off)."""
-    return None if method == "off" else Speculation(SpeculativeConfig(method))
+def draft_model(speculative: str) -> str | None:
+    """The model a "draft NAME" setting names (None: another setting)."""
+    return speculative.removeprefix(DRAFT) if speculative.startswith(DRAFT) else None
 
 
 # ---- input checks ------------------------------------------------------------------------
@@ -236,7 +260,8 @@ def make_spec(pool: EnginePool, model, backend, loops, decode_mode,
     off."""
     pool.model_dir(model)
     for name, value, choices in (("decode mode", decode_mode, DECODE_MODES),
-                                 ("speculative", speculative or "off", SPECULATIVE_CHOICES)):
+                                 ("speculative", speculative or "off",
+                                  pool.speculative_choices())):
         if value not in choices:
             raise DemoInputError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return ColumnSpec(model=model, backend=str(backend),

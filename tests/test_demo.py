@@ -193,28 +193,35 @@ def test_torch_columns_on_one_backend_each_get_their_solo_text(make_model):
 
 
 @requires("torch")
-def test_ngram_column_gives_the_plain_columns_text_and_its_draft_stats(make_model):
-    """Greedy: a column with prompt-lookup speculation (its own engine, so it decodes alone
-    and drafts) gives exactly the text of the same column without it; its stats count the
-    drafts verified and accepted, and the tokens per verify."""
+def test_speculative_columns_give_the_plain_columns_text_and_their_draft_stats(make_model):
+    """Greedy: a column with prompt-lookup speculation, and one drafted by a model (here the
+    column's own model, at its own loop count: every draft right), each on an engine of its
+    own (so it decodes alone and drafts), give exactly the text of the same column without
+    it; their stats count the drafts verified and accepted, and the tokens per verify."""
+    from plt_port.config import PLTConfig
+
     model_dir = make_model("plt", seed=4, eos_token_id=None)
+    loops = PLTConfig.from_file(model_dir).num_loops
     prompt = "def add(a, b):\n    return a + b\n\n\n" * 3
     pool = EnginePool({"tiny": model_dir})
     try:
-        columns = run_compare(compare_handler(pool, Limits(), ALL_AVAILABLE), prompt, 2,
-                              [("tiny", "torch", 2, "clp", "off"),
-                               ("tiny", "torch", 2, "clp", "ngram")], max_new_tokens=24,
-                              use_chat_template=False)
+        columns = run_compare(compare_handler(pool, Limits(), ALL_AVAILABLE), prompt, 3,
+                              [("tiny", "torch", loops, "clp", speculative)
+                               for speculative in ("off", "ngram", "draft tiny")],
+                              max_new_tokens=24, use_chat_template=False)
         loaded = sorted(key[1:] for key in pool.loaded())
     finally:
         pool.close()
-    (plain, plain_stats), (drafted, stats) = columns[:2]
+    (plain, plain_stats), (ngram, ngram_stats), (drafted, draft_stats) = columns[:3]
     assert plain.startswith(prompt) and len(plain) > len(prompt)
-    assert drafted == plain, (plain, drafted)
-    assert "finish: **length**" in stats and "drafts" not in plain_stats
-    assert re.search(r"ngram: (\d+)/(\d+) drafts accepted \(\d+%\), [\d.]+ tokens/verify",
-                     stats), stats
-    assert loaded == [("torch", "ngram"), ("torch", "off")]  # ngram: an engine of its own
+    assert ngram == plain and drafted == plain, (plain, ngram, drafted)
+    assert "drafts" not in plain_stats
+    for label, stats in (("ngram", ngram_stats), ("draft tiny", draft_stats)):
+        assert "finish: **length**" in stats
+        assert re.search(rf"{label}: \d+/\d+ drafts accepted \(\d+%\), [\d.]+ tokens/verify",
+                         stats), stats
+    assert re.search(r"draft tiny: (\d+)/\1 drafts accepted \(100%\)", draft_stats)
+    assert loaded == [("torch", "draft tiny"), ("torch", "ngram"), ("torch", "off")]
 
 
 @pytest.mark.parametrize("prompt, limits, field, message", [
@@ -242,8 +249,9 @@ def test_unknown_model_loops_and_mode_are_refused(chain_setup):
     for column, message in [(("other", "torch", 1, "clp"), "unknown model 'other'"),
                             (("tiny", "torch", 9, "clp"), "loops must be"),
                             (("tiny", "torch", 2, "fast"), "decode mode must be"),
-                            (("tiny", "torch", 2, "clp", "draft"),
-                             "speculative must be one of off, ngram, got 'draft'"),
+                            (("tiny", "torch", 2, "clp", "draft other"),
+                             "speculative must be one of off, ngram, draft tiny, got 'draft "
+                             "other'"),
                             # the fake backend gives no logits per row: no verify
                             (("tiny", "torch", 2, "clp", "ngram"),
                              "could not load the backend: the chain backend cannot verify")]:
@@ -629,7 +637,7 @@ def test_api_endpoints_are_named_and_take_the_values_they_advertise(served_demo,
     values = {p["parameter_name"]: p["parameter_default"] for p in compare_api}
     speculative_type = next(p for p in compare_api
                             if p["parameter_name"] == "speculative_2")["type"]
-    assert speculative_type["enum"] == ["off", "ngram"]
+    assert speculative_type["enum"] == ["off", "ngram", "draft model-plt-0"]
     out = client.predict(**(values | {"prompt": "def add(a, b):\n", "max_new_tokens": 6,
                                       "loops_2": loops_type["enum"][2],
                                       "speculative_2": "ngram"}), api_name="/compare")
