@@ -28,6 +28,25 @@ from .loop_analysis import heldout_fallback, loop_analysis  # noqa: E402
 
 log = logging.getLogger("plt_port.demo")
 
+
+def refuse_unreadable_values(component) -> None:
+    """Make a Gradio input (a slider, a number) refuse an API call's value of the wrong type
+    (`"abc"` for a slider) with one log line and its message, where Gradio would log a
+    traceback and answer `{"error": null}`. Wrapped per instance: a subclass of a Gradio
+    component makes Gradio write a .pyi stub beside this file."""
+    preprocess = component.preprocess
+
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except (TypeError, ValueError):
+            message = f"{component.label}: {payload!r} is not a valid value"
+            log.warning("refused an API call: %s", message)
+            raise gr.Error(message, print_exception=False) from None
+
+    component.preprocess = checked
+
+
 # A column's settings, as the API names them: model_1, backend_1, loops_1, decode_1,
 # speculative_1, model_2, ... (a caller that leaves speculative_N out gets "off")
 COLUMN_SETTINGS = ("model", "backend", "loops", "decode", "speculative")
@@ -319,6 +338,9 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
         analysis_model.change(model_card, analysis_model, analysis_views, api_visibility="private")
         app.load(model_card, analysis_model, analysis_views, api_visibility="private")
 
+    for block in app.blocks.values():
+        if isinstance(block, (gr.Slider, gr.Number)):
+            refuse_unreadable_values(block)
     app.queue(default_concurrency_limit=limits.concurrency, max_size=limits.queue_size)
     app.pool = pool  # for tests and for closing the engines
     return app

@@ -27,6 +27,7 @@ from plt_port import checkpoint
 from plt_port.atomic import atomic_dir
 from plt_port.config import PLTConfig
 from plt_port.errors import PLTError
+from plt_port.files import read_json_object
 from plt_port.quantization import QUANTIZABLE_SUFFIXES, quantizable
 
 from .mlx_model_file import MODEL_FILE, model_file_source
@@ -47,8 +48,7 @@ def is_mlx_dir(model_dir: str) -> bool:
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         return False
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json_object(path, ExportError)
     return any(key in config for key in (MARKER, "quantization", "quantization_config"))
 
 
@@ -98,6 +98,18 @@ def convert(tensors: Mapping[str, np.ndarray], dtype: str, quantize: int | None,
     return weights
 
 
+def save_weights(path: str, weights: dict) -> None:
+    """mx.save_safetensors, then the file read back: MLX may report a failed write as a
+    RuntimeError, or not at all (a full disk can leave a short file and no error)."""
+    import mlx.core as mx
+
+    try:
+        mx.save_safetensors(path, weights, metadata={"format": "mlx"})
+        checkpoint.read_header(path)
+    except (RuntimeError, checkpoint.CheckpointError) as exc:
+        raise ExportError(f"writing the weights failed; is the disk full? ({exc})") from None
+
+
 def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
            quantize: int | None = None, group_size: int = 64) -> str:
     """Write the MLX export of `model_dir` to `out_dir` atomically; `dtype` None keeps the
@@ -126,8 +138,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
-        mx.save_safetensors(os.path.join(tmp, checkpoint.SINGLE_FILE), weights,
-                            metadata={"format": "mlx"})
+        save_weights(os.path.join(tmp, checkpoint.SINGLE_FILE), weights)
         checkpoint.copy_tokenizer(model_dir, tmp)
     return out_dir
 

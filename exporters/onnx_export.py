@@ -203,6 +203,19 @@ def export(model_dir: str, out_dir: str, dtype: str = "float32", loops: int | No
 
 
 # ---- checking an export before use ---------------------------------------------------
+_VERIFIED: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256 this process read
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of `path`, streamed; read once per process while the file's path, size,
+    mtime and inode stay the same (a large weights.bin is not re-hashed on every load)."""
+    info = os.stat(path)
+    key = (os.path.realpath(path), info.st_size, info.st_mtime_ns, info.st_ino)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = file_record(path)["sha256"]
+    return _VERIFIED[key]
+
+
 def file_record(path: str) -> dict:
     """Size and sha256 of a file of an export, as the manifest records them."""
     digest = hashlib.sha256()
@@ -214,9 +227,11 @@ def file_record(path: str) -> dict:
 
 def check_export(export_dir: str | os.PathLike, error: type[PLTError] = ExportError) -> dict:
     """The manifest of an ONNX export, once the export is known whole: the manifest's fields
-    have their types, every file it lists is there with its recorded size (graphs also with
-    their sha256: they are small, and a damaged graph fails deep inside ONNX Runtime), and
-    every weight lies inside weights.bin. Any damage is an `error` naming it."""
+    have their types, every file it lists is there with its recorded size, the graph and
+    weights.bin also with their sha256 (weights.bin once per process: `file_sha256`), and
+    every weight lies inside weights.bin (ONNX Runtime refuses external data out of the
+    export's folder, and the backend turns its load errors into one). Any damage is an
+    `error` naming it."""
     export_dir = os.fspath(export_dir)
     path = os.path.join(export_dir, MANIFEST)
     data = read_json_object(path, error)
@@ -248,9 +263,9 @@ def check_export(export_dir: str | os.PathLike, error: type[PLTError] = ExportEr
         size = check_regular_file(os.path.join(export_dir, name), error)
         if size != record["bytes"]:
             fail(f"{name} has {size} bytes, {record['bytes']} expected (damaged or replaced)")
-    if file_record(os.path.join(export_dir, graph["file"]))["sha256"] != \
-            files[graph["file"]].get("sha256"):
-        fail(f"{graph['file']} differs from the exported graph")
+    for name in (graph["file"], data["weights_file"]):
+        if file_sha256(os.path.join(export_dir, name)) != files[name].get("sha256"):
+            fail(f"{name} differs from the exported one (its sha256)")
     weights_bytes = files[data["weights_file"]]["bytes"]
     for name, entry in weights.items():
         try:

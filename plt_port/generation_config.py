@@ -53,11 +53,13 @@ class GenerationConfig:
             fail("eos_token_id", "a non-negative integer or a list of them")
         if not isinstance(data.get("do_sample", False), bool):
             fail("do_sample", "true or false")
-        for name, ok, expected in (("top_k", _is_int, "an integer"),
-                                   ("temperature", _is_number, "a number"),
-                                   ("top_p", _is_number, "a number"),
-                                   ("min_p", _is_number, "a number"),
-                                   ("repetition_penalty", _is_number, "a number")):
+        # the ranges of runtimes.sampling.SamplingParams, checked here to name the file
+        for name, ok, expected in (
+                ("top_k", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+                ("temperature", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+                ("top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+                ("min_p", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+                ("repetition_penalty", lambda v: _is_number(v) and v > 0, "a number > 0")):
             if data.get(name) is not None and not ok(data[name]):
                 fail(name, expected + " or null")
         return cls(eos_token_ids=list(eos), do_sample=data.get("do_sample", False),

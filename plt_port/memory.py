@@ -1,7 +1,7 @@
 """Sizes of a request checked against the model and the machine before anything is allocated.
 
-An oversized request (a 1e9-token answer, a 100k-token eval window) fails here with the
-bytes it needs and the bytes there are, instead of deep inside numpy or torch.
+An oversized request (a 1e9-token answer, a 100k-token eval window, 100000 CPU threads) fails
+here with what it needs and what there is, instead of deep inside numpy, torch or a thread pool.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ FP32 = 4
 
 
 class MemoryLimitError(PLTError, ValueError):
-    """A request that needs more memory than this machine has, or more positions than the model."""
+    """A request that needs more memory or cores than this machine has, or more positions than
+    the model."""
 
 
 def available_memory_bytes() -> int:
@@ -37,6 +38,24 @@ def check_fits(nbytes: int, request: str) -> None:
     if nbytes > available:
         raise MemoryLimitError(f"{request} needs about {nbytes / 2**30:.3g} GiB, more than the "
                                f"{available / 2**30:.3g} GiB of memory available")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_thread_count(threads: int, option: str,
+                       error: type[PLTError] = MemoryLimitError) -> None:
+    """A CPU thread count (`option` names it) must be between 1 and the usable cores: torch
+    segfaults and ONNX Runtime hangs creating 100000 threads."""
+    cores = usable_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores:
+        raise error(f"{option} must be an integer from 1 to {cores} (the CPU cores "
+                               f"this process may use), got {threads!r}")
 
 
 def forward_bytes(config: PLTConfig, batch: int, seq_len: int, loops: int,

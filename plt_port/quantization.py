@@ -66,10 +66,11 @@ def parse_params(entry, where: str) -> QuantParams:
         raise QuantizationError(f"config.json {where}: quantization mode {mode!r} is not "
                                 f"supported (only mlx-lm's 'affine')")
     bits, group_size = entry.get("bits"), entry.get("group_size")
-    if bits not in AFFINE_BITS or isinstance(bits, bool):
+    # integers only: 4.0 equals 4 but breaks the packing arithmetic of the loaders
+    if type(bits) is not int or bits not in AFFINE_BITS:
         raise QuantizationError(f"config.json {where}: bits must be one of {AFFINE_BITS}, "
                                 f"got {bits!r}")
-    if group_size not in GROUP_SIZES or isinstance(group_size, bool):
+    if type(group_size) is not int or group_size not in GROUP_SIZES:
         raise QuantizationError(f"config.json {where}: group_size must be one of "
                                 f"{GROUP_SIZES}, got {group_size!r}")
     return QuantParams(group_size, bits, mode)
@@ -117,6 +118,23 @@ class Quantization:
                                             f"(false), but {module}.scales is present")
                 modules[module] = params
         return modules
+
+
+PACKED_DTYPE = "uint32"
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def check_packed_dtypes(modules: dict[str, QuantParams], dtypes: dict[str, str]) -> None:
+    """The quantized modules' tensors must have mlx-lm's dtypes (`dtypes`: name -> dtype
+    name): packed weights uint32, scales and biases a float type; other integer types would
+    fail at the first token, integer scales decode garbage."""
+    for module in modules:
+        wanted = {f"{module}.weight": (PACKED_DTYPE,), f"{module}.scales": SCALE_DTYPES,
+                  f"{module}.biases": SCALE_DTYPES}
+        for name, allowed in wanted.items():
+            if name in dtypes and dtypes[name] not in allowed:
+                raise QuantizationError(f"{name} is {dtypes[name]}: a quantized module's "
+                                        f"tensor must be {' or '.join(allowed)}")
 
 
 def quantized_shapes(expected: dict[str, tuple], modules: dict[str, QuantParams]) -> dict:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 
 import sentencepiece as spm
 
+from .chat_template import TemplateLimitError, named_templates, render, template_for
 from .errors import PLTError
 from .files import check_regular_file, parse_json, read_json_object
 
@@ -42,6 +44,22 @@ def check_text(text: str) -> None:
                              f"{exc.start})") from None
 
 
+def added_tokens(entries) -> dict[int, str]:
+    """tokenizer_config.json's `added_tokens_decoder`: {"id": {"content": str, ...}} (or a
+    bare string) -> {id: content}."""
+    if not isinstance(entries, dict):
+        raise TokenizerError(f"{CONFIG_FILE}: added_tokens_decoder must be an object, got "
+                             f"{type(entries).__name__}")
+    tokens = {}
+    for key, entry in entries.items():
+        content = entry.get("content") if isinstance(entry, dict) else entry
+        if not re.fullmatch(r"\d{1,9}", key) or not isinstance(content, str) or not content:
+            raise TokenizerError(f"{CONFIG_FILE}: added_tokens_decoder entry {key!r} must map "
+                                 f"an id to a non-empty content string, got {entry!r}")
+        tokens[int(key)] = content
+    return tokens
+
+
 class Tokenizer:
     """The engine-independent part: added tokens, special ids, chat templates, decoding.
 
@@ -51,27 +69,28 @@ class Tokenizer:
     def __init__(self, config: dict | None = None):
         config = config or {}
         self.config = config
-        try:
-            self.added_tokens = {int(i): (t["content"] if isinstance(t, dict) else str(t))
-                                 for i, t in config.get("added_tokens_decoder", {}).items()}
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise TokenizerError(f"{CONFIG_FILE}: bad added_tokens_decoder ({exc!r})") from None
-        if "" in self.added_tokens.values():
-            raise TokenizerError(f"{CONFIG_FILE}: an added token has empty content")
+        self.added_tokens = added_tokens(config.get("added_tokens_decoder", {}))
         self._added_ids = {content: i for i, content in self.added_tokens.items()}
         self._added_re = (re.compile("|".join(re.escape(t) for t in
                                               sorted(self._added_ids, key=len, reverse=True)))
                           if self._added_ids else None)
         defaults = self._default_ids()
-        self.bos_id = self._token_id(config.get("bos_token"), defaults["bos"])
-        self.pad_id = self._token_id(config.get("pad_token"), defaults["pad"])
+        self.bos_id = self._token_id(config.get("bos_token"), defaults["bos"], "bos_token")
+        self.pad_id = self._token_id(config.get("pad_token"), defaults["pad"], "pad_token")
         eos = config.get("eos_token")
         eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = sorted({i for i in (self._token_id(e, defaults["eos"]) for e in eos)
-                               if i is not None})
-        self.chat_template = config.get("chat_template")
+        self.eos_ids = sorted({i for i in (self._token_id(e, defaults["eos"], "eos_token")
+                                           for e in eos) if i is not None})
+        try:
+            self.chat_templates = named_templates(config.get("chat_template"), CONFIG_FILE)
+        except TemplateLimitError as exc:
+            raise TokenizerError(str(exc)) from None
         # HF's `add_bos_token` (default true): whether prompts start with BOS by default.
-        self.add_bos_token = bool(config.get("add_bos_token", True)) and self.bos_id is not None
+        add_bos = config.get("add_bos_token", True)
+        if not isinstance(add_bos, bool):
+            raise TokenizerError(f"{CONFIG_FILE}: add_bos_token must be true or false, got "
+                                 f"{add_bos!r}")
+        self.add_bos_token = add_bos and self.bos_id is not None
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> "Tokenizer":
@@ -86,14 +105,17 @@ class Tokenizer:
             return FastTokenizer(fast_path, config)
         return SentencePieceTokenizer(sp_path, config)
 
-    def _token_id(self, token, default: int | None) -> int | None:
-        """An id from a config entry: an int, a token string, or {"content": ...}."""
+    def _token_id(self, token, default: int | None, field: str) -> int | None:
+        """An id from the config entry `field`: an int, a token string, or {"content": ...}."""
         if isinstance(token, dict):
             token = token.get("content")
         if token is None:
             return default
-        if isinstance(token, int):
+        if isinstance(token, int) and not isinstance(token, bool):
             return token
+        if not isinstance(token, str):
+            raise TokenizerError(f"{CONFIG_FILE}: {field} must be a token string, an id or "
+                                 f"{{\"content\": ...}}, got {token!r}")
         if token in self._added_ids:
             return self._added_ids[token]
         piece_id = self._piece_id(token)
@@ -138,9 +160,20 @@ class Tokenizer:
         return StreamingDetokenizer(self)
 
     @property
+    def chat_template(self) -> str | None:
+        """The default chat template (HF's "default" of a list of named templates)."""
+        return template_for(self.chat_templates, None)
+
+    @chat_template.setter
+    def chat_template(self, text: str | None) -> None:
+        """Replace every template by `text` (serve's --chat-template)."""
+        self.chat_templates = named_templates(text, "chat_template")
+
+    @property
     def chat_template_has_tools(self) -> bool:
         """Whether the template reads the `tools` variable (renders tool definitions)."""
-        return bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
+        text = template_for(self.chat_templates, tools=True)
+        return bool(text) and re.search(r"\btools\b", text) is not None
 
     def special_token_strings(self) -> dict[str, str]:
         """bos_token, eos_token, ... as the template sees them (HF's special_tokens_map)."""
@@ -158,22 +191,15 @@ class Tokenizer:
         `apply_chat_template(messages, tools=..., add_generation_prompt=True, **kwargs)`
         does: the same variables (messages, tools, add_generation_prompt, the special token
         strings, extra kwargs), filters and whitespace rules."""
-        if not self.chat_template:
+        text = template_for(self.chat_templates, tools)
+        if not text:
             raise TokenizerError("this tokenizer has no chat_template")
         import jinja2
 
-        # a template comes with a model directory: it must not reach Python objects, and
-        # its work is bounded (steps, not seconds, so a render passes or fails everywhere)
+        variables = {**self.special_token_strings(), **template_kwargs, "messages": messages,
+                     "tools": tools, "add_generation_prompt": add_generation_prompt}
         try:
-            template = bounded_template_environment().from_string(self.chat_template)
-            pieces = []
-            variables = {**self.special_token_strings(), **template_kwargs,
-                         "messages": messages, "tools": tools,
-                         "add_generation_prompt": add_generation_prompt}
-            for piece in template.generate(**variables):
-                pieces.append(piece)
-                template.environment.count_step()
-            return "".join(pieces)
+            return render(text, variables)
         except (jinja2.TemplateError, TemplateLimitError) as exc:
             raise TokenizerError(f"chat_template: {exc}") from None
 
@@ -227,6 +253,62 @@ class SentencePieceTokenizer(Tokenizer):
         return piece.replace("\u2581", " ").encode()
 
 
+def library_call(call, what: str):
+    """`call()` of the tokenizers library, whose failures are bare Exceptions and, for a
+    pattern its regex engine cannot run, a Rust panic (pyo3's PanicException, a BaseException
+    that `except Exception` misses)."""
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: B036 (the panic; see above)
+        raise TokenizerError(f"{what} ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+# how many times longer than its input a normalizer's output may be: an NFKC decomposition
+# reaches 18 characters (U+FDFA), a lowercase 3, a byte-level alphabet 4 per character
+NORMALIZER_GROWTH = {"NFC": 18, "NFD": 18, "NFKC": 18, "NFKD": 18, "Precompiled": 18,
+                     "Lowercase": 3, "BertNormalizer": 3, "ByteLevel": 4, "Strip": 1,
+                     "StripAccents": 1, "Nmt": 1}
+MAX_NORMALIZER_GROWTH = 64
+
+
+def normalizer_growth(normalizer) -> int:
+    """A bound on the factor by which a tokenizer.json normalizer lengthens text."""
+    if not isinstance(normalizer, dict):
+        return 1
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        return math.prod(normalizer_growth(n) for n in normalizer.get("normalizers") or ())
+    if kind == "Prepend":
+        return 1 + len(str(normalizer.get("prepend", "")))
+    if kind == "Replace":
+        pattern, content = normalizer.get("pattern"), str(normalizer.get("content", ""))
+        literal = pattern.get("String") if isinstance(pattern, dict) else None
+        if isinstance(literal, str) and literal:
+            return max(1, -(-len(content) // len(literal)))
+        return len(content) + 1  # a regex may match the empty string, between each character
+    return NORMALIZER_GROWTH.get(kind, 18)
+
+
+def check_fast_spec(spec: dict, path: str) -> None:
+    """What the tokenizers library accepts but would turn into garbage or a huge allocation:
+    vocabulary entries that share an id (no round trip), a normalizer that multiplies text."""
+    model = spec.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, dict):
+        seen = {}
+        for token, token_id in vocab.items():
+            if isinstance(token_id, int) and token_id in seen:
+                raise TokenizerError(f"{path}: the vocabulary gives id {token_id!r} to both "
+                                     f"{seen[token_id]!r} and {token!r}")
+            seen[token_id] = token
+    growth = normalizer_growth(spec.get("normalizer"))
+    if growth > MAX_NORMALIZER_GROWTH:
+        raise TokenizerError(f"{path}: the normalizer can make text {growth} times longer "
+                             f"(at most {MAX_NORMALIZER_GROWTH} is accepted)")
+
+
 @functools.cache
 def byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte-level pieces: the character standing for each byte -> the byte."""
@@ -247,10 +329,12 @@ class FastTokenizer(Tokenizer):
         check_regular_file(path, TokenizerError)
         with open(path, "rb") as f:
             spec = parse_json(f.read(), path, TokenizerError)
-        try:
-            self.hf = HFTokenizer.from_str(json.dumps(spec))
-        except Exception as exc:  # the library raises bare Exceptions for a malformed spec
-            raise TokenizerError(f"{path}: not a tokenizers file ({exc})") from None
+        if not isinstance(spec, dict):
+            raise TokenizerError(f"{path}: expected a JSON object")
+        check_fast_spec(spec, path)
+        self.path = path
+        self.hf = library_call(lambda: HFTokenizer.from_str(json.dumps(spec)),
+                               f"{path}: not a tokenizers file")
         self._base_vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         self.byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
         self.special_ids = {t["id"] for t in spec.get("added_tokens") or ()
@@ -264,7 +348,10 @@ class FastTokenizer(Tokenizer):
         return self.hf.token_to_id(piece)
 
     def _encode_plain(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids if text else []
+        if not text:
+            return []
+        return library_call(lambda: self.hf.encode(text, add_special_tokens=False).ids,
+                            f"{self.path}: encoding failed")
 
     def _piece_bytes(self, token_id: int) -> bytes:
         piece = self.hf.id_to_token(token_id)
@@ -277,90 +364,6 @@ class FastTokenizer(Tokenizer):
             alphabet = byte_level_alphabet()
             return b"".join(bytes([alphabet[c]]) if c in alphabet else c.encode() for c in piece)
         return piece.replace("\u2581", " ").encode()
-
-
-MAX_TEMPLATE_STEPS = 100_000   # lookups, calls, range items and output pieces of one render
-MAX_TEMPLATE_REPEAT = 1 << 20  # longest string or list `*` may build, in items
-
-
-class TemplateLimitError(Exception):
-    """A chat template that ran past MAX_TEMPLATE_STEPS (caught by apply_chat_template)."""
-
-
-def bounded_template_environment():
-    """A Jinja2 sandbox (no Python internals) set up as Hugging Face's chat templates expect
-    (trim_blocks, lstrip_blocks, loop controls, a `tojson` that keeps unicode and `<`,
-    `raise_exception`, `strftime_now`, the `{% generation %}` tag) that counts the steps of a
-    render: every attribute or item lookup, call, `range` item, `*`/`**` and output piece is
-    one step."""
-    import datetime
-
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(Extension):
-        """HF's `{% generation %}...{% endgeneration %}` (assistant-token masks): its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                          separators=separators, sort_keys=sort_keys)
-
-    class BoundedSandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "**"])
-
-        def __init__(self):
-            super().__init__(autoescape=False, trim_blocks=True, lstrip_blocks=True,
-                             extensions=[GenerationTag, loopcontrols])
-            self.steps = 0
-            self.globals["range"] = self.counted_range
-            self.globals["raise_exception"] = raise_exception
-            self.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-            self.filters["tojson"] = tojson
-
-        def count_step(self):
-            self.steps += 1
-            if self.steps > MAX_TEMPLATE_STEPS:
-                raise TemplateLimitError(f"rendering took more than {MAX_TEMPLATE_STEPS} steps")
-
-        def counted_range(self, *args):
-            for item in range(*args):
-                self.count_step()
-                yield item
-
-        def getattr(self, obj, attribute):
-            self.count_step()
-            return super().getattr(obj, attribute)
-
-        def getitem(self, obj, argument):
-            self.count_step()
-            return super().getitem(obj, argument)
-
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
-            __self.count_step()
-            return super().call(__context, __obj, *args, **kwargs)
-
-        def call_binop(self, context, operator, left, right):
-            self.count_step()
-            sizes = [len(x) for x in (left, right) if isinstance(x, (str, list, tuple))]
-            counts = [x for x in (left, right) if isinstance(x, int)]
-            if operator == "*" and sizes and counts and sizes[0] * counts[0] > MAX_TEMPLATE_REPEAT:
-                raise TemplateLimitError(f"'*' would build more than {MAX_TEMPLATE_REPEAT} items")
-            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-                raise TemplateLimitError("'**' with an exponent above 64")
-            return super().call_binop(context, operator, left, right)
-
-    return BoundedSandbox()
 
 
 class StreamingDetokenizer:

@@ -654,6 +654,29 @@ def test_api_endpoints_are_named_and_take_the_values_they_advertise(served_demo,
     assert records[0].getMessage().startswith("refused a comparison: loops must be")
 
 
+@requires("torch")
+@pytest.mark.parametrize("endpoint,field,value,label", [
+    ("/compare", "columns", "abc", "Columns"), ("/compare", "temperature", [1], "Temperature"),
+    ("/compare", "seed", {"a": 1}, "Seed"), ("/loop_analysis", "loops", "abc", "Loops")])
+def test_api_values_of_the_wrong_type_are_one_log_line_and_a_message(served_demo, capfd, caplog,
+                                                                       endpoint, field, value,
+                                                                       label):
+    """A value Gradio's own component cannot read (an API call, not the page) is refused like
+    the demo's own checks: one warning line, a message, never a traceback or `error: null`."""
+    from gradio_client import Client
+
+    client = Client(served_demo, verbose=False)
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    values = {p["parameter_name"]: p["parameter_default"] for p in api[endpoint]["parameters"]}
+    capfd.readouterr()
+    caplog.clear()
+    with pytest.raises(Exception, match=f"{label}.*is not a valid value"):
+        client.predict(**(values | {field: value}), api_name=endpoint)
+    assert "Traceback" not in capfd.readouterr().err
+    records = [r for r in caplog.records if r.name.startswith("plt_port")]
+    assert [(r.levelname, r.exc_info) for r in records] == [("WARNING", None)]
+
+
 def chain_family(tmp_path, tokenizer_dir) -> tuple[list[str], list[dict]]:
     """Two tiny random models named like the chains family, and one chain example for them."""
     from conftest import LOUD_STD, tiny_config

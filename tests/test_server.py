@@ -200,6 +200,31 @@ def test_the_comparison_client_counts_every_token_of_every_stream(server):
         "| v2 | plt-port | 1.2 | 25.0 | 8.00 | - |"]
 
 
+def test_a_burst_of_tokens_wakes_the_event_loop_once():
+    """The engine thread's tokens of one step reach the loop on one wake-up, in order; a
+    closed loop refuses them (the engine then cancels the request)."""
+    import asyncio
+
+    from plt_port.app.service import LoopInbox
+
+    loop = asyncio.new_event_loop()
+    wakes, wake = [], loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda callback, *args: (wakes.append(1), wake(callback, *args))
+    queues = [asyncio.Queue(), asyncio.Queue()]
+    inbox = LoopInbox(loop)
+    for i in range(6):
+        inbox.post(queues[i % 2], i)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert len(wakes) == 1
+    assert [[q.get_nowait() for _ in range(3)] for q in queues] == [[0, 2, 4], [1, 3, 5]]
+    inbox.post(queues[0], 6)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert len(wakes) == 2 and queues[0].get_nowait() == 6
+    loop.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        inbox.post(queues[0], 7)
+
+
 def test_logprobs_of_the_chosen_tokens(server):
     completion = server.client.completions.create(model="plt-chat", prompt=PROMPTS[0],
                                                   max_tokens=5, temperature=0, logprobs=3)

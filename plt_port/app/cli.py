@@ -55,6 +55,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    """argparse type of --threads: 1 to the CPU cores this process may use."""
+    from plt_port.memory import MemoryLimitError, check_thread_count
+
+    value = positive_int(text)
+    try:
+        check_thread_count(value, "the thread count")
+    except MemoryLimitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def model_path(text: str) -> str:
     """argparse type of --model: a model directory, or a shipped model's name
     (`plt-stdlib-L3`, ..., as the demo and /v1/models show them)."""

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import os
 
 from exporters.mlx_export import MARKER as MLX_EXPORT_MARKER
 from exporters.onnx_export import MANIFEST as ONNX_MANIFEST
+from plt_port.files import FileError, read_json_object
 
 from .base import Backend, BackendError, DecodeState
 
@@ -41,11 +41,8 @@ def model_kind(model_dir: str) -> str:
     if os.path.isfile(os.path.join(model_dir, ONNX_MANIFEST)):
         return "onnx"
     try:
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return "pytorch"
-    if not isinstance(config, dict):
+        config = read_json_object(os.path.join(model_dir, "config.json"))
+    except FileError:
         return "pytorch"
     if MLX_EXPORT_MARKER in config:
         return "mlx"

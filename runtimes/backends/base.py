@@ -37,6 +37,7 @@ from plt_port import cache_layout
 from plt_port.config import PLTConfig
 from plt_port.generation_config import GenerationConfig
 from plt_port.errors import PLTError
+from plt_port.memory import check_thread_count
 
 from .history import History, HistoryPolicy, JournalRecord, SlotHistory, Snapshot
 
@@ -579,11 +580,9 @@ class Backend(abc.ABC):
         return mode if self.supports_clp else "naive"
 
     def check_threads(self, threads: int | None) -> int | None:
-        """A CPU thread count option: None (the framework's default) or an integer >= 1."""
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                    or threads < 1):
-            raise BackendError(f"{self.name} backend: threads must be an integer >= 1, "
-                               f"got {threads!r}")
+        """A CPU thread count option: None (the framework's default) or 1 to the usable cores."""
+        if threads is not None:
+            check_thread_count(threads, f"{self.name} backend: threads", BackendError)
         return threads
 
     def check_prompts(self, prompts: list[list[int]], max_tokens: int,

@@ -22,7 +22,7 @@ from exporters.export_store import ensure_exported
 from plt_port import checkpoint
 from plt_port.cache_layout import kv_quant_option
 from plt_port.prompt_cache_file import global_names
-from plt_port.quantization import Quantization, quantized_shapes
+from plt_port.quantization import Quantization, check_packed_dtypes, quantized_shapes
 
 from runtimes.models import mlx_model
 from .base import Backend, BackendError
@@ -246,6 +246,8 @@ def load_model(model_dir: str | os.PathLike, dtype=None) -> mlx_model.Model:
     modules = quantization.plan(expected, set(weights)) if quantization else {}
     checkpoint.check_shapes(model_dir, quantized_shapes(expected, modules),
                             {name: tuple(w.shape) for name, w in weights.items()})
+    check_packed_dtypes(modules, {name: str(w.dtype).removeprefix("mlx.core.")
+                                  for name, w in weights.items()})
     if modules:
         nn.quantize(model, class_predicate=lambda path, _: path in modules
                     and modules[path].as_dict())

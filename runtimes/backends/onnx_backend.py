@@ -105,6 +105,58 @@ class ONNXBackend(Backend):
         self.np_dtype = np.dtype(self.manifest["dtype"])
         self.run_dtype = self.np_dtype.name
         self.session = self._session(threads)
+        self.check_graph()
+
+    def check_graph(self) -> None:
+        """The export's config.json, manifest and graph must describe one model: the sizes the
+        manifest records are config.json's, and the graph's inputs and outputs are those this
+        backend feeds and reads, in the manifest's dtype (an edited file would otherwise fail
+        inside ONNX Runtime, or run another model's shapes)."""
+        cfg, manifest = self.config, self.manifest
+        recorded = {"num_layers": cfg.num_hidden_layers, "window": cfg.window,
+                    "num_attention_heads": cfg.num_attention_heads,
+                    "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+                    "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size}
+        for key, value in recorded.items():
+            if manifest.get(key) != value:
+                raise BackendError(f"{self.model_dir}: config.json gives {key} {value}, the "
+                                   f"export's {MANIFEST} {manifest.get(key)!r}; export again")
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        expected = self.graph_inputs()
+        problems = [] if set(inputs) == set(expected) else \
+            [f"inputs {sorted(set(inputs) ^ set(expected))}"]
+        expected["logits"] = ("tensor(float)", [None, cfg.vocab_size])
+        for name, (kind, shape) in expected.items():
+            arg = inputs.get(name) or outputs.get(name)
+            if arg is not None and arg.type == kind and len(arg.shape) == len(shape) and all(
+                    want is None or not isinstance(got, int) or got == want
+                    for got, want in zip(arg.shape, shape)):
+                continue
+            problems.append(f"{name} is {arg.type} {arg.shape}" if arg else f"no {name}")
+        if problems:
+            raise BackendError(f"{os.path.join(self.model_dir, manifest['graph']['file'])} "
+                               f"does not match config.json and {MANIFEST} (loops {self.loops}, "
+                               f"{manifest['dtype']}): {'; '.join(problems[:3])}; export again")
+
+    def graph_inputs(self) -> dict[str, tuple[str, list]]:
+        """{input name: (ONNX Runtime type, shape; None: a dim of any size)} of the graph."""
+        cfg, R = self.config, self.loops - 1
+        value = {"float32": "tensor(float)", "float16": "tensor(float16)"}[self.manifest["dtype"]]
+        G, D, H = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        ids = ("tensor(int64)", [None])
+        inputs = {"input_ids": ("tensor(int64)", [None, None]), "start": ids, "num_new": ids,
+                  "loops": ids, "logit_rows": ("tensor(int64)", [1])}
+        if R:
+            inputs["past_hidden"] = (value, [None, None, H])
+        for i in range(cfg.num_hidden_layers):
+            for kv in ("key", "value"):
+                inputs[f"past_key_values.{i}.{kv}"] = (value, [None, G, None, D])
+                if R:
+                    inputs[f"past_ring.{i}.{kv}"] = (value, [R, None, G, None, D])
+        if R and not cfg.is_v1:
+            inputs["past_carry"] = (value, [R, None, H])
+        return inputs
 
     def _session(self, threads: int | None) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -116,8 +168,12 @@ class ONNXBackend(Backend):
             options.intra_op_num_threads = threads
         providers = [PROVIDERS["cuda"], PROVIDERS["cpu"]] if self.device == "cuda" \
             else [PROVIDERS["cpu"]]
-        return ort.InferenceSession(os.path.join(self.model_dir, self.manifest["graph"]["file"]),
-                                    options, providers=providers)
+        graph = os.path.join(self.model_dir, self.manifest["graph"]["file"])
+        try:
+            return ort.InferenceSession(graph, options, providers=providers)
+        except Exception as exc:  # ONNX Runtime's Fail, InvalidGraph, InvalidProtobuf, ...
+            raise BackendError(f"{graph}: ONNX Runtime cannot load it ({type(exc).__name__}: "
+                               f"{str(exc)[:300]}); export again") from None
 
     # ---- caches -----------------------------------------------------------------------
     def _zeros(self, shape) -> ort.OrtValue:

@@ -15,12 +15,11 @@ attends causally over the global cache; rows of loops >= 2 write their ring slot
 G-SWA over the global cache and their own ring block (a block-diagonal mask over the rings).
 
 On the CPU in fp32 every nn.Linear runs on oneDNN with its weight reordered once at load
-(`PackedLinear`): MKL's sgemm, torch's default, is 2-3x slower at decode's few rows on AMD
-CPUs (measured: [2, 512] x [512, 2816] 152 -> 79 us, [16, 512] x [512, 2816] 645 -> 206 us);
-Q, K, V are one product and so are the MLP's gate and up (`fuse_projections`: 43 -> 25
-products a pass at 6 layers);
-and decode attention is two matmuls per K/V group (`grouped_attend`, 2x faster than SDPA's
-CPU kernel at batch 16).
+(`PackedLinear`; MKL's sgemm, torch's default, is slow at decode's few rows, on AMD CPUs
+above all), Q, K, V are one product and so are the MLP's gate and up (`fuse_projections`:
+25 products a pass instead of 43 at 6 layers), and decode attention is two matmuls per K/V
+group (`grouped_attend`) rather than SDPA's CPU kernel. README "Serving speed vs vLLM" has
+what they changed.
 
 Options: dtype ("float32", "bfloat16", "float16"; default: the checkpoint's stored precision,
 except float16 on the CPU runs in float32, see `plt_port.model.run_dtype`; logits are always

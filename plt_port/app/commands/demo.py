@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from plt_port.app.commands.generate import DTYPE_HELP, DTYPES, add_kv_arguments, kv_options
-from plt_port.app.cli import check_port, model_path
+from plt_port.app.cli import check_port, model_path, thread_count
 from plt_port.errors import PLTError
 
 NO_MODELS = ("no models to serve: the embedded model family is not in this installation "
@@ -35,7 +35,7 @@ def add_arguments(parser):
                         help="comparisons that run at once; more wait in the queue (default 2)")
     parser.add_argument("--queue-size", type=int, default=32,
                         help="comparisons that may wait; more are turned away (default 32)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=thread_count, default=1,
                         help="intra-op threads of the PyTorch and ONNX Runtime backends "
                              "(default 1: small models decode fastest on one thread, and the "
                              "columns share the CPU)")

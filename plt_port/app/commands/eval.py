@@ -14,7 +14,7 @@ import os
 
 from plt_port import family
 from plt_port.atomic import atomic_write_text
-from plt_port.app.cli import model_path, positive_int
+from plt_port.app.cli import model_path, positive_int, thread_count
 from plt_port.app.commands.generate import DTYPE_HELP, DTYPES
 from plt_port.errors import PLTError
 from plt_port.tasks import CHAINS_EVAL_DEPTHS, CHAINS_EVAL_PROGRAMS
@@ -40,7 +40,7 @@ def add_arguments(parser):
                              "(default: 65536)")
     parser.add_argument("--seq-len", type=int, default=256, help="window length (default: 256)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    parser.add_argument("--threads", type=thread_count, help="torch CPU threads")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 

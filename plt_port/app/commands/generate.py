@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from plt_port.app.cli import model_path, positive_int
+from plt_port.app.cli import model_path, positive_int, thread_count
 from plt_port.errors import PLTError
 
 
@@ -31,7 +31,7 @@ def add_backend_arguments(parser) -> None:
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
                         help="onnx backend: execution provider (default auto: CUDA when "
                              "onnxruntime-gpu finds a GPU)")
-    parser.add_argument("--threads", type=positive_int,
+    parser.add_argument("--threads", type=thread_count,
                         help="torch/onnx backends: CPU threads (default: the framework's, one "
                              "per physical core; idle threads wait passively (torch: "
                              "OMP_WAIT_POLICY=PASSIVE unless set; onnx: no spinning), so that "

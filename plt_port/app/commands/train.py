@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from plt_port.app.cli import positive_int
+from plt_port.app.cli import thread_count
 
 
 def add_arguments(parser):
@@ -22,7 +22,7 @@ def add_arguments(parser):
     parser.add_argument("--name-prefix",
                         help="model name = prefix + loop count (default: plt-CORPUS-L)")
     parser.add_argument("--tokenizer", help="reuse this tokenizer dir instead of training one")
-    parser.add_argument("--threads", type=positive_int,
+    parser.add_argument("--threads", type=thread_count,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         help="cpu or cuda (default: cuda when available)")
