@@ -1,5 +1,5 @@
-"""Gradio demo: one prompt, up to four (model, backend, loop count, decode mode) columns
-streamed side by side, and a Loop analysis tab. `plt-port demo` launches it.
+"""Gradio demo: one prompt, up to four (model, backend, loop count, decode mode, speculative
+decoding) columns streamed side by side, and a Loop analysis tab. `plt-port demo` launches it.
 
     app = build_app(["path/to/model"])
     launch(app, host="127.0.0.1", port=7860)
@@ -47,8 +47,9 @@ def refuse_unreadable_values(component) -> None:
     component.preprocess = checked
 
 
-# A column's settings, as the API names them: model_1, backend_1, loops_1, decode_1, model_2, ...
-COLUMN_SETTINGS = ("model", "backend", "loops", "decode")
+# A column's settings, as the API names them: model_1, backend_1, loops_1, decode_1,
+# speculative_1, model_2, ... (a caller that leaves speculative_N out gets "off")
+COLUMN_SETTINGS = ("model", "backend", "loops", "decode", "speculative")
 
 EXAMPLE_PROMPTS = [
     "def fibonacci(n):",
@@ -71,7 +72,10 @@ CSS = """
 INTRO = """# Parallel Loop Transformer: loop counts side by side
 The same prompt runs in every column at once: pick a model, a backend, how many times the
 shared layer stack loops, and the decode mode (**clp**: all loops of a token in one pass;
-**naive**: one pass per loop). Tokens/s and time to first token count only each column's own
+**naive**: one pass per loop), and speculative decoding (**ngram**: drafts looked up in the
+context, **draft** *model*: drafts by another model, verified by the column's model in one
+chunk; the text is the same as **off** when greedy).
+Tokens/s and time to first token count only each column's own
 backend time, so the columns do not slow each other's figures."""
 
 CHAIN_EXAMPLES_NOTE = ("**Variable chains**: programs from the held-out split where the model "
@@ -158,8 +162,9 @@ def compare_handler(pool: EnginePool, limits: Limits, reasons: dict[str, str | N
                                    temperature=temperature, top_p=top_p, top_k=top_k,
                                    repetition_penalty=repetition_penalty, seed=seed,
                                    use_chat_template=use_chat_template)
-            names = column_settings(n)
-            specs = [make_spec(pool, *(settings.get(name) for name in names[4 * i:4 * i + 4]))
+            names, width = column_settings(n), len(COLUMN_SETTINGS)
+            specs = [make_spec(pool, *(settings.get(name)
+                                       for name in names[width * i:width * (i + 1)]))
                      for i in range(n)]
         except PLTError as exc:  # DemoInputError, or a sampling parameter the sampler refuses
             log.warning("refused a comparison: %s", exc)
@@ -274,6 +279,10 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
                             mode = gr.Dropdown(list(DECODE_MODES), value=spec.decode_mode,
                                                label="Decode", elem_id=f"mode-{i}", min_width=80,
                                                **choice)
+                        # full width too: "draft <model name>"
+                        speculative = gr.Dropdown(pool.speculative_choices(),
+                                                  value=spec.speculative, label="Speculative",
+                                                  elem_id=f"speculative-{i}", **choice)
                         output = gr.Code(language="python", label=f"Column {i + 1}", lines=14,
                                          max_lines=14, interactive=False, wrap_lines=True,
                                          buttons=["copy"], elem_id=f"output-{i}",
@@ -281,12 +290,13 @@ def build_app(model_dirs, limits: Limits = Limits(), *, backend_options: dict | 
                         stats = gr.Markdown("", elem_id=f"stats-{i}",
                                             elem_classes=["column-stats"])
                     boxes.append(box)
-                    column_inputs += [model, backend, loops, mode]
+                    column_inputs += [model, backend, loops, mode, speculative]
                     column_outputs += [output, stats]
             if chain_rows:
                 gr.Markdown(CHAIN_EXAMPLES_NOTE)
+                width = len(COLUMN_SETTINGS)  # an example sets the model and loops of two
                 gr.Examples(chain_rows, inputs=[prompt, *column_inputs[0:3:2],
-                                                *column_inputs[4:7:2]],
+                                                *column_inputs[width:width + 3:2]],
                             label="Variable-chain examples", elem_id="chain-examples",
                             example_labels=chain_labels)
             missing = [f"**{BACKEND_LABELS.get(n, n)}**: {r}" for n, r in reasons.items() if r]

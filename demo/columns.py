@@ -32,10 +32,12 @@ from runtimes.backends.base import DECODE_MODES
 from runtimes.engine import BatchEngine, EngineClosedError, Request, TokenEvent
 from runtimes.prompt_cache import PromptCache
 from runtimes.sampling import SamplingParams
+from runtimes.speculative import Speculation, SpeculativeConfig
 
 log = logging.getLogger("plt_port.demo")
 
 MAX_COLUMNS = 4
+DRAFT = "draft "  # a column's speculative setting "draft NAME": model NAME drafts for it
 BACKEND_LABELS = {"torch": "PyTorch", "mlx": "MLX", "onnx": "ONNX Runtime"}
 # Backends that export a PyTorch model dir on first use (exporters.export_store.ensure_exported).
 EXPORTED_BACKENDS = {"mlx", "onnx"}
@@ -66,6 +68,7 @@ class ColumnSpec:
     backend: str
     loops: int
     decode_mode: str
+    speculative: str = "off"  # off, ngram or draft NAME (EnginePool.speculative_choices)
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,11 @@ class ColumnView:
 
 # ---- engines -----------------------------------------------------------------------------
 class EnginePool:
-    """An engine per (model dir, backend), started on first use and shared by every column
-    and user; one whose backend failed to load is forgotten, so the next use tries again.
+    """An engine per (model dir, backend, speculative method), started on first use and
+    shared by every column and user; one whose backend failed to load is forgotten, so the
+    next use tries again. Speculating columns get engines of their own: an engine speculates
+    for all its requests, and only while it runs one alone (`runtimes.engine`, `_speculate`),
+    so beside a plain column on a shared engine a speculating one would never draft.
 
     Engines stay while their estimated weights fit `memory_budget` (default: half the memory
     available at start); beyond it the least recently used are drained (they finish the
@@ -101,7 +107,7 @@ class EnginePool:
         self.memory_budget = available_memory_bytes() // 2 if memory_budget is None \
             else memory_budget
         self.max_batch = max_batch
-        self._engines: dict[tuple[str, str], BatchEngine] = {}  # least recently used first
+        self._engines: dict[tuple[str, str, str], BatchEngine] = {}  # least recently used first
         self._weight_bytes: dict[str, int] = {}  # model dir -> fp32 bytes of one copy
         self._tokenizers: dict[str, Tokenizer] = {}
         self._configs: dict[str, PLTConfig] = {}
@@ -125,42 +131,68 @@ class EnginePool:
             return self._configs[model]
 
     def engine(self, spec: ColumnSpec) -> BatchEngine:
-        """The engine of the column's (model, backend), started (it may still be loading);
-        it first loads the column's loop count."""
-        key = (self.model_dir(spec.model), spec.backend)
+        """The engine of the column's (model, backend, speculative method), started (it may
+        still be loading); it first loads the column's loop count."""
+        key = (self.model_dir(spec.model), spec.backend, spec.speculative)
         tokenizer, config = self.tokenizer(spec.model), self.config(spec.model)
+        draft = draft_model(spec.speculative)
+        draft_config = self.config(draft) if draft is not None else None
         with self._lock:
             self._weight_bytes[key[0]] = FP32 * parameter_count(config)
+            if draft is not None:
+                self._weight_bytes[self.models[draft]] = FP32 * parameter_count(draft_config)
             engine = self._engines.pop(key, None)
             if engine is None or (engine.ready.is_set() and not engine.alive):  # failed load
                 engine = BatchEngine(
-                    lambda loops: self._load(*key, spec.loops if loops is None else loops),
+                    lambda loops: self._load(*key[:2], spec.loops if loops is None else loops),
                     tokenizer, max_batch=self.max_batch, max_queue=self.max_batch,
-                    prompt_cache=PromptCache()).start(wait=False)
+                    prompt_cache=PromptCache(),
+                    speculation=self._speculation(spec)).start(wait=False)
             self._engines[key] = engine  # now the most recently used
             self._evict_over_budget()
             return engine
 
+    def speculative_choices(self) -> list[str]:
+        """A column's speculative settings: off, ngram (prompt lookup), or a model of the
+        demo drafting (same tokenizer, at its own loop count, on the column's backend)."""
+        return ["off", "ngram", *(DRAFT + model for model in self.models)]
+
+    def _speculation(self, spec: ColumnSpec) -> Speculation | None:
+        """What the engine of the column's speculative setting speculates with (None: off)."""
+        if spec.speculative == "off":
+            return None
+        draft = draft_model(spec.speculative)
+        if draft is None:
+            return Speculation(SpeculativeConfig(spec.speculative))
+        return Speculation(SpeculativeConfig("draft", draft_model=self.models[draft]),
+                           lambda model_dir, loops: self._load(model_dir, spec.backend, loops))
+
     def _held_bytes(self) -> int:
         """Estimated fp32 weights the engines hold: one copy per loop count loaded where the
-        backend bakes the loop count in (ONNX), else one."""
+        backend bakes the loop count in (ONNX), else one; and a drafting engine's draft."""
         return sum(self._weight_bytes[model_dir] * (
             1 if engine.backend is None or engine.backend.loops_share_weights
-            else len(engine.backends)) for (model_dir, _), engine in self._engines.items())
+            else len(engine.backends)) + self._draft_bytes(speculative)
+            for (model_dir, _, speculative), engine in self._engines.items())
+
+    def _draft_bytes(self, speculative: str) -> int:
+        draft = draft_model(speculative)
+        return 0 if draft is None else self._weight_bytes[self.models[draft]]
 
     def _evict_over_budget(self) -> None:
         """Drain least recently used engines (never the newest) until the rest fit."""
         while len(self._engines) > 1 and self._held_bytes() > self.memory_budget:
             oldest = next(iter(self._engines))
-            log.info("unloading %s on %s: over the memory budget", *oldest)
+            log.info("unloading %s on %s (speculative %s): over the memory budget", *oldest)
             self._engines.pop(oldest).drain()
 
-    def loaded(self) -> list[tuple[str, str]]:
-        """(model dir, backend) of the engines held, least recently used first."""
+    def loaded(self) -> list[tuple[str, str, str]]:
+        """(model dir, backend, speculative method) of the engines held, least recently
+        used first."""
         with self._lock:
             return list(self._engines)
 
-    def _load(self, model_dir: str, backend: str, loops: int):
+    def _load(self, model_dir: str, backend: str, loops: int | None):
         options = self._options.get(backend, {})
         if self._loader is not None:
             return self._loader(backend, model_dir, loops=loops, **options)
@@ -173,6 +205,11 @@ class EnginePool:
             engines, self._engines = list(self._engines.values()), {}
         for engine in engines:
             engine.close()
+
+
+def draft_model(speculative: str) -> str | None:
+    """The model a "draft NAME" setting names (None: another setting)."""
+    return speculative.removeprefix(DRAFT) if speculative.startswith(DRAFT) else None
 
 
 # ---- input checks ------------------------------------------------------------------------
@@ -217,13 +254,19 @@ def make_request(prompt, limits: Limits, *, max_new_tokens, temperature, top_p, 
                          max_prompt_tokens=limits.max_prompt_tokens)
 
 
-def make_spec(pool: EnginePool, model, backend, loops, decode_mode) -> ColumnSpec:
+def make_spec(pool: EnginePool, model, backend, loops, decode_mode,
+              speculative=None) -> ColumnSpec:
+    """A column's settings, checked; `speculative` None (a caller that does not set it) is
+    off."""
     pool.model_dir(model)
-    if decode_mode not in DECODE_MODES:
-        raise DemoInputError(f"decode mode must be one of {', '.join(DECODE_MODES)}, "
-                             f"got {decode_mode!r}")
+    for name, value, choices in (("decode mode", decode_mode, DECODE_MODES),
+                                 ("speculative", speculative or "off",
+                                  pool.speculative_choices())):
+        if value not in choices:
+            raise DemoInputError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return ColumnSpec(model=model, backend=str(backend),
-                      loops=as_int(loops, "loops", 1, MAX_LOOPS), decode_mode=decode_mode)
+                      loops=as_int(loops, "loops", 1, MAX_LOOPS), decode_mode=decode_mode,
+                      speculative=speculative or "off")
 
 
 def encode_prompt(tokenizer: Tokenizer, request: PromptRequest) -> tuple[list[int], str]:
@@ -265,9 +308,20 @@ def format_stats(event: TokenEvent, spec: ColumnSpec) -> str:
              decode_label(stats.decode_mode, spec)]
     if stats.peak_memory_bytes:
         parts.insert(3, f"peak {human_bytes(stats.peak_memory_bytes)}")
+    if stats.speculative is not None:
+        parts.append(speculative_label(stats.speculative, spec))
     parts.append(f"finish: **{event.finish_reason}**" if event.finish_reason
                  else GENERATING)
     return " · ".join(parts)
+
+
+def speculative_label(stats, spec: ColumnSpec) -> str:
+    """Drafts verified and accepted so far, and tokens each verify gave (a
+    runtimes.speculative.SpeculativeStats)."""
+    if not stats.verifies:
+        return f"{spec.speculative}: no drafts verified"
+    return (f"{spec.speculative}: {stats.accepted}/{stats.drafted} drafts accepted "
+            f"({stats.acceptance_rate:.0%}), {stats.tokens_per_verify:.2f} tokens/verify")
 
 
 GENERATING = "generating…"

@@ -81,18 +81,20 @@ class SpeculativeConfig:
 
 
 def speculative_config(method: str, num_tokens: int | None, ngram_size: int | None,
-                       draft_model: str | None) -> SpeculativeConfig | None:
+                       draft_model: str | None,
+                       draft_loops: int | None = None) -> SpeculativeConfig | None:
     """The config of the CLI's options (None: --speculative off); an option given for a
     method that does not use it is refused by name."""
     for option, value, methods in (("--num-speculative-tokens", num_tokens, "ngram or draft"),
                                    ("--ngram-size", ngram_size, "ngram"),
-                                   ("--draft-model", draft_model, "draft")):
+                                   ("--draft-model", draft_model, "draft"),
+                                   ("--draft-loops", draft_loops, "draft")):
         if value is not None and method not in methods.split(" or "):
             raise SpeculativeError(f"{option} needs --speculative {methods}")
     if method == "off":
         return None
     return SpeculativeConfig(method, num_tokens or DEFAULT_NUM_TOKENS,
-                             ngram_size or DEFAULT_NGRAM_SIZE, draft_model)
+                             ngram_size or DEFAULT_NGRAM_SIZE, draft_model, draft_loops)
 
 
 @dataclass

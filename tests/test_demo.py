@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -22,7 +23,8 @@ generate_api = pytest.importorskip("runtimes.generate", reason="needs the shared
                                    "(runtimes/generate.py)")
 
 from demo import columns as engine  # noqa: E402
-from demo.app import build_app, column_settings, compare_handler, launch  # noqa: E402
+from demo.app import (COLUMN_SETTINGS, build_app, column_settings, compare_handler,  # noqa: E402
+                      launch)
 from demo.columns import DemoInputError, EnginePool, Limits  # noqa: E402
 from demo.loop_analysis import loop_analysis, loss_series  # noqa: E402
 
@@ -87,9 +89,11 @@ def expected_chain_text(tokenizer, chain, prompt_ids, loops, n):
 
 
 def settings(*columns) -> dict:
-    """(model, backend, loops, mode) tuples as the page passes them: model_1=..., loops_1=..."""
-    values = [str(value) for column in columns for value in column]
-    return dict(zip(column_settings(len(columns)), values))
+    """(model, backend, loops, mode[, speculative]) tuples as the page passes them:
+    model_1=..., loops_1=... (speculative_N left out when a tuple has none, as an older API
+    caller would)."""
+    return {f"{name}_{i + 1}": str(value) for i, column in enumerate(columns)
+            for name, value in zip(COLUMN_SETTINGS, column)}
 
 
 def run_compare(handler, prompt, n_columns, columns, max_new_tokens=12, **sampling):
@@ -188,6 +192,38 @@ def test_torch_columns_on_one_backend_each_get_their_solo_text(make_model):
         assert text == prompt + alone and "finish: **length**" in stats
 
 
+@requires("torch")
+def test_speculative_columns_give_the_plain_columns_text_and_their_draft_stats(make_model):
+    """Greedy: a column with prompt-lookup speculation, and one drafted by a model (here the
+    column's own model, at its own loop count: every draft right), each on an engine of its
+    own (so it decodes alone and drafts), give exactly the text of the same column without
+    it; their stats count the drafts verified and accepted, and the tokens per verify."""
+    from plt_port.config import PLTConfig
+
+    model_dir = make_model("plt", seed=4, eos_token_id=None)
+    loops = PLTConfig.from_file(model_dir).num_loops
+    prompt = "def add(a, b):\n    return a + b\n\n\n" * 3
+    pool = EnginePool({"tiny": model_dir})
+    try:
+        columns = run_compare(compare_handler(pool, Limits(), ALL_AVAILABLE), prompt, 3,
+                              [("tiny", "torch", loops, "clp", speculative)
+                               for speculative in ("off", "ngram", "draft tiny")],
+                              max_new_tokens=24, use_chat_template=False)
+        loaded = sorted(key[1:] for key in pool.loaded())
+    finally:
+        pool.close()
+    (plain, plain_stats), (ngram, ngram_stats), (drafted, draft_stats) = columns[:3]
+    assert plain.startswith(prompt) and len(plain) > len(prompt)
+    assert ngram == plain and drafted == plain, (plain, ngram, drafted)
+    assert "drafts" not in plain_stats
+    for label, stats in (("ngram", ngram_stats), ("draft tiny", draft_stats)):
+        assert "finish: **length**" in stats
+        assert re.search(rf"{label}: \d+/\d+ drafts accepted \(\d+%\), [\d.]+ tokens/verify",
+                         stats), stats
+    assert re.search(r"draft tiny: (\d+)/\1 drafts accepted \(100%\)", draft_stats)
+    assert loaded == [("torch", "draft tiny"), ("torch", "ngram"), ("torch", "off")]
+
+
 @pytest.mark.parametrize("prompt, limits, field, message", [
     ("", Limits(), None, "prompt is empty"),
     ("   \n", Limits(), None, "prompt is empty"),
@@ -212,7 +248,13 @@ def test_unknown_model_loops_and_mode_are_refused(chain_setup):
     handler = compare_handler(chain_setup[0], Limits(), ALL_AVAILABLE)
     for column, message in [(("other", "torch", 1, "clp"), "unknown model 'other'"),
                             (("tiny", "torch", 9, "clp"), "loops must be"),
-                            (("tiny", "torch", 2, "fast"), "decode mode must be")]:
+                            (("tiny", "torch", 2, "fast"), "decode mode must be"),
+                            (("tiny", "torch", 2, "clp", "draft other"),
+                             "speculative must be one of off, ngram, draft tiny, got 'draft "
+                             "other'"),
+                            # the fake backend gives no logits per row: no verify
+                            (("tiny", "torch", 2, "clp", "ngram"),
+                             "could not load the backend: the chain backend cannot verify")]:
         columns = run_compare(handler, "def f():", 1, [column])
         assert message in columns[0][1]
 
@@ -593,10 +635,15 @@ def test_api_endpoints_are_named_and_take_the_values_they_advertise(served_demo,
 
     assert loops_type["enum"] == [str(n) for n in range(1, MAX_LOOPS + 1)]
     values = {p["parameter_name"]: p["parameter_default"] for p in compare_api}
+    speculative_type = next(p for p in compare_api
+                            if p["parameter_name"] == "speculative_2")["type"]
+    assert speculative_type["enum"] == ["off", "ngram", "draft model-plt-0"]
     out = client.predict(**(values | {"prompt": "def add(a, b):\n", "max_new_tokens": 6,
-                                      "loops_2": loops_type["enum"][2]}), api_name="/compare")
+                                      "loops_2": loops_type["enum"][2],
+                                      "speculative_2": "ngram"}), api_name="/compare")
     assert out[0].startswith("def add(a, b):\n") and "finish: **length**" in out[1]
-    assert "decode clp" in out[3] and "6 tokens" in out[3]
+    assert "decode clp" in out[3] and "6 tokens" in out[3] and "ngram: " in out[3]
+    assert "ngram" not in out[1]
     capfd.readouterr()
     caplog.clear()
     refused = client.predict(**(values | {"loops_1": "9"}), api_name="/compare")
@@ -665,6 +712,20 @@ def test_chain_prompts_show_the_expected_answer(chain_setup, tmp_path, tokenizer
     verdict = "✓ right" if given == example["answer"] else f"✗ wrong (gave {given})"
     assert stats.endswith(f"expected answer **{example['answer']}** · {verdict}")
     assert all(column == ("", "") for column in empty)
+
+
+def test_chain_examples_set_the_model_and_loops_of_two_columns(tmp_path, tokenizer_dir):
+    """What the browser test below clicks, checked where there is no browser: an example's
+    values go to the prompt and the model and loops of columns 1 and 2."""
+    import gradio as gr
+
+    dirs, examples = chain_family(tmp_path, tokenizer_dir)
+    app = build_app(dirs, backends={"torch": None}, chain_examples=examples)
+    app.pool.close()
+    dataset, = [block for block in app.blocks.values()
+                if isinstance(block, gr.Dataset) and block.elem_id == "chain-examples"]
+    assert [c.elem_id for c in dataset._components] == ["prompt", "model-0", "loops-0",
+                                                        "model-1", "loops-1"]
 
 
 @pytest.fixture

@@ -367,8 +367,9 @@ def test_demo_number_fields_reject_nan_and_infinity(value):
 
 
 def test_demo_pool_drains_least_recently_used_engines_over_budget(make_model):
-    """Engines per (model, backend) within a budget of two models' weights: the least
-    recently used goes (its thread ends), the others stay."""
+    """Engines per (model, backend, speculative setting) within a budget of two models'
+    weights: the least recently used goes (its thread ends), the others stay; an engine
+    that drafts with another model counts that model's weights too."""
     from conftest import ConstantBackend
 
     columns = pytest.importorskip("demo.columns")
@@ -381,9 +382,11 @@ def test_demo_pool_drains_least_recently_used_engines_over_budget(make_model):
         engines[model] = pool.engine(columns.ColumnSpec(model, "torch", 2, "clp"))
         engines[model].ready.wait(30)
     try:
-        assert pool.loaded() == [(dirs["a"], "torch"), (dirs["c"], "torch")]
+        assert pool.loaded() == [(dirs["a"], "torch", "off"), (dirs["c"], "torch", "off")]
         engines["b"].thread.join(30)
         assert not engines["b"].thread.is_alive() and engines["a"].alive and engines["c"].alive
+        pool.engine(columns.ColumnSpec("a", "torch", 2, "clp", "draft b"))  # a and b: 2 models
+        assert pool.loaded() == [(dirs["a"], "torch", "draft b")]
     finally:
         pool.close()
 

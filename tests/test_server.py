@@ -66,6 +66,11 @@ class Running:
 
         return httpx.get(f"{self.url}{path}", timeout=30)
 
+    def post(self, path: str, body: dict):
+        import httpx
+
+        return httpx.post(f"{self.url}{path}", json=body, timeout=60)
+
     def stop(self):
         self.server.should_exit = True
         self.thread.join(15)

@@ -231,6 +231,8 @@ def test_refusals_name_the_option(model_dirs, tokenizer, tmp_path, tokenizer_dir
     with pytest.raises(SpeculativeError, match="method must be one of"):
         SpeculativeConfig("medusa")
     assert speculative_config("off", None, None, None) is None
+    with pytest.raises(SpeculativeError, match="--draft-loops needs --speculative draft"):
+        speculative_config("ngram", None, None, None, 2)
     backend = load_backend("torch", model_dirs["plt"], loops=2)
     other = save_random_model(tmp_path / "big-vocab", tiny_config("plt", vocab_size=600), 0,
                               tokenizer_dir=tokenizer_dir, std=LOUD_STD)
@@ -332,6 +334,17 @@ def test_generate_cli_prints_the_same_text_and_the_speculative_stats(capsys):
     assert "--ngram-size needs --speculative ngram" in capsys.readouterr().err
 
 
+def test_draft_loops_option_sets_the_loop_count_the_draft_model_loads_at(model_dirs):
+    from plt_port.app.cli import parse
+    from plt_port.app.commands.generate import speculation_from
+
+    flags = ["--backend", "torch", "--speculative", "draft", "--draft-model", model_dirs["plt"]]
+    for extra, loops in (([], load_backend("torch", model_dirs["plt"]).loops),
+                         (["--draft-loops", "1"], 1), (["--draft-loops", "3"], 3)):
+        speculation = speculation_from(parse(["generate", *flags, *extra, "x"]))
+        assert speculation.proposer().backend.loops == loops
+
+
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
 def test_help_names_the_speculative_options(command, capsys):
     from plt_port.app.cli import main
@@ -341,6 +354,7 @@ def test_help_names_the_speculative_options(command, capsys):
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--speculative {off,ngram,draft}" in out and "--num-speculative-tokens K" in out
+    assert "--draft-loops L" in out
     assert "decodes one request alone" in out
 
 
@@ -368,9 +382,24 @@ def test_server_usage_and_metrics_count_the_drafts():
             value = re.search(rf"^plt_speculative_{name}_total (\S+)$", metrics, re.M).group(1)
             assert float(value) == usage[key]
         assert "speculative" not in plain.client.completions.create(**body).usage.model_extra
+        # Anthropic's /v1/messages: the same extra in the usage, whole and streamed
+        message = dict(model=body["model"], max_tokens=24, temperature=0,
+                       messages=[{"role": "user", "content": COPY_PROMPT}])
+        whole = running.post("/v1/messages", message).json()["usage"]
+        assert whole["output_tokens"] == 24 and whole["speculative"]["verify_passes"] > 0
+        assert whole["speculative"]["accepted_tokens"] <= whole["speculative"]["drafted_tokens"]
+        delta = [event["usage"] for event in sse_events(running.post(
+            "/v1/messages", message | {"stream": True})) if event["type"] == "message_delta"]
+        assert delta == [{"output_tokens": 24, "speculative": whole["speculative"]}]
+        assert "speculative" not in plain.post("/v1/messages", message).json()["usage"]
     finally:
         running.stop()
         plain.stop()
+
+
+def sse_events(response) -> list[dict]:
+    return [json.loads(line.removeprefix("data: ")) for line in response.text.splitlines()
+            if line.startswith("data: ")]
 
 
 def test_bench_speculative_rows(tmp_path, capsys):

@@ -9,7 +9,8 @@ becomes a grammar in `assistant_output.forced_output`; `stop_sequences`; `max_to
 `temperature`, `top_p`, `top_k` (in the API before, still sent by clients), and the
 sampling extras of the OpenAI routes (`service.SamplingFields`: seed, penalties,
 logit_bias, min_p, ...). The answer comes back as `thinking`, `text` and `tool_use` blocks
-with `stop_reason` end_turn, max_tokens, stop_sequence or tool_use and the usage; streamed
+with `stop_reason` end_turn, max_tokens, stop_sequence or tool_use and the usage (with the
+OpenAI routes' `speculative` extra from a speculating server); streamed
 as message_start, content_block_start / content_block_delta (text_delta, thinking_delta,
 input_json_delta) / content_block_stop per block, message_delta and message_stop. Errors on
 these routes are Anthropic's error JSON.
@@ -420,8 +421,13 @@ async def messages(service: Service, body: MessagesBody, http_request: HTTPReque
                 "content": content,
                 "stop_reason": stop_reason(finish, has_calls, stop_sequence) if finish else None,
                 "stop_sequence": stop_sequence,
-                "usage": generation.anthropic_input_usage()
-                | {"output_tokens": generation.completion_tokens}}
+                "usage": generation.anthropic_input_usage() | output_usage()}
+
+    def output_usage() -> dict:
+        """The output tokens and, from a speculating server, its drafts' stats (the OpenAI
+        routes' usage extra)."""
+        return {"output_tokens": generation.completion_tokens} \
+            | generation.speculative_usage()
 
     if not body.stream:
         def final(choices: list[list[TokenEvent]]) -> dict:
@@ -453,7 +459,7 @@ async def messages(service: Service, body: MessagesBody, http_request: HTTPReque
             *blocks.close(),
             ("message_delta", {"delta": {"stop_reason": final["stop_reason"],
                                          "stop_sequence": final["stop_sequence"]},
-                               "usage": {"output_tokens": generation.completion_tokens}}),
+                               "usage": output_usage()}),
             ("message_stop", {})])
 
     return await event_stream(generation, encode, end,

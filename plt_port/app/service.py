@@ -229,9 +229,11 @@ class Generation:
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                  "total_tokens": self.prompt_tokens + self.completion_tokens,
                  "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
-        if self.speculative is not None:
-            usage["speculative"] = self.speculative.as_dict()
-        return usage
+        return usage | self.speculative_usage()
+
+    def speculative_usage(self) -> dict:
+        """The usage extra of a speculating server (OpenAI's and Anthropic's usage)."""
+        return {} if self.speculative is None else {"speculative": self.speculative.as_dict()}
 
     def anthropic_input_usage(self) -> dict:
         """Anthropic's input token counts: `input_tokens` those prefilled, the rest read from

@@ -191,7 +191,7 @@ def run_speculative(args, settings) -> int:
     from runtimes.speculative_bench import format_speculative_table, time_speculative
 
     config = speculative_config(args.speculative, args.num_speculative_tokens, args.ngram_size,
-                                args.draft_model)
+                                args.draft_model, args.draft_loops)
     model_dirs, backends = window_backends(args, settings)
     rows = []
     for backend in backends:

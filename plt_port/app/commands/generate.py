@@ -122,6 +122,9 @@ def add_speculative_arguments(parser) -> None:
     parser.add_argument("--draft-model", metavar="DIR|NAME", type=model_path,
                         help="--speculative draft: the draft model (same tokenizer; run on "
                              "the same backend, e.g. plt-stdlib-L1 for plt-stdlib-L2)")
+    parser.add_argument("--draft-loops", type=positive_int, metavar="L",
+                        help="--speculative draft: the loop count the draft model drafts at "
+                             "(default its own)")
     parser.add_argument("--num-speculative-tokens", type=positive_int, metavar="K",
                         help=f"drafts per verify (vLLM's name; default {DEFAULT_NUM_TOKENS}, "
                              f"at most {MAX_NUM_TOKENS})")
@@ -138,7 +141,7 @@ def speculation_from(args):
     from runtimes.speculative import Speculation, speculative_config
 
     config = speculative_config(args.speculative, args.num_speculative_tokens, args.ngram_size,
-                                args.draft_model)
+                                args.draft_model, args.draft_loops)
     if config is None:
         return None
     return Speculation(config, lambda path, loops: load_backend(
