@@ -72,6 +72,26 @@ def tokenizer_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(params=["torch", "onnx", "mlx"])
+def backend_name(request):
+    """Each backend in turn, skipped with the reason where its framework is missing."""
+    from runtimes.backends import backend_unavailable_reason
+
+    reason = backend_unavailable_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tokenizer_dir):
+    """One loud random model per format for a whole test module, so ONNX exports each once
+    per loop count."""
+    root = tmp_path_factory.mktemp("format-models")
+    return {fmt: save_random_model(root / fmt, tiny_config(fmt), 0, tokenizer_dir=tokenizer_dir,
+                                   std=LOUD_STD) for fmt in ("plt", "v1")}
+
+
 @pytest.fixture
 def make_model(tmp_path, tokenizer_dir):
     """make_model(fmt="plt", seed=0, **config_overrides) -> path of a fresh random model dir."""

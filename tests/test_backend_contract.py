@@ -14,17 +14,9 @@ import pytest
 
 from conftest import assert_error_fits_precision, greedy_run, random_prompts, reference_logits
 from plt_port.cache_layout import grown_capacity
-from runtimes.backends import BACKENDS, BackendError, backend_unavailable_reason, load_backend
+from runtimes.backends import BackendError, load_backend
 
 TOL = 1e-4  # fp32 parity between backends and the reference
-
-
-@pytest.fixture(params=list(BACKENDS))
-def backend_name(request):
-    reason = backend_unavailable_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    return request.param
 
 
 def assert_matches_reference(model_dir, prompts, sequences, history, loops):

@@ -142,26 +142,18 @@ def test_quantized_kv_start_converts_the_batch_once_a_sequence_reaches_it(quant_
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
 @pytest.mark.parametrize("capacity", [16, 17, 40], ids=["=window", "window+1", ">window"])
-def test_cache_bytes_are_infos_within_5_percent(backend_name_all, make_model, bits, capacity):
+def test_cache_bytes_are_infos_within_5_percent(backend_name, make_model, bits, capacity):
     """A batch of 3 at capacities at the window's edges: the bytes the backend holds against
     `plt-port info`'s arithmetic (plt_port.sizing.kv_cache_bytes)."""
     from plt_port.sizing import kv_cache_bytes
 
-    if bits and backend_name_all == "onnx":
+    if bits and backend_name == "onnx":
         pytest.skip("the onnx backend keeps its caches in the export's dtype")
     model_dir = make_model("plt", **KV)
-    backend = load_backend(backend_name_all, model_dir, loops=3, kv_bits=bits)
+    backend = load_backend(backend_name, model_dir, loops=3, kv_bits=bits)
     state, _ = backend.prefill(random_prompts([capacity, 9, 3], seed=5), capacity)
     info = kv_cache_bytes(backend.config, capacity, 3, 3, backend.run_dtype, bits)
     assert abs(backend.cache_bytes(state) - info) <= 0.05 * info
-
-
-@pytest.fixture(params=["torch", "onnx", "mlx"])
-def backend_name_all(request):
-    reason = backend_unavailable_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    return request.param
 
 
 def test_bad_kv_options_are_one_clear_error(make_model):

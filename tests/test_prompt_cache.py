@@ -120,16 +120,6 @@ def test_the_byte_bound_holds_under_distinct_prompts(make_model):
 
 
 # ---- saved prompt caches -------------------------------------------------------------------------
-@pytest.fixture(params=["torch", "onnx", "mlx"])
-def backend_name(request):
-    from runtimes.backends import backend_unavailable_reason
-
-    reason = backend_unavailable_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    return request.param
-
-
 def test_a_saved_state_continues_like_a_cold_prefill(backend_name, make_model, tmp_path):
     """Saved by one backend and loaded by each (torch's file into ONNX and MLX too: the file
     is backend-neutral for one model, loop count and dtype), fed more tokens: the logits of a

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import LOUD_STD, random_prompts, tiny_config
 from plt_port.random_model import save_random_model
-from runtimes.backends import BACKENDS, BackendError, backend_unavailable_reason, load_backend
+from runtimes.backends import BackendError, load_backend
 from runtimes.backends.history import HistoryPolicy
 
 TOL = 1e-5  # fp32: a rewound state and a cold one differ only by chunking's rounding
@@ -24,22 +24,6 @@ PREFILLED = 30
 CASES = [(27, 34), (10, 36), (0, 12), (PREFILLED, 38)]
 POLICIES = {"journal": HistoryPolicy(depth=64), "snapshots": HistoryPolicy(snapshot_every=4),
             "tokens": HistoryPolicy()}
-
-
-@pytest.fixture(params=list(BACKENDS))
-def backend_name(request):
-    reason = backend_unavailable_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, tokenizer_dir):
-    """One model per format for the whole module, so ONNX exports them once per loop count."""
-    root = tmp_path_factory.mktemp("rewind-models")
-    return {fmt: save_random_model(root / fmt, tiny_config(fmt), 0, tokenizer_dir=tokenizer_dir,
-                                   std=LOUD_STD) for fmt in ("plt", "v1")}
 
 
 def greedy(backend, state, logits, steps=STEPS) -> np.ndarray:

@@ -18,7 +18,7 @@ import pytest
 from conftest import LOUD_STD, random_prompts, tiny_config
 from plt_port.random_model import save_random_model
 from plt_port.tokenizer import Tokenizer
-from runtimes.backends import BACKENDS, backend_unavailable_reason, load_backend
+from runtimes.backends import load_backend
 from runtimes.backends.history import HistoryPolicy
 from runtimes.engine import EngineCore, Request
 from runtimes.generate import generate, stream_generate
@@ -31,21 +31,6 @@ NEW = 24
 REPETITIVE = random_prompts([12], seed=3)[0] * 3  # prompt lookup finds continuations
 RANDOM = random_prompts([30], seed=4)[0]
 GREEDY = SamplingParams()
-
-
-@pytest.fixture(params=list(BACKENDS))
-def backend_name(request):
-    reason = backend_unavailable_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("speculative-models")
-    return {fmt: save_random_model(root / fmt, tiny_config(fmt), 0, tokenizer_dir=tokenizer_dir,
-                                   std=LOUD_STD) for fmt in ("plt", "v1")}
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from plt_port.app.cli import positive_int
+from plt_port.app.cli import positive_int, thread_count
 from plt_port.app.commands.bench import comma_list
 from plt_port.atomic import atomic_write_text
 from plt_port.errors import PLTError
@@ -26,7 +26,7 @@ def add_arguments(parser):
                         help="concurrent streams, comma-separated (default 1,16)")
     parser.add_argument("--tokens", type=positive_int, default=64,
                         help="tokens per stream (default 64)")
-    parser.add_argument("--threads", type=positive_int, default=2,
+    parser.add_argument("--threads", type=thread_count, default=2,
                         help="CPU threads of each server (default 2)")
     parser.add_argument("--rounds", type=positive_int, default=1,
                         help="alternations of the two servers; the table shows each one's "
