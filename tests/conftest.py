@@ -105,6 +105,21 @@ def make_model(tmp_path, tokenizer_dir):
     return make
 
 
+def community_checkpoint(source, out) -> str:
+    """An mlx-lm quantized checkpoint of `source` as mlx-community ships them: 4-bit weights,
+    group size 32, mlx-lm's `quantization` entry, no plt-port marker in config.json."""
+    from exporters.mlx_export import MARKER, export as export_mlx
+
+    out = export_mlx(source, out, quantize=4, group_size=32)
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    del config[MARKER]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return out
+
+
 def random_prompts(lengths, seed=0, vocab=512) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, vocab, n).tolist() for n in lengths]

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from conftest import requires
+from conftest import community_checkpoint, requires
 from test_hostile_inputs import DEEP_JSON, cli_error, no_hang  # noqa: F401 (no_hang: a fixture)
 from plt_port.errors import PLTError
 
@@ -258,16 +258,7 @@ def test_normalizers_that_multiply_text_are_refused(tmp_path, normalizer, refuse
 def community_dir(make_model, tmp_path):
     """An mlx-lm quantized checkpoint (4 bits, group size 32, no plt-port marker)."""
     pytest.importorskip("mlx.core")
-    from exporters.mlx_export import MARKER, export as export_mlx
-
-    out = export_mlx(make_model("plt"), tmp_path / "mlx-4bit", quantize=4, group_size=32)
-    path = os.path.join(out, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    del config[MARKER]
-    with open(path, "w") as f:
-        json.dump(config, f)
-    return out
+    return community_checkpoint(make_model("plt"), tmp_path / "mlx-4bit")
 
 
 @pytest.mark.parametrize("key,value", [("bits", 4.0), ("group_size", 32.0), ("bits", True)])

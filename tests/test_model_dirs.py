@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import requires
+from conftest import community_checkpoint, requires
 from plt_port.app.cli import main
 from runtimes.backends import BackendError, detect_backend, load_backend, model_kind
 
@@ -20,22 +20,14 @@ def model_dirs(make_model, tmp_path) -> dict[str, str]:
     """{kind: directory} of one tiny model in each form."""
     pytest.importorskip("mlx.core")
     pytest.importorskip("onnx")
-    from exporters.mlx_export import MARKER, export as export_mlx
+    from exporters.mlx_export import export as export_mlx
     from exporters.onnx_export import export as export_onnx
 
     source = make_model("plt", eos_token_id=None)
     dirs = {"pytorch": source,
             "onnx": export_onnx(source, str(tmp_path / "onnx")),
             "mlx": export_mlx(source, tmp_path / "mlx")}
-    # an mlx-community conversion: quantized weights, mlx-lm's `quantization` entry, no marker
-    community = export_mlx(source, tmp_path / "mlx-4bit", quantize=4, group_size=32)
-    path = os.path.join(community, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    del config[MARKER]
-    with open(path, "w") as f:
-        json.dump(config, f)
-    dirs["mlx-quantized"] = community
+    dirs["mlx-quantized"] = community_checkpoint(source, tmp_path / "mlx-4bit")
     return dirs
 
 
